@@ -1,0 +1,153 @@
+//! The `fulcrum.v1.Admin` service: operator RPCs behind `fulcrum ctl`.
+
+use std::sync::Arc;
+
+use fulcrum_proto::fulcrum::v1::admin_server::Admin;
+use fulcrum_proto::fulcrum::v1::{
+    DeregisterNodeRequest, DeregisterNodeResponse, DrainNodeRequest, Endpoint, GetNodeRequest,
+    ListNodesRequest, ListNodesResponse, NodeSpec, NodeStatus, RegisterNodeRequest,
+    RegisterNodeResponse,
+};
+use tokio::sync::Notify;
+use tonic::{Request, Response, Status};
+
+use crate::error::Error;
+use crate::health::prober::Prober;
+use crate::publisher::Publisher;
+use crate::registry;
+use crate::store::SharedStore;
+
+/// The admin service of one control-plane replica.
+#[derive(Debug, Clone)]
+pub struct AdminService {
+    store: SharedStore,
+    prober: Arc<Prober>,
+    publisher: Publisher,
+    changed: Arc<Notify>,
+}
+
+impl AdminService {
+    /// An admin service over the replica's store, prober and publisher; `changed` wakes the
+    /// control loop after a write.
+    pub fn new(
+        store: SharedStore,
+        prober: Arc<Prober>,
+        publisher: Publisher,
+        changed: Arc<Notify>,
+    ) -> Self {
+        Self {
+            store,
+            prober,
+            publisher,
+            changed,
+        }
+    }
+
+    async fn status_of(&self, specs: Vec<NodeSpec>) -> Result<Vec<NodeStatus>, Error> {
+        let drained = registry::drained(self.store.as_ref()).await?;
+        let health = self.prober.snapshot();
+        let table = self.publisher.current();
+        Ok(specs
+            .into_iter()
+            .map(|spec| {
+                let routed = table.as_ref().and_then(|t| {
+                    t.endpoints
+                        .iter()
+                        .find(|e| e.spec.as_ref().is_some_and(|s| s.id == spec.id))
+                });
+                let h = health.get(&spec.id).cloned().unwrap_or_default();
+                let endpoint = Endpoint {
+                    health: routed.map_or(h.state as i32, |e| e.health),
+                    weight: routed.map_or(0.0, |e| e.weight),
+                    ready_models: h.ready_models.clone(),
+                    spec: Some(spec.clone()),
+                };
+                NodeStatus {
+                    endpoint: Some(endpoint),
+                    drained: drained.contains(&spec.id),
+                    probe_streak: h.streak,
+                    last_error: h.last_error,
+                }
+            })
+            .collect())
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn register_node(
+        &self,
+        request: Request<RegisterNodeRequest>,
+    ) -> Result<Response<RegisterNodeResponse>, Status> {
+        let spec = request
+            .into_inner()
+            .spec
+            .ok_or_else(|| Status::invalid_argument("RegisterNodeRequest.spec is required"))?;
+        let (created, revision) = registry::register(self.store.as_ref(), &spec).await?;
+        tracing::info!(node = %spec.id, address = %spec.address, region = %spec.region, created, "node registered");
+        self.changed.notify_one();
+        Ok(Response::new(RegisterNodeResponse {
+            created,
+            revision: revision as u64,
+        }))
+    }
+
+    async fn deregister_node(
+        &self,
+        request: Request<DeregisterNodeRequest>,
+    ) -> Result<Response<DeregisterNodeResponse>, Status> {
+        let id = request.into_inner().id;
+        let revision = registry::deregister(self.store.as_ref(), &id).await?;
+        tracing::info!(node = %id, "node deregistered");
+        self.changed.notify_one();
+        Ok(Response::new(DeregisterNodeResponse {
+            revision: revision as u64,
+        }))
+    }
+
+    async fn list_nodes(
+        &self,
+        request: Request<ListNodesRequest>,
+    ) -> Result<Response<ListNodesResponse>, Status> {
+        let region = request.into_inner().region;
+        let specs: Vec<NodeSpec> = registry::list(self.store.as_ref())
+            .await?
+            .into_iter()
+            .filter(|s| region.is_empty() || s.region == region)
+            .collect();
+        let nodes = self.status_of(specs).await?;
+        Ok(Response::new(ListNodesResponse {
+            nodes,
+            routing_version: self.publisher.current().map_or(0, |t| t.version),
+        }))
+    }
+
+    async fn get_node(
+        &self,
+        request: Request<GetNodeRequest>,
+    ) -> Result<Response<NodeStatus>, Status> {
+        let id = request.into_inner().id;
+        let spec = registry::get(self.store.as_ref(), &id).await?;
+        let mut status = self.status_of(vec![spec]).await?;
+        status
+            .pop()
+            .map(Response::new)
+            .ok_or_else(|| Status::internal("node status lost"))
+    }
+
+    async fn drain_node(
+        &self,
+        request: Request<DrainNodeRequest>,
+    ) -> Result<Response<NodeStatus>, Status> {
+        let DrainNodeRequest { id, drain } = request.into_inner();
+        registry::set_drain(self.store.as_ref(), &id, drain).await?;
+        tracing::info!(node = %id, drain, "drain changed");
+        self.changed.notify_one();
+        let spec = registry::get(self.store.as_ref(), &id).await?;
+        let mut status = self.status_of(vec![spec]).await?;
+        status
+            .pop()
+            .map(Response::new)
+            .ok_or_else(|| Status::internal("node status lost"))
+    }
+}

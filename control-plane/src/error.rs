@@ -1,0 +1,55 @@
+//! The control plane's errors, and the one place they become gRPC statuses.
+
+use tonic::Status;
+
+use crate::store::StoreError;
+
+/// Why a control-plane operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A node spec failed validation; the message says which field and why.
+    #[error("invalid node spec: {0}")]
+    InvalidSpec(String),
+    /// An argument other than a node spec is wrong.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// The id is taken by a node at another address.
+    #[error("node {id:?} is already registered with address {existing}; deregister it first")]
+    AlreadyExists {
+        /// The contested id.
+        id: String,
+        /// The address the id is registered with.
+        existing: String,
+    },
+    /// No node has this id.
+    #[error("node {0:?} is not registered")]
+    NodeNotFound(String),
+    /// A concurrent writer changed the same key; the caller may retry.
+    #[error("concurrent update of {0}; retry")]
+    Conflict(String),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A stored value could not be decoded.
+    #[error("cannot decode {key}: {source}")]
+    Decode {
+        /// The key whose value is bad.
+        key: String,
+        /// The decoder's complaint.
+        source: prost::DecodeError,
+    },
+}
+
+impl From<Error> for Status {
+    fn from(e: Error) -> Self {
+        let msg = e.to_string();
+        match e {
+            Error::InvalidSpec(_) | Error::InvalidArgument(_) => Status::invalid_argument(msg),
+            Error::AlreadyExists { .. } => Status::already_exists(msg),
+            Error::NodeNotFound(_) => Status::not_found(msg),
+            Error::Conflict(_) => Status::aborted(msg),
+            Error::Store(StoreError::Unavailable(_)) => Status::unavailable(msg),
+            Error::Store(_) | Error::Decode { .. } => Status::internal(msg),
+        }
+    }
+}

@@ -1,0 +1,154 @@
+//! Node health: a pure state machine fed by probe results ([`NodeHealth::observe`]), and the
+//! active prober that produces them ([`prober`]).
+//!
+//! Thresholds follow the usual load-balancer rule (Envoy, Kubernetes, HAProxy): a node becomes
+//! healthy after `healthy_after` consecutive passes and unhealthy after `unhealthy_after`
+//! consecutive failures, so one lost probe does not flap routing. A node never probed yet takes
+//! the state of its first result, so a new node serves (or is known dead) after one probe.
+
+pub mod prober;
+
+use fulcrum_proto::fulcrum::v1::HealthState;
+
+/// When a streak of probe results changes a node's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Thresholds {
+    /// Consecutive passes that make an unhealthy node healthy.
+    pub healthy_after: u32,
+    /// Consecutive failures that make a healthy node unhealthy.
+    pub unhealthy_after: u32,
+}
+
+impl Default for Thresholds {
+    /// Two and two: a node is declared dead after two missed probes (one can be a lost packet or
+    /// a GC pause) and alive after two good ones (so a crash-looping server is not fed traffic
+    /// on its first breath).
+    fn default() -> Self {
+        Self {
+            healthy_after: 2,
+            unhealthy_after: 2,
+        }
+    }
+}
+
+/// One probe's verdict.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Observation {
+    /// The server is ready and every declared model is ready.
+    Pass {
+        /// Models that answered ready.
+        ready_models: Vec<String>,
+    },
+    /// The server is ready but only some declared models are.
+    Degraded {
+        /// Models that answered ready.
+        ready_models: Vec<String>,
+    },
+    /// The server is not ready, did not answer, or no model is ready.
+    Fail(String),
+}
+
+/// What the control plane knows of one node's health.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeHealth {
+    /// Current state: unspecified (never probed), healthy, degraded or unhealthy.
+    pub state: HealthState,
+    /// Length of the current streak: positive for passes, negative for failures.
+    pub streak: i32,
+    /// Why the last failing probe failed.
+    pub last_error: String,
+    /// Models ready at the last passing probe.
+    pub ready_models: Vec<String>,
+}
+
+impl Default for NodeHealth {
+    fn default() -> Self {
+        Self {
+            state: HealthState::Unspecified,
+            streak: 0,
+            last_error: String::new(),
+            ready_models: Vec::new(),
+        }
+    }
+}
+
+impl NodeHealth {
+    /// Feeds one probe result; returns true when the routable state changed (state or ready
+    /// models), i.e. when the routing table must be recomputed.
+    pub fn observe(&mut self, obs: Observation, t: Thresholds) -> bool {
+        let before = (self.state, self.ready_models.clone());
+        let first = self.state == HealthState::Unspecified;
+        let (target, ready_models) = match obs {
+            Observation::Pass { ready_models } => (HealthState::Healthy, ready_models),
+            Observation::Degraded { ready_models } => (HealthState::Degraded, ready_models),
+            Observation::Fail(why) => {
+                self.streak = self.streak.min(0).saturating_sub(1);
+                self.last_error = why;
+                if first || -self.streak >= t.unhealthy_after as i32 {
+                    self.state = HealthState::Unhealthy;
+                    self.ready_models.clear();
+                }
+                return before != (self.state, self.ready_models.clone());
+            }
+        };
+        self.streak = self.streak.max(0).saturating_add(1);
+        // Healthy and degraded move between each other at once; leaving unhealthy takes a streak.
+        if first || self.state != HealthState::Unhealthy || self.streak >= t.healthy_after as i32 {
+            self.state = target;
+            self.ready_models = ready_models;
+        }
+        before != (self.state, self.ready_models.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pass() -> Observation {
+        Observation::Pass {
+            ready_models: vec!["echo".into()],
+        }
+    }
+
+    #[test]
+    fn first_probe_decides_then_thresholds_apply() {
+        let t = Thresholds::default();
+        let mut h = NodeHealth::default();
+        assert!(h.observe(pass(), t));
+        assert_eq!(h.state, HealthState::Healthy);
+        // One failure is not enough to leave healthy.
+        assert!(!h.observe(Observation::Fail("x".into()), t));
+        assert_eq!(h.state, HealthState::Healthy);
+        assert!(h.observe(Observation::Fail("x".into()), t));
+        assert_eq!(h.state, HealthState::Unhealthy);
+        assert!(h.ready_models.is_empty());
+        // One pass is not enough to come back.
+        assert!(!h.observe(pass(), t));
+        assert_eq!(h.state, HealthState::Unhealthy);
+        assert!(h.observe(pass(), t));
+        assert_eq!(h.state, HealthState::Healthy);
+    }
+
+    #[test]
+    fn a_new_node_that_fails_is_unhealthy_at_once() {
+        let mut h = NodeHealth::default();
+        h.observe(Observation::Fail("refused".into()), Thresholds::default());
+        assert_eq!(h.state, HealthState::Unhealthy);
+        assert_eq!(h.last_error, "refused");
+    }
+
+    #[test]
+    fn degraded_follows_ready_models() {
+        let t = Thresholds::default();
+        let mut h = NodeHealth::default();
+        h.observe(pass(), t);
+        assert!(h.observe(
+            Observation::Degraded {
+                ready_models: vec![]
+            },
+            t
+        ));
+        assert_eq!(h.state, HealthState::Degraded);
+    }
+}

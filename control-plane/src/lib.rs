@@ -1,0 +1,35 @@
+//! Fulcrum's control plane.
+//!
+//! It keeps the registry of inference nodes in a store (etcd in production, an embedded file
+//! store on one machine), probes every node's health, turns specs, health and overrides into a
+//! weighted routing table, writes that table to the store, and streams it to every router.
+//!
+//! Layout:
+//! - [`store`]: the key-value interface and its backends ([`store::etcd`], [`store::embedded`]).
+//! - [`keys`]: the store keyspace.
+//! - [`registry`]: validating and storing node specs; drains.
+//! - [`health`]: the health state machine and the active [`health::prober`].
+//! - [`weights`]: the weight function.
+//! - [`table`]: specs + health + overrides → the routing table.
+//! - [`control_loop`]: recompute and write the table when anything changes.
+//! - [`publisher`]: follow the table in the store and serve `Subscribe` streams.
+//! - [`admin`]: operator RPCs.
+//! - [`error`]: errors and their gRPC statuses.
+//! - [`server`]: assemble and serve a replica.
+
+#![warn(missing_docs)]
+
+pub mod admin;
+pub mod control_loop;
+pub mod error;
+pub mod health;
+pub mod keys;
+pub mod publisher;
+pub mod registry;
+pub mod server;
+pub mod store;
+pub mod table;
+pub mod weights;
+
+pub use error::Error;
+pub use server::{ControlPlaneConfig, serve};
