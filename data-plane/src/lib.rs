@@ -1,1 +1,31 @@
-//! stub
+//! Fulcrum's data plane: the router.
+//!
+//! A router serves the Open Inference Protocol to clients exactly as a model server would,
+//! follows the control plane's routing table over a gRPC stream, and sends each call to the
+//! best node: one that serves the model and is healthy, in its own region first, the least
+//! loaded of two random choices weighted by the control plane's weights.
+//!
+//! Layout:
+//! - [`balance`]: pure node selection ([`balance::p2c`], [`balance::locality`]).
+//! - [`table`]: the immutable routing table and pooled node connections.
+//! - [`router`]: shared router state and the pick.
+//! - [`subscriber`]: following the control plane's routing stream.
+//! - [`ingress`]: the services clients call ([`ingress::oip`]) and deadlines.
+//! - [`validate`]: request checks done before forwarding.
+//! - [`limits`]: the inbound message size limit.
+//! - [`error`]: errors and their gRPC statuses.
+//! - [`server`]: assemble and serve a router.
+
+#![warn(missing_docs)]
+
+pub mod balance;
+pub mod error;
+pub mod ingress;
+pub mod limits;
+pub mod router;
+pub mod server;
+pub mod subscriber;
+pub mod table;
+pub mod validate;
+
+pub use server::{RouterConfig, serve};

@@ -1,0 +1,158 @@
+//! Weighted power-of-two-choices.
+//!
+//! Draw two distinct eligible nodes at random with probability proportional to their weight,
+//! and keep the one with the lower load per unit of weight, `(in_flight + 1) / weight`. Two
+//! random choices instead of one turn the maximum queue length from `log n / log log n` into
+//! `log log n` (Mitzenmacher, "The Power of Two Choices in Randomized Load Balancing", 2001),
+//! and drawing by weight keeps the global shares the control plane asked for while in-flight
+//! counts steer around momentary hot spots.
+//!
+//! Why not `tower::balance::p2c::Balance`: it owns the services and discovers them through a
+//! `Stream` of changes, is `Pending` when empty (we must fail fast with a status), and picks
+//! uniformly, ignoring the control plane's weights. The algorithm is a dozen lines; owning it
+//! lets it stay pure and take weights.
+
+use rand::Rng;
+
+use super::Candidate;
+
+/// Picks one eligible candidate, or `None` when there is none.
+pub fn pick<R: Rng + ?Sized>(candidates: &[Candidate], rng: &mut R) -> Option<usize> {
+    let total: f64 = candidates
+        .iter()
+        .filter(|c| c.eligible())
+        .map(|c| c.weight)
+        .sum();
+    if total <= 0.0 || !total.is_finite() {
+        return None;
+    }
+    let first = draw(candidates, total, None, rng)?;
+    let rest = total - candidates[first].weight;
+    if rest <= 0.0 {
+        return Some(first);
+    }
+    let Some(second) = draw(candidates, rest, Some(first), rng) else {
+        return Some(first);
+    };
+    let cost = |i: usize| (f64::from(candidates[i].in_flight) + 1.0) / candidates[i].weight;
+    Some(if cost(second) < cost(first) { second } else { first })
+}
+
+/// Draws one eligible candidate (other than `skip`) with probability weight / `total`.
+fn draw<R: Rng + ?Sized>(
+    candidates: &[Candidate],
+    total: f64,
+    skip: Option<usize>,
+    rng: &mut R,
+) -> Option<usize> {
+    let mut target = rng.random::<f64>() * total;
+    let mut last = None;
+    for (i, c) in candidates.iter().enumerate() {
+        if !c.eligible() || Some(i) == skip {
+            continue;
+        }
+        last = Some(i);
+        if target < c.weight {
+            return Some(i);
+        }
+        target -= c.weight;
+    }
+    // Floating-point rounding can leave `target` a hair above zero at the end.
+    last
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use rand::SeedableRng;
+    use rand::rngs::SmallRng;
+
+    fn cand(weight: f64, in_flight: u32) -> Candidate {
+        Candidate {
+            weight,
+            in_flight,
+            excluded: false,
+        }
+    }
+
+    fn arb_candidate() -> impl Strategy<Value = Candidate> {
+        (
+            prop_oneof![Just(0.0), Just(-1.0), Just(f64::NAN), 0.001f64..1000.0],
+            0u32..100,
+            any::<bool>(),
+        )
+            .prop_map(|(weight, in_flight, excluded)| Candidate {
+                weight,
+                in_flight,
+                excluded,
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn never_picks_an_ineligible_node(cands in prop::collection::vec(arb_candidate(), 0..20), seed: u64) {
+            let mut rng = SmallRng::seed_from_u64(seed);
+            match pick(&cands, &mut rng) {
+                Some(i) => prop_assert!(cands[i].eligible()),
+                None => prop_assert!(cands.iter().all(|c| !c.eligible())),
+            }
+        }
+
+        #[test]
+        fn picks_the_less_loaded_of_two_equal_nodes(a in 0u32..50, b in 0u32..50, seed: u64) {
+            prop_assume!(a != b);
+            let cands = [cand(1.0, a), cand(1.0, b)];
+            let mut rng = SmallRng::seed_from_u64(seed);
+            let want = if a < b { 0 } else { 1 };
+            prop_assert_eq!(pick(&cands, &mut rng), Some(want));
+        }
+    }
+
+    /// Under equal load, choices follow the weights: with weights 1:2:3:4 and no calls in flight
+    /// (so every comparison is decided by weight alone), each node's share must be within two
+    /// percentage points of the share the exact two-choice formula predicts.
+    #[test]
+    fn shares_follow_weights_under_equal_load() {
+        let weights = [1.0, 2.0, 3.0, 4.0];
+        let cands: Vec<_> = weights.iter().map(|&w| cand(w, 0)).collect();
+        let mut rng = SmallRng::seed_from_u64(7);
+        let n = 200_000;
+        let mut counts = [0usize; 4];
+        for _ in 0..n {
+            counts[pick(&cands, &mut rng).unwrap()] += 1;
+        }
+        // Exact probability: P(i) = sum over ordered pairs (first, second) where i wins.
+        // With zero in-flight, cost = 1/w, so the heavier node of the pair wins (ties: first).
+        let total: f64 = weights.iter().sum();
+        let mut expect = [0.0; 4];
+        for f in 0..4 {
+            for s in 0..4 {
+                if f == s {
+                    continue;
+                }
+                let p = weights[f] / total * weights[s] / (total - weights[f]);
+                let winner = if weights[s] > weights[f] { s } else { f };
+                expect[winner] += p;
+            }
+        }
+        for i in 0..4 {
+            let got = counts[i] as f64 / n as f64;
+            assert!(
+                (got - expect[i]).abs() < 0.02,
+                "node {i}: share {got:.3}, expected {:.3}",
+                expect[i]
+            );
+        }
+        // And more weight never means less traffic.
+        assert!(counts.windows(2).all(|w| w[0] <= w[1]), "{counts:?}");
+    }
+
+    #[test]
+    fn a_single_eligible_node_is_picked_and_empty_is_none() {
+        let mut rng = SmallRng::seed_from_u64(1);
+        assert_eq!(pick(&[], &mut rng), None);
+        let cands = [cand(0.0, 0), cand(5.0, 99)];
+        assert_eq!(pick(&cands, &mut rng), Some(1));
+    }
+}

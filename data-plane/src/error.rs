@@ -1,0 +1,41 @@
+//! The router's errors, and the one place they become gRPC statuses.
+
+use std::time::Duration;
+
+use tonic::Status;
+
+/// Why the router could not route a call.
+#[derive(Debug, thiserror::Error)]
+pub enum RouteError {
+    /// The request is malformed; nothing was forwarded.
+    #[error("{0}")]
+    InvalidRequest(String),
+    /// No registered node declares the model.
+    #[error("model {0:?} is not served by any registered node")]
+    UnknownModel(String),
+    /// Nodes declare the model, but none is healthy (in any region).
+    #[error("no healthy node serves model {model:?} (router region {region:?}, routing version {version})")]
+    NoHealthyNode {
+        /// The model asked for.
+        model: String,
+        /// The router's region.
+        region: String,
+        /// The routing table version the router holds.
+        version: u64,
+    },
+    /// The caller's deadline (or the router's default) ran out.
+    #[error("deadline of {0:?} exceeded before a node answered")]
+    DeadlineExceeded(Duration),
+}
+
+impl From<RouteError> for Status {
+    fn from(e: RouteError) -> Self {
+        let msg = e.to_string();
+        match e {
+            RouteError::InvalidRequest(_) => Status::invalid_argument(msg),
+            RouteError::UnknownModel(_) => Status::not_found(msg),
+            RouteError::NoHealthyNode { .. } => Status::unavailable(msg),
+            RouteError::DeadlineExceeded(_) => Status::deadline_exceeded(msg),
+        }
+    }
+}

@@ -1,0 +1,395 @@
+//! `inference.GRPCInferenceService` at the router.
+//!
+//! `ServerLive`, `ServerReady` and `ServerMetadata` are answered by the router itself (ready:
+//! it holds a table with at least one routable node). `ModelReady` and `ModelMetadata` are
+//! asked of a node that serves the model. `ModelInfer` is validated, routed (own region first)
+//! and forwarded; `ModelStreamInfer` opens one upstream stream per model named on the client's
+//! stream and multiplexes the answers back. Every answer from a node carries `x-fulcrum-node`
+//! and `x-fulcrum-region`.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use futures::Stream;
+use fulcrum_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
+use fulcrum_proto::inference::grpc_inference_service_server::GrpcInferenceService;
+use fulcrum_proto::inference::{
+    ModelInferRequest, ModelInferResponse, ModelMetadataRequest, ModelMetadataResponse,
+    ModelReadyRequest, ModelReadyResponse, ModelStreamInferResponse, ServerLiveRequest,
+    ServerLiveResponse, ServerMetadataRequest, ServerMetadataResponse, ServerReadyRequest,
+    ServerReadyResponse,
+};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::metadata::{MetadataMap, MetadataValue};
+use tonic::transport::Channel;
+use tonic::{Code, Request, Response, Status, Streaming};
+
+use super::deadline;
+use crate::error::RouteError;
+use crate::router::RouterState;
+use crate::table::{NodeConn, RoutedNode};
+use crate::validate;
+
+/// Attempts per idempotent call: the first and one retry on another node. One retry turns a
+/// node that died between two probes into a slower call instead of a failed one; more would
+/// multiply load during an outage. (Budgets and backoff come with the retry policy.)
+const MAX_ATTEMPTS: usize = 2;
+
+/// Responses buffered per client stream; backpressure beyond that reaches the nodes.
+const STREAM_BUFFER: usize = 16;
+
+/// Response metadata naming the node that answered.
+pub const NODE_HEADER: &str = "x-fulcrum-node";
+/// Response metadata naming that node's region.
+pub const REGION_HEADER: &str = "x-fulcrum-region";
+
+/// The router's Open Inference Protocol service.
+#[derive(Debug, Clone)]
+pub struct OipService {
+    state: Arc<RouterState>,
+}
+
+impl OipService {
+    /// A service routing with `state`.
+    pub fn new(state: Arc<RouterState>) -> Self {
+        Self { state }
+    }
+
+    fn client(&self, node: &RoutedNode) -> GrpcInferenceServiceClient<Channel> {
+        GrpcInferenceServiceClient::new(node.conn.channel.clone())
+            .max_decoding_message_size(self.state.max_message_size)
+            .max_encoding_message_size(self.state.max_message_size)
+    }
+
+    /// Calls one node with the remaining `budget`, counting the call in flight on it.
+    async fn call_node<T, F, Fut>(
+        &self,
+        node: &RoutedNode,
+        budget: Duration,
+        f: F,
+    ) -> Result<Response<T>, Status>
+    where
+        F: FnOnce(GrpcInferenceServiceClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<Response<T>, Status>>,
+    {
+        let _in_flight = node.conn.start_call();
+        let result = match tokio::time::timeout(budget, f(self.client(node))).await {
+            Ok(r) => r,
+            Err(_) => Err(RouteError::DeadlineExceeded(budget).into()),
+        };
+        match result {
+            Ok(mut resp) => {
+                tag(resp.metadata_mut(), node);
+                Ok(resp)
+            }
+            Err(mut status) => {
+                tag(status.metadata_mut(), node);
+                Err(status)
+            }
+        }
+    }
+
+    /// Runs an idempotent unary call: pick, call, and on UNAVAILABLE once more elsewhere.
+    async fn unary<Req, T, F, Fut>(
+        &self,
+        model: &str,
+        metadata: &MetadataMap,
+        message: Req,
+        call: F,
+    ) -> Result<Response<T>, Status>
+    where
+        Req: Clone,
+        F: Fn(GrpcInferenceServiceClient<Channel>, Request<Req>) -> Fut,
+        Fut: Future<Output = Result<Response<T>, Status>>,
+    {
+        let budget = deadline::budget(metadata, self.state.default_timeout);
+        let started = Instant::now();
+        let table = self.state.table.load();
+        let mut tried: Vec<Arc<NodeConn>> = Vec::new();
+        let mut last_failure: Option<Status> = None;
+        loop {
+            let node = match self.state.pick(&table, model, &tried) {
+                Ok(node) => node,
+                // No other node to retry on: the node's own failure is the better answer.
+                Err(e) => return Err(last_failure.unwrap_or_else(|| e.into())),
+            };
+            let remaining = budget.saturating_sub(started.elapsed());
+            if remaining.is_zero() {
+                return Err(RouteError::DeadlineExceeded(budget).into());
+            }
+            let mut request = Request::new(message.clone());
+            request.set_timeout(remaining);
+            let result = self
+                .call_node(&node, remaining, |client| call(client, request))
+                .await;
+            match result {
+                Err(s) if s.code() == Code::Unavailable && tried.len() + 1 < MAX_ATTEMPTS => {
+                    tracing::debug!(node = %node.conn.id, error = %s.message(), "retrying on another node");
+                    tried.push(node.conn.clone());
+                    last_failure = Some(s);
+                }
+                other => return other,
+            }
+        }
+    }
+}
+
+fn tag(metadata: &mut MetadataMap, node: &RoutedNode) {
+    if let Ok(v) = MetadataValue::try_from(node.conn.id.as_str()) {
+        metadata.insert(NODE_HEADER, v);
+    }
+    if let Ok(v) = MetadataValue::try_from(node.region.as_str()) {
+        metadata.insert(REGION_HEADER, v);
+    }
+}
+
+type StreamOut = Pin<Box<dyn Stream<Item = Result<ModelStreamInferResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl GrpcInferenceService for OipService {
+    async fn server_live(
+        &self,
+        _: Request<ServerLiveRequest>,
+    ) -> Result<Response<ServerLiveResponse>, Status> {
+        Ok(Response::new(ServerLiveResponse { live: true }))
+    }
+
+    async fn server_ready(
+        &self,
+        _: Request<ServerReadyRequest>,
+    ) -> Result<Response<ServerReadyResponse>, Status> {
+        let ready = self.state.table.load().routable_nodes > 0;
+        Ok(Response::new(ServerReadyResponse { ready }))
+    }
+
+    async fn model_ready(
+        &self,
+        request: Request<ModelReadyRequest>,
+    ) -> Result<Response<ModelReadyResponse>, Status> {
+        let (metadata, _, message) = request.into_parts();
+        let routable = self
+            .state
+            .table
+            .load()
+            .models
+            .get(&message.name)
+            .is_some_and(|r| r.is_routable());
+        if !routable {
+            // Unknown, or no healthy node: the honest answer to "is it ready?" is no.
+            return Ok(Response::new(ModelReadyResponse { ready: false }));
+        }
+        let model = message.name.clone();
+        self.unary(&model, &metadata, message, |mut c, r| async move {
+            c.model_ready(r).await
+        })
+        .await
+    }
+
+    async fn server_metadata(
+        &self,
+        _: Request<ServerMetadataRequest>,
+    ) -> Result<Response<ServerMetadataResponse>, Status> {
+        Ok(Response::new(ServerMetadataResponse {
+            name: "fulcrum".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            extensions: vec![],
+        }))
+    }
+
+    async fn model_metadata(
+        &self,
+        request: Request<ModelMetadataRequest>,
+    ) -> Result<Response<ModelMetadataResponse>, Status> {
+        let (metadata, _, message) = request.into_parts();
+        if message.name.is_empty() {
+            return Err(RouteError::InvalidRequest("model name is required".into()).into());
+        }
+        let model = message.name.clone();
+        self.unary(&model, &metadata, message, |mut c, r| async move {
+            c.model_metadata(r).await
+        })
+        .await
+    }
+
+    async fn model_infer(
+        &self,
+        request: Request<ModelInferRequest>,
+    ) -> Result<Response<ModelInferResponse>, Status> {
+        let (metadata, _, message) = request.into_parts();
+        validate::check_infer_request(&message).map_err(RouteError::InvalidRequest)?;
+        let model = message.model_name.clone();
+        self.unary(&model, &metadata, message, |mut c, r| async move {
+            c.model_infer(r).await
+        })
+        .await
+    }
+
+    type ModelStreamInferStream = StreamOut;
+
+    async fn model_stream_infer(
+        &self,
+        request: Request<Streaming<ModelInferRequest>>,
+    ) -> Result<Response<Self::ModelStreamInferStream>, Status> {
+        let mut inbound = request.into_inner();
+        let (out, out_rx) = mpsc::channel(STREAM_BUFFER);
+        let mut session = StreamSession {
+            service: self.clone(),
+            upstreams: HashMap::new(),
+            out,
+        };
+        // Route the first request before answering, so the response headers can name the node.
+        let first_node = match inbound.message().await? {
+            Some(first) => session.handle(first).await,
+            None => None,
+        };
+        tokio::spawn(async move {
+            loop {
+                match inbound.message().await {
+                    Ok(Some(msg)) => {
+                        session.handle(msg).await;
+                    }
+                    Ok(None) => break,
+                    Err(status) => {
+                        tracing::debug!(error = %status, "client stream ended with an error");
+                        break;
+                    }
+                }
+            }
+            // Dropping the session closes every upstream's request side; their answers still
+            // drain to the client, then the response stream ends.
+        });
+        let mut response = Response::new(Box::pin(ReceiverStream::new(out_rx)) as StreamOut);
+        if let Some(node) = first_node {
+            tag(response.metadata_mut(), &node);
+        }
+        Ok(response)
+    }
+}
+
+/// One upstream stream to a node, carrying one model's requests of a client stream.
+struct Upstream {
+    tx: mpsc::Sender<ModelInferRequest>,
+    node: RoutedNode,
+    closed: Arc<AtomicBool>,
+}
+
+/// The state of one client `ModelStreamInfer` stream.
+struct StreamSession {
+    service: OipService,
+    upstreams: HashMap<String, Upstream>,
+    out: mpsc::Sender<Result<ModelStreamInferResponse, Status>>,
+}
+
+fn stream_error(req: &ModelInferRequest, message: String) -> ModelStreamInferResponse {
+    ModelStreamInferResponse {
+        error_message: message,
+        infer_response: Some(ModelInferResponse {
+            model_name: req.model_name.clone(),
+            model_version: req.model_version.clone(),
+            id: req.id.clone(),
+            ..Default::default()
+        }),
+    }
+}
+
+impl StreamSession {
+    /// Forwards one request; errors go back in-band, as Triton does, and keep the stream open.
+    /// Returns the node the request went to.
+    async fn handle(&mut self, req: ModelInferRequest) -> Option<RoutedNode> {
+        if let Err(why) = validate::check_infer_request(&req) {
+            let status = Status::from(RouteError::InvalidRequest(why));
+            let _ = self.out.send(Ok(stream_error(&req, status.message().to_owned()))).await;
+            return None;
+        }
+        let model = req.model_name.clone();
+        if let Some(up) = self.upstreams.get(&model) {
+            if !up.closed.load(Ordering::Acquire) {
+                let node = up.node.clone();
+                match up.tx.send(req).await {
+                    Ok(()) => return Some(node),
+                    Err(mpsc::error::SendError(returned)) => {
+                        self.upstreams.remove(&model);
+                        return Box::pin(self.handle(returned)).await;
+                    }
+                }
+            }
+            self.upstreams.remove(&model);
+        }
+        let table = self.service.state.table.load();
+        let node = match self.service.state.pick(&table, &model, &[]) {
+            Ok(node) => node,
+            Err(e) => {
+                let status = Status::from(e);
+                let _ = self.out.send(Ok(stream_error(&req, status.message().to_owned()))).await;
+                return None;
+            }
+        };
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        // Queue the request before opening: a node may wait for it before sending headers.
+        let first = req.clone();
+        let _ = tx.send(req).await;
+        let in_flight = node.conn.start_call();
+        let mut client = self.service.client(&node);
+        let upstream = match client.model_stream_infer(ReceiverStream::new(rx)).await {
+            Ok(resp) => resp.into_inner(),
+            Err(status) => {
+                let msg = format!("node {}: {}", node.conn.id, status.message());
+                let _ = self.out.send(Ok(stream_error(&first, msg))).await;
+                return None;
+            }
+        };
+        let closed = Arc::new(AtomicBool::new(false));
+        tokio::spawn(pump(
+            upstream,
+            self.out.clone(),
+            node.conn.id.clone(),
+            closed.clone(),
+            in_flight,
+        ));
+        self.upstreams.insert(
+            model,
+            Upstream {
+                tx,
+                node: node.clone(),
+                closed,
+            },
+        );
+        Some(node)
+    }
+}
+
+/// Copies a node's stream answers to the client until either side ends.
+async fn pump(
+    mut upstream: Streaming<ModelStreamInferResponse>,
+    out: mpsc::Sender<Result<ModelStreamInferResponse, Status>>,
+    node_id: String,
+    closed: Arc<AtomicBool>,
+    _in_flight: crate::table::InFlight,
+) {
+    loop {
+        match upstream.message().await {
+            Ok(Some(resp)) => {
+                if out.send(Ok(resp)).await.is_err() {
+                    break;
+                }
+            }
+            Ok(None) => break,
+            Err(status) => {
+                let msg = format!("stream to node {node_id} failed: {}", status.message());
+                let _ = out
+                    .send(Ok(ModelStreamInferResponse {
+                        error_message: msg,
+                        infer_response: None,
+                    }))
+                    .await;
+                break;
+            }
+        }
+    }
+    closed.store(true, Ordering::Release);
+}
