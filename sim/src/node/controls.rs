@@ -213,6 +213,11 @@ impl SimControls {
         &self.shared.name
     }
 
+    /// The models the node serves, in configuration order, without duplicates.
+    pub fn models(&self) -> &[String] {
+        &self.shared.models
+    }
+
     /// The current settings.
     pub fn settings(&self) -> SimSettings {
         self.shared.settings()

@@ -1,0 +1,59 @@
+//! `fulcrum control`: one control-plane replica.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use fulcrum_control_plane::ControlPlaneConfig;
+use fulcrum_control_plane::health::Thresholds;
+use fulcrum_control_plane::health::prober::ProbeConfig;
+
+/// Flags of `fulcrum control`.
+#[derive(Debug, Args)]
+pub(crate) struct ControlArgs {
+    /// Address to serve the routing stream and the admin API on.
+    #[arg(long, default_value = "127.0.0.1:7000")]
+    listen: String,
+    /// Store: etcd://host:port[,host:port…] (production) or embedded:PATH (one machine).
+    #[arg(long, default_value = "embedded:.fulcrum/control/store.json", env = "FULCRUM_STORE")]
+    store: String,
+    /// Time between two health probes of a node.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    probe_interval: Duration,
+    /// Deadline of one health probe.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    probe_timeout: Duration,
+    /// Consecutive passing probes that make an unhealthy node healthy.
+    #[arg(long, default_value_t = 2)]
+    healthy_after: u32,
+    /// Consecutive failing probes that make a healthy node unhealthy.
+    #[arg(long, default_value_t = 2)]
+    unhealthy_after: u32,
+}
+
+impl ControlArgs {
+    pub(crate) fn config(&self) -> ControlPlaneConfig {
+        ControlPlaneConfig {
+            probe: ProbeConfig {
+                interval: self.probe_interval,
+                timeout: self.probe_timeout,
+                thresholds: Thresholds {
+                    healthy_after: self.healthy_after.max(1),
+                    unhealthy_after: self.unhealthy_after.max(1),
+                },
+            },
+        }
+    }
+}
+
+pub(crate) async fn run(args: ControlArgs) -> anyhow::Result<()> {
+    let store = fulcrum_control_plane::store::open(&args.store)
+        .await
+        .with_context(|| format!("opening store {}", args.store))?;
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    tracing::info!(listen = %args.listen, store = %args.store, "control plane serving");
+    fulcrum_control_plane::serve(args.config(), store, listener, crate::shutdown_signal()).await?;
+    Ok(())
+}

@@ -1,0 +1,58 @@
+//! `fulcrum load`: open-loop load with coordinated-omission-free latency.
+
+use std::time::Duration;
+
+use clap::Args;
+use fulcrum_sim::load::{self, LoadConfig};
+
+/// Flags of `fulcrum load`.
+#[derive(Debug, Args)]
+pub(crate) struct LoadArgs {
+    /// host:port of a router or node.
+    #[arg(long, default_value = "127.0.0.1:7001")]
+    target: String,
+    /// Model to call.
+    #[arg(long, default_value = "echo")]
+    model: String,
+    /// Calls per second, scheduled by time whatever the answers do.
+    #[arg(long, default_value_t = 100.0)]
+    rps: f64,
+    /// How long to send.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Deadline of each call.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    timeout: Duration,
+    /// FP32 elements in the request tensor.
+    #[arg(long, default_value_t = 16)]
+    payload_elems: usize,
+    /// HTTP/2 connections to spread calls over.
+    #[arg(long, default_value_t = 4)]
+    connections: usize,
+    /// Calls in flight at most; a call due beyond that is counted as dropped.
+    #[arg(long, default_value_t = 10_000)]
+    max_in_flight: usize,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+pub(crate) async fn run(args: LoadArgs) -> anyhow::Result<()> {
+    let config = LoadConfig {
+        target: args.target,
+        model: args.model,
+        rps: args.rps,
+        duration: args.duration,
+        timeout: args.timeout,
+        max_in_flight: args.max_in_flight,
+        payload_elems: args.payload_elems,
+        connections: args.connections,
+    };
+    let report = load::run(config).await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!("{report}");
+    }
+    Ok(())
+}

@@ -1,0 +1,51 @@
+//! `fulcrum router`: one router (data plane) for one region.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use fulcrum_data_plane::RouterConfig;
+
+/// Flags of `fulcrum router`.
+#[derive(Debug, Args)]
+pub(crate) struct RouterArgs {
+    /// The region (data center) this router serves; its nodes are preferred.
+    #[arg(long)]
+    region: String,
+    /// Control-plane replicas, comma-separated host:port, tried in order.
+    #[arg(long, value_delimiter = ',', default_value = "127.0.0.1:7000")]
+    control: Vec<String>,
+    /// Address to serve the Open Inference Protocol on.
+    #[arg(long, default_value = "127.0.0.1:8001")]
+    listen: String,
+    /// Deadline for calls that bring no grpc-timeout.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    default_timeout: Duration,
+    /// Largest inbound message, in bytes.
+    #[arg(long, default_value_t = fulcrum_data_plane::limits::DEFAULT_MAX_MESSAGE_SIZE)]
+    max_message_size: usize,
+    /// Router id reported to the control plane (default: router-REGION-PID).
+    #[arg(long)]
+    id: Option<String>,
+}
+
+impl RouterArgs {
+    pub(crate) fn config(&self) -> RouterConfig {
+        let mut c = RouterConfig::new(self.region.clone(), self.control.clone());
+        c.default_timeout = self.default_timeout;
+        c.max_message_size = self.max_message_size;
+        if let Some(id) = &self.id {
+            c.router_id = id.clone();
+        }
+        c
+    }
+}
+
+pub(crate) async fn run(args: RouterArgs) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    tracing::info!(listen = %args.listen, region = %args.region, control = ?args.control, "router serving");
+    fulcrum_data_plane::serve(args.config(), listener, crate::shutdown_signal()).await?;
+    Ok(())
+}

@@ -1,0 +1,220 @@
+//! `fulcrum up`: the whole system on one machine — a control plane on an embedded store,
+//! a router per region, and simulated nodes in both regions — until Ctrl-C.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Args;
+use fulcrum_control_plane::ControlPlaneConfig;
+use fulcrum_control_plane::health::Thresholds;
+use fulcrum_control_plane::health::prober::ProbeConfig;
+use fulcrum_data_plane::RouterConfig;
+use fulcrum_proto::fulcrum::v1::admin_client::AdminClient;
+use fulcrum_proto::fulcrum::v1::{Model, NodeSpec, RegisterNodeRequest};
+use fulcrum_proto::inference::ServerReadyRequest;
+use fulcrum_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
+use fulcrum_sim::node::{NodeSim, NodeSimConfig, ServiceTime};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+/// The two regions of the local stack.
+const REGIONS: [&str; 2] = ["a", "b"];
+
+/// Probe interval of the local stack: twice the production default, so that killing a node
+/// in the demo shows failover within about a second.
+const UP_PROBE_INTERVAL: Duration = Duration::from_millis(500);
+
+/// How long to wait for the stack to become ready before giving up.
+const READY_DEADLINE: Duration = Duration::from_secs(30);
+
+/// Flags of `fulcrum up`.
+#[derive(Debug, Args)]
+pub(crate) struct UpArgs {
+    /// Control plane on this port, routers on the next two, nodes of region a from
+    /// port + 101 and of region b from port + 201.
+    #[arg(long, default_value_t = 7000)]
+    base_port: u16,
+    /// Where the embedded store keeps its file.
+    #[arg(long, default_value = ".fulcrum/up")]
+    state_dir: PathBuf,
+    /// Simulated nodes per region.
+    #[arg(long, default_value_t = 3)]
+    nodes_per_region: u16,
+    /// Service time of the simulated nodes.
+    #[arg(long, default_value = "exp:2ms")]
+    service_time: ServiceTime,
+    /// Concurrency slots of each simulated node.
+    #[arg(long, default_value_t = 8)]
+    slots: usize,
+}
+
+fn addr(port: u16) -> String {
+    format!("127.0.0.1:{port}")
+}
+
+async fn bind(port: u16, what: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr(port))
+        .await
+        .with_context(|| format!("cannot listen on 127.0.0.1:{port} for {what} (is another `fulcrum up` running?)"))
+}
+
+pub(crate) async fn run(args: UpArgs) -> anyhow::Result<()> {
+    let base = args.base_port;
+    if base > u16::MAX - 200 - args.nodes_per_region {
+        bail!("--base-port {base} leaves no room for the node ports");
+    }
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+    let mut tasks = JoinSet::new();
+
+    // Control plane on the embedded store.
+    let store_path = args.state_dir.join("store.json");
+    let store = fulcrum_control_plane::store::open(&format!("embedded:{}", store_path.display()))
+        .await
+        .with_context(|| format!("opening the embedded store at {}", store_path.display()))?;
+    let control = bind(base, "the control plane").await?;
+    let config = ControlPlaneConfig {
+        probe: ProbeConfig {
+            interval: UP_PROBE_INTERVAL,
+            timeout: UP_PROBE_INTERVAL,
+            thresholds: Thresholds::default(),
+        },
+    };
+    tasks.spawn(fulcrum_control_plane::serve(config, store, control, stopped()));
+
+    // Simulated nodes.
+    let mut specs = Vec::new();
+    for (r, region) in REGIONS.iter().enumerate() {
+        for i in 1..=args.nodes_per_region {
+            let id = format!("{region}-{i}");
+            let port = base + 101 + 100 * r as u16 + (i - 1);
+            let sim = NodeSim::new(NodeSimConfig {
+                name: id.clone(),
+                service_time: args.service_time.clone(),
+                slots: args.slots,
+                ..Default::default()
+            })?;
+            let listener = bind(port, &format!("node {id}")).await?;
+            tasks.spawn(sim.serve(listener, stopped()));
+            specs.push(NodeSpec {
+                id,
+                address: addr(port),
+                region: (*region).into(),
+                zone: String::new(),
+                models: vec![Model {
+                    name: "echo".into(),
+                    versions: vec![],
+                }],
+                capacity: args.slots as i64,
+                labels: Default::default(),
+            });
+        }
+    }
+
+    // Routers.
+    for (r, region) in REGIONS.iter().enumerate() {
+        let port = base + 1 + r as u16;
+        let listener = bind(port, &format!("router {region}")).await?;
+        let mut config = RouterConfig::new(*region, vec![addr(base)]);
+        config.router_id = format!("router-{region}");
+        tasks.spawn(fulcrum_data_plane::serve(config, listener, stopped()));
+    }
+
+    // Register the nodes as an operator would, through the admin API.
+    let mut admin = connect_admin(&addr(base)).await?;
+    for spec in &specs {
+        admin
+            .register_node(RegisterNodeRequest {
+                spec: Some(spec.clone()),
+            })
+            .await
+            .map_err(|s| anyhow::anyhow!("registering {}: {}", spec.id, s.message()))?;
+    }
+    for (r, region) in REGIONS.iter().enumerate() {
+        wait_ready(&addr(base + 1 + r as u16), region).await?;
+    }
+
+    let exe = std::env::current_exe()
+        .ok()
+        .and_then(|p| {
+            let cwd = std::env::current_dir().ok()?;
+            Some(p.strip_prefix(&cwd).map(|r| format!("./{}", r.display())).unwrap_or_else(|_| p.display().to_string()))
+        })
+        .unwrap_or_else(|| "fulcrum".into());
+    println!("Fulcrum is up: two regions on this machine (embedded store: {})", store_path.display());
+    println!();
+    println!("  control plane  {}    admin API + routing stream", addr(base));
+    for (r, region) in REGIONS.iter().enumerate() {
+        let nodes: Vec<String> = specs
+            .iter()
+            .filter(|s| s.region == *region)
+            .map(|s| format!("{} {}", s.id, s.address))
+            .collect();
+        println!("  router {region}       {}    Open Inference Protocol (gRPC)", addr(base + 1 + r as u16));
+        println!("  nodes {region}        {}", nodes.join(", "));
+    }
+    println!();
+    println!("Try:");
+    println!("  {exe} ctl nodes");
+    println!("  {exe} load --target {} --model echo --rps 200 --duration 5s", addr(base + 1));
+    println!("  {exe} ctl drain a-1        (and a-2, a-3: router a then serves from region b)");
+    println!();
+    println!("Ctrl-C stops everything.");
+
+    tokio::select! {
+        () = crate::shutdown_signal() => {}
+        Some(res) = tasks.join_next() => {
+            // A component ended on its own: that is a failure of the whole stack.
+            let _ = stop_tx.send(true);
+            match res {
+                Ok(Ok(())) => bail!("a component stopped unexpectedly"),
+                Ok(Err(e)) => bail!("a component failed: {e}"),
+                Err(e) => bail!("a component panicked: {e}"),
+            }
+        }
+    }
+    println!("stopping…");
+    let _ = stop_tx.send(true);
+    let drain = async { while tasks.join_next().await.is_some() {} };
+    if tokio::time::timeout(Duration::from_secs(5), drain).await.is_err() {
+        tasks.abort_all();
+    }
+    Ok(())
+}
+
+async fn connect_admin(addr: &str) -> anyhow::Result<AdminClient<tonic::transport::Channel>> {
+    let end = tokio::time::Instant::now() + READY_DEADLINE;
+    loop {
+        match AdminClient::connect(format!("http://{addr}")).await {
+            Ok(c) => return Ok(c),
+            Err(e) if tokio::time::Instant::now() >= end => {
+                bail!("the control plane at {addr} did not come up: {e}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+async fn wait_ready(addr: &str, region: &str) -> anyhow::Result<()> {
+    let end = tokio::time::Instant::now() + READY_DEADLINE;
+    loop {
+        if let Ok(mut c) = GrpcInferenceServiceClient::connect(format!("http://{addr}")).await {
+            if let Ok(r) = c.server_ready(ServerReadyRequest {}).await {
+                if r.get_ref().ready {
+                    return Ok(());
+                }
+            }
+        }
+        if tokio::time::Instant::now() >= end {
+            bail!("router {region} at {addr} was not ready within {READY_DEADLINE:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

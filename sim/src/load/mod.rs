@@ -1,0 +1,478 @@
+//! An open-loop load generator for the Open Inference Protocol.
+//!
+//! Calls are scheduled by the clock, not by answers: the i-th call is due at `start + i / rps`,
+//! whatever happened to the previous ones. A call whose time has come is sent at once even if
+//! the generator is behind, and its latency is measured from the time it was due, so queueing
+//! anywhere (in the target, in the network, or in the generator itself) shows up as latency
+//! instead of being hidden (no "coordinated omission"). How late the generator sends is reported
+//! separately as `send_lag`: sends are released on tokio's timer, whose resolution is one
+//! millisecond, so it is typically below a millisecond and at rates above 1000/s calls go out
+//! in small per-millisecond bursts.
+//!
+//! Each call carries one FP32 tensor `INPUT0` of shape `[1, payload_elems]` as
+//! `raw_input_contents` and must come back echoed (the simulated node's echo model); an answer
+//! with other bytes or another id counts as a `DATA_MISMATCH` error.
+
+mod report;
+
+use std::time::Duration;
+
+use fulcrum_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
+use fulcrum_proto::inference::model_infer_request::InferInputTensor;
+use fulcrum_proto::inference::{ModelInferRequest, ModelInferResponse};
+use hdrhistogram::Histogram;
+use prost::bytes::Bytes;
+use tokio::sync::{mpsc, watch};
+use tokio::time::{Instant, sleep_until};
+use tonic::Request;
+use tonic::metadata::MetadataMap;
+use tonic::transport::{Channel, Endpoint};
+
+pub use report::{LatencySummary, LoadReport};
+
+use crate::node::{MAX_MESSAGE_SIZE, NODE_HEADER as SIM_NODE_HEADER};
+use report::{MAX_LATENCY_US, Outcome, ReportHead, SIGNIFICANT_DIGITS, Tally, code_name};
+
+/// Response header in which a Fulcrum router names the node that served a call.
+pub const ROUTER_NODE_HEADER: &str = "x-fulcrum-node";
+
+/// Response header in which a Fulcrum router names the region that served a call.
+pub const REGION_HEADER: &str = "x-fulcrum-region";
+
+/// Node name counted when no header names one: the target answered directly.
+pub const DIRECT_NODE: &str = "direct";
+
+/// Region counted when no header names one.
+pub const UNKNOWN_REGION: &str = "unknown";
+
+/// Most calls one run may schedule. Outcomes are tallied as they arrive, so memory does not
+/// grow with the count; the bound is there because a larger product of rate and duration is
+/// far more likely a mistake (swapped arguments, a rate in calls per minute) than an intended
+/// run of more than a few hours at a thousand calls a second.
+const MAX_CALLS: f64 = 10_000_000.0;
+
+/// Room left in a message for everything but the tensor data (names, shape, id). The payload
+/// must fit in [`MAX_MESSAGE_SIZE`] with this to spare, or the target would reject every call.
+const MESSAGE_OVERHEAD: usize = 64 * 1024;
+
+/// What load to apply, and where.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoadConfig {
+    /// `host:port` (or a URL with a scheme) of the target: a node or a router.
+    pub target: String,
+    /// The model to call; it must echo its inputs.
+    pub model: String,
+    /// Calls per second.
+    pub rps: f64,
+    /// How long calls are scheduled for.
+    pub duration: Duration,
+    /// Deadline of each call.
+    pub timeout: Duration,
+    /// Most calls outstanding at once; a call due beyond it is not sent but counted as dropped
+    /// (the generator, not the target, is overloaded).
+    pub max_in_flight: usize,
+    /// FP32 elements in the input tensor.
+    pub payload_elems: usize,
+    /// HTTP/2 connections to spread calls over, round-robin.
+    pub connections: usize,
+}
+
+impl Default for LoadConfig {
+    /// 100 calls a second for 10 seconds to the `echo` model on a local Triton-style port.
+    /// - `timeout` 5 s: far above any healthy latency, so only a stuck call reaches it.
+    /// - `max_in_flight` 10 000: at the default timeout this allows 2000 calls/s to all hang
+    ///   before the generator sheds load, while bounding its memory and tasks.
+    /// - `payload_elems` 16: a 64-byte tensor, so the run measures call handling, not
+    ///   bandwidth.
+    /// - `connections` 4: one HTTP/2 connection serializes frames on one socket; a few spread
+    ///   the work over the target's and a router's threads, as several clients would.
+    fn default() -> Self {
+        Self {
+            target: "127.0.0.1:8001".to_string(),
+            model: "echo".to_string(),
+            rps: 100.0,
+            duration: Duration::from_secs(10),
+            timeout: Duration::from_secs(5),
+            max_in_flight: 10_000,
+            payload_elems: 16,
+            connections: 4,
+        }
+    }
+}
+
+impl LoadConfig {
+    /// Checks that the run is well defined and bounded.
+    pub fn validate(&self) -> Result<(), LoadError> {
+        let invalid = |m: String| Err(LoadError::InvalidConfig(m));
+        if !(self.rps.is_finite() && self.rps > 0.0) {
+            return invalid(format!(
+                "rps must be a positive number, got {}",
+                self.rps
+            ));
+        }
+        if self.duration.is_zero() {
+            return invalid("duration must be positive".into());
+        }
+        let calls = self.rps * self.duration.as_secs_f64();
+        if calls > MAX_CALLS {
+            return invalid(format!(
+                "rps × duration is {calls:.0} calls, more than the limit of {MAX_CALLS:.0}"
+            ));
+        }
+        if self.timeout.is_zero() {
+            return invalid("timeout must be positive".into());
+        }
+        if self.max_in_flight == 0 {
+            return invalid("max_in_flight must be at least 1".into());
+        }
+        if self.connections == 0 {
+            return invalid("connections must be at least 1".into());
+        }
+        if self.model.is_empty() {
+            return invalid("model is empty".into());
+        }
+        let limit = (MAX_MESSAGE_SIZE - MESSAGE_OVERHEAD) / 4;
+        if self.payload_elems > limit {
+            return invalid(format!(
+                "payload_elems must be at most {limit} (a message is at most {MAX_MESSAGE_SIZE} bytes)"
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Why a load run could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The configuration is invalid or unbounded; the message says why.
+    #[error("invalid load configuration: {0}")]
+    InvalidConfig(String),
+    /// The target is not a valid address.
+    #[error("invalid target {target:?}: {source}")]
+    InvalidTarget {
+        /// The target as given.
+        target: String,
+        /// The parser's complaint.
+        source: tonic::transport::Error,
+    },
+    /// A connection to the target could not be made.
+    #[error("cannot connect to {target}: {source}")]
+    Connect {
+        /// The target as given.
+        target: String,
+        /// The transport's complaint.
+        source: tonic::transport::Error,
+    },
+    /// The latency histogram could not be created.
+    #[error("cannot create a latency histogram: {0}")]
+    Histogram(#[from] hdrhistogram::CreationError),
+}
+
+/// The request every call sends (with its own id), and what must come back.
+struct Template {
+    request: ModelInferRequest,
+    payload: Bytes,
+}
+
+impl Template {
+    fn new(model: &str, payload_elems: usize) -> Self {
+        let payload: Vec<u8> = (0..payload_elems)
+            .flat_map(|i| (i as f32).to_le_bytes())
+            .collect();
+        let payload = Bytes::from(payload);
+        let request = ModelInferRequest {
+            model_name: model.to_string(),
+            inputs: vec![InferInputTensor {
+                name: "INPUT0".to_string(),
+                datatype: "FP32".to_string(),
+                shape: vec![1, i64::try_from(payload_elems).unwrap_or(i64::MAX)],
+                ..InferInputTensor::default()
+            }],
+            raw_input_contents: vec![payload.clone()],
+            ..ModelInferRequest::default()
+        };
+        Self { request, payload }
+    }
+}
+
+type Client = GrpcInferenceServiceClient<Channel>;
+
+/// Opens `config.connections` connections to the target.
+async fn connect(config: &LoadConfig) -> Result<Vec<Client>, LoadError> {
+    let uri = if config.target.contains("://") {
+        config.target.clone()
+    } else {
+        format!("http://{}", config.target)
+    };
+    let endpoint = Endpoint::from_shared(uri)
+        .map_err(|source| LoadError::InvalidTarget {
+            target: config.target.clone(),
+            source,
+        })?
+        .connect_timeout(config.timeout)
+        // See the node: Nagle's algorithm would add delay to small frames.
+        .tcp_nodelay(true);
+    let mut clients = Vec::with_capacity(config.connections);
+    for _ in 0..config.connections {
+        // Connected up front, so that connection setup is not part of any call's latency.
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|source| LoadError::Connect {
+                target: config.target.clone(),
+                source,
+            })?;
+        clients.push(
+            GrpcInferenceServiceClient::new(channel)
+                .max_decoding_message_size(MAX_MESSAGE_SIZE)
+                .max_encoding_message_size(MAX_MESSAGE_SIZE),
+        );
+    }
+    Ok(clients)
+}
+
+/// Applies the load described by `config` and reports what happened. The run takes
+/// `config.duration` to schedule calls, then waits at most `config.timeout` for the outstanding
+/// ones; any still unanswered then are counted as `DEADLINE_EXCEEDED`.
+pub async fn run(config: LoadConfig) -> Result<LoadReport, LoadError> {
+    config.validate()?;
+    let clients = connect(&config).await?;
+    let template = Template::new(&config.model, config.payload_elems);
+    let mut tally = Tally::new()?;
+    let mut lag = Histogram::<u64>::new_with_bounds(1, MAX_LATENCY_US, SIGNIFICANT_DIGITS)?;
+    let (tx, mut rx) = mpsc::unbounded_channel::<Outcome>();
+    // Dropping `stop` ends the calls still running when the run is over (or abandoned).
+    let (stop, stopped) = watch::channel(());
+    let max_in_flight = u64::try_from(config.max_in_flight).unwrap_or(u64::MAX);
+
+    let start = Instant::now();
+    let mut sent = 0u64;
+    let mut dropped = 0u64;
+    let mut index = 0u64;
+    loop {
+        let offset = Duration::from_secs_f64(index as f64 / config.rps);
+        if offset >= config.duration {
+            break;
+        }
+        let due = start + offset;
+        let call_index = index;
+        index += 1;
+
+        // Tally outcomes while waiting; the schedule has priority.
+        let sleep = sleep_until(due);
+        tokio::pin!(sleep);
+        loop {
+            tokio::select! {
+                biased;
+                () = &mut sleep => break,
+                Some(outcome) = rx.recv() => tally.record(outcome),
+            }
+        }
+        while let Ok(outcome) = rx.try_recv() {
+            tally.record(outcome);
+        }
+
+        if sent - tally.received >= max_in_flight {
+            dropped += 1;
+            continue;
+        }
+        let client = clients[(call_index % clients.len() as u64) as usize].clone();
+        let id = call_index.to_string();
+        let mut request = Request::new(ModelInferRequest {
+            id: id.clone(),
+            ..template.request.clone()
+        });
+        request.set_timeout(config.timeout);
+        lag.saturating_record(micros(Instant::now().saturating_duration_since(due)));
+        tokio::spawn(call(
+            client,
+            request,
+            Expected {
+                due,
+                id,
+                payload: template.payload.clone(),
+            },
+            config.timeout,
+            tx.clone(),
+            stopped.clone(),
+        ));
+        sent += 1;
+    }
+    let send_time = start.elapsed();
+
+    drop(tx);
+    let cutoff = Instant::now() + config.timeout;
+    while tally.received < sent {
+        tokio::select! {
+            outcome = rx.recv() => match outcome {
+                Some(outcome) => tally.record(outcome),
+                None => break,
+            },
+            () = sleep_until(cutoff) => break,
+        }
+    }
+    drop(stop);
+    let unanswered = sent - tally.received;
+    tally.fail("DEADLINE_EXCEEDED", unanswered);
+
+    let mut report = tally.into_report(ReportHead {
+        target: config.target,
+        model: config.model,
+        target_rps: config.rps,
+        duration: config.duration,
+        sent,
+        dropped,
+        send_time,
+    });
+    report.send_lag = report::summarize(&lag);
+    Ok(report)
+}
+
+/// What one call must get back, and when it was due.
+struct Expected {
+    due: Instant,
+    id: String,
+    payload: Bytes,
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+/// Makes one call and sends its outcome, unless the run ends first.
+async fn call(
+    mut client: Client,
+    request: Request<ModelInferRequest>,
+    expected: Expected,
+    timeout: Duration,
+    outcomes: mpsc::UnboundedSender<Outcome>,
+    mut stopped: watch::Receiver<()>,
+) {
+    // The deadline is also enforced here, so that time spent waiting for the channel (before
+    // the request reaches the wire, where `grpc-timeout` applies) is bounded too.
+    let result = tokio::select! {
+        result = tokio::time::timeout(timeout, client.model_infer(request)) => result,
+        _ = stopped.changed() => return,
+    };
+    let outcome = match result {
+        Err(_) => Outcome::Failed("DEADLINE_EXCEEDED"),
+        Ok(Err(status)) => Outcome::Failed(status_name(&status)),
+        Ok(Ok(response)) => {
+            let latency_us = micros(expected.due.elapsed());
+            let (metadata, answer, _) = response.into_parts();
+            if echoes(&answer, &expected) {
+                Outcome::Ok {
+                    latency_us,
+                    node: header(&metadata, ROUTER_NODE_HEADER)
+                        .or_else(|| header(&metadata, SIM_NODE_HEADER))
+                        .unwrap_or(DIRECT_NODE)
+                        .to_string(),
+                    region: header(&metadata, REGION_HEADER)
+                        .unwrap_or(UNKNOWN_REGION)
+                        .to_string(),
+                }
+            } else {
+                Outcome::Failed("DATA_MISMATCH")
+            }
+        }
+    };
+    let _ = outcomes.send(outcome);
+}
+
+/// The name under which a failed call is counted. tonic's client reports its own expired
+/// deadline as CANCELLED ("Timeout expired"), with a `TimeoutExpired` error as the source; that
+/// is a deadline, and is counted as `DEADLINE_EXCEEDED` like one the server reports.
+fn status_name(status: &tonic::Status) -> &'static str {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(status);
+    while let Some(e) = source {
+        if e.is::<tonic::TimeoutExpired>() {
+            return "DEADLINE_EXCEEDED";
+        }
+        source = e.source();
+    }
+    code_name(status.code())
+}
+
+/// Whether `answer` is the echo of the call: same id, one raw output with the same bytes.
+fn echoes(answer: &ModelInferResponse, expected: &Expected) -> bool {
+    answer.id == expected.id
+        && answer.raw_output_contents.len() == 1
+        && answer.raw_output_contents[0] == expected.payload
+}
+
+/// A response header as text, if present, non-empty and visible ASCII.
+fn header<'a>(metadata: &'a MetadataMap, name: &str) -> Option<&'a str> {
+    metadata
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> LoadConfig {
+        LoadConfig::default()
+    }
+
+    #[test]
+    fn default_is_valid() {
+        config().validate().unwrap();
+    }
+
+    #[test]
+    fn rejects_unbounded_or_meaningless_runs() {
+        for c in [
+            LoadConfig { rps: 0.0, ..config() },
+            LoadConfig { rps: -1.0, ..config() },
+            LoadConfig { rps: f64::NAN, ..config() },
+            LoadConfig { rps: f64::INFINITY, ..config() },
+            LoadConfig { duration: Duration::ZERO, ..config() },
+            LoadConfig {
+                rps: 100_000.0,
+                duration: Duration::from_secs(101),
+                ..config()
+            },
+            LoadConfig { timeout: Duration::ZERO, ..config() },
+            LoadConfig { connections: 0, ..config() },
+            LoadConfig { max_in_flight: 0, ..config() },
+            LoadConfig { payload_elems: MAX_MESSAGE_SIZE, ..config() },
+        ] {
+            assert!(
+                matches!(c.validate(), Err(LoadError::InvalidConfig(_))),
+                "{c:?} was accepted"
+            );
+        }
+    }
+
+    #[test]
+    fn client_side_timeout_counts_as_deadline_exceeded() {
+        let status = tonic::Status::from_error(Box::new(tonic::TimeoutExpired(())));
+        assert_eq!(status.code(), tonic::Code::Cancelled);
+        assert_eq!(status_name(&status), "DEADLINE_EXCEEDED");
+        assert_eq!(status_name(&tonic::Status::unavailable("x")), "UNAVAILABLE");
+    }
+
+    #[test]
+    fn template_is_fp32_little_endian() {
+        let t = Template::new("echo", 3);
+        assert_eq!(t.request.inputs[0].shape, vec![1, 3]);
+        assert_eq!(t.payload.len(), 12);
+        assert_eq!(&t.payload[4..8], &1.0f32.to_le_bytes());
+    }
+
+    #[tokio::test]
+    async fn unreachable_target_is_an_error() {
+        // A port that was just free: nothing listens on it.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        let c = LoadConfig {
+            target: addr.to_string(),
+            timeout: Duration::from_secs(2),
+            ..config()
+        };
+        assert!(matches!(run(c).await, Err(LoadError::Connect { .. })));
+    }
+}

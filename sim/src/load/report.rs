@@ -1,0 +1,342 @@
+//! The result of a load run, and how outcomes are tallied into it.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use tonic::Code;
+
+/// Highest latency the histogram tells apart, in microseconds. Longer latencies are recorded as
+/// this value. One hour is far beyond any per-call deadline a benchmark uses, and bounding the
+/// histogram keeps its memory fixed (about 200 KiB at 3 significant digits).
+pub(crate) const MAX_LATENCY_US: u64 = 3_600_000_000;
+
+/// Significant decimal digits the latency histogram keeps: 0.1% relative error, the usual
+/// precision of latency reports, at a modest memory cost.
+pub(crate) const SIGNIFICANT_DIGITS: u8 = 3;
+
+/// Latency percentiles of the successful calls, in microseconds, measured from each call's
+/// scheduled start (not from when it was actually sent), so that a generator or a system that
+/// falls behind shows up as latency instead of being hidden (no coordinated omission).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct LatencySummary {
+    /// Median.
+    pub p50_us: u64,
+    /// 90th percentile.
+    pub p90_us: u64,
+    /// 99th percentile.
+    pub p99_us: u64,
+    /// 99.9th percentile.
+    pub p999_us: u64,
+    /// Largest latency seen.
+    pub max_us: u64,
+}
+
+/// What a load run did.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LoadReport {
+    /// The address that was loaded.
+    pub target: String,
+    /// The model called.
+    pub model: String,
+    /// The configured request rate (calls per second).
+    pub target_rps: f64,
+    /// The configured duration, in seconds.
+    pub duration_s: f64,
+    /// Calls sent. Every one of them is counted either in `ok` or in `errors`.
+    pub sent: u64,
+    /// Calls answered successfully with the input echoed back.
+    pub ok: u64,
+    /// Failed calls by gRPC status code name (`UNAVAILABLE`, `DEADLINE_EXCEEDED`, ...), plus
+    /// `DATA_MISMATCH` for a successful answer that did not echo the request.
+    pub errors: BTreeMap<String, u64>,
+    /// Calls not sent because `max_in_flight` calls were already outstanding (the generator,
+    /// not the target, was overloaded).
+    pub dropped: u64,
+    /// Calls sent per second, over the time it took to send them.
+    pub achieved_rps: f64,
+    /// Latency of the successful calls.
+    pub latency: LatencySummary,
+    /// How late the generator sent calls relative to their schedule, over all sent calls. This
+    /// delay is included in `latency`; when it is not small against `latency`, the generator
+    /// (or the machine it runs on) is a bottleneck.
+    pub send_lag: LatencySummary,
+    /// Successful calls per node that answered (`x-fulcrum-node`, else `x-fulcrum-sim-node`,
+    /// else `direct`).
+    pub nodes: BTreeMap<String, u64>,
+    /// Successful calls per region (`x-fulcrum-region`, else `unknown`).
+    pub regions: BTreeMap<String, u64>,
+}
+
+impl LoadReport {
+    /// Failed calls, all codes together.
+    pub fn error_count(&self) -> u64 {
+        self.errors.values().sum()
+    }
+}
+
+/// How one call ended.
+#[derive(Debug)]
+pub(crate) enum Outcome {
+    /// Answered and echoed; latency in microseconds from the scheduled start.
+    Ok {
+        latency_us: u64,
+        node: String,
+        region: String,
+    },
+    /// Failed, with the code's name.
+    Failed(&'static str),
+}
+
+/// Tallies outcomes.
+#[derive(Debug)]
+pub(crate) struct Tally {
+    pub(crate) received: u64,
+    ok: u64,
+    errors: BTreeMap<String, u64>,
+    latency: Histogram<u64>,
+    nodes: BTreeMap<String, u64>,
+    regions: BTreeMap<String, u64>,
+}
+
+impl Tally {
+    pub(crate) fn new() -> Result<Self, hdrhistogram::CreationError> {
+        Ok(Self {
+            received: 0,
+            ok: 0,
+            errors: BTreeMap::new(),
+            latency: Histogram::new_with_bounds(1, MAX_LATENCY_US, SIGNIFICANT_DIGITS)?,
+            nodes: BTreeMap::new(),
+            regions: BTreeMap::new(),
+        })
+    }
+
+    pub(crate) fn record(&mut self, outcome: Outcome) {
+        self.received += 1;
+        match outcome {
+            Outcome::Ok {
+                latency_us,
+                node,
+                region,
+            } => {
+                self.ok += 1;
+                self.latency.saturating_record(latency_us);
+                *self.nodes.entry(node).or_default() += 1;
+                *self.regions.entry(region).or_default() += 1;
+            }
+            Outcome::Failed(code) => self.fail(code, 1),
+        }
+    }
+
+    pub(crate) fn fail(&mut self, code: &str, n: u64) {
+        if n > 0 {
+            *self.errors.entry(code.to_string()).or_default() += n;
+        }
+    }
+
+    pub(crate) fn into_report(self, head: ReportHead) -> LoadReport {
+        let latency = summarize(&self.latency);
+        let send_secs = head.send_time.as_secs_f64();
+        LoadReport {
+            target: head.target,
+            model: head.model,
+            target_rps: head.target_rps,
+            duration_s: head.duration.as_secs_f64(),
+            sent: head.sent,
+            ok: self.ok,
+            errors: self.errors,
+            dropped: head.dropped,
+            achieved_rps: if send_secs > 0.0 {
+                head.sent as f64 / send_secs
+            } else {
+                0.0
+            },
+            latency,
+            send_lag: LatencySummary::default(),
+            nodes: self.nodes,
+            regions: self.regions,
+        }
+    }
+}
+
+/// The percentiles of a histogram of microseconds; all zero if it is empty.
+pub(crate) fn summarize(h: &Histogram<u64>) -> LatencySummary {
+    if h.is_empty() {
+        return LatencySummary::default();
+    }
+    LatencySummary {
+        p50_us: h.value_at_quantile(0.50),
+        p90_us: h.value_at_quantile(0.90),
+        p99_us: h.value_at_quantile(0.99),
+        p999_us: h.value_at_quantile(0.999),
+        max_us: h.max(),
+    }
+}
+
+/// The parts of a report the tally does not know.
+#[derive(Debug)]
+pub(crate) struct ReportHead {
+    pub(crate) target: String,
+    pub(crate) model: String,
+    pub(crate) target_rps: f64,
+    pub(crate) duration: Duration,
+    pub(crate) sent: u64,
+    pub(crate) dropped: u64,
+    /// From the start to the moment scheduling stopped.
+    pub(crate) send_time: Duration,
+}
+
+/// The canonical name of a gRPC status code, as in the gRPC specification.
+pub(crate) fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+fn percent(part: u64, whole: u64) -> f64 {
+    if whole == 0 {
+        0.0
+    } else {
+        part as f64 * 100.0 / whole as f64
+    }
+}
+
+fn ms(us: u64) -> f64 {
+    us as f64 / 1000.0
+}
+
+fn write_shares(
+    f: &mut fmt::Formatter<'_>,
+    title: &str,
+    shares: &BTreeMap<String, u64>,
+    whole: u64,
+) -> fmt::Result {
+    writeln!(f, "{title}:")?;
+    for (name, n) in shares {
+        writeln!(f, "  {name:<24} {n:>10}  {:>6.2}%", percent(*n, whole))?;
+    }
+    Ok(())
+}
+
+impl fmt::Display for LoadReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let errors = self.error_count();
+        writeln!(
+            f,
+            "target {} model {}: {} rps for {:.3} s",
+            self.target, self.model, self.target_rps, self.duration_s
+        )?;
+        writeln!(
+            f,
+            "sent {} ({:.1}/s), ok {} ({:.2}%), errors {} ({:.2}%), dropped {}",
+            self.sent,
+            self.achieved_rps,
+            self.ok,
+            percent(self.ok, self.sent),
+            errors,
+            percent(errors, self.sent),
+            self.dropped
+        )?;
+        if errors > 0 {
+            writeln!(f, "errors by code:")?;
+            for (code, n) in &self.errors {
+                writeln!(f, "  {code:<24} {n:>10}  {:>6.2}%", percent(*n, self.sent))?;
+            }
+        }
+        let l = &self.latency;
+        writeln!(
+            f,
+            "latency of successful calls (ms, from scheduled start): p50 {:.3}  p90 {:.3}  \
+             p99 {:.3}  p99.9 {:.3}  max {:.3}",
+            ms(l.p50_us),
+            ms(l.p90_us),
+            ms(l.p99_us),
+            ms(l.p999_us),
+            ms(l.max_us)
+        )?;
+        let g = &self.send_lag;
+        writeln!(
+            f,
+            "send lag (ms, generator behind schedule): p50 {:.3}  p99 {:.3}  max {:.3}",
+            ms(g.p50_us),
+            ms(g.p99_us),
+            ms(g.max_us)
+        )?;
+        write_shares(f, "nodes", &self.nodes, self.ok)?;
+        let only_unknown = self.regions.keys().all(|r| r == super::UNKNOWN_REGION);
+        if !only_unknown {
+            write_shares(f, "regions", &self.regions, self.ok)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_code_has_its_canonical_name() {
+        assert_eq!(code_name(Code::Unavailable), "UNAVAILABLE");
+        assert_eq!(code_name(Code::ResourceExhausted), "RESOURCE_EXHAUSTED");
+        assert_eq!(code_name(Code::DeadlineExceeded), "DEADLINE_EXCEEDED");
+    }
+
+    #[test]
+    fn tally_and_display() {
+        let mut t = Tally::new().unwrap();
+        for (i, node) in ["a", "b", "a", "a"].into_iter().enumerate() {
+            t.record(Outcome::Ok {
+                latency_us: 1000 * (i as u64 + 1),
+                node: node.to_string(),
+                region: "eu".to_string(),
+            });
+        }
+        t.record(Outcome::Failed("UNAVAILABLE"));
+        // Saturates instead of failing.
+        t.record(Outcome::Ok {
+            latency_us: u64::MAX,
+            node: "b".to_string(),
+            region: "us".to_string(),
+        });
+        let r = t.into_report(ReportHead {
+            target: "x:1".into(),
+            model: "echo".into(),
+            target_rps: 6.0,
+            duration: Duration::from_secs(1),
+            sent: 6,
+            dropped: 0,
+            send_time: Duration::from_secs(1),
+        });
+        assert_eq!(r.ok, 5);
+        assert_eq!(r.error_count(), 1);
+        assert_eq!(r.nodes.values().sum::<u64>(), r.ok);
+        assert_eq!(r.nodes["a"], 3);
+        assert!(r.latency.max_us >= MAX_LATENCY_US);
+        assert!(r.latency.p50_us >= 2990 && r.latency.p50_us <= 3010);
+        let text = r.to_string();
+        assert!(text.contains("UNAVAILABLE"), "{text}");
+        assert!(text.contains("regions:"), "{text}");
+        assert!(text.contains("60.00%"), "{text}");
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["errors"]["UNAVAILABLE"], 1);
+    }
+}

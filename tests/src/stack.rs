@@ -1,0 +1,170 @@
+//! Control planes, routers and node-sims, each on its own loopback port, wired together the way
+//! `fulcrum up` and a real deployment wire them: nodes registered through the admin API, routers
+//! subscribed to the control plane.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use fulcrum_control_plane::ControlPlaneConfig;
+use fulcrum_control_plane::health::Thresholds;
+use fulcrum_control_plane::health::prober::ProbeConfig;
+use fulcrum_data_plane::RouterConfig;
+use fulcrum_proto::fulcrum::v1::admin_client::AdminClient;
+use fulcrum_proto::fulcrum::v1::{Model, NodeSpec, RegisterNodeRequest};
+use fulcrum_proto::inference::ServerReadyRequest;
+use fulcrum_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::transport::Channel;
+
+/// A server running on a tokio task until stopped (or dropped).
+#[derive(Debug)]
+pub struct Running {
+    /// The address it listens on.
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl Running {
+    /// Binds a free loopback port and runs `serve(listener, shutdown)` on a task.
+    pub async fn spawn<F, Fut>(serve: F) -> Self
+    where
+        F: FnOnce(TcpListener, oneshot::Receiver<()>) -> Fut,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
+        let addr = listener.local_addr().expect("local addr");
+        let (stop, stopped) = oneshot::channel();
+        let task = tokio::spawn(serve(listener, stopped));
+        Self {
+            addr,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    /// Shuts the server down and waits (briefly) for it to finish.
+    pub async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(mut t) = self.task.take() {
+            if tokio::time::timeout(Duration::from_secs(5), &mut t).await.is_err() {
+                t.abort();
+            }
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(t) = &self.task {
+            t.abort();
+        }
+    }
+}
+
+/// Probe settings for tests: fast, so failover happens in a fraction of a second, with the
+/// production thresholds so flapping rules are exercised as shipped.
+pub fn fast_probes() -> ProbeConfig {
+    ProbeConfig {
+        interval: Duration::from_millis(100),
+        timeout: Duration::from_millis(500),
+        thresholds: Thresholds::default(),
+    }
+}
+
+/// Starts a control-plane replica on `store_url` (an `etcd://` URL, or `memory:`).
+pub async fn control_plane(store_url: &str) -> Running {
+    let store = fulcrum_control_plane::store::open(store_url)
+        .await
+        .expect("open store");
+    Running::spawn(move |listener, stopped| async move {
+        let config = ControlPlaneConfig {
+            probe: fast_probes(),
+        };
+        let shutdown = async move {
+            let _ = stopped.await;
+        };
+        if let Err(e) = fulcrum_control_plane::serve(config, store, listener, shutdown).await {
+            panic!("control plane failed: {e}");
+        }
+    })
+    .await
+}
+
+/// Starts a router for `region` following the control plane at `control`.
+pub async fn router(region: &str, control: SocketAddr, max_message_size: Option<usize>) -> Running {
+    let mut config = RouterConfig::new(region, vec![control.to_string()]);
+    if let Some(m) = max_message_size {
+        config.max_message_size = m;
+    }
+    Running::spawn(move |listener, stopped| async move {
+        let shutdown = async move {
+            let _ = stopped.await;
+        };
+        if let Err(e) = fulcrum_data_plane::serve(config, listener, shutdown).await {
+            panic!("router failed: {e}");
+        }
+    })
+    .await
+}
+
+/// An admin client for the control plane at `addr`.
+pub async fn admin(addr: SocketAddr) -> AdminClient<Channel> {
+    AdminClient::connect(format!("http://{addr}"))
+        .await
+        .expect("connect admin")
+}
+
+/// An Open Inference Protocol client for `addr` (a router or a node).
+pub async fn oip(addr: SocketAddr) -> GrpcInferenceServiceClient<Channel> {
+    GrpcInferenceServiceClient::connect(format!("http://{addr}"))
+        .await
+        .expect("connect OIP")
+        .max_decoding_message_size(256 << 20)
+        .max_encoding_message_size(256 << 20)
+}
+
+/// A node spec serving `models`.
+pub fn spec(id: &str, addr: SocketAddr, region: &str, models: &[&str], capacity: i64) -> NodeSpec {
+    NodeSpec {
+        id: id.into(),
+        address: addr.to_string(),
+        region: region.into(),
+        zone: String::new(),
+        models: models
+            .iter()
+            .map(|m| Model {
+                name: (*m).into(),
+                versions: vec![],
+            })
+            .collect(),
+        capacity,
+        labels: Default::default(),
+    }
+}
+
+/// Registers a node through the admin API, panicking on refusal.
+pub async fn register(admin: &mut AdminClient<Channel>, spec: NodeSpec) {
+    admin
+        .register_node(RegisterNodeRequest { spec: Some(spec) })
+        .await
+        .expect("register node");
+}
+
+/// Waits until the router at `addr` reports ready (it holds a table with a routable node).
+pub async fn wait_ready(addr: SocketAddr) {
+    let client = oip(addr).await;
+    crate::eventually("router ready", Duration::from_secs(20), || {
+        let mut c = client.clone();
+        async move {
+            let r = c.server_ready(ServerReadyRequest {}).await.ok()?;
+            r.get_ref().ready.then_some(())
+        }
+    })
+    .await;
+}
