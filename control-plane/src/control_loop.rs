@@ -41,7 +41,9 @@ pub async fn run(store: SharedStore, prober: Arc<Prober>, changed: Arc<Notify>) 
             Ok(Some(written)) => last = Some(written),
             Ok(None) => {}
             // Static stability: keep the last table (routers keep theirs) and try again.
-            Err(e) => tracing::warn!(error = %e, "control loop: store unavailable, keeping last state"),
+            Err(e) => {
+                tracing::warn!(error = %e, "control loop: store unavailable, keeping last state")
+            }
         }
         tokio::select! {
             () = changed.notified() => tokio::time::sleep(BATCH_WINDOW).await,
@@ -82,6 +84,10 @@ async fn reconcile(
         stale: false,
     };
     let rev = store.put(keys::ROUTING, update.encode_to_vec()).await?;
-    tracing::debug!(version = rev, nodes = update.endpoints.len(), "routing table written");
+    tracing::debug!(
+        version = rev,
+        nodes = update.endpoints.len(),
+        "routing table written"
+    );
     Ok(Some(update.endpoints))
 }

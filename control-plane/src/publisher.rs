@@ -164,7 +164,9 @@ impl Routing for RoutingService {
             }
         };
         if hello.router_id.is_empty() {
-            return Err(Status::invalid_argument("RouterHello.router_id is required"));
+            return Err(Status::invalid_argument(
+                "RouterHello.router_id is required",
+            ));
         }
         tracing::info!(router = %hello.router_id, region = %hello.region,
             known_version = hello.known_version, "router subscribed");
@@ -213,7 +215,9 @@ impl Routing for RoutingService {
                         tracing::warn!(router = %router_id, version = n.version,
                             reason = %n.reason, "router rejected a routing update");
                     }
-                    Some(router_message::Message::Load(_)) | Some(router_message::Message::Hello(_)) | None => {}
+                    Some(router_message::Message::Load(_))
+                    | Some(router_message::Message::Hello(_))
+                    | None => {}
                 }
             }
             sender.abort();

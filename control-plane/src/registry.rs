@@ -48,7 +48,8 @@ fn check_name(field: &str, value: &str, required: bool) -> Result<(), Error> {
 
 /// Checks that `address` is `host:port` with a port in 1..=65535 and a plausible host.
 pub fn check_address(address: &str) -> Result<(), Error> {
-    let bad = |why: &str| Error::InvalidSpec(format!("address {address:?} {why}; expected host:port"));
+    let bad =
+        |why: &str| Error::InvalidSpec(format!("address {address:?} {why}; expected host:port"));
     if address.parse::<SocketAddr>().is_ok() {
         return if address.ends_with(":0") {
             Err(bad("has port 0"))
@@ -97,7 +98,10 @@ pub fn validate(spec: &NodeSpec) -> Result<(), Error> {
     for m in &spec.models {
         check_name("model name", &m.name, true)?;
         if !seen.insert(m.name.as_str()) {
-            return Err(Error::InvalidSpec(format!("model {:?} is listed twice", m.name)));
+            return Err(Error::InvalidSpec(format!(
+                "model {:?} is listed twice",
+                m.name
+            )));
         }
         for v in &m.versions {
             check_name("model version", v, true)?;
@@ -221,10 +225,24 @@ mod tests {
 
     #[test]
     fn addresses() {
-        for ok in ["127.0.0.1:8001", "[::1]:8001", "triton-0.models.svc:8001", "localhost:1"] {
+        for ok in [
+            "127.0.0.1:8001",
+            "[::1]:8001",
+            "triton-0.models.svc:8001",
+            "localhost:1",
+        ] {
             check_address(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
         }
-        for bad in ["", "127.0.0.1", "host:", "host:0", "host:99999", ":80", "a b:80", "http://x:80"] {
+        for bad in [
+            "",
+            "127.0.0.1",
+            "host:",
+            "host:0",
+            "host:99999",
+            ":80",
+            "a b:80",
+            "http://x:80",
+        ] {
             assert!(check_address(bad).is_err(), "{bad} accepted");
         }
     }
@@ -252,7 +270,9 @@ mod tests {
         let (created, _) = register(&store, &spec("n1", "127.0.0.1:1")).await.unwrap();
         assert!(created);
         let (_, before) = store.list(keys::ROOT).await.unwrap();
-        let err = register(&store, &spec("n1", "127.0.0.1:2")).await.unwrap_err();
+        let err = register(&store, &spec("n1", "127.0.0.1:2"))
+            .await
+            .unwrap_err();
         assert!(matches!(err, Error::AlreadyExists { .. }), "{err}");
         let (_, after) = store.list(keys::ROOT).await.unwrap();
         assert_eq!(before, after, "a refused registration wrote to the store");

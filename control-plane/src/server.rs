@@ -43,7 +43,9 @@ pub async fn serve(
     health_reporter
         .set_serving::<RoutingServer<RoutingService>>()
         .await;
-    health_reporter.set_serving::<AdminServer<AdminService>>().await;
+    health_reporter
+        .set_serving::<AdminServer<AdminService>>()
+        .await;
 
     let admin = AdminService::new(store, prober, publisher.clone(), changed);
     let result = tonic::transport::Server::builder()

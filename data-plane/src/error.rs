@@ -14,7 +14,9 @@ pub enum RouteError {
     #[error("model {0:?} is not served by any registered node")]
     UnknownModel(String),
     /// Nodes declare the model, but none is healthy (in any region).
-    #[error("no healthy node serves model {model:?} (router region {region:?}, routing version {version})")]
+    #[error(
+        "no healthy node serves model {model:?} (router region {region:?}, routing version {version})"
+    )]
     NoHealthyNode {
         /// The model asked for.
         model: String,

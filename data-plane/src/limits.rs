@@ -161,11 +161,11 @@ where
         }
         match this.inner.poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref() {
-                    if let Err(status) = this.scanner.scan(data.chunk()) {
-                        *this.failed = true;
-                        return Poll::Ready(Some(Err(status)));
-                    }
+                if let Some(data) = frame.data_ref()
+                    && let Err(status) = this.scanner.scan(data.chunk())
+                {
+                    *this.failed = true;
+                    return Poll::Ready(Some(Err(status)));
                 }
                 Poll::Ready(Some(Ok(frame)))
             }

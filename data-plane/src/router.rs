@@ -47,8 +47,16 @@ impl RouterState {
             .get(model)
             .ok_or_else(|| RouteError::UnknownModel(model.to_owned()))?;
         let was_tried = |n: &RoutedNode| tried.iter().any(|t| Arc::ptr_eq(t, &n.conn));
-        let local: Vec<_> = route.local.iter().map(|n| n.candidate(was_tried(n))).collect();
-        let remote: Vec<_> = route.remote.iter().map(|n| n.candidate(was_tried(n))).collect();
+        let local: Vec<_> = route
+            .local
+            .iter()
+            .map(|n| n.candidate(was_tried(n)))
+            .collect();
+        let remote: Vec<_> = route
+            .remote
+            .iter()
+            .map(|n| n.candidate(was_tried(n)))
+            .collect();
         let picked = locality::pick(&local, &remote, &mut rand::rng());
         match picked {
             Some(Pick::Local(i)) => Ok(route.local[i].clone()),

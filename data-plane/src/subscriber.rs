@@ -60,7 +60,9 @@ pub async fn run(config: SubscriberConfig, state: Arc<RouterState>) {
             }
         }
         let exp = BACKOFF_MIN.saturating_mul(1 << failures.min(6));
-        let delay = exp.min(BACKOFF_MAX).mul_f64(rand::rng().random_range(0.5..1.0));
+        let delay = exp
+            .min(BACKOFF_MAX)
+            .mul_f64(rand::rng().random_range(0.5..1.0));
         tokio::time::sleep(delay).await;
     }
 }
@@ -125,8 +127,12 @@ pub fn apply(update: &RoutingUpdate, state: &RouterState) -> Result<(), String> 
         return Err("delta updates need a base snapshot this router does not hold".into());
     }
     let table = RoutingTable::build(update, &state.region, &current)?;
-    tracing::debug!(version = table.version, routable = table.routable_nodes, stale = table.stale,
-        "routing table applied");
+    tracing::debug!(
+        version = table.version,
+        routable = table.routable_nodes,
+        stale = table.stale,
+        "routing table applied"
+    );
     state.table.store(Arc::new(table));
     Ok(())
 }

@@ -55,7 +55,9 @@ fn typed_len(datatype: &str, c: &InferTensorContents) -> Result<usize, String> {
         }
     };
     if let Some((other, _)) = lens.iter().find(|(f, n)| *f != field && *n > 0) {
-        return Err(format!("datatype {datatype} carries its data in {field}, not {other}"));
+        return Err(format!(
+            "datatype {datatype} carries its data in {field}, not {other}"
+        ));
     }
     Ok(lens
         .iter()
@@ -215,9 +217,19 @@ mod tests {
         check_infer_request(&ok).unwrap();
         let short = raw_req(vec![input("x", "FP32", &[2, 3])], vec![vec![0; 20]]);
         let err = check_infer_request(&short).unwrap_err();
-        assert!(err.contains("needs 24 bytes") && err.contains("got 20"), "{err}");
-        let missing = raw_req(vec![input("x", "FP32", &[1]), input("y", "FP32", &[1])], vec![vec![0; 4]]);
-        assert!(check_infer_request(&missing).unwrap_err().contains("one per input"));
+        assert!(
+            err.contains("needs 24 bytes") && err.contains("got 20"),
+            "{err}"
+        );
+        let missing = raw_req(
+            vec![input("x", "FP32", &[1]), input("y", "FP32", &[1])],
+            vec![vec![0; 4]],
+        );
+        assert!(
+            check_infer_request(&missing)
+                .unwrap_err()
+                .contains("one per input")
+        );
     }
 
     #[test]
@@ -227,10 +239,21 @@ mod tests {
             data.extend_from_slice(&(s.len() as u32).to_le_bytes());
             data.extend_from_slice(s);
         }
-        check_infer_request(&raw_req(vec![input("s", "BYTES", &[3])], vec![data.clone()])).unwrap();
-        assert!(check_infer_request(&raw_req(vec![input("s", "BYTES", &[2])], vec![data.clone()])).is_err());
+        check_infer_request(&raw_req(
+            vec![input("s", "BYTES", &[3])],
+            vec![data.clone()],
+        ))
+        .unwrap();
+        assert!(
+            check_infer_request(&raw_req(
+                vec![input("s", "BYTES", &[2])],
+                vec![data.clone()]
+            ))
+            .is_err()
+        );
         data.truncate(data.len() - 1);
-        let err = check_infer_request(&raw_req(vec![input("s", "BYTES", &[3])], vec![data])).unwrap_err();
+        let err =
+            check_infer_request(&raw_req(vec![input("s", "BYTES", &[3])], vec![data])).unwrap_err();
         assert!(err.contains("claims"), "{err}");
     }
 
@@ -244,10 +267,18 @@ mod tests {
         let mut req = raw_req(vec![x.clone()], vec![]);
         check_infer_request(&req).unwrap();
         req.inputs[0].shape = vec![5];
-        assert!(check_infer_request(&req).unwrap_err().contains("needs 5 elements"));
+        assert!(
+            check_infer_request(&req)
+                .unwrap_err()
+                .contains("needs 5 elements")
+        );
         // The wrong typed field for the datatype.
         x.datatype = "FP32".into();
-        assert!(check_infer_request(&raw_req(vec![x], vec![])).unwrap_err().contains("fp32_contents"));
+        assert!(
+            check_infer_request(&raw_req(vec![x], vec![]))
+                .unwrap_err()
+                .contains("fp32_contents")
+        );
         // FP16 cannot be typed.
         let mut h = input("h", "FP16", &[1]);
         h.contents = Some(InferTensorContents {
@@ -258,18 +289,37 @@ mod tests {
         assert!(err.contains("raw_input_contents"), "{err}");
         // No data at all.
         let e = input("e", "FP32", &[2]);
-        assert!(check_infer_request(&raw_req(vec![e], vec![])).unwrap_err().contains("no data"));
+        assert!(
+            check_infer_request(&raw_req(vec![e], vec![]))
+                .unwrap_err()
+                .contains("no data")
+        );
     }
 
     #[test]
     fn structural_errors() {
-        assert!(check_infer_request(&raw_req(vec![], vec![])).unwrap_err().contains("no inputs"));
+        assert!(
+            check_infer_request(&raw_req(vec![], vec![]))
+                .unwrap_err()
+                .contains("no inputs")
+        );
         let bad_type = raw_req(vec![input("x", "FLOAT", &[1])], vec![vec![0; 4]]);
-        assert!(check_infer_request(&bad_type).unwrap_err().contains("unknown datatype"));
+        assert!(
+            check_infer_request(&bad_type)
+                .unwrap_err()
+                .contains("unknown datatype")
+        );
         let neg = raw_req(vec![input("x", "FP32", &[-1])], vec![vec![]]);
         assert!(check_infer_request(&neg).unwrap_err().contains("negative"));
-        let huge = raw_req(vec![input("x", "FP32", &[i64::MAX, i64::MAX])], vec![vec![]]);
-        assert!(check_infer_request(&huge).unwrap_err().contains("too large"));
+        let huge = raw_req(
+            vec![input("x", "FP32", &[i64::MAX, i64::MAX])],
+            vec![vec![]],
+        );
+        assert!(
+            check_infer_request(&huge)
+                .unwrap_err()
+                .contains("too large")
+        );
         let mut no_model = raw_req(vec![input("x", "FP32", &[1])], vec![vec![0; 4]]);
         no_model.model_name.clear();
         assert!(check_infer_request(&no_model).is_err());

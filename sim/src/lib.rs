@@ -13,4 +13,4 @@ pub mod load;
 pub mod node;
 
 pub use load::{LoadConfig, LoadError, LoadReport};
-pub use node::{NodeSim, NodeSimConfig, RunningNodeSim, ServiceTime, SimControls, spawn};
+pub use node::{NodeSim, NodeSimConfig, RunningNodeSim, ServiceTime, SimControls};

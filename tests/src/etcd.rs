@@ -58,7 +58,10 @@ impl Etcd {
         let log = std::fs::File::create(self.dir.path().join("etcd.log")).expect("etcd log file");
         let child = Command::new(etcd_binary())
             .arg("--name=fulcrum-test")
-            .arg(format!("--data-dir={}", self.dir.path().join("data").display()))
+            .arg(format!(
+                "--data-dir={}",
+                self.dir.path().join("data").display()
+            ))
             .arg(format!("--listen-client-urls={client}"))
             .arg(format!("--advertise-client-urls={client}"))
             .arg(format!("--listen-peer-urls={peer}"))
@@ -68,7 +71,9 @@ impl Etcd {
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
-            .expect("cannot start etcd: install it (apt-get install etcd-server) or set FULCRUM_ETCD");
+            .expect(
+                "cannot start etcd: install it (apt-get install etcd-server) or set FULCRUM_ETCD",
+            );
         self.child = Some(child);
         let url = self.url();
         crate::eventually("etcd answers", Duration::from_secs(30), || {

@@ -32,7 +32,10 @@ pub fn assert_echoed(req: &ModelInferRequest, resp: &ModelInferResponse) {
         assert_eq!(out.name, inp.name);
         assert_eq!(out.datatype, inp.datatype);
         assert_eq!(out.shape, inp.shape);
-        assert_eq!(resp.raw_output_contents[i], req.raw_input_contents[i], "tensor {i} data");
+        assert_eq!(
+            resp.raw_output_contents[i], req.raw_input_contents[i],
+            "tensor {i} data"
+        );
     }
 }
 

@@ -35,7 +35,9 @@ impl Running {
         F: FnOnce(TcpListener, oneshot::Receiver<()>) -> Fut,
         Fut: Future<Output = ()> + Send + 'static,
     {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind loopback");
         let addr = listener.local_addr().expect("local addr");
         let (stop, stopped) = oneshot::channel();
         let task = tokio::spawn(serve(listener, stopped));
@@ -51,10 +53,12 @@ impl Running {
         if let Some(s) = self.stop.take() {
             let _ = s.send(());
         }
-        if let Some(mut t) = self.task.take() {
-            if tokio::time::timeout(Duration::from_secs(5), &mut t).await.is_err() {
-                t.abort();
-            }
+        if let Some(mut t) = self.task.take()
+            && tokio::time::timeout(Duration::from_secs(5), &mut t)
+                .await
+                .is_err()
+        {
+            t.abort();
         }
     }
 }

@@ -47,33 +47,55 @@ async fn router_refuses_bad_calls_precisely() {
     bad.inputs[0].shape = vec![1, 3];
     let err = c.model_infer(bad).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
-    assert!(err.message().contains("needs 12 bytes"), "{}", err.message());
+    assert!(
+        err.message().contains("needs 12 bytes"),
+        "{}",
+        err.message()
+    );
     let mut bad = echo_request("echo", &[1.0]);
     bad.inputs[0].datatype = "FLOAT32".into();
     let err = c.model_infer(bad).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
-    assert!(err.message().contains("unknown datatype"), "{}", err.message());
-    assert_eq!(node.controls().calls(), calls_before, "a bad request reached the node");
+    assert!(
+        err.message().contains("unknown datatype"),
+        "{}",
+        err.message()
+    );
+    assert_eq!(
+        node.controls().calls(),
+        calls_before,
+        "a bad request reached the node"
+    );
 
     // Over the size limit.
     let big = echo_request("echo", &vec![0.5; (2 << 20) / 4]);
     let err = c.model_infer(big).await.unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
     assert!(err.message().contains("limit"), "{}", err.message());
-    assert_eq!(node.controls().calls(), calls_before, "an oversized request reached the node");
+    assert_eq!(
+        node.controls().calls(),
+        calls_before,
+        "an oversized request reached the node"
+    );
 
     // The router still serves after all that.
-    c.model_infer(echo_request("echo", &[1.0])).await.expect("good call");
+    c.model_infer(echo_request("echo", &[1.0]))
+        .await
+        .expect("good call");
 
     // No healthy node for the model.
     node.controls().set_healthy(false).await;
-    let err = eventually("the router sees no healthy node", Duration::from_secs(20), || {
-        let mut c = c.clone();
-        async move {
-            let err = c.model_infer(echo_request("echo", &[1.0])).await.err()?;
-            err.message().contains("no healthy node").then_some(err)
-        }
-    })
+    let err = eventually(
+        "the router sees no healthy node",
+        Duration::from_secs(20),
+        || {
+            let mut c = c.clone();
+            async move {
+                let err = c.model_infer(echo_request("echo", &[1.0])).await.err()?;
+                err.message().contains("no healthy node").then_some(err)
+            }
+        },
+    )
     .await;
     assert_eq!(err.code(), Code::Unavailable);
     assert!(err.message().contains("\"echo\""), "{}", err.message());
@@ -84,7 +106,9 @@ async fn invalid_registrations_are_refused_and_store_nothing() {
     let etcd = Etcd::start().await;
     let cp = stack::control_plane(&etcd.url()).await;
     let mut admin = admin(cp.addr).await;
-    let store = fulcrum_control_plane::store::open(&etcd.url()).await.unwrap();
+    let store = fulcrum_control_plane::store::open(&etcd.url())
+        .await
+        .unwrap();
     let addr = "127.0.0.1:9".parse().unwrap();
     register(&mut admin, spec("n-1", addr, "a", &["echo"], 4)).await;
     let (before, _) = store.list(keys::NODES).await.unwrap();
@@ -98,11 +122,27 @@ async fn invalid_registrations_are_refused_and_store_nothing() {
     let cases = [
         (bad_address, Code::InvalidArgument, "address"),
         (no_port, Code::InvalidArgument, "address"),
-        (spec("n-2", addr, "a", &["echo"], 0), Code::InvalidArgument, "capacity"),
-        (spec("n-2", addr, "a", &["echo"], -5), Code::InvalidArgument, "capacity"),
-        (spec("n-2", addr, "a", &[], 4), Code::InvalidArgument, "model"),
+        (
+            spec("n-2", addr, "a", &["echo"], 0),
+            Code::InvalidArgument,
+            "capacity",
+        ),
+        (
+            spec("n-2", addr, "a", &["echo"], -5),
+            Code::InvalidArgument,
+            "capacity",
+        ),
+        (
+            spec("n-2", addr, "a", &[], 4),
+            Code::InvalidArgument,
+            "model",
+        ),
         (no_region, Code::InvalidArgument, "region"),
-        (spec("bad/id", addr, "a", &["echo"], 4), Code::InvalidArgument, "id"),
+        (
+            spec("bad/id", addr, "a", &["echo"], 4),
+            Code::InvalidArgument,
+            "id",
+        ),
         (
             spec("n-1", "127.0.0.1:10".parse().unwrap(), "a", &["echo"], 4),
             Code::AlreadyExists,

@@ -11,9 +11,9 @@ use fulcrum_proto::inference::{
 };
 use fulcrum_sim::node::{NodeSimConfig, RunningNodeSim, spawn};
 use fulcrum_tests::etcd::Etcd;
+use fulcrum_tests::eventually;
 use fulcrum_tests::infer::{assert_echoed, echo_request, served_by};
 use fulcrum_tests::stack::{self, admin, oip, register, spec, wait_ready};
-use fulcrum_tests::eventually;
 use tokio_stream::StreamExt;
 
 async fn node(name: &str, addr: SocketAddr) -> RunningNodeSim {
@@ -55,10 +55,18 @@ async fn local_first_failover_to_the_other_region_and_back() {
     let b_nodes = nodes("b", 2).await;
     let a_addrs: Vec<SocketAddr> = a_nodes.iter().map(|n| n.addr).collect();
     for (i, n) in a_nodes.iter().enumerate() {
-        register(&mut admin, spec(&format!("a-{}", i + 1), n.addr, "a", &["echo"], 4)).await;
+        register(
+            &mut admin,
+            spec(&format!("a-{}", i + 1), n.addr, "a", &["echo"], 4),
+        )
+        .await;
     }
     for (i, n) in b_nodes.iter().enumerate() {
-        register(&mut admin, spec(&format!("b-{}", i + 1), n.addr, "b", &["echo"], 4)).await;
+        register(
+            &mut admin,
+            spec(&format!("b-{}", i + 1), n.addr, "b", &["echo"], 4),
+        )
+        .await;
     }
     let router_a = stack::router("a", cp.addr, None).await;
     let router_b = stack::router("b", cp.addr, None).await;
@@ -102,39 +110,50 @@ async fn local_first_failover_to_the_other_region_and_back() {
     })
     .await;
     // Once the control plane has seen it, no call fails and all are served by b.
-    eventually("every call via a is served by b", Duration::from_secs(20), || {
-        let mut c = via_a.clone();
-        let req = req.clone();
-        async move {
-            for _ in 0..20 {
-                if call(&mut c, &req).await.ok()?.1 != "b" {
-                    return None;
+    eventually(
+        "every call via a is served by b",
+        Duration::from_secs(20),
+        || {
+            let mut c = via_a.clone();
+            let req = req.clone();
+            async move {
+                for _ in 0..20 {
+                    if call(&mut c, &req).await.ok()?.1 != "b" {
+                        return None;
+                    }
                 }
+                Some(())
             }
-            Some(())
-        }
-    })
+        },
+    )
     .await;
     let ready = via_a.server_ready(ServerReadyRequest {}).await.unwrap();
-    assert!(ready.get_ref().ready, "router a is ready while region b serves");
+    assert!(
+        ready.get_ref().ready,
+        "router a is ready while region b serves"
+    );
 
     // Region a comes back on the same addresses: traffic returns to a.
     let mut back = Vec::new();
     for (i, addr) in a_addrs.iter().enumerate() {
         back.push(node(&format!("a-{}", i + 1), *addr).await);
     }
-    eventually("traffic returns to region a", Duration::from_secs(20), || {
-        let mut c = via_a.clone();
-        let req = req.clone();
-        async move {
-            for _ in 0..20 {
-                if call(&mut c, &req).await.ok()?.1 != "a" {
-                    return None;
+    eventually(
+        "traffic returns to region a",
+        Duration::from_secs(20),
+        || {
+            let mut c = via_a.clone();
+            let req = req.clone();
+            async move {
+                for _ in 0..20 {
+                    if call(&mut c, &req).await.ok()?.1 != "a" {
+                        return None;
+                    }
                 }
+                Some(())
             }
-            Some(())
-        }
-    })
+        },
+    )
     .await;
     drop(back);
     drop(b_nodes);
@@ -150,7 +169,13 @@ async fn router_answers_the_whole_protocol() {
     let router = stack::router("a", cp.addr, None).await;
     let mut c = oip(router.addr).await;
     // Before any node is healthy the router is live but not ready.
-    assert!(c.server_live(ServerLiveRequest {}).await.unwrap().get_ref().live);
+    assert!(
+        c.server_live(ServerLiveRequest {})
+            .await
+            .unwrap()
+            .get_ref()
+            .live
+    );
     wait_ready(router.addr).await;
 
     let meta = c.server_metadata(ServerMetadataRequest {}).await.unwrap();
@@ -163,7 +188,11 @@ async fn router_answers_the_whole_protocol() {
         .await
         .unwrap();
     assert!(ready.get_ref().ready);
-    assert_eq!(served_by(ready.metadata()).0, "a-1", "ModelReady is asked of the node");
+    assert_eq!(
+        served_by(ready.metadata()).0,
+        "a-1",
+        "ModelReady is asked of the node"
+    );
     let unknown = c
         .model_ready(ModelReadyRequest {
             name: "nope".into(),

@@ -15,7 +15,11 @@ pub(crate) struct ControlArgs {
     #[arg(long, default_value = "127.0.0.1:7000")]
     listen: String,
     /// Store: etcd://host:port[,host:port…] (production) or embedded:PATH (one machine).
-    #[arg(long, default_value = "embedded:.fulcrum/control/store.json", env = "FULCRUM_STORE")]
+    #[arg(
+        long,
+        default_value = "embedded:.fulcrum/control/store.json",
+        env = "FULCRUM_STORE"
+    )]
     store: String,
     /// Time between two health probes of a node.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]

@@ -6,8 +6,8 @@ use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use fulcrum_proto::fulcrum::v1::admin_client::AdminClient;
 use fulcrum_proto::fulcrum::v1::{
-    DeregisterNodeRequest, DrainNodeRequest, GetNodeRequest, HealthState, ListNodesRequest,
-    Model, NodeSpec, NodeStatus, RegisterNodeRequest,
+    DeregisterNodeRequest, DrainNodeRequest, GetNodeRequest, HealthState, ListNodesRequest, Model,
+    NodeSpec, NodeStatus, RegisterNodeRequest,
 };
 use serde_json::json;
 use tonic::transport::Channel;
@@ -16,7 +16,12 @@ use tonic::transport::Channel;
 #[derive(Debug, Args)]
 pub(crate) struct CtlArgs {
     /// The control plane's admin address.
-    #[arg(long, global = true, default_value = "127.0.0.1:7000", env = "FULCRUM_CONTROL")]
+    #[arg(
+        long,
+        global = true,
+        default_value = "127.0.0.1:7000",
+        env = "FULCRUM_CONTROL"
+    )]
     control: String,
     #[command(subcommand)]
     command: CtlCommand,
@@ -147,7 +152,15 @@ fn print_table(nodes: &[NodeStatus], version: u64) {
             ]
         })
         .collect();
-    let header = ["ID", "REGION", "ADDRESS", "HEALTH", "WEIGHT", "MODELS", "LAST ERROR"];
+    let header = [
+        "ID",
+        "REGION",
+        "ADDRESS",
+        "HEALTH",
+        "WEIGHT",
+        "MODELS",
+        "LAST ERROR",
+    ];
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for r in &rows {
         for (w, c) in widths.iter_mut().zip(r) {
@@ -251,7 +264,11 @@ pub(crate) async fn run(args: CtlArgs) -> anyhow::Result<()> {
                 .await
                 .map_err(status_error)?
                 .into_inner();
-            let what = if resp.created { "registered" } else { "unchanged" };
+            let what = if resp.created {
+                "registered"
+            } else {
+                "unchanged"
+            };
             println!("node {id} {what} (revision {})", resp.revision);
         }
         CtlCommand::Deregister { id } => {

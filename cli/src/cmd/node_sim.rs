@@ -41,7 +41,7 @@ impl NodeSimArgs {
         NodeSimConfig {
             name: self.name.clone(),
             models: self.models.clone(),
-            service_time: self.service_time.clone(),
+            service_time: self.service_time,
             slots: self.slots,
             queue: self.queue,
             error_ratio: self.error_ratio,

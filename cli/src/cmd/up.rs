@@ -55,9 +55,9 @@ fn addr(port: u16) -> String {
 }
 
 async fn bind(port: u16, what: &str) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr(port))
-        .await
-        .with_context(|| format!("cannot listen on 127.0.0.1:{port} for {what} (is another `fulcrum up` running?)"))
+    TcpListener::bind(addr(port)).await.with_context(|| {
+        format!("cannot listen on 127.0.0.1:{port} for {what} (is another `fulcrum up` running?)")
+    })
 }
 
 pub(crate) async fn run(args: UpArgs) -> anyhow::Result<()> {
@@ -87,7 +87,12 @@ pub(crate) async fn run(args: UpArgs) -> anyhow::Result<()> {
             thresholds: Thresholds::default(),
         },
     };
-    tasks.spawn(fulcrum_control_plane::serve(config, store, control, stopped()));
+    tasks.spawn(fulcrum_control_plane::serve(
+        config,
+        store,
+        control,
+        stopped(),
+    ));
 
     // Simulated nodes.
     let mut specs = Vec::new();
@@ -97,7 +102,7 @@ pub(crate) async fn run(args: UpArgs) -> anyhow::Result<()> {
             let port = base + 101 + 100 * r as u16 + (i - 1);
             let sim = NodeSim::new(NodeSimConfig {
                 name: id.clone(),
-                service_time: args.service_time.clone(),
+                service_time: args.service_time,
                 slots: args.slots,
                 ..Default::default()
             })?;
@@ -145,25 +150,41 @@ pub(crate) async fn run(args: UpArgs) -> anyhow::Result<()> {
         .ok()
         .and_then(|p| {
             let cwd = std::env::current_dir().ok()?;
-            Some(p.strip_prefix(&cwd).map(|r| format!("./{}", r.display())).unwrap_or_else(|_| p.display().to_string()))
+            Some(
+                p.strip_prefix(&cwd)
+                    .map(|r| format!("./{}", r.display()))
+                    .unwrap_or_else(|_| p.display().to_string()),
+            )
         })
         .unwrap_or_else(|| "fulcrum".into());
-    println!("Fulcrum is up: two regions on this machine (embedded store: {})", store_path.display());
+    println!(
+        "Fulcrum is up: two regions on this machine (embedded store: {})",
+        store_path.display()
+    );
     println!();
-    println!("  control plane  {}    admin API + routing stream", addr(base));
+    println!(
+        "  control plane  {}    admin API + routing stream",
+        addr(base)
+    );
     for (r, region) in REGIONS.iter().enumerate() {
         let nodes: Vec<String> = specs
             .iter()
             .filter(|s| s.region == *region)
             .map(|s| format!("{} {}", s.id, s.address))
             .collect();
-        println!("  router {region}       {}    Open Inference Protocol (gRPC)", addr(base + 1 + r as u16));
+        println!(
+            "  router {region}       {}    Open Inference Protocol (gRPC)",
+            addr(base + 1 + r as u16)
+        );
         println!("  nodes {region}        {}", nodes.join(", "));
     }
     println!();
     println!("Try:");
     println!("  {exe} ctl nodes");
-    println!("  {exe} load --target {} --model echo --rps 200 --duration 5s", addr(base + 1));
+    println!(
+        "  {exe} load --target {} --model echo --rps 200 --duration 5s",
+        addr(base + 1)
+    );
     println!("  {exe} ctl drain a-1        (and a-2, a-3: router a then serves from region b)");
     println!();
     println!("Ctrl-C stops everything.");
@@ -183,7 +204,10 @@ pub(crate) async fn run(args: UpArgs) -> anyhow::Result<()> {
     println!("stopping…");
     let _ = stop_tx.send(true);
     let drain = async { while tasks.join_next().await.is_some() {} };
-    if tokio::time::timeout(Duration::from_secs(5), drain).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(5), drain)
+        .await
+        .is_err()
+    {
         tasks.abort_all();
     }
     Ok(())
@@ -205,12 +229,11 @@ async fn connect_admin(addr: &str) -> anyhow::Result<AdminClient<tonic::transpor
 async fn wait_ready(addr: &str, region: &str) -> anyhow::Result<()> {
     let end = tokio::time::Instant::now() + READY_DEADLINE;
     loop {
-        if let Ok(mut c) = GrpcInferenceServiceClient::connect(format!("http://{addr}")).await {
-            if let Ok(r) = c.server_ready(ServerReadyRequest {}).await {
-                if r.get_ref().ready {
-                    return Ok(());
-                }
-            }
+        if let Ok(mut c) = GrpcInferenceServiceClient::connect(format!("http://{addr}")).await
+            && let Ok(r) = c.server_ready(ServerReadyRequest {}).await
+            && r.get_ref().ready
+        {
+            return Ok(());
         }
         if tokio::time::Instant::now() >= end {
             bail!("router {region} at {addr} was not ready within {READY_DEADLINE:?}");

@@ -16,9 +16,9 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tonic::Code;
 use tonic::transport::{Channel, Endpoint};
+use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
-use tonic_health::pb::HealthCheckRequest;
 
 use super::{NodeHealth, Observation, Thresholds};
 
@@ -74,9 +74,9 @@ impl Prober {
         let mut tasks = self.tasks.lock().unwrap_or_else(PoisonError::into_inner);
         let wanted: HashMap<&str, &NodeSpec> = specs.iter().map(|s| (s.id.as_str(), s)).collect();
         tasks.retain(|id, (spec, handle)| {
-            let keep = wanted.get(id.as_str()).is_some_and(|w| {
-                w.address == spec.address && w.models == spec.models
-            });
+            let keep = wanted
+                .get(id.as_str())
+                .is_some_and(|w| w.address == spec.address && w.models == spec.models);
             if !keep {
                 handle.abort();
                 self.health
@@ -163,10 +163,7 @@ async fn probe(channel: Channel, spec: &NodeSpec) -> Observation {
     {
         Ok(r) if r.get_ref().status() == ServingStatus::Serving => {}
         Ok(r) => {
-            return Observation::Fail(format!(
-                "grpc.health.v1 says {:?}",
-                r.get_ref().status()
-            ));
+            return Observation::Fail(format!("grpc.health.v1 says {:?}", r.get_ref().status()));
         }
         Err(s) if s.code() == Code::Unimplemented => {}
         Err(s) => return Observation::Fail(format!("health check: {}", s.message())),
@@ -183,10 +180,10 @@ async fn probe(channel: Channel, spec: &NodeSpec) -> Observation {
             name: m.name.clone(),
             version: String::new(),
         };
-        if let Ok(r) = oip.model_ready(req).await {
-            if r.get_ref().ready {
-                ready_models.push(m.name.clone());
-            }
+        if let Ok(r) = oip.model_ready(req).await
+            && r.get_ref().ready
+        {
+            ready_models.push(m.name.clone());
         }
     }
     if ready_models.is_empty() {

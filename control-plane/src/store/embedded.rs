@@ -50,9 +50,8 @@ impl EmbeddedStore {
     pub async fn open(path: impl AsRef<Path>) -> Result<Self, StoreError> {
         let path = path.as_ref().to_path_buf();
         let state = match tokio::fs::read(&path).await {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
-                StoreError::Corrupt(format!("{}: {e}", path.display()))
-            })?,
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|e| StoreError::Corrupt(format!("{}: {e}", path.display())))?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => State::default(),
             Err(e) => return Err(e.into()),
         };
@@ -226,7 +225,10 @@ mod tests {
         let r2 = s.put("/b", b"2".to_vec()).await.unwrap();
         assert!(r2 > r1);
         // Create-if-absent fails on an existing key and changes nothing.
-        assert_eq!(s.compare_and_put("/a", 0, b"x".to_vec()).await.unwrap(), None);
+        assert_eq!(
+            s.compare_and_put("/a", 0, b"x".to_vec()).await.unwrap(),
+            None
+        );
         assert_eq!(s.get("/a").await.unwrap().unwrap().value, b"1");
         // Update-if-unchanged succeeds with the right revision.
         let r3 = s.compare_and_put("/a", r1, b"3".to_vec()).await.unwrap();

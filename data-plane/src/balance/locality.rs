@@ -37,13 +37,16 @@ mod tests {
 
     fn arb(n: usize) -> impl Strategy<Value = Vec<Candidate>> {
         prop::collection::vec(
-            (prop_oneof![Just(0.0), 0.1f64..10.0], 0u32..10, any::<bool>()).prop_map(
-                |(weight, in_flight, excluded)| Candidate {
+            (
+                prop_oneof![Just(0.0), 0.1f64..10.0],
+                0u32..10,
+                any::<bool>(),
+            )
+                .prop_map(|(weight, in_flight, excluded)| Candidate {
                     weight,
                     in_flight,
                     excluded,
-                },
-            ),
+                }),
             0..n,
         )
     }

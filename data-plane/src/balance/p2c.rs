@@ -35,7 +35,11 @@ pub fn pick<R: Rng + ?Sized>(candidates: &[Candidate], rng: &mut R) -> Option<us
         return Some(first);
     };
     let cost = |i: usize| (f64::from(candidates[i].in_flight) + 1.0) / candidates[i].weight;
-    Some(if cost(second) < cost(first) { second } else { first })
+    Some(if cost(second) < cost(first) {
+        second
+    } else {
+        first
+    })
 }
 
 /// Draws one eligible candidate (other than `skip`) with probability weight / `total`.

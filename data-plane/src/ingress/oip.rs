@@ -13,7 +13,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use futures::Stream;
 use fulcrum_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use fulcrum_proto::inference::grpc_inference_service_server::GrpcInferenceService;
 use fulcrum_proto::inference::{
@@ -22,6 +21,7 @@ use fulcrum_proto::inference::{
     ServerLiveResponse, ServerMetadataRequest, ServerMetadataResponse, ServerReadyRequest,
     ServerReadyResponse,
 };
+use futures::Stream;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
@@ -303,7 +303,10 @@ impl StreamSession {
     async fn handle(&mut self, req: ModelInferRequest) -> Option<RoutedNode> {
         if let Err(why) = validate::check_infer_request(&req) {
             let status = Status::from(RouteError::InvalidRequest(why));
-            let _ = self.out.send(Ok(stream_error(&req, status.message().to_owned()))).await;
+            let _ = self
+                .out
+                .send(Ok(stream_error(&req, status.message().to_owned())))
+                .await;
             return None;
         }
         let model = req.model_name.clone();
@@ -325,7 +328,10 @@ impl StreamSession {
             Ok(node) => node,
             Err(e) => {
                 let status = Status::from(e);
-                let _ = self.out.send(Ok(stream_error(&req, status.message().to_owned()))).await;
+                let _ = self
+                    .out
+                    .send(Ok(stream_error(&req, status.message().to_owned())))
+                    .await;
                 return None;
             }
         };

@@ -105,10 +105,7 @@ impl LoadConfig {
     pub fn validate(&self) -> Result<(), LoadError> {
         let invalid = |m: String| Err(LoadError::InvalidConfig(m));
         if !(self.rps.is_finite() && self.rps > 0.0) {
-            return invalid(format!(
-                "rps must be a positive number, got {}",
-                self.rps
-            ));
+            return invalid(format!("rps must be a positive number, got {}", self.rps));
         }
         if self.duration.is_zero() {
             return invalid("duration must be positive".into());
@@ -312,6 +309,9 @@ pub async fn run(config: LoadConfig) -> Result<LoadReport, LoadError> {
         }
     }
     drop(stop);
+    while let Ok(outcome) = rx.try_recv() {
+        tally.record(outcome);
+    }
     let unanswered = sent - tally.received;
     tally.fail("DEADLINE_EXCEEDED", unanswered);
 
@@ -424,20 +424,47 @@ mod tests {
     #[test]
     fn rejects_unbounded_or_meaningless_runs() {
         for c in [
-            LoadConfig { rps: 0.0, ..config() },
-            LoadConfig { rps: -1.0, ..config() },
-            LoadConfig { rps: f64::NAN, ..config() },
-            LoadConfig { rps: f64::INFINITY, ..config() },
-            LoadConfig { duration: Duration::ZERO, ..config() },
+            LoadConfig {
+                rps: 0.0,
+                ..config()
+            },
+            LoadConfig {
+                rps: -1.0,
+                ..config()
+            },
+            LoadConfig {
+                rps: f64::NAN,
+                ..config()
+            },
+            LoadConfig {
+                rps: f64::INFINITY,
+                ..config()
+            },
+            LoadConfig {
+                duration: Duration::ZERO,
+                ..config()
+            },
             LoadConfig {
                 rps: 100_000.0,
                 duration: Duration::from_secs(101),
                 ..config()
             },
-            LoadConfig { timeout: Duration::ZERO, ..config() },
-            LoadConfig { connections: 0, ..config() },
-            LoadConfig { max_in_flight: 0, ..config() },
-            LoadConfig { payload_elems: MAX_MESSAGE_SIZE, ..config() },
+            LoadConfig {
+                timeout: Duration::ZERO,
+                ..config()
+            },
+            LoadConfig {
+                connections: 0,
+                ..config()
+            },
+            LoadConfig {
+                max_in_flight: 0,
+                ..config()
+            },
+            LoadConfig {
+                payload_elems: MAX_MESSAGE_SIZE,
+                ..config()
+            },
         ] {
             assert!(
                 matches!(c.validate(), Err(LoadError::InvalidConfig(_))),

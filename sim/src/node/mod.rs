@@ -15,9 +15,11 @@
 //!    fails at once with UNAVAILABLE ("injected failure"); otherwise it holds its slot for a
 //!    service time drawn from [`ServiceTime`] and is answered.
 //!
-//! Service times are slept on tokio's timer, whose resolution is one millisecond: a service
-//! time is rounded up to the next tick, so sub-millisecond settings measure the timer, not the
-//! setting. Every `ModelInfer` answer, success or error, carries the response header
+//! Service times are slept on tokio's timer, which has millisecond resolution and rounds
+//! deadlines up: a call is held for its service time plus up to about a millisecond (plus
+//! scheduling delay on a busy machine), so sub-millisecond settings measure the timer, not the
+//! setting. Benchmarks should compare runs against the same simulator (say, direct and through
+//! a router) rather than against the configured time. Every `ModelInfer` answer, success or error, carries the response header
 //! `x-fulcrum-sim-node: <name>`, and so do `ModelStreamInfer` streams.
 
 mod controls;

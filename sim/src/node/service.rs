@@ -385,14 +385,9 @@ impl GrpcInferenceService for InferenceService {
         request: Request<Streaming<ModelInferRequest>>,
     ) -> Result<Response<Self::ModelStreamInferStream>, Status> {
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-        tokio::spawn(drive_stream(
-            self.shared.clone(),
-            request.into_inner(),
-            tx,
-        ));
-        let mut response = Response::new(
-            Box::pin(ReceiverStream::new(rx)) as Self::ModelStreamInferStream
-        );
+        tokio::spawn(drive_stream(self.shared.clone(), request.into_inner(), tx));
+        let mut response =
+            Response::new(Box::pin(ReceiverStream::new(rx)) as Self::ModelStreamInferStream);
         self.tag(response.metadata_mut());
         Ok(response)
     }

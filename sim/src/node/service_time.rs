@@ -87,7 +87,9 @@ impl ServiceTime {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ParseServiceTimeError {
     /// The text is not `kind:parameters`, or the kind is unknown.
-    #[error("invalid service time {0:?}: expected const:<duration>, exp:<mean> or lognormal:<median>,<sigma>")]
+    #[error(
+        "invalid service time {0:?}: expected const:<duration>, exp:<mean> or lognormal:<median>,<sigma>"
+    )]
     Syntax(String),
     /// A duration is malformed.
     #[error("invalid duration {0:?}: expected a non-negative number followed by ns, us, ms or s")]
@@ -178,11 +180,11 @@ impl fmt::Display for DisplayDuration {
         let nanos = self.0.as_nanos();
         if nanos == 0 {
             write!(f, "0ms")
-        } else if nanos % 1_000_000_000 == 0 {
+        } else if nanos.is_multiple_of(1_000_000_000) {
             write!(f, "{}s", nanos / 1_000_000_000)
-        } else if nanos % 1_000_000 == 0 {
+        } else if nanos.is_multiple_of(1_000_000) {
             write!(f, "{}ms", nanos / 1_000_000)
-        } else if nanos % 1_000 == 0 {
+        } else if nanos.is_multiple_of(1_000) {
             write!(f, "{}us", nanos / 1_000)
         } else {
             write!(f, "{nanos}ns")

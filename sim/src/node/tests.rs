@@ -7,9 +7,7 @@ use std::time::Duration;
 use fulcrum_proto::fulcrum::v1::SimConfig;
 use fulcrum_proto::fulcrum::v1::node_sim_control_client::NodeSimControlClient;
 use fulcrum_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
-use fulcrum_proto::inference::model_infer_request::{
-    InferInputTensor, InferRequestedOutputTensor,
-};
+use fulcrum_proto::inference::model_infer_request::{InferInputTensor, InferRequestedOutputTensor};
 use fulcrum_proto::inference::{
     InferTensorContents, ModelInferRequest, ModelMetadataRequest, ModelReadyRequest,
     ServerLiveRequest, ServerMetadataRequest, ServerReadyRequest,
@@ -33,7 +31,9 @@ fn local() -> SocketAddr {
 
 async fn start(config: NodeSimConfig) -> (RunningNodeSim, GrpcInferenceServiceClient<Channel>) {
     let node = spawn(config, local()).await.unwrap();
-    let client = GrpcInferenceServiceClient::connect(node.url()).await.unwrap();
+    let client = GrpcInferenceServiceClient::connect(node.url())
+        .await
+        .unwrap();
     (node, client)
 }
 
@@ -102,7 +102,10 @@ async fn echoes_raw_contents_unchanged() {
     assert_eq!(r.outputs[0].datatype, "FP32");
     assert_eq!(r.outputs[0].shape, vec![1, 2]);
     assert!(r.outputs.iter().all(|o| o.contents.is_none()));
-    assert_eq!(r.raw_output_contents, raw_request("echo", "").raw_input_contents);
+    assert_eq!(
+        r.raw_output_contents,
+        raw_request("echo", "").raw_input_contents
+    );
 
     // Requested outputs: only those, in the requested order; a version is echoed.
     let mut request = raw_request("echo", "call-2");
@@ -115,7 +118,10 @@ async fn echoes_raw_contents_unchanged() {
     assert_eq!(r.model_version, "7");
     assert_eq!(r.outputs.len(), 1);
     assert_eq!(r.outputs[0].name, "INPUT1");
-    assert_eq!(r.raw_output_contents, vec![Bytes::from_static(&[9, 10, 11, 12])]);
+    assert_eq!(
+        r.raw_output_contents,
+        vec![Bytes::from_static(&[9, 10, 11, 12])]
+    );
 
     // An output the echo model cannot produce.
     let mut request = raw_request("echo", "call-3");
@@ -183,9 +189,30 @@ async fn unknown_model_is_not_found_and_metadata_is_reported() {
         name: name.into(),
         version: String::new(),
     };
-    assert!(!client.model_ready(ready("resnet")).await.unwrap().into_inner().ready);
-    assert!(client.model_ready(ready("echo")).await.unwrap().into_inner().ready);
-    assert!(client.server_live(ServerLiveRequest {}).await.unwrap().into_inner().live);
+    assert!(
+        !client
+            .model_ready(ready("resnet"))
+            .await
+            .unwrap()
+            .into_inner()
+            .ready
+    );
+    assert!(
+        client
+            .model_ready(ready("echo"))
+            .await
+            .unwrap()
+            .into_inner()
+            .ready
+    );
+    assert!(
+        client
+            .server_live(ServerLiveRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .live
+    );
 
     let status = client
         .model_metadata(ModelMetadataRequest {
@@ -260,7 +287,14 @@ async fn unhealthy_via_configure_rpc() {
             hang_ratio: Some(0.0)
         }
     );
-    assert!(!client.server_ready(ServerReadyRequest {}).await.unwrap().into_inner().ready);
+    assert!(
+        !client
+            .server_ready(ServerReadyRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .ready
+    );
     let status = client
         .model_infer(raw_request("echo", "x"))
         .await
@@ -271,7 +305,14 @@ async fn unhealthy_via_configure_rpc() {
 
     // And back, through the in-process handle.
     node.controls().set_healthy(true).await;
-    assert!(client.server_ready(ServerReadyRequest {}).await.unwrap().into_inner().ready);
+    assert!(
+        client
+            .server_ready(ServerReadyRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .ready
+    );
     assert_eq!(health(&node.url()).await, ServingStatus::Serving);
     client.model_infer(raw_request("echo", "y")).await.unwrap();
     node.stop().await;
@@ -322,11 +363,8 @@ async fn full_node_rejects_with_resource_exhausted() {
     let (node, client) = start(config).await;
     let controls = node.controls();
     let mut first_client = client.clone();
-    let first = tokio::spawn(async move {
-        first_client
-            .model_infer(raw_request("echo", "first"))
-            .await
-    });
+    let first =
+        tokio::spawn(async move { first_client.model_infer(raw_request("echo", "first")).await });
     wait_until("the first call is in service", || controls.in_flight() == 1).await;
 
     let status = client
@@ -429,7 +467,10 @@ async fn stream_round_trip() {
     while let Some(item) = stream.message().await.unwrap() {
         let r = item.infer_response.unwrap();
         if item.error_message.is_empty() {
-            assert_eq!(r.raw_output_contents, raw_request("echo", "").raw_input_contents);
+            assert_eq!(
+                r.raw_output_contents,
+                raw_request("echo", "").raw_input_contents
+            );
             ok.insert(r.id);
         } else {
             assert_eq!(item.error_message, "model resnet is not served by node n1");
@@ -445,10 +486,7 @@ async fn stream_round_trip() {
 #[tokio::test]
 async fn invalid_config_is_rejected() {
     for config in [
-        NodeSimConfig {
-            slots: 0,
-            ..fast()
-        },
+        NodeSimConfig { slots: 0, ..fast() },
         NodeSimConfig {
             error_ratio: 2.0,
             ..fast()
@@ -522,7 +560,11 @@ async fn load_run_counts_hangs_as_deadlines_and_sheds_beyond_max_in_flight() {
     assert!(report.sent >= 5, "{report}");
     assert_eq!(report.ok, 0, "{report}");
     assert_eq!(report.errors.len(), 1, "{report}");
-    assert_eq!(report.errors.get("DEADLINE_EXCEEDED"), Some(&report.sent), "{report}");
+    assert_eq!(
+        report.errors.get("DEADLINE_EXCEEDED"),
+        Some(&report.sent),
+        "{report}"
+    );
     assert!(report.nodes.is_empty(), "{report}");
     let controls = node.controls();
     wait_until("the hanging calls have been dropped", || {

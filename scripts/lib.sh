@@ -1,0 +1,32 @@
+# Shared install steps of scripts/*.sh. Debian packages are installed with apt-get when missing
+# (as root, or through sudo when it is there).
+
+apt_install() {
+  local sudo=""
+  if [ "$(id -u)" != 0 ]; then
+    command -v sudo >/dev/null || { echo "need root (or sudo) to apt-get install $*" >&2; exit 1; }
+    sudo="sudo"
+  fi
+  if [ -z "${FULCRUM_APT_UPDATED:-}" ]; then
+    $sudo apt-get update -qq
+    export FULCRUM_APT_UPDATED=1
+  fi
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$@" >/dev/null
+}
+
+need_protoc() {
+  command -v protoc >/dev/null || apt_install protobuf-compiler
+}
+
+need_etcd() {
+  command -v etcd >/dev/null || [ -x /usr/bin/etcd ] || apt_install etcd-server
+}
+
+need_venv() {
+  if [ ! -x .venv/bin/python ]; then
+    python3 -m venv .venv 2>/dev/null || { apt_install python3-venv; python3 -m venv .venv; }
+  fi
+  if ! .venv/bin/python -c 'import tritonclient.grpc, numpy' 2>/dev/null; then
+    .venv/bin/pip install -q --disable-pip-version-check 'tritonclient[grpc]==2.*' numpy
+  fi
+}

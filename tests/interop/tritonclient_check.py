@@ -1,0 +1,98 @@
+"""Calls Fulcrum routers with tritonclient, a stock Open Inference Protocol client nobody here
+wrote, and checks every answer. Usage: tritonclient_check.py ROUTER_A ROUTER_B
+
+Exits non-zero with a message on the first wrong answer.
+"""
+import queue
+import sys
+
+import grpc
+import numpy as np
+import tritonclient.grpc as tc
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc as pbg
+
+
+def check(cond, what):
+    if not cond:
+        sys.exit(f"FAIL: {what}")
+
+
+def served_by(call):
+    md = dict(call.initial_metadata())
+    return md.get("x-fulcrum-node"), md.get("x-fulcrum-region")
+
+
+def check_router(url, region):
+    c = tc.InferenceServerClient(url)
+    check(c.is_server_live(), f"{url}: ServerLive")
+    check(c.is_server_ready(), f"{url}: ServerReady")
+    check(c.is_model_ready("echo"), f"{url}: ModelReady(echo)")
+    check(not c.is_model_ready("no-such-model"), f"{url}: ModelReady(unknown) must be false")
+    meta = c.get_server_metadata(as_json=True)
+    check(meta["name"] == "fulcrum", f"{url}: ServerMetadata {meta}")
+    mmeta = c.get_model_metadata("echo", as_json=True)
+    check(mmeta["name"] == "echo", f"{url}: ModelMetadata {mmeta}")
+
+    # ModelInfer, raw contents (tritonclient's own encoding), several datatypes at once.
+    x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    y = np.array([[1, -2, 3]], dtype=np.int64)
+    s = np.array([b"hello", b"", "wörld".encode()], dtype=np.object_)
+    inputs = [tc.InferInput("x", list(x.shape), "FP32"),
+              tc.InferInput("y", list(y.shape), "INT64"),
+              tc.InferInput("s", list(s.shape), "BYTES")]
+    for i, v in zip(inputs, [x, y, s]):
+        i.set_data_from_numpy(v)
+    r = c.infer("echo", inputs)
+    check(np.array_equal(r.as_numpy("x"), x), f"{url}: FP32 echo")
+    check(np.array_equal(r.as_numpy("y"), y), f"{url}: INT64 echo")
+    check(list(r.as_numpy("s")) == list(s), f"{url}: BYTES echo")
+
+    # ModelInfer with typed contents, through tritonclient's generated stubs, reading the
+    # routing metadata.
+    stub = pbg.GRPCInferenceServiceStub(grpc.insecure_channel(url))
+    req = pb.ModelInferRequest(model_name="echo", id="typed")
+    t = req.inputs.add(name="v", datatype="FP32", shape=[2, 2])
+    t.contents.fp32_contents.extend([1.5, -2.0, 3.25, 0.0])
+    resp, call = stub.ModelInfer.with_call(req, timeout=5)
+    out = resp.outputs[0]
+    check(out.name == "v" and list(out.shape) == [2, 2], f"{url}: typed output {out}")
+    check(list(out.contents.fp32_contents) == [1.5, -2.0, 3.25, 0.0], f"{url}: typed echo")
+    check(resp.id == "typed", f"{url}: request id echoed")
+    node, reg = served_by(call)
+    check(reg == region, f"{url}: served by {node} in region {reg}, expected region {region}")
+
+    # Errors come back as the right gRPC status.
+    try:
+        c.infer("no-such-model", inputs)
+        check(False, f"{url}: unknown model answered")
+    except tc.InferenceServerException as e:
+        check(e.status() == "StatusCode.NOT_FOUND", f"{url}: unknown model gave {e.status()}")
+    bad = pb.ModelInferRequest(model_name="echo")
+    bad.inputs.add(name="v", datatype="FP32", shape=[3]).contents.fp32_contents.extend([1.0])
+    try:
+        stub.ModelInfer(bad, timeout=5)
+        check(False, f"{url}: mismatched tensor answered")
+    except grpc.RpcError as e:
+        check(e.code() == grpc.StatusCode.INVALID_ARGUMENT, f"{url}: bad tensor gave {e.code()}")
+
+    # ModelStreamInfer through tritonclient's streaming API.
+    answers = queue.Queue()
+    c.start_stream(callback=lambda result, error: answers.put((result, error)))
+    for k in range(5):
+        c.async_stream_infer("echo", inputs, request_id=str(k))
+    ids = set()
+    for _ in range(5):
+        result, error = answers.get(timeout=10)
+        check(error is None, f"{url}: stream error {error}")
+        check(np.array_equal(result.as_numpy("x"), x), f"{url}: stream echo")
+        ids.add(result.get_response().id)
+    check(ids == {str(k) for k in range(5)}, f"{url}: stream ids {ids}")
+    c.stop_stream()
+    c.close()
+    print(f"ok: {url} (region {region})")
+
+
+if __name__ == "__main__":
+    check_router(sys.argv[1], "a")
+    check_router(sys.argv[2], "b")

@@ -1,0 +1,67 @@
+//! A stock Open Inference Protocol client (tritonclient, from PyPI) calls routers of both
+//! regions for every RPC and checks the answers. The control plane runs on the embedded store
+//! here, so that backend is exercised end to end too.
+//!
+//! Needs a Python with tritonclient: `scripts/test.sh` makes one in `.venv` and sets
+//! `FULCRUM_PYTHON`.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use fulcrum_sim::node::{NodeSimConfig, spawn};
+use fulcrum_tests::stack::{self, admin, register, spec, wait_ready};
+
+fn python() -> PathBuf {
+    if let Ok(p) = std::env::var("FULCRUM_PYTHON") {
+        return p.into();
+    }
+    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
+    assert!(
+        venv.exists(),
+        "no Python with tritonclient: run scripts/test.sh (it creates .venv) or set FULCRUM_PYTHON"
+    );
+    venv
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tritonclient_gets_correct_answers_from_both_routers() {
+    let cp = stack::control_plane("memory:").await;
+    let mut admin = admin(cp.addr).await;
+    let mut nodes = Vec::new();
+    for (id, region) in [("a-1", "a"), ("a-2", "a"), ("b-1", "b")] {
+        let config = NodeSimConfig {
+            name: id.into(),
+            ..Default::default()
+        };
+        let n = spawn(config, "127.0.0.1:0".parse().unwrap()).await.unwrap();
+        register(&mut admin, spec(id, n.addr, region, &["echo"], 4)).await;
+        nodes.push(n);
+    }
+    let router_a = stack::router("a", cp.addr, None).await;
+    let router_b = stack::router("b", cp.addr, None).await;
+    wait_ready(router_a.addr).await;
+    wait_ready(router_b.addr).await;
+
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("interop/tritonclient_check.py");
+    let (a, b) = (router_a.addr.to_string(), router_b.addr.to_string());
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(python())
+            .arg(script)
+            .arg(a)
+            .arg(b)
+            .output()
+            .expect("run python")
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "tritonclient check failed:\n{stdout}\n{stderr}"
+    );
+    assert!(
+        stdout.contains("ok: ") && stdout.matches("ok: ").count() == 2,
+        "{stdout}"
+    );
+}
