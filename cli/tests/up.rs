@@ -1,0 +1,152 @@
+//! `fulcrum up` as a new user runs it: the real binary, the whole two-region stack, then
+//! `fulcrum ctl` and `fulcrum load` against it, a manual failover by draining region a, and a
+//! clean stop on Ctrl-C (SIGINT).
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_fulcrum");
+
+/// Kills the stack if the test fails half-way.
+struct Stack(Child);
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn fulcrum(args: &[&str]) -> String {
+    let out = Command::new(BIN).args(args).output().expect("run fulcrum");
+    assert!(
+        out.status.success(),
+        "fulcrum {args:?} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8 output")
+}
+
+fn load(router: &str) -> serde_json::Value {
+    let out = fulcrum(&[
+        "load",
+        "--target",
+        router,
+        "--model",
+        "echo",
+        "--rps",
+        "100",
+        "--duration",
+        "1s",
+        "--json",
+    ]);
+    serde_json::from_str(&out).expect("load --json output")
+}
+
+/// Regions that served the calls of a load report, and whether every call succeeded.
+fn regions(report: &serde_json::Value) -> (Vec<String>, bool) {
+    let all_ok = report["ok"] == report["sent"] && report["sent"].as_u64() > Some(0);
+    let regions = report["regions"]
+        .as_object()
+        .map(|m| m.keys().cloned().collect())
+        .unwrap_or_default();
+    (regions, all_ok)
+}
+
+fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let end = Instant::now() + Duration::from_secs(30);
+    while !check() {
+        assert!(Instant::now() < end, "timed out waiting for: {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn up_serves_both_regions_and_fails_over_on_drain() {
+    let state = tempfile::tempdir().unwrap();
+    // Away from the default 7000 so a developer's own `fulcrum up` does not collide.
+    let base = 30_000 + (std::process::id() % 100) as u16 * 300;
+    let mut child = Command::new(BIN)
+        .args(["up", "--base-port", &base.to_string(), "--state-dir"])
+        .arg(state.path())
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start fulcrum up");
+    let stdout = child.stdout.take().unwrap();
+    let mut stack = Stack(child);
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut banner = String::new();
+    let end = Instant::now() + Duration::from_secs(60);
+    loop {
+        let left = end.saturating_duration_since(Instant::now());
+        let line = rx
+            .recv_timeout(left)
+            .expect("fulcrum up did not print its banner");
+        banner.push_str(&line);
+        banner.push('\n');
+        if line.contains("Ctrl-C stops everything") {
+            break;
+        }
+    }
+    let control = format!("127.0.0.1:{base}");
+    let router_a = format!("127.0.0.1:{}", base + 1);
+    let router_b = format!("127.0.0.1:{}", base + 2);
+    assert!(
+        banner.contains(&router_a) && banner.contains(&router_b),
+        "{banner}"
+    );
+
+    let nodes: serde_json::Value =
+        serde_json::from_str(&fulcrum(&["ctl", "--control", &control, "nodes", "--json"])).unwrap();
+    let nodes = nodes.as_array().expect("a JSON array of nodes");
+    assert_eq!(nodes.len(), 6);
+    for region in ["a", "b"] {
+        assert_eq!(nodes.iter().filter(|n| n["region"] == region).count(), 3);
+    }
+    assert!(nodes.iter().all(|n| n["id"].is_string()));
+
+    assert_eq!(regions(&load(&router_a)), (vec!["a".to_string()], true));
+    assert_eq!(regions(&load(&router_b)), (vec!["b".to_string()], true));
+
+    for id in ["a-1", "a-2", "a-3"] {
+        fulcrum(&["ctl", "--control", &control, "drain", id]);
+    }
+    eventually("router a serves from region b only", || {
+        regions(&load(&router_a)) == (vec!["b".to_string()], true)
+    });
+    for id in ["a-1", "a-2", "a-3"] {
+        fulcrum(&["ctl", "--control", &control, "undrain", id]);
+    }
+    eventually("router a serves from region a again", || {
+        regions(&load(&router_a)) == (vec!["a".to_string()], true)
+    });
+
+    // Ctrl-C stops everything cleanly.
+    let pid = stack.0.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-INT", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let end = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(s) = stack.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < end, "fulcrum up did not stop on SIGINT");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(status.success(), "fulcrum up exited with {status}");
+}
