@@ -131,6 +131,23 @@ fn up_serves_both_regions_and_fails_over_on_drain() {
         regions(&load(&router_a)) == (vec!["a".to_string()], true)
     });
 
+    // Region a's servers turn unhealthy (as a crashed model would): the probes see it.
+    let a_nodes: Vec<String> = (101..=103)
+        .map(|p| format!("127.0.0.1:{}", base + p))
+        .collect();
+    for n in &a_nodes {
+        fulcrum(&["ctl", "sim", n, "--healthy", "false"]);
+    }
+    eventually("router a fails over to region b", || {
+        regions(&load(&router_a)) == (vec!["b".to_string()], true)
+    });
+    for n in &a_nodes {
+        fulcrum(&["ctl", "sim", n, "--healthy", "true"]);
+    }
+    eventually("router a is back on region a", || {
+        regions(&load(&router_a)) == (vec!["a".to_string()], true)
+    });
+
     // Ctrl-C stops everything cleanly.
     let pid = stack.0.id().to_string();
     assert!(

@@ -52,14 +52,15 @@ pub struct Publisher {
 }
 
 impl Publisher {
-    /// Starts following the routing table in `store`.
-    pub fn start(store: SharedStore) -> Self {
+    /// Starts following the routing table in `store`; the task runs until aborted.
+    pub fn start(store: SharedStore) -> (Self, tokio::task::JoinHandle<()>) {
         let (tx, rx) = watch::channel(None);
-        tokio::spawn(follow(store, tx));
-        Self {
+        let task = tokio::spawn(follow(store, tx));
+        let publisher = Self {
             table: rx,
             routers: Arc::default(),
-        }
+        };
+        (publisher, task)
     }
 
     /// The newest table, if one was ever read.
@@ -101,9 +102,6 @@ fn mark_stale(tx: &watch::Sender<Option<Arc<RoutingUpdate>>>) {
 
 async fn follow(store: SharedStore, tx: watch::Sender<Option<Arc<RoutingUpdate>>>) {
     loop {
-        if tx.is_closed() && tx.receiver_count() == 0 {
-            return;
-        }
         let result: Result<(), crate::store::StoreError> = async {
             let (kvs, revision) = store.list(keys::ROUTING).await?;
             if let Some(kv) = kvs.iter().find(|kv| kv.key == keys::ROUTING) {

@@ -32,7 +32,7 @@ pub async fn serve(
 ) -> Result<(), tonic::transport::Error> {
     let changed = Arc::new(Notify::new());
     let prober = Arc::new(Prober::new(config.probe, changed.clone()));
-    let publisher = Publisher::start(store.clone());
+    let (publisher, follower) = Publisher::start(store.clone());
     let loop_task = tokio::spawn(control_loop::run(
         store.clone(),
         prober.clone(),
@@ -55,5 +55,6 @@ pub async fn serve(
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await;
     loop_task.abort();
+    follower.abort();
     result
 }

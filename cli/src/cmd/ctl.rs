@@ -5,9 +5,10 @@ use std::collections::HashMap;
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use fulcrum_proto::fulcrum::v1::admin_client::AdminClient;
+use fulcrum_proto::fulcrum::v1::node_sim_control_client::NodeSimControlClient;
 use fulcrum_proto::fulcrum::v1::{
     DeregisterNodeRequest, DrainNodeRequest, GetNodeRequest, HealthState, ListNodesRequest, Model,
-    NodeSpec, NodeStatus, RegisterNodeRequest,
+    NodeSpec, NodeStatus, RegisterNodeRequest, SimConfig,
 };
 use serde_json::json;
 use tonic::transport::Channel;
@@ -87,6 +88,20 @@ enum CtlCommand {
     Undrain {
         /// Node id.
         id: String,
+    },
+    /// Change a simulated node's behaviour (talks to the node-sim itself, not the control plane).
+    Sim {
+        /// host:port of the node-sim.
+        address: String,
+        /// Make it healthy (true) or unhealthy (false).
+        #[arg(long)]
+        healthy: Option<bool>,
+        /// Share of calls failing with UNAVAILABLE, in [0, 1].
+        #[arg(long)]
+        error_ratio: Option<f64>,
+        /// Share of calls that never answer, in [0, 1].
+        #[arg(long)]
+        hang_ratio: Option<f64>,
     },
 }
 
@@ -207,6 +222,15 @@ fn parse_models(models: &[String]) -> Vec<Model> {
 }
 
 pub(crate) async fn run(args: CtlArgs) -> anyhow::Result<()> {
+    if let CtlCommand::Sim {
+        address,
+        healthy,
+        error_ratio,
+        hang_ratio,
+    } = args.command
+    {
+        return sim(&address, healthy, error_ratio, hang_ratio).await;
+    }
     let mut admin = connect(&args.control).await?;
     match args.command {
         CtlCommand::Nodes { json, region } => {
@@ -281,6 +305,7 @@ pub(crate) async fn run(args: CtlArgs) -> anyhow::Result<()> {
         }
         CtlCommand::Drain { id, undo } => drain(&mut admin, id, !undo).await?,
         CtlCommand::Undrain { id } => drain(&mut admin, id, false).await?,
+        CtlCommand::Sim { .. } => unreachable!("handled before connecting to the control plane"),
     }
     Ok(())
 }
@@ -294,5 +319,32 @@ async fn drain(admin: &mut AdminClient<Channel>, id: String, drain: bool) -> any
         .await
         .map_err(status_error)?;
     println!("node {id} {}", if drain { "draining" } else { "undrained" });
+    Ok(())
+}
+
+async fn sim(
+    address: &str,
+    healthy: Option<bool>,
+    error_ratio: Option<f64>,
+    hang_ratio: Option<f64>,
+) -> anyhow::Result<()> {
+    let mut client = NodeSimControlClient::connect(format!("http://{address}"))
+        .await
+        .with_context(|| format!("cannot reach the node-sim at {address}"))?;
+    let now = client
+        .configure(SimConfig {
+            healthy,
+            error_ratio,
+            hang_ratio,
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    println!(
+        "node-sim {address}: healthy={} error_ratio={} hang_ratio={}",
+        now.healthy.unwrap_or_default(),
+        now.error_ratio.unwrap_or_default(),
+        now.hang_ratio.unwrap_or_default()
+    );
     Ok(())
 }
