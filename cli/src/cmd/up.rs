@@ -11,7 +11,9 @@ use fulcrum_control_plane::health::Thresholds;
 use fulcrum_control_plane::health::prober::ProbeConfig;
 use fulcrum_data_plane::RouterConfig;
 use fulcrum_proto::fulcrum::v1::admin_client::AdminClient;
-use fulcrum_proto::fulcrum::v1::{Model, NodeSpec, RegisterNodeRequest};
+use fulcrum_proto::fulcrum::v1::{
+    DeregisterNodeRequest, ListNodesRequest, Model, NodeSpec, RegisterNodeRequest,
+};
 use fulcrum_proto::inference::ServerReadyRequest;
 use fulcrum_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use fulcrum_sim::node::{NodeSim, NodeSimConfig, ServiceTime};
@@ -141,6 +143,24 @@ pub(crate) async fn run(args: UpArgs) -> anyhow::Result<()> {
             })
             .await
             .map_err(|s| anyhow::anyhow!("registering {}: {}", spec.id, s.message()))?;
+    }
+    // The store outlives runs: forget nodes an earlier run registered that this one does not.
+    let listed = admin
+        .list_nodes(ListNodesRequest::default())
+        .await
+        .map_err(|s| anyhow::anyhow!("listing nodes: {}", s.message()))?
+        .into_inner();
+    for old in listed
+        .nodes
+        .iter()
+        .filter_map(|n| n.endpoint.as_ref()?.spec.as_ref())
+    {
+        if !specs.iter().any(|s| s.id == old.id) {
+            admin
+                .deregister_node(DeregisterNodeRequest { id: old.id.clone() })
+                .await
+                .map_err(|s| anyhow::anyhow!("deregistering {}: {}", old.id, s.message()))?;
+        }
     }
     for (r, region) in REGIONS.iter().enumerate() {
         wait_ready(&addr(base + 1 + r as u16), region).await?;
