@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Runs Fulcrum's whole test suite: unit, property and end-to-end tests (real etcd, real gRPC on
-# loopback, node-sims, and a stock tritonclient against a router).
+# loopback, node-sims, the real binary, and a stock tritonclient against the routers).
 #
 # Installs what is missing first: protoc (protobuf-compiler) for the build, etcd (etcd-server)
 # for the end-to-end tests, and a project-local Python venv (.venv) with tritonclient.
+# Ends with one summary line over every test binary: "total: N passed, N failed".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
@@ -11,4 +12,10 @@ need_protoc
 need_etcd
 need_venv
 export FULCRUM_PYTHON="$PWD/.venv/bin/python"
-cargo test --workspace --locked "$@"
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+status=0
+cargo test --workspace --locked "$@" 2>&1 | tee "$log" || status=$?
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     END { printf "total: %d passed, %d failed\n", p, f }' "$log"
+exit "$status"
