@@ -4,6 +4,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos = [
         "proto/inference/grpc_service.proto",
         "proto/fulcrum/v1/node.proto",
+        "proto/fulcrum/v1/policy.proto",
         "proto/fulcrum/v1/routing.proto",
         "proto/fulcrum/v1/admin.proto",
         "proto/fulcrum/v1/sim.proto",

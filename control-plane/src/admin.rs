@@ -4,9 +4,10 @@ use std::sync::Arc;
 
 use fulcrum_proto::fulcrum::v1::admin_server::Admin;
 use fulcrum_proto::fulcrum::v1::{
-    DeregisterNodeRequest, DeregisterNodeResponse, DrainNodeRequest, Endpoint, GetNodeRequest,
-    ListNodesRequest, ListNodesResponse, NodeSpec, NodeStatus, RegisterNodeRequest,
-    RegisterNodeResponse,
+    DeleteModelPolicyResponse, DeregisterNodeRequest, DeregisterNodeResponse, DrainNodeRequest,
+    Endpoint, GetModelPolicyRequest, GetNodeRequest, ListModelPoliciesRequest,
+    ListModelPoliciesResponse, ListNodesRequest, ListNodesResponse, ModelPolicy, NodeSpec,
+    NodeStatus, RegisterNodeRequest, RegisterNodeResponse,
 };
 use tokio::sync::Notify;
 use tonic::{Request, Response, Status};
@@ -14,8 +15,8 @@ use tonic::{Request, Response, Status};
 use crate::error::Error;
 use crate::health::prober::Prober;
 use crate::publisher::Publisher;
-use crate::registry;
 use crate::store::SharedStore;
+use crate::{policies, registry};
 
 /// The admin service of one control-plane replica.
 #[derive(Debug, Clone)]
@@ -149,5 +150,46 @@ impl Admin for AdminService {
             .pop()
             .map(Response::new)
             .ok_or_else(|| Status::internal("node status lost"))
+    }
+
+    async fn set_model_policy(
+        &self,
+        request: Request<ModelPolicy>,
+    ) -> Result<Response<ModelPolicy>, Status> {
+        let policy = request.into_inner();
+        policies::set(self.store.as_ref(), &policy).await?;
+        tracing::info!(model = %policy.model, ?policy, "model policy set");
+        self.changed.notify_one();
+        Ok(Response::new(policy))
+    }
+
+    async fn get_model_policy(
+        &self,
+        request: Request<GetModelPolicyRequest>,
+    ) -> Result<Response<ModelPolicy>, Status> {
+        let model = request.into_inner().model;
+        Ok(Response::new(
+            policies::get(self.store.as_ref(), &model).await?,
+        ))
+    }
+
+    async fn list_model_policies(
+        &self,
+        _: Request<ListModelPoliciesRequest>,
+    ) -> Result<Response<ListModelPoliciesResponse>, Status> {
+        Ok(Response::new(ListModelPoliciesResponse {
+            policies: policies::list(self.store.as_ref()).await?,
+        }))
+    }
+
+    async fn delete_model_policy(
+        &self,
+        request: Request<GetModelPolicyRequest>,
+    ) -> Result<Response<DeleteModelPolicyResponse>, Status> {
+        let model = request.into_inner().model;
+        policies::delete(self.store.as_ref(), &model).await?;
+        tracing::info!(model = %model, "model policy removed");
+        self.changed.notify_one();
+        Ok(Response::new(DeleteModelPolicyResponse {}))
     }
 }

@@ -8,14 +8,21 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use fulcrum_proto::fulcrum::v1::{Endpoint, RoutingUpdate};
+use fulcrum_proto::fulcrum::v1::{Endpoint, ModelPolicy, RoutingUpdate};
 use prost::Message;
 use tokio::sync::Notify;
 
 use crate::error::Error;
 use crate::health::prober::Prober;
 use crate::store::SharedStore;
-use crate::{keys, registry, table};
+use crate::{keys, policies, registry, table};
+
+/// What the loop last wrote: the endpoints and the policies.
+#[derive(Debug, Clone, PartialEq)]
+struct Table {
+    endpoints: Vec<Endpoint>,
+    policies: Vec<ModelPolicy>,
+}
 
 /// How long to gather further changes after the first one before writing the table. 50 ms is
 /// below what a caller notices in failover (probes already take a second) and caps the routing
@@ -29,7 +36,7 @@ const RESYNC_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Runs the control loop until the task is dropped.
 pub async fn run(store: SharedStore, prober: Arc<Prober>, changed: Arc<Notify>) {
-    let mut last: Option<Vec<Endpoint>> = match current_table(&store).await {
+    let mut last: Option<Table> = match current_table(&store).await {
         Ok(t) => t,
         Err(e) => {
             tracing::warn!(error = %e, "cannot read the routing table; will write a fresh one");
@@ -37,7 +44,7 @@ pub async fn run(store: SharedStore, prober: Arc<Prober>, changed: Arc<Notify>) 
         }
     };
     loop {
-        match reconcile(&store, &prober, last.as_deref()).await {
+        match reconcile(&store, &prober, last.as_ref()).await {
             Ok(Some(written)) => last = Some(written),
             Ok(None) => {}
             // Static stability: keep the last table (routers keep theirs) and try again.
@@ -52,7 +59,7 @@ pub async fn run(store: SharedStore, prober: Arc<Prober>, changed: Arc<Notify>) 
     }
 }
 
-async fn current_table(store: &SharedStore) -> Result<Option<Vec<Endpoint>>, Error> {
+async fn current_table(store: &SharedStore) -> Result<Option<Table>, Error> {
     let Some(kv) = store.get(keys::ROUTING).await? else {
         return Ok(None);
     };
@@ -60,28 +67,36 @@ async fn current_table(store: &SharedStore) -> Result<Option<Vec<Endpoint>>, Err
         key: kv.key.clone(),
         source,
     })?;
-    Ok(Some(update.endpoints))
+    Ok(Some(Table {
+        endpoints: update.endpoints,
+        policies: update.policies,
+    }))
 }
 
 /// One pass; returns the table it wrote, if it wrote one.
 async fn reconcile(
     store: &SharedStore,
     prober: &Prober,
-    last: Option<&[Endpoint]>,
-) -> Result<Option<Vec<Endpoint>>, Error> {
+    last: Option<&Table>,
+) -> Result<Option<Table>, Error> {
     let specs = registry::list(store.as_ref()).await?;
     let drained = registry::drained(store.as_ref()).await?;
+    let policies = policies::list(store.as_ref()).await?;
     prober.sync(&specs);
-    let endpoints = table::build(&specs, &prober.snapshot(), &drained);
-    if last == Some(endpoints.as_slice()) {
+    let next = Table {
+        endpoints: table::build(&specs, &prober.snapshot(), &drained),
+        policies,
+    };
+    if last == Some(&next) {
         return Ok(None);
     }
     let update = RoutingUpdate {
         version: 0, // the key's mod revision is the version
         snapshot: true,
-        endpoints,
+        endpoints: next.endpoints.clone(),
         removed: vec![],
         stale: false,
+        policies: next.policies.clone(),
     };
     let rev = store.put(keys::ROUTING, update.encode_to_vec()).await?;
     tracing::debug!(
@@ -89,5 +104,5 @@ async fn reconcile(
         nodes = update.endpoints.len(),
         "routing table written"
     );
-    Ok(Some(update.endpoints))
+    Ok(Some(next))
 }

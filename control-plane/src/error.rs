@@ -24,6 +24,9 @@ pub enum Error {
     /// No node has this id.
     #[error("node {0:?} is not registered")]
     NodeNotFound(String),
+    /// No policy is set for this model.
+    #[error("no policy is set for model {0:?}")]
+    PolicyNotFound(String),
     /// A concurrent writer changed the same key; the caller may retry.
     #[error("concurrent update of {0}; retry")]
     Conflict(String),
@@ -46,7 +49,7 @@ impl From<Error> for Status {
         match e {
             Error::InvalidSpec(_) | Error::InvalidArgument(_) => Status::invalid_argument(msg),
             Error::AlreadyExists { .. } => Status::already_exists(msg),
-            Error::NodeNotFound(_) => Status::not_found(msg),
+            Error::NodeNotFound(_) | Error::PolicyNotFound(_) => Status::not_found(msg),
             Error::Conflict(_) => Status::aborted(msg),
             Error::Store(StoreError::Unavailable(_)) => Status::unavailable(msg),
             Error::Store(_) | Error::Decode { .. } => Status::internal(msg),

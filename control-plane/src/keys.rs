@@ -10,6 +10,9 @@ pub const NODES: &str = "/fulcrum/v1/nodes/";
 /// Prefix of drain overrides: `/fulcrum/v1/overrides/drain/<id>` exists while the node drains.
 pub const DRAINS: &str = "/fulcrum/v1/overrides/drain/";
 
+/// Prefix of per-model policies: `/fulcrum/v1/policies/<model>` holds a protobuf `ModelPolicy`.
+pub const POLICIES: &str = "/fulcrum/v1/policies/";
+
 /// The routing table the routers receive: a protobuf `RoutingUpdate` snapshot. Its mod revision
 /// is the routing version.
 pub const ROUTING: &str = "/fulcrum/v1/routing";
@@ -22,4 +25,9 @@ pub fn node(id: &str) -> String {
 /// Key of a node's drain override.
 pub fn drain(id: &str) -> String {
     format!("{DRAINS}{id}")
+}
+
+/// Key of a model's policy.
+pub fn policy(model: &str) -> String {
+    format!("{POLICIES}{model}")
 }

@@ -10,6 +10,7 @@
 //! - [`registry`]: validating and storing node specs; drains.
 //! - [`health`]: the health state machine and the active [`health::prober`].
 //! - [`weights`]: the weight function.
+//! - [`policies`]: per-model routing policies.
 //! - [`table`]: specs + health + overrides → the routing table.
 //! - [`control_loop`]: recompute and write the table when anything changes.
 //! - [`publisher`]: follow the table in the store and serve `Subscribe` streams.
@@ -24,6 +25,7 @@ pub mod control_loop;
 pub mod error;
 pub mod health;
 pub mod keys;
+pub mod policies;
 pub mod publisher;
 pub mod registry;
 pub mod server;

@@ -25,6 +25,15 @@ pub enum RouteError {
         /// The routing table version the router holds.
         version: u64,
     },
+    /// Every node that could serve the model is at its concurrency limit, and the wait queue
+    /// is full or a slot did not free up in time.
+    #[error(
+        "every node serving model {model:?} is at its concurrency limit; call shed, back off and retry"
+    )]
+    AllNodesBusy {
+        /// The model asked for.
+        model: String,
+    },
     /// The caller's deadline (or the router's default) ran out.
     #[error("deadline of {0:?} exceeded before a node answered")]
     DeadlineExceeded(Duration),
@@ -37,6 +46,7 @@ impl From<RouteError> for Status {
             RouteError::InvalidRequest(_) => Status::invalid_argument(msg),
             RouteError::UnknownModel(_) => Status::not_found(msg),
             RouteError::NoHealthyNode { .. } => Status::unavailable(msg),
+            RouteError::AllNodesBusy { .. } => Status::resource_exhausted(msg),
             RouteError::DeadlineExceeded(_) => Status::deadline_exceeded(msg),
         }
     }

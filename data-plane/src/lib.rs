@@ -6,9 +6,14 @@
 //! loaded of two random choices weighted by the control plane's weights.
 //!
 //! Layout:
-//! - [`balance`]: pure node selection ([`balance::p2c`], [`balance::locality`]).
-//! - [`table`]: the immutable routing table and pooled node connections.
-//! - [`router`]: shared router state and the pick.
+//! - [`balance`]: pure node selection: policies ([`balance::p2c`], [`balance::least_request`],
+//!   [`balance::round_robin`], [`balance::ring`]) and regions ([`balance::locality`]).
+//! - [`endpoint`]: a node's pooled connection, in-flight calls, latency ([`endpoint::peak_ewma`])
+//!   and outlier ejection ([`endpoint::outlier`]).
+//! - [`table`]: the immutable routing table.
+//! - [`policy`]: per-model settings from the control plane.
+//! - [`router`]: shared router state and the pick (spill-over, limits, ejection cap).
+//! - [`hedge`]: latency windows for hedging.
 //! - [`subscriber`]: following the control plane's routing stream.
 //! - [`ingress`]: the services clients call ([`ingress::oip`]) and deadlines.
 //! - [`validate`]: request checks done before forwarding.
@@ -19,9 +24,12 @@
 #![warn(missing_docs)]
 
 pub mod balance;
+pub mod endpoint;
 pub mod error;
+pub mod hedge;
 pub mod ingress;
 pub mod limits;
+pub mod policy;
 pub mod router;
 pub mod server;
 pub mod subscriber;

@@ -1,14 +1,46 @@
-//! The router's shared state: its region, the current routing table, and call settings; and
-//! the one function that turns a model name into a node.
+//! The router's shared state, and the one function that turns a model name into a node:
+//! [`RouterState::pick`]. It builds the candidates of the model's nodes (weights from the
+//! control plane; in-flight calls, latency, outlier state and limits from this router), applies
+//! the spill-over rule between regions, and lets the model's balancing policy choose.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use rand::Rng;
+use tokio::sync::Notify;
 
-use crate::balance::locality::{self, Pick};
+use crate::balance::locality::{self, Tier};
+use crate::balance::{self, Candidate, Policy};
+use crate::endpoint::outlier::CONSECUTIVE_FAILURES;
+use crate::endpoint::{InFlight, NodeConn, now_ns};
 use crate::error::RouteError;
-use crate::table::{NodeConn, RoutedNode, RoutingTable};
+use crate::table::{ModelRoute, RoutedNode, RoutingTable};
+
+/// Most nodes of one region that may be ejected at once, as a share: half, so outlier ejection
+/// can never empty a region by itself (a region whose every node fails is left through the
+/// spill-over rule instead, which counts failing nodes as unavailable).
+pub const MAX_EJECTED_SHARE: f64 = 0.5;
+
+/// Calls that may wait for a free slot when every node of their model is at its limit; beyond
+/// that they are shed at once. A few hundred absorbs a burst without letting an overload build
+/// a queue whose calls would time out anyway.
+pub const MAX_QUEUED_CALLS: usize = 256;
+
+/// Longest a call waits in that queue: a slot that does not free up within half a second means
+/// the model is overloaded, and the caller is better served by a fast RESOURCE_EXHAUSTED it can
+/// back off on than by a slow timeout.
+pub const MAX_QUEUE_WAIT: Duration = Duration::from_millis(500);
+
+/// A node chosen for one attempt, with the slot it holds.
+#[derive(Debug)]
+pub struct Picked {
+    /// The node as this table sees it.
+    pub node: RoutedNode,
+    /// The in-flight slot taken on it.
+    pub slot: InFlight,
+}
 
 /// State shared by the router's services and its subscription.
 #[derive(Debug)]
@@ -17,55 +49,181 @@ pub struct RouterState {
     pub region: String,
     /// The current table; replaced whole on every update.
     pub table: ArcSwap<RoutingTable>,
-    /// Deadline for calls that bring none.
-    pub default_timeout: Duration,
     /// Largest message accepted from clients and from nodes.
     pub max_message_size: usize,
+    /// Notified whenever a call ends and frees a slot.
+    pub slot_freed: Arc<Notify>,
+    queued: AtomicUsize,
 }
 
 impl RouterState {
     /// A router state with an empty table.
-    pub fn new(region: String, default_timeout: Duration, max_message_size: usize) -> Self {
+    pub fn new(region: String, max_message_size: usize) -> Self {
         Self {
             region,
             table: ArcSwap::from_pointee(RoutingTable::default()),
-            default_timeout,
             max_message_size,
+            slot_freed: Arc::default(),
+            queued: AtomicUsize::new(0),
         }
     }
 
-    /// Picks a node for `model` in `table`, avoiding the nodes in `tried`: own region first,
-    /// power-of-two-choices within the region.
+    /// Picks a node for a call to `model`, avoiding `tried`, and takes a slot on it.
+    /// `key` is the affinity hash for consistent hashing.
     pub fn pick(
         &self,
         table: &RoutingTable,
         model: &str,
         tried: &[Arc<NodeConn>],
-    ) -> Result<RoutedNode, RouteError> {
+        key: Option<u64>,
+    ) -> Result<Picked, RouteError> {
         let route = table
             .models
             .get(model)
             .ok_or_else(|| RouteError::UnknownModel(model.to_owned()))?;
+        let no_node = || RouteError::NoHealthyNode {
+            model: model.to_owned(),
+            region: self.region.clone(),
+            version: table.version,
+        };
+        let panic = !route.is_routable() && route.settings.panic_mode;
+        if !route.is_routable() && !panic {
+            return Err(no_node());
+        }
+        let now = now_ns();
+        let now_ms = now / 1_000_000;
         let was_tried = |n: &RoutedNode| tried.iter().any(|t| Arc::ptr_eq(t, &n.conn));
-        let local: Vec<_> = route
+        let weight = |n: &RoutedNode| match (n.routable, panic) {
+            (true, _) => n.weight,
+            (false, true) => n.capacity,
+            (false, false) => 0.0,
+        };
+        // Candidates ignoring limits, then with them: tells "all full" from "none at all".
+        let build = |nodes: &[RoutedNode], with_limits: bool| -> Vec<Candidate> {
+            nodes
+                .iter()
+                .map(|n| Candidate {
+                    weight: weight(n),
+                    in_flight: n.conn.in_flight(),
+                    latency_ms: n.conn.latency.estimate_ms(now),
+                    excluded: was_tried(n)
+                        || n.conn.outlier.is_ejected(now_ms)
+                        || (with_limits && n.conn.is_full()),
+                })
+                .collect()
+        };
+        let mut rng = rand::rng();
+        // A slot can be taken by another call between the candidates and the pick: try again.
+        for _ in 0..4 {
+            let local = build(&route.local, true);
+            let remote = build(&route.remote, true);
+            let any = |c: &[Candidate]| c.iter().any(Candidate::eligible);
+            if !any(&local) && !any(&remote) {
+                let unlimited = |nodes: &[RoutedNode]| any(&build(nodes, false));
+                return Err(if unlimited(&route.local) || unlimited(&route.remote) {
+                    RouteError::AllNodesBusy {
+                        model: model.to_owned(),
+                    }
+                } else {
+                    no_node()
+                });
+            }
+            let share = self.local_share(route, now, now_ms, panic);
+            let tier = locality::tier(share, any(&local), any(&remote), rng.random());
+            let (nodes, cands, which) = match tier {
+                Some(Tier::Local) => (&route.local, &local, 0),
+                Some(Tier::Remote) => (&route.remote, &remote, 1),
+                None => return Err(no_node()),
+            };
+            let i = self
+                .pick_in(route, cands, which, key, &mut rng)
+                .ok_or_else(no_node)?;
+            let node = nodes[i].clone();
+            if let Some(slot) = node.conn.try_start_call() {
+                return Ok(Picked { node, slot });
+            }
+        }
+        Err(RouteError::AllNodesBusy {
+            model: model.to_owned(),
+        })
+    }
+
+    fn pick_in(
+        &self,
+        route: &ModelRoute,
+        cands: &[Candidate],
+        which: usize,
+        key: Option<u64>,
+        rng: &mut impl Rng,
+    ) -> Option<usize> {
+        let policy = route.settings.balancer;
+        if policy == Policy::RoundRobin {
+            let mut states = route
+                .round_robin
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let state = if which == 0 {
+                &mut states.0
+            } else {
+                &mut states.1
+            };
+            return balance::pick(policy, cands, state, None, key, rng);
+        }
+        let ring = route
+            .rings
+            .as_ref()
+            .map(|(l, r)| if which == 0 { l } else { r });
+        balance::pick(policy, cands, &mut Default::default(), ring, key, rng)
+    }
+
+    /// The share of calls the local region takes now (Envoy's rule, ramped up gradually).
+    fn local_share(&self, route: &ModelRoute, now_ns: u64, now_ms: u64, panic: bool) -> f64 {
+        let total: f64 = route.local.iter().map(|n| n.capacity).sum();
+        let available: f64 = route
             .local
             .iter()
-            .map(|n| n.candidate(was_tried(n)))
-            .collect();
-        let remote: Vec<_> = route
-            .remote
-            .iter()
-            .map(|n| n.candidate(was_tried(n)))
-            .collect();
-        let picked = locality::pick(&local, &remote, &mut rand::rng());
-        match picked {
-            Some(Pick::Local(i)) => Ok(route.local[i].clone()),
-            Some(Pick::Remote(i)) => Ok(route.remote[i].clone()),
-            None => Err(RouteError::NoHealthyNode {
-                model: model.to_owned(),
-                region: self.region.clone(),
-                version: table.version,
-            }),
+            .filter(|n| (n.routable || panic) && !n.conn.outlier.is_failing(now_ms))
+            .map(|n| if n.routable { n.weight } else { n.capacity })
+            .sum();
+        let target = locality::local_share(available, total, route.settings.overprovisioning);
+        let (previous, stamp) = route.state.share.get();
+        let elapsed = now_ns.saturating_sub(stamp) as f64 / 1e9;
+        let applied = locality::ramp(previous, target, elapsed, locality::RECOVERY_RATE_PER_SEC);
+        if applied != previous || elapsed > 1.0 {
+            route.state.share.set(applied, now_ns);
         }
+        applied
+    }
+
+    /// Records a failed call on `node`; ejects it when its failure streak makes it an outlier
+    /// and its region is not already at the ejection cap.
+    pub fn node_failed(&self, table: &RoutingTable, node: &NodeConn, streak: u32) {
+        if streak < CONSECUTIVE_FAILURES {
+            return;
+        }
+        let now_ms = now_ns() / 1_000_000;
+        let peers = table.nodes.values().filter(|n| n.region == node.region);
+        let (count, ejected) = peers.fold((0usize, 0usize), |(c, e), n| {
+            (c + 1, e + usize::from(n.outlier.is_ejected(now_ms)))
+        });
+        if ((ejected + 1) as f64) <= MAX_EJECTED_SHARE * count as f64 {
+            let t = node.outlier.eject(now_ms);
+            tracing::warn!(node = %node.id, region = %node.region, ejection = ?t,
+                "node ejected after {streak} consecutive failures");
+        }
+    }
+
+    /// Waits for a slot to free up, if the wait queue has room; returns whether it waited.
+    pub async fn wait_for_slot(&self, budget: Duration) -> bool {
+        if self.queued.fetch_add(1, Ordering::AcqRel) >= MAX_QUEUED_CALLS {
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+            return false;
+        }
+        let wait = budget.min(MAX_QUEUE_WAIT);
+        let waited = tokio::time::timeout(wait, self.slot_freed.notified())
+            .await
+            .is_ok();
+        self.queued.fetch_sub(1, Ordering::AcqRel);
+        waited
     }
 }

@@ -2,7 +2,6 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
 
 use fulcrum_proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
 use tokio::net::TcpListener;
@@ -13,10 +12,6 @@ use crate::limits::{DEFAULT_MAX_MESSAGE_SIZE, MaxMessageSizeLayer};
 use crate::router::RouterState;
 use crate::subscriber::{self, SubscriberConfig};
 
-/// Default deadline for calls that bring none: the seed article's advice for model APIs
-/// (3–5 s) at its upper end, so a slow but healthy model is not cut off.
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
-
 /// A router's bootstrap settings (policy comes from the control plane).
 #[derive(Debug, Clone)]
 pub struct RouterConfig {
@@ -26,8 +21,6 @@ pub struct RouterConfig {
     pub router_id: String,
     /// Control-plane replicas, `host:port`.
     pub control: Vec<String>,
-    /// Deadline for calls that bring none.
-    pub default_timeout: Duration,
     /// Largest message accepted, in bytes.
     pub max_message_size: usize,
 }
@@ -40,7 +33,6 @@ impl RouterConfig {
             router_id: format!("router-{region}-{}", std::process::id()),
             region,
             control,
-            default_timeout: DEFAULT_TIMEOUT,
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
         }
     }
@@ -54,7 +46,6 @@ pub async fn serve(
 ) -> Result<(), tonic::transport::Error> {
     let state = Arc::new(RouterState::new(
         config.region.clone(),
-        config.default_timeout,
         config.max_message_size,
     ));
     let subscription = tokio::spawn(subscriber::run(

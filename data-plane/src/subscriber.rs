@@ -126,7 +126,7 @@ pub fn apply(update: &RoutingUpdate, state: &RouterState) -> Result<(), String> 
     if !update.snapshot {
         return Err("delta updates need a base snapshot this router does not hold".into());
     }
-    let table = RoutingTable::build(update, &state.region, &current)?;
+    let table = RoutingTable::build(update, &state.region, &current, &state.slot_freed)?;
     tracing::debug!(
         version = table.version,
         routable = table.routable_nodes,

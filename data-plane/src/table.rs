@@ -1,115 +1,117 @@
 //! The router's routing table: an immutable snapshot built from the control plane's update,
 //! swapped in atomically (`ArcSwap`) so the call path never takes a lock.
 //!
-//! Connections outlive tables: each table build reuses the pooled [`NodeConn`] of every node
-//! whose address did not change, so a weight change never drops a connection or its in-flight
-//! count.
+//! What must outlive a table is carried from one to the next: each node's pooled
+//! [`NodeConn`] (connection, in-flight calls, latency, outlier state) while its address is
+//! unchanged, and each model's retry budget, spill share and latency window.
 
 use std::collections::HashMap;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use fulcrum_proto::fulcrum::v1::{Endpoint as NodeEndpoint, HealthState, RoutingUpdate};
-use tonic::transport::{Channel, Endpoint};
+use tokio::sync::Notify;
+use tower::retry::budget::TpsBudget;
 
-use crate::balance::Candidate;
+use crate::balance::PolicyState;
+use crate::balance::ring::Ring;
+use crate::endpoint::NodeConn;
+use crate::hedge::LatencyWindow;
+use crate::policy::ModelSettings;
 
-/// Connect timeout to a node. Nodes are in the same or the neighbouring data center; a second
-/// is many round trips even across regions, and a dead node must not hold a call for long.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
-
-/// HTTP/2 keep-alive: a silently dead node (power loss, partition) is detected in
-/// interval + timeout = 10 s even when no call is in flight to fail fast on it.
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
-const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// A pooled connection to one node, shared by every table that contains the node.
-#[derive(Debug)]
-pub struct NodeConn {
-    /// Node id.
-    pub id: String,
-    /// The address the channel connects to.
-    pub address: String,
-    /// Lazily connected, reconnecting HTTP/2 channel.
-    pub channel: Channel,
-    /// Calls (and streams) this router has open to the node.
-    pub in_flight: AtomicU32,
-}
-
-impl NodeConn {
-    fn new(id: &str, address: &str) -> Result<Self, String> {
-        let channel = Endpoint::from_shared(format!("http://{address}"))
-            .map_err(|e| format!("node {id}: bad address {address:?}: {e}"))?
-            .connect_timeout(CONNECT_TIMEOUT)
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
-            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-            .keep_alive_while_idle(true)
-            .connect_lazy();
-        Ok(Self {
-            id: id.to_owned(),
-            address: address.to_owned(),
-            channel,
-            in_flight: AtomicU32::new(0),
-        })
-    }
-
-    /// Counts a call as in flight until the returned guard drops.
-    pub fn start_call(self: &Arc<Self>) -> InFlight {
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
-        InFlight(self.clone())
-    }
-}
-
-/// Holds one in-flight count on a node; releases it on drop (also when a call is cancelled).
-#[derive(Debug)]
-pub struct InFlight(Arc<NodeConn>);
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
-    }
-}
+/// Retry budget: retries may add at most 20 % to a model's calls (the default, and
+/// Linkerd's), with a floor of 10 retries a second so a quiet model can still retry, measured
+/// over 10 seconds.
+const RETRY_PERCENT: f32 = 0.2;
+const RETRY_MIN_PER_SEC: u32 = 10;
+const RETRY_TTL: Duration = Duration::from_secs(10);
 
 /// A node in one table: its pooled connection plus what this table says about it.
 #[derive(Debug, Clone)]
 pub struct RoutedNode {
     /// The pooled connection.
     pub conn: Arc<NodeConn>,
-    /// The node's region.
-    pub region: String,
-    /// Control-plane weight.
+    /// Control-plane weight (0 when not routable).
     pub weight: f64,
+    /// The node's registered capacity.
+    pub capacity: f64,
+    /// Whether the control plane routes to it (healthy or degraded, weight > 0, model ready).
+    pub routable: bool,
 }
 
-impl RoutedNode {
-    /// The node as the pure balancer sees it.
-    pub fn candidate(&self, excluded: bool) -> Candidate {
-        Candidate {
-            weight: self.weight,
-            in_flight: self.conn.in_flight.load(Ordering::Relaxed),
-            excluded,
+/// The local share of a model's calls as last applied, for the gradual return.
+#[derive(Debug)]
+pub struct AppliedShare {
+    share: AtomicU64,
+    stamp_ns: AtomicU64,
+}
+
+impl AppliedShare {
+    fn new(share: f64) -> Self {
+        Self {
+            share: AtomicU64::new(share.to_bits()),
+            stamp_ns: AtomicU64::new(crate::endpoint::now_ns()),
+        }
+    }
+
+    /// The share applied last and when.
+    pub fn get(&self) -> (f64, u64) {
+        (
+            f64::from_bits(self.share.load(Ordering::Relaxed)),
+            self.stamp_ns.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Stores a new applied share.
+    pub fn set(&self, share: f64, now_ns: u64) {
+        self.share.store(share.to_bits(), Ordering::Relaxed);
+        self.stamp_ns.store(now_ns, Ordering::Relaxed);
+    }
+}
+
+/// What a model keeps across tables.
+#[derive(Debug, Clone)]
+pub struct ModelState {
+    /// Retry budget.
+    pub budget: Arc<TpsBudget>,
+    /// Local share of calls, as last applied.
+    pub share: Arc<AppliedShare>,
+    /// Recent latencies, for hedging after p95.
+    pub latency: Arc<LatencyWindow>,
+}
+
+impl Default for ModelState {
+    fn default() -> Self {
+        Self {
+            budget: Arc::new(TpsBudget::new(RETRY_TTL, RETRY_MIN_PER_SEC, RETRY_PERCENT)),
+            share: Arc::new(AppliedShare::new(1.0)),
+            latency: Arc::default(),
         }
     }
 }
 
-/// Where one model can be served.
-#[derive(Debug, Clone, Default)]
+/// Where one model can be served, and how.
+#[derive(Debug)]
 pub struct ModelRoute {
-    /// Routable nodes in the router's own region.
+    /// The model's policy.
+    pub settings: ModelSettings,
+    /// Nodes in the router's own region that declare the model.
     pub local: Vec<RoutedNode>,
-    /// Routable nodes in other regions.
+    /// Nodes in other regions that declare the model.
     pub remote: Vec<RoutedNode>,
+    /// Hash rings over `local` and `remote` (consistent hashing only).
+    pub rings: Option<(Ring, Ring)>,
+    /// Round-robin state of `local` and `remote`.
+    pub round_robin: Mutex<(PolicyState, PolicyState)>,
+    /// State carried across tables.
+    pub state: ModelState,
 }
 
 impl ModelRoute {
-    /// Whether any node can take a call for the model right now.
+    /// Whether any node is routable for the model (by the control plane's word).
     pub fn is_routable(&self) -> bool {
-        self.local
-            .iter()
-            .chain(&self.remote)
-            .any(|n| n.candidate(false).eligible())
+        self.local.iter().chain(&self.remote).any(|n| n.routable)
     }
 }
 
@@ -120,10 +122,10 @@ pub struct RoutingTable {
     pub version: u64,
     /// Whether the control plane said this table may be out of date.
     pub stale: bool,
-    /// Every model any registered node declares, with the nodes that can serve it now. A model
-    /// missing here is unknown (NOT_FOUND); present with no routable node, it is UNAVAILABLE.
+    /// Every model any registered node declares. A model missing here is unknown (NOT_FOUND);
+    /// present with no routable node, it is UNAVAILABLE.
     pub models: HashMap<String, ModelRoute>,
-    /// Every node in the table, by id (also unroutable ones), for connection reuse.
+    /// Every node in the table, by id, for connection reuse and load reports.
     pub nodes: HashMap<String, Arc<NodeConn>>,
     /// Number of routable nodes.
     pub routable_nodes: usize,
@@ -136,47 +138,92 @@ fn routable(e: &NodeEndpoint) -> bool {
 }
 
 impl RoutingTable {
-    /// Builds a table from a snapshot update, seen from `region`, reusing `previous`'s
-    /// connections. Errors (the router NACKs) when an endpoint is malformed.
+    /// Builds a table from a snapshot update, seen from `region`, carrying over `previous`'s
+    /// connections and model state. Errors (the router NACKs) when an endpoint is malformed.
     pub fn build(
         update: &RoutingUpdate,
         region: &str,
         previous: &RoutingTable,
+        slot_freed: &Arc<Notify>,
     ) -> Result<Self, String> {
         let mut table = RoutingTable {
             version: update.version,
             stale: update.stale,
             ..Default::default()
         };
+        let policies: HashMap<&str, ModelSettings> = update
+            .policies
+            .iter()
+            .map(|p| (p.model.as_str(), ModelSettings::from_policy(p)))
+            .collect();
+        let mut lists: HashMap<String, (Vec<RoutedNode>, Vec<RoutedNode>)> = HashMap::new();
         for e in &update.endpoints {
             let spec = e
                 .spec
                 .as_ref()
                 .ok_or_else(|| "an endpoint has no spec".to_string())?;
+            if spec.id.is_empty() {
+                return Err("an endpoint has no id".into());
+            }
+            let limit = u32::try_from(spec.capacity.max(0)).unwrap_or(u32::MAX);
             let conn = match previous.nodes.get(&spec.id) {
-                Some(c) if c.address == spec.address => c.clone(),
-                _ => Arc::new(NodeConn::new(&spec.id, &spec.address)?),
+                Some(c) if c.address == spec.address && c.region == spec.region => {
+                    c.set_limit(limit);
+                    c.clone()
+                }
+                _ => Arc::new(NodeConn::new(
+                    &spec.id,
+                    &spec.address,
+                    &spec.region,
+                    limit,
+                    slot_freed.clone(),
+                )?),
             };
             table.nodes.insert(spec.id.clone(), conn.clone());
-            let is_routable = routable(e);
-            table.routable_nodes += usize::from(is_routable);
+            let node_routable = routable(e);
+            table.routable_nodes += usize::from(node_routable);
             for m in &spec.models {
-                let route = table.models.entry(m.name.clone()).or_default();
-                // A node serves a model when the control plane saw it ready there.
-                if !is_routable || !e.ready_models.iter().any(|r| r == &m.name) {
-                    continue;
-                }
+                let (local, remote) = lists.entry(m.name.clone()).or_default();
                 let node = RoutedNode {
                     conn: conn.clone(),
-                    region: spec.region.clone(),
-                    weight: e.weight,
+                    weight: if node_routable { e.weight } else { 0.0 },
+                    capacity: spec.capacity.max(0) as f64,
+                    // A node serves a model when the control plane saw it ready there.
+                    routable: node_routable && e.ready_models.iter().any(|r| r == &m.name),
                 };
                 if spec.region == region {
-                    route.local.push(node);
+                    local.push(node);
                 } else {
-                    route.remote.push(node);
+                    remote.push(node);
                 }
             }
+        }
+        for (model, (local, remote)) in lists {
+            let settings = policies.get(model.as_str()).cloned().unwrap_or_default();
+            let rings = (settings.balancer == crate::balance::Policy::ConsistentHash).then(|| {
+                let ring = |nodes: &[RoutedNode]| {
+                    let ids: Vec<&str> = nodes.iter().map(|n| n.conn.id.as_str()).collect();
+                    let weights: Vec<f64> = nodes.iter().map(|n| n.capacity).collect();
+                    Ring::build(&ids, &weights)
+                };
+                (ring(&local), ring(&remote))
+            });
+            let state = previous
+                .models
+                .get(&model)
+                .map(|r| r.state.clone())
+                .unwrap_or_default();
+            table.models.insert(
+                model,
+                ModelRoute {
+                    settings,
+                    local,
+                    remote,
+                    rings,
+                    round_robin: Mutex::default(),
+                    state,
+                },
+            );
         }
         Ok(table)
     }
@@ -185,9 +232,10 @@ impl RoutingTable {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use fulcrum_proto::fulcrum::v1::{Model, NodeSpec};
+    use fulcrum_proto::fulcrum::v1::{Model, ModelPolicy, NodeSpec};
 
-    fn ep(id: &str, region: &str, health: HealthState, ready: bool) -> NodeEndpoint {
+    pub(crate) fn ep(id: &str, region: &str, health: HealthState, ready: bool) -> NodeEndpoint {
+        let ok = matches!(health, HealthState::Healthy | HealthState::Degraded);
         NodeEndpoint {
             spec: Some(NodeSpec {
                 id: id.into(),
@@ -201,17 +249,17 @@ mod tests {
                 ..Default::default()
             }),
             health: health as i32,
-            weight: if routable_state(health) { 2.0 } else { 0.0 },
+            weight: if ok { 2.0 } else { 0.0 },
             ready_models: if ready { vec!["echo".into()] } else { vec![] },
         }
     }
 
-    fn routable_state(h: HealthState) -> bool {
-        matches!(h, HealthState::Healthy | HealthState::Degraded)
+    fn build(update: &RoutingUpdate, previous: &RoutingTable) -> RoutingTable {
+        RoutingTable::build(update, "a", previous, &Arc::default()).unwrap()
     }
 
     #[tokio::test]
-    async fn splits_by_region_and_keeps_connections() {
+    async fn splits_by_region_and_keeps_connections_and_state() {
         let update = RoutingUpdate {
             version: 5,
             snapshot: true,
@@ -222,13 +270,36 @@ mod tests {
             ],
             ..Default::default()
         };
-        let t1 = RoutingTable::build(&update, "a", &RoutingTable::default()).unwrap();
+        let t1 = build(&update, &RoutingTable::default());
         let echo = &t1.models["echo"];
-        assert_eq!(echo.local.len(), 1);
+        assert_eq!(echo.local.len(), 2);
+        assert_eq!(echo.local.iter().filter(|n| n.routable).count(), 1);
         assert_eq!(echo.remote.len(), 1);
         assert_eq!(t1.routable_nodes, 2);
-        let t2 = RoutingTable::build(&update, "a", &t1).unwrap();
+        let t2 = build(&update, &t1);
         assert!(Arc::ptr_eq(&t1.nodes["a1"], &t2.nodes["a1"]));
+        assert!(Arc::ptr_eq(
+            &t1.models["echo"].state.budget,
+            &t2.models["echo"].state.budget
+        ));
+    }
+
+    #[tokio::test]
+    async fn policies_travel_with_the_table() {
+        let update = RoutingUpdate {
+            endpoints: vec![ep("a1", "a", HealthState::Healthy, true)],
+            policies: vec![ModelPolicy {
+                model: "echo".into(),
+                timeout_ms: 1234,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let t = build(&update, &RoutingTable::default());
+        assert_eq!(
+            t.models["echo"].settings.timeout,
+            Duration::from_millis(1234)
+        );
     }
 
     #[tokio::test]
@@ -237,7 +308,7 @@ mod tests {
             endpoints: vec![ep("a2", "a", HealthState::Unhealthy, false)],
             ..Default::default()
         };
-        let t = RoutingTable::build(&update, "a", &RoutingTable::default()).unwrap();
+        let t = build(&update, &RoutingTable::default());
         assert!(!t.models["echo"].is_routable());
     }
 }

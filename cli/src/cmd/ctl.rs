@@ -7,8 +7,9 @@ use clap::{Args, Subcommand};
 use fulcrum_proto::fulcrum::v1::admin_client::AdminClient;
 use fulcrum_proto::fulcrum::v1::node_sim_control_client::NodeSimControlClient;
 use fulcrum_proto::fulcrum::v1::{
-    DeregisterNodeRequest, DrainNodeRequest, GetNodeRequest, HealthState, ListNodesRequest, Model,
-    NodeSpec, NodeStatus, RegisterNodeRequest, SimConfig,
+    Balancer, DeregisterNodeRequest, DrainNodeRequest, GetModelPolicyRequest, GetNodeRequest,
+    HealthState, ListModelPoliciesRequest, ListNodesRequest, Model, ModelPolicy, NodeSpec,
+    NodeStatus, RegisterNodeRequest, SimConfig,
 };
 use serde_json::json;
 use tonic::transport::Channel;
@@ -89,6 +90,11 @@ enum CtlCommand {
         /// Node id.
         id: String,
     },
+    /// Per-model routing policies: balancer, deadline, retries, hedging, spill-over.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
     /// Change a simulated node's behaviour (talks to the node-sim itself, not the control plane).
     Sim {
         /// host:port of the node-sim.
@@ -103,6 +109,180 @@ enum CtlCommand {
         #[arg(long)]
         hang_ratio: Option<f64>,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum PolicyCommand {
+    /// List every model's policy.
+    List,
+    /// Show one model's policy.
+    Get {
+        /// Model name.
+        model: String,
+    },
+    /// Set a model's policy (fields not given take their defaults).
+    Set {
+        /// Model name.
+        model: String,
+        /// p2c-ewma (default), round-robin, least-request or consistent-hash.
+        #[arg(long, default_value = "p2c-ewma")]
+        balancer: String,
+        /// Request header carrying the affinity key (consistent-hash).
+        #[arg(long, default_value = "")]
+        hash_header: String,
+        /// Deadline for calls that bring none (default 5s).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        timeout: Option<std::time::Duration>,
+        /// Attempts per call, the first included (default 3; 1 disables retries).
+        #[arg(long, default_value_t = 0)]
+        max_attempts: u32,
+        /// Deadline of one attempt.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        per_try_timeout: Option<std::time::Duration>,
+        /// The model's calls have side effects: never retry or hedge them.
+        #[arg(long)]
+        not_idempotent: bool,
+        /// Hedge after a delay (e.g. 50ms), or after the observed p95 ("p95").
+        #[arg(long)]
+        hedge_after: Option<String>,
+        /// Route to unhealthy nodes when no healthy one is left.
+        #[arg(long)]
+        panic_mode: bool,
+        /// Overprovisioning factor of the spill-over rule (default 1.4).
+        #[arg(long, default_value_t = 0.0)]
+        overprovisioning: f64,
+    },
+    /// Remove a model's policy (back to the defaults).
+    Clear {
+        /// Model name.
+        model: String,
+    },
+}
+
+fn millis(d: Option<std::time::Duration>) -> anyhow::Result<u32> {
+    d.map_or(Ok(0), |d| {
+        u32::try_from(d.as_millis()).map_err(|_| anyhow::anyhow!("duration {d:?} is too long"))
+    })
+}
+
+fn print_policy(p: &ModelPolicy) {
+    let balancer = match p.balancer() {
+        Balancer::Unspecified | Balancer::P2cEwma => "p2c-ewma",
+        Balancer::RoundRobin => "round-robin",
+        Balancer::LeastRequest => "least-request",
+        Balancer::ConsistentHash => "consistent-hash",
+    };
+    let or_default = |v: u32, d: &str, unit: &str| {
+        if v == 0 {
+            d.to_owned()
+        } else {
+            format!("{v}{unit}")
+        }
+    };
+    let hedge = if p.hedge_after_p95 {
+        "after p95".to_owned()
+    } else {
+        or_default(p.hedge_after_ms, "off", "ms")
+    };
+    println!(
+        "{}: balancer={balancer}{} timeout={} max_attempts={} per_try_timeout={} idempotent={} hedge={hedge} panic_mode={} overprovisioning={}",
+        p.model,
+        if p.hash_header.is_empty() {
+            String::new()
+        } else {
+            format!(" hash_header={}", p.hash_header)
+        },
+        or_default(p.timeout_ms, "5000ms", "ms"),
+        or_default(p.max_attempts, "3", ""),
+        or_default(p.per_try_timeout_ms, "none", "ms"),
+        !p.not_idempotent,
+        p.panic_mode,
+        if p.overprovisioning == 0.0 {
+            "1.4".to_owned()
+        } else {
+            p.overprovisioning.to_string()
+        },
+    );
+}
+
+async fn policy(admin: &mut AdminClient<Channel>, command: PolicyCommand) -> anyhow::Result<()> {
+    match command {
+        PolicyCommand::List => {
+            let resp = admin
+                .list_model_policies(ListModelPoliciesRequest {})
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            if resp.policies.is_empty() {
+                println!("no policies set: every model uses the defaults");
+            }
+            resp.policies.iter().for_each(print_policy);
+        }
+        PolicyCommand::Get { model } => {
+            let p = admin
+                .get_model_policy(GetModelPolicyRequest { model })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            print_policy(&p);
+        }
+        PolicyCommand::Set {
+            model,
+            balancer,
+            hash_header,
+            timeout,
+            max_attempts,
+            per_try_timeout,
+            not_idempotent,
+            hedge_after,
+            panic_mode,
+            overprovisioning,
+        } => {
+            let balancer = match balancer.as_str() {
+                "p2c-ewma" | "p2c" => Balancer::P2cEwma,
+                "round-robin" | "rr" => Balancer::RoundRobin,
+                "least-request" | "lr" => Balancer::LeastRequest,
+                "consistent-hash" | "ch" => Balancer::ConsistentHash,
+                other => bail!(
+                    "unknown balancer {other:?}: use p2c-ewma, round-robin, least-request or consistent-hash"
+                ),
+            };
+            let (hedge_after_ms, hedge_after_p95) = match hedge_after.as_deref() {
+                None => (0, false),
+                Some("p95") => (0, true),
+                Some(d) => (millis(Some(humantime::parse_duration(d)?))?, false),
+            };
+            let p = ModelPolicy {
+                model,
+                balancer: balancer as i32,
+                hash_header,
+                timeout_ms: millis(timeout)?,
+                max_attempts,
+                per_try_timeout_ms: millis(per_try_timeout)?,
+                not_idempotent,
+                hedge_after_ms,
+                hedge_after_p95,
+                panic_mode,
+                overprovisioning,
+            };
+            let p = admin
+                .set_model_policy(p)
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            print_policy(&p);
+        }
+        PolicyCommand::Clear { model } => {
+            admin
+                .delete_model_policy(GetModelPolicyRequest {
+                    model: model.clone(),
+                })
+                .await
+                .map_err(status_error)?;
+            println!("{model}: policy removed, defaults apply");
+        }
+    }
+    Ok(())
 }
 
 async fn connect(addr: &str) -> anyhow::Result<AdminClient<Channel>> {
@@ -305,6 +485,7 @@ pub(crate) async fn run(args: CtlArgs) -> anyhow::Result<()> {
         }
         CtlCommand::Drain { id, undo } => drain(&mut admin, id, !undo).await?,
         CtlCommand::Undrain { id } => drain(&mut admin, id, false).await?,
+        CtlCommand::Policy { command } => policy(&mut admin, command).await?,
         CtlCommand::Sim { .. } => unreachable!("handled before connecting to the control plane"),
     }
     Ok(())

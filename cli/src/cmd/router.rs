@@ -1,7 +1,5 @@
 //! `fulcrum router`: one router (data plane) for one region.
 
-use std::time::Duration;
-
 use anyhow::Context;
 use clap::Args;
 use fulcrum_data_plane::RouterConfig;
@@ -18,9 +16,6 @@ pub(crate) struct RouterArgs {
     /// Address to serve the Open Inference Protocol on.
     #[arg(long, default_value = "127.0.0.1:8001")]
     listen: String,
-    /// Deadline for calls that bring no grpc-timeout.
-    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
-    default_timeout: Duration,
     /// Largest inbound message, in bytes.
     #[arg(long, default_value_t = fulcrum_data_plane::limits::DEFAULT_MAX_MESSAGE_SIZE)]
     max_message_size: usize,
@@ -32,7 +27,6 @@ pub(crate) struct RouterArgs {
 impl RouterArgs {
     pub(crate) fn config(&self) -> RouterConfig {
         let mut c = RouterConfig::new(self.region.clone(), self.control.clone());
-        c.default_timeout = self.default_timeout;
         c.max_message_size = self.max_message_size;
         if let Some(id) = &self.id {
             c.router_id = id.clone();

@@ -1,11 +1,12 @@
-//! Weighted power-of-two-choices.
+//! Weighted power-of-two-choices on peak-EWMA latency × load.
 //!
 //! Draw two distinct eligible nodes at random with probability proportional to their weight,
-//! and keep the one with the lower load per unit of weight, `(in_flight + 1) / weight`. Two
-//! random choices instead of one turn the maximum queue length from `log n / log log n` into
-//! `log log n` (Mitzenmacher, "The Power of Two Choices in Randomized Load Balancing", 2001),
-//! and drawing by weight keeps the global shares the control plane asked for while in-flight
-//! counts steer around momentary hot spots.
+//! and keep the one with the lower cost, `latency × (in_flight + 1) / weight`. Two random
+//! choices instead of one turn the maximum queue length from `log n / log log n` into
+//! `log log n` (Mitzenmacher, "The Power of Two Choices in Randomized Load Balancing", 2001);
+//! multiplying by a peak-sensitive latency estimate (Finagle's and Linkerd's "peak EWMA") steers
+//! away from slow nodes before they have a queue; drawing by weight keeps the global shares the
+//! control plane asked for.
 //!
 //! Why not `tower::balance::p2c::Balance`: it owns the services and discovers them through a
 //! `Stream` of changes, is `Pending` when empty (we must fail fast with a status), and picks
@@ -15,6 +16,11 @@
 use rand::Rng;
 
 use super::Candidate;
+
+/// The cost p2c compares: expected wait per unit of weight.
+pub fn cost(c: &Candidate) -> f64 {
+    c.latency_ms.max(f64::MIN_POSITIVE) * (f64::from(c.in_flight) + 1.0) / c.weight
+}
 
 /// Picks one eligible candidate, or `None` when there is none.
 pub fn pick<R: Rng + ?Sized>(candidates: &[Candidate], rng: &mut R) -> Option<usize> {
@@ -34,8 +40,7 @@ pub fn pick<R: Rng + ?Sized>(candidates: &[Candidate], rng: &mut R) -> Option<us
     let Some(second) = draw(candidates, rest, Some(first), rng) else {
         return Some(first);
     };
-    let cost = |i: usize| (f64::from(candidates[i].in_flight) + 1.0) / candidates[i].weight;
-    Some(if cost(second) < cost(first) {
+    Some(if cost(&candidates[second]) < cost(&candidates[first]) {
         second
     } else {
         first
@@ -43,7 +48,7 @@ pub fn pick<R: Rng + ?Sized>(candidates: &[Candidate], rng: &mut R) -> Option<us
 }
 
 /// Draws one eligible candidate (other than `skip`) with probability weight / `total`.
-fn draw<R: Rng + ?Sized>(
+pub(crate) fn draw<R: Rng + ?Sized>(
     candidates: &[Candidate],
     total: f64,
     skip: Option<usize>,
@@ -65,6 +70,29 @@ fn draw<R: Rng + ?Sized>(
     last
 }
 
+/// Shared generators for the policies' property tests.
+#[cfg(test)]
+pub(crate) mod tests_support {
+    use super::Candidate;
+    use proptest::prelude::*;
+
+    /// Any candidate, eligible or not (zero, negative and NaN weights; excluded ones).
+    pub(crate) fn arb_candidate() -> impl Strategy<Value = Candidate> {
+        (
+            prop_oneof![Just(0.0), Just(-1.0), Just(f64::NAN), 0.001f64..1000.0],
+            0u32..100,
+            0.01f64..1000.0,
+            any::<bool>(),
+        )
+            .prop_map(|(weight, in_flight, latency_ms, excluded)| Candidate {
+                weight,
+                in_flight,
+                latency_ms,
+                excluded,
+            })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -74,23 +102,13 @@ mod tests {
 
     fn cand(weight: f64, in_flight: u32) -> Candidate {
         Candidate {
-            weight,
             in_flight,
-            excluded: false,
+            ..Candidate::idle(weight)
         }
     }
 
     fn arb_candidate() -> impl Strategy<Value = Candidate> {
-        (
-            prop_oneof![Just(0.0), Just(-1.0), Just(f64::NAN), 0.001f64..1000.0],
-            0u32..100,
-            any::<bool>(),
-        )
-            .prop_map(|(weight, in_flight, excluded)| Candidate {
-                weight,
-                in_flight,
-                excluded,
-            })
+        super::tests_support::arb_candidate()
     }
 
     proptest! {
@@ -104,11 +122,14 @@ mod tests {
         }
 
         #[test]
-        fn picks_the_less_loaded_of_two_equal_nodes(a in 0u32..50, b in 0u32..50, seed: u64) {
-            prop_assume!(a != b);
-            let cands = [cand(1.0, a), cand(1.0, b)];
+        fn picks_the_cheaper_of_two_equal_weight_nodes(a in 0u32..50, b in 0u32..50, la in 0.1f64..100.0, lb in 0.1f64..100.0, seed: u64) {
+            let cands = [
+                Candidate { latency_ms: la, ..cand(1.0, a) },
+                Candidate { latency_ms: lb, ..cand(1.0, b) },
+            ];
+            prop_assume!((cost(&cands[0]) - cost(&cands[1])).abs() > 1e-9);
             let mut rng = SmallRng::seed_from_u64(seed);
-            let want = if a < b { 0 } else { 1 };
+            let want = if cost(&cands[0]) < cost(&cands[1]) { 0 } else { 1 };
             prop_assert_eq!(pick(&cands, &mut rng), Some(want));
         }
     }
@@ -127,7 +148,7 @@ mod tests {
             counts[pick(&cands, &mut rng).unwrap()] += 1;
         }
         // Exact probability: P(i) = sum over ordered pairs (first, second) where i wins.
-        // With zero in-flight, cost = 1/w, so the heavier node of the pair wins (ties: first).
+        // With zero in-flight and equal latency, cost = 1/w: the heavier node of the pair wins.
         let total: f64 = weights.iter().sum();
         let mut expect = [0.0; 4];
         for f in 0..4 {
@@ -150,6 +171,27 @@ mod tests {
         }
         // And more weight never means less traffic.
         assert!(counts.windows(2).all(|w| w[0] <= w[1]), "{counts:?}");
+    }
+
+    /// A node three times slower than its idle peers loses every comparison it takes part in,
+    /// so it gets no calls until its peers' queues make them costlier than it.
+    #[test]
+    fn a_slow_node_gets_less() {
+        let mut cands = vec![cand(1.0, 0); 4];
+        cands[0].latency_ms = 3.0;
+        let mut rng = SmallRng::seed_from_u64(3);
+        let n = 100_000;
+        let slow = (0..n).filter(|_| pick(&cands, &mut rng) == Some(0)).count();
+        assert_eq!(
+            slow, 0,
+            "the slow node won a comparison against an idle fast one"
+        );
+        // With four calls queued on each fast node, the slow idle node is cheaper: 3 × 1 < 1 × 5.
+        for c in &mut cands[1..] {
+            c.in_flight = 4;
+        }
+        let slow = (0..n).filter(|_| pick(&cands, &mut rng) == Some(0)).count();
+        assert!(slow > n / 4, "the idle slow node got only {slow} of {n}");
     }
 
     #[test]

@@ -11,7 +11,6 @@ use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
 
 use fulcrum_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use fulcrum_proto::inference::grpc_inference_service_server::GrpcInferenceService;
@@ -23,22 +22,16 @@ use fulcrum_proto::inference::{
 };
 use futures::Stream;
 use tokio::sync::mpsc;
-use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::transport::Channel;
-use tonic::{Code, Request, Response, Status, Streaming};
+use tonic::{Request, Response, Status, Streaming};
 
-use super::deadline;
+use super::forward::{self, tag};
+use crate::endpoint::InFlight;
 use crate::error::RouteError;
 use crate::router::RouterState;
-use crate::table::{NodeConn, RoutedNode};
+use crate::table::RoutedNode;
 use crate::validate;
-
-/// Attempts per idempotent call: the first and one retry on another node. One retry turns a
-/// node that died between two probes into a slower call instead of a failed one; more would
-/// multiply load during an outage. (Budgets and backoff come with the retry policy.)
-const MAX_ATTEMPTS: usize = 2;
 
 /// Responses buffered per client stream; backpressure beyond that reaches the nodes.
 const STREAM_BUFFER: usize = 16;
@@ -64,87 +57,6 @@ impl OipService {
         GrpcInferenceServiceClient::new(node.conn.channel.clone())
             .max_decoding_message_size(self.state.max_message_size)
             .max_encoding_message_size(self.state.max_message_size)
-    }
-
-    /// Calls one node with the remaining `budget`, counting the call in flight on it.
-    async fn call_node<T, F, Fut>(
-        &self,
-        node: &RoutedNode,
-        budget: Duration,
-        f: F,
-    ) -> Result<Response<T>, Status>
-    where
-        F: FnOnce(GrpcInferenceServiceClient<Channel>) -> Fut,
-        Fut: Future<Output = Result<Response<T>, Status>>,
-    {
-        let _in_flight = node.conn.start_call();
-        let result = match tokio::time::timeout(budget, f(self.client(node))).await {
-            Ok(r) => r,
-            Err(_) => Err(RouteError::DeadlineExceeded(budget).into()),
-        };
-        match result {
-            Ok(mut resp) => {
-                tag(resp.metadata_mut(), node);
-                Ok(resp)
-            }
-            Err(mut status) => {
-                tag(status.metadata_mut(), node);
-                Err(status)
-            }
-        }
-    }
-
-    /// Runs an idempotent unary call: pick, call, and on UNAVAILABLE once more elsewhere.
-    async fn unary<Req, T, F, Fut>(
-        &self,
-        model: &str,
-        metadata: &MetadataMap,
-        message: Req,
-        call: F,
-    ) -> Result<Response<T>, Status>
-    where
-        Req: Clone,
-        F: Fn(GrpcInferenceServiceClient<Channel>, Request<Req>) -> Fut,
-        Fut: Future<Output = Result<Response<T>, Status>>,
-    {
-        let budget = deadline::budget(metadata, self.state.default_timeout);
-        let started = Instant::now();
-        let table = self.state.table.load();
-        let mut tried: Vec<Arc<NodeConn>> = Vec::new();
-        let mut last_failure: Option<Status> = None;
-        loop {
-            let node = match self.state.pick(&table, model, &tried) {
-                Ok(node) => node,
-                // No other node to retry on: the node's own failure is the better answer.
-                Err(e) => return Err(last_failure.unwrap_or_else(|| e.into())),
-            };
-            let remaining = budget.saturating_sub(started.elapsed());
-            if remaining.is_zero() {
-                return Err(RouteError::DeadlineExceeded(budget).into());
-            }
-            let mut request = Request::new(message.clone());
-            request.set_timeout(remaining);
-            let result = self
-                .call_node(&node, remaining, |client| call(client, request))
-                .await;
-            match result {
-                Err(s) if s.code() == Code::Unavailable && tried.len() + 1 < MAX_ATTEMPTS => {
-                    tracing::debug!(node = %node.conn.id, error = %s.message(), "retrying on another node");
-                    tried.push(node.conn.clone());
-                    last_failure = Some(s);
-                }
-                other => return other,
-            }
-        }
-    }
-}
-
-fn tag(metadata: &mut MetadataMap, node: &RoutedNode) {
-    if let Ok(v) = MetadataValue::try_from(node.conn.id.as_str()) {
-        metadata.insert(NODE_HEADER, v);
-    }
-    if let Ok(v) = MetadataValue::try_from(node.region.as_str()) {
-        metadata.insert(REGION_HEADER, v);
     }
 }
 
@@ -184,8 +96,9 @@ impl GrpcInferenceService for OipService {
             return Ok(Response::new(ModelReadyResponse { ready: false }));
         }
         let model = message.name.clone();
-        self.unary(&model, &metadata, message, |mut c, r| async move {
-            c.model_ready(r).await
+        forward::unary(&self.state, &model, &metadata, message, |node, r| {
+            let mut c = self.client(&node);
+            async move { c.model_ready(r).await }
         })
         .await
     }
@@ -210,8 +123,9 @@ impl GrpcInferenceService for OipService {
             return Err(RouteError::InvalidRequest("model name is required".into()).into());
         }
         let model = message.name.clone();
-        self.unary(&model, &metadata, message, |mut c, r| async move {
-            c.model_metadata(r).await
+        forward::unary(&self.state, &model, &metadata, message, |node, r| {
+            let mut c = self.client(&node);
+            async move { c.model_metadata(r).await }
         })
         .await
     }
@@ -223,8 +137,9 @@ impl GrpcInferenceService for OipService {
         let (metadata, _, message) = request.into_parts();
         validate::check_infer_request(&message).map_err(RouteError::InvalidRequest)?;
         let model = message.model_name.clone();
-        self.unary(&model, &metadata, message, |mut c, r| async move {
-            c.model_infer(r).await
+        forward::unary(&self.state, &model, &metadata, message, |node, r| {
+            let mut c = self.client(&node);
+            async move { c.model_infer(r).await }
         })
         .await
     }
@@ -265,7 +180,7 @@ impl GrpcInferenceService for OipService {
         });
         let mut response = Response::new(Box::pin(ReceiverStream::new(out_rx)) as StreamOut);
         if let Some(node) = first_node {
-            tag(response.metadata_mut(), &node);
+            tag(response.metadata_mut(), &node.conn);
         }
         Ok(response)
     }
@@ -324,8 +239,8 @@ impl StreamSession {
             self.upstreams.remove(&model);
         }
         let table = self.service.state.table.load();
-        let node = match self.service.state.pick(&table, &model, &[]) {
-            Ok(node) => node,
+        let picked = match self.service.state.pick(&table, &model, &[], None) {
+            Ok(picked) => picked,
             Err(e) => {
                 let status = Status::from(e);
                 let _ = self
@@ -335,11 +250,13 @@ impl StreamSession {
                 return None;
             }
         };
+        let node = picked.node;
+        // A stream holds its slot until it ends, whatever its length.
+        let in_flight = picked.slot;
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         // Queue the request before opening: a node may wait for it before sending headers.
         let first = req.clone();
         let _ = tx.send(req).await;
-        let in_flight = node.conn.start_call();
         let mut client = self.service.client(&node);
         let upstream = match client.model_stream_infer(ReceiverStream::new(rx)).await {
             Ok(resp) => resp.into_inner(),
@@ -375,7 +292,7 @@ async fn pump(
     out: mpsc::Sender<Result<ModelStreamInferResponse, Status>>,
     node_id: String,
     closed: Arc<AtomicBool>,
-    _in_flight: crate::table::InFlight,
+    _in_flight: InFlight,
 ) {
     loop {
         match upstream.message().await {

@@ -1,0 +1,207 @@
+//! Per-model routing policies: validated, stored under `/fulcrum/v1/policies/<model>`, and
+//! carried to every router inside the routing table.
+
+use fulcrum_proto::fulcrum::v1::{Balancer, ModelPolicy};
+use prost::Message;
+
+use crate::error::Error;
+use crate::keys;
+use crate::store::Store;
+
+/// Longest deadline a policy may set: ten minutes, beyond any single inference call; longer
+/// work belongs to an asynchronous (submit and poll) API.
+const MAX_TIMEOUT_MS: u32 = 600_000;
+
+/// Most attempts a policy may ask for (the router clamps to the same value).
+const MAX_ATTEMPTS: u32 = 5;
+
+/// Largest overprovisioning factor: beyond 10 a region would keep all its traffic with 90 % of
+/// its capacity gone, which is no longer failover.
+const MAX_OVERPROVISIONING: f64 = 10.0;
+
+/// Checks a policy; the error names the first bad field.
+pub fn validate(p: &ModelPolicy) -> Result<(), Error> {
+    let bad = |m: String| {
+        Err(Error::InvalidArgument(format!(
+            "invalid policy for {:?}: {m}",
+            p.model
+        )))
+    };
+    if p.model.is_empty() {
+        return Err(Error::InvalidArgument("policy.model is required".into()));
+    }
+    crate::registry::validate(&fulcrum_proto::fulcrum::v1::NodeSpec {
+        id: "policy".into(),
+        address: "127.0.0.1:1".into(),
+        region: "r".into(),
+        capacity: 1,
+        models: vec![fulcrum_proto::fulcrum::v1::Model {
+            name: p.model.clone(),
+            versions: vec![],
+        }],
+        ..Default::default()
+    })
+    .map_err(|e| Error::InvalidArgument(e.to_string().replace("invalid node spec: ", "")))?;
+    if Balancer::try_from(p.balancer).is_err() {
+        return bad(format!("unknown balancer {}", p.balancer));
+    }
+    if p.balancer() == Balancer::ConsistentHash && p.hash_header.is_empty() {
+        return bad("consistent hashing needs hash_header".into());
+    }
+    if !p.hash_header.is_empty() && http_header_name_invalid(&p.hash_header) {
+        return bad(format!(
+            "hash_header {:?} is not a valid header name",
+            p.hash_header
+        ));
+    }
+    if p.timeout_ms > MAX_TIMEOUT_MS {
+        return bad(format!(
+            "timeout_ms {} is above {MAX_TIMEOUT_MS}",
+            p.timeout_ms
+        ));
+    }
+    if p.per_try_timeout_ms > MAX_TIMEOUT_MS {
+        return bad(format!(
+            "per_try_timeout_ms {} is above {MAX_TIMEOUT_MS}",
+            p.per_try_timeout_ms
+        ));
+    }
+    if p.max_attempts > MAX_ATTEMPTS {
+        return bad(format!(
+            "max_attempts {} is above {MAX_ATTEMPTS}",
+            p.max_attempts
+        ));
+    }
+    if p.hedge_after_ms > MAX_TIMEOUT_MS {
+        return bad(format!(
+            "hedge_after_ms {} is above {MAX_TIMEOUT_MS}",
+            p.hedge_after_ms
+        ));
+    }
+    if p.hedge_after_ms > 0 && p.hedge_after_p95 {
+        return bad("hedge after a fixed delay or after p95, not both".into());
+    }
+    if p.overprovisioning != 0.0
+        && !(p.overprovisioning.is_finite()
+            && (1.0..=MAX_OVERPROVISIONING).contains(&p.overprovisioning))
+    {
+        return bad(format!(
+            "overprovisioning {} is outside [1, {MAX_OVERPROVISIONING}]",
+            p.overprovisioning
+        ));
+    }
+    Ok(())
+}
+
+fn http_header_name_invalid(name: &str) -> bool {
+    name.is_empty()
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        || name.starts_with(':')
+}
+
+/// Stores a policy (replacing the previous one).
+pub async fn set(store: &dyn Store, p: &ModelPolicy) -> Result<i64, Error> {
+    validate(p)?;
+    Ok(store
+        .put(&keys::policy(&p.model), p.encode_to_vec())
+        .await?)
+}
+
+/// One model's policy; NOT_FOUND when none is set.
+pub async fn get(store: &dyn Store, model: &str) -> Result<ModelPolicy, Error> {
+    let key = keys::policy(model);
+    let kv = store
+        .get(&key)
+        .await?
+        .ok_or_else(|| Error::PolicyNotFound(model.to_owned()))?;
+    ModelPolicy::decode(kv.value.as_slice()).map_err(|source| Error::Decode { key, source })
+}
+
+/// Every stored policy, sorted by model.
+pub async fn list(store: &dyn Store) -> Result<Vec<ModelPolicy>, Error> {
+    let (kvs, _) = store.list(keys::POLICIES).await?;
+    kvs.iter()
+        .map(|kv| {
+            ModelPolicy::decode(kv.value.as_slice()).map_err(|source| Error::Decode {
+                key: kv.key.clone(),
+                source,
+            })
+        })
+        .collect()
+}
+
+/// Removes a model's policy; NOT_FOUND when none is set.
+pub async fn delete(store: &dyn Store, model: &str) -> Result<i64, Error> {
+    store
+        .delete(&keys::policy(model))
+        .await?
+        .ok_or_else(|| Error::PolicyNotFound(model.to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(model: &str) -> ModelPolicy {
+        ModelPolicy {
+            model: model.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn validation() {
+        validate(&p("echo")).unwrap();
+        assert!(validate(&p("")).is_err());
+        assert!(validate(&p("a/b")).is_err());
+        let mut x = p("echo");
+        x.balancer = Balancer::ConsistentHash as i32;
+        assert!(
+            validate(&x)
+                .unwrap_err()
+                .to_string()
+                .contains("hash_header")
+        );
+        x.hash_header = "x-user".into();
+        validate(&x).unwrap();
+        x.hash_header = "bad header".into();
+        assert!(validate(&x).is_err());
+        let mut x = p("echo");
+        x.balancer = 42;
+        assert!(validate(&x).is_err());
+        let mut x = p("echo");
+        x.max_attempts = 6;
+        assert!(validate(&x).is_err());
+        let mut x = p("echo");
+        x.overprovisioning = 0.5;
+        assert!(validate(&x).is_err());
+        x.overprovisioning = f64::NAN;
+        assert!(validate(&x).is_err());
+        let mut x = p("echo");
+        x.hedge_after_ms = 10;
+        x.hedge_after_p95 = true;
+        assert!(validate(&x).is_err());
+    }
+
+    #[tokio::test]
+    async fn a_refused_policy_stores_nothing() {
+        let store = crate::store::embedded::EmbeddedStore::in_memory();
+        let mut x = p("echo");
+        x.max_attempts = 100;
+        assert!(set(&store, &x).await.is_err());
+        assert!(list(&store).await.unwrap().is_empty());
+        assert!(matches!(
+            get(&store, "echo").await,
+            Err(Error::PolicyNotFound(_))
+        ));
+        set(&store, &p("echo")).await.unwrap();
+        assert_eq!(list(&store).await.unwrap().len(), 1);
+        delete(&store, "echo").await.unwrap();
+        assert!(matches!(
+            delete(&store, "echo").await,
+            Err(Error::PolicyNotFound(_))
+        ));
+    }
+}

@@ -1,0 +1,210 @@
+//! A node as the router holds it across routing tables: its pooled connection, the calls in
+//! flight to it, its latency estimate, its outlier state and its concurrency limit.
+//!
+//! - [`peak_ewma`]: the latency estimate.
+//! - [`outlier`]: consecutive-failure ejection.
+
+pub mod outlier;
+pub mod peak_ewma;
+
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tonic::transport::{Channel, Endpoint};
+
+use outlier::Outlier;
+use peak_ewma::PeakEwma;
+
+/// Connect timeout to a node. Nodes are in the same or the neighbouring data center; a second
+/// is many round trips even across regions, and a dead node must not hold a call for long.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// HTTP/2 keep-alive: a silently dead node (power loss, partition) is detected in
+/// interval + timeout = 10 s even when no call is in flight to fail fast on it.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Nanoseconds since the first call in this process, on tokio's clock (so tests with paused
+/// time control it).
+pub fn now_ns() -> u64 {
+    static BASE: OnceLock<Instant> = OnceLock::new();
+    let base = *BASE.get_or_init(Instant::now);
+    Instant::now().saturating_duration_since(base).as_nanos() as u64
+}
+
+/// How a finished call reflects on the node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// It answered (an answer about the request itself, like NOT_FOUND, counts too).
+    Success,
+    /// It failed in a way that is the node's fault: unreachable, overloaded, timed out.
+    Failure,
+    /// Cancelled by the router (a hedge lost, the caller left): says nothing about the node.
+    Cancelled,
+}
+
+/// A pooled node connection, shared by every table that contains the node.
+#[derive(Debug)]
+pub struct NodeConn {
+    /// Node id.
+    pub id: String,
+    /// The address the channel connects to.
+    pub address: String,
+    /// The node's region.
+    pub region: String,
+    /// Lazily connected, reconnecting HTTP/2 channel.
+    pub channel: Channel,
+    /// Latency estimate.
+    pub latency: PeakEwma,
+    /// Outlier state.
+    pub outlier: Outlier,
+    in_flight: AtomicU32,
+    limit: AtomicU32,
+    calls: AtomicU64,
+    errors: AtomicU64,
+    slot_freed: Arc<Notify>,
+}
+
+impl NodeConn {
+    /// A connection to `address`, allowing `limit` concurrent calls from this router;
+    /// `slot_freed` is notified whenever a call ends.
+    pub fn new(
+        id: &str,
+        address: &str,
+        region: &str,
+        limit: u32,
+        slot_freed: Arc<Notify>,
+    ) -> Result<Self, String> {
+        let channel = Endpoint::from_shared(format!("http://{address}"))
+            .map_err(|e| format!("node {id}: bad address {address:?}: {e}"))?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+            .keep_alive_while_idle(true)
+            .connect_lazy();
+        Ok(Self {
+            id: id.to_owned(),
+            address: address.to_owned(),
+            region: region.to_owned(),
+            channel,
+            latency: PeakEwma::new(now_ns()),
+            outlier: Outlier::default(),
+            in_flight: AtomicU32::new(0),
+            limit: AtomicU32::new(limit),
+            calls: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            slot_freed,
+        })
+    }
+
+    /// Calls in flight from this router.
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// The concurrency limit (0: none).
+    pub fn limit(&self) -> u32 {
+        self.limit.load(Ordering::Relaxed)
+    }
+
+    /// Updates the concurrency limit (the node's capacity changed).
+    pub fn set_limit(&self, limit: u32) {
+        self.limit.store(limit, Ordering::Relaxed);
+    }
+
+    /// Whether the node is at its concurrency limit.
+    pub fn is_full(&self) -> bool {
+        let limit = self.limit();
+        limit > 0 && self.in_flight() >= limit
+    }
+
+    /// Takes a slot, unless the node is at its limit.
+    pub fn try_start_call(self: &Arc<Self>) -> Option<InFlight> {
+        let limit = self.limit();
+        self.in_flight
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
+                (limit == 0 || n < limit).then_some(n + 1)
+            })
+            .ok()?;
+        Some(InFlight(self.clone()))
+    }
+
+    /// Takes a slot whatever the limit (streams, panic routing).
+    pub fn start_call(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlight(self.clone())
+    }
+
+    /// Records how a call ended and how long it took; returns the failure streak after a
+    /// failure (0 otherwise).
+    pub fn record(&self, outcome: Outcome, elapsed: Duration) -> u32 {
+        let now = now_ns();
+        match outcome {
+            Outcome::Success => {
+                self.calls.fetch_add(1, Ordering::Relaxed);
+                self.latency.observe(elapsed, now);
+                self.outlier.on_success(now / 1_000_000);
+                0
+            }
+            Outcome::Failure => {
+                self.calls.fetch_add(1, Ordering::Relaxed);
+                self.errors.fetch_add(1, Ordering::Relaxed);
+                // A failure is at least as slow as the time it took: a node that times out must
+                // not look fast.
+                self.latency.observe(elapsed, now);
+                self.outlier.on_failure()
+            }
+            Outcome::Cancelled => 0,
+        }
+    }
+
+    /// Calls and errors since the previous call of this method (for load reports).
+    pub fn take_counts(&self) -> (u64, u64) {
+        (
+            self.calls.swap(0, Ordering::Relaxed),
+            self.errors.swap(0, Ordering::Relaxed),
+        )
+    }
+}
+
+/// One in-flight call on a node; released on drop (also when a call is cancelled).
+#[derive(Debug)]
+pub struct InFlight(Arc<NodeConn>);
+
+impl InFlight {
+    /// The node the call is on.
+    pub fn node(&self) -> &Arc<NodeConn> {
+        &self.0
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.0.slot_freed.notify_waiters();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_limit_is_enforced_and_slots_come_back() {
+        let n = Arc::new(NodeConn::new("n", "127.0.0.1:1", "a", 2, Arc::default()).unwrap());
+        let a = n.try_start_call().unwrap();
+        let _b = n.try_start_call().unwrap();
+        assert!(n.is_full());
+        assert!(n.try_start_call().is_none());
+        drop(a);
+        assert_eq!(n.in_flight(), 1);
+        assert!(n.try_start_call().is_some());
+        // Streams ignore the limit.
+        let _s = n.start_call();
+        assert_eq!(n.in_flight(), 2);
+    }
+}

@@ -1,0 +1,259 @@
+//! Forwarding one unary call: attempts, retries, hedging and deadlines.
+//!
+//! A call gets a time budget (the caller's `grpc-timeout`, else the model's default). Within it:
+//! - an attempt goes to the node [`RouterState::pick`] chooses, with the remaining budget
+//!   passed on to the node (and capped by the model's per-try timeout);
+//! - a failed attempt (UNAVAILABLE, a node's RESOURCE_EXHAUSTED, an attempt timing out) of an
+//!   idempotent call is retried on a node not tried yet — local first, the other region last —
+//!   after a short jittered backoff, while the model's retry budget allows;
+//! - with hedging on, a second attempt starts after the hedge delay if no answer came; the
+//!   first answer wins and the other attempt is cancelled;
+//! - when every node is at its concurrency limit the call waits briefly in a bounded queue,
+//!   then is shed with RESOURCE_EXHAUSTED.
+//!
+//! Unary calls only: a response is never partially sent, so a retry can never duplicate data
+//! the caller has seen. (Streams are never retried once data flowed.)
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use rand::Rng;
+use tokio::time::Instant;
+use tonic::metadata::MetadataMap;
+use tonic::{Code, Request, Response, Status};
+use tower::retry::budget::Budget;
+
+use super::deadline;
+use crate::endpoint::{NodeConn, Outcome};
+use crate::error::RouteError;
+use crate::policy::Hedge;
+use crate::router::{Picked, RouterState};
+use crate::table::{RoutedNode, RoutingTable};
+
+/// First retry backoff: a few milliseconds, enough for a connection refusal to be more than a
+/// race with a restart, small next to any call's deadline.
+const BACKOFF_BASE: Duration = Duration::from_millis(5);
+
+/// Longest retry backoff: retries are for failing over, not for waiting a node out.
+const BACKOFF_MAX: Duration = Duration::from_millis(100);
+
+/// Backoff before retry number `n` (1-based): exponential with full jitter.
+pub fn backoff(n: u32, rng: &mut impl Rng) -> Duration {
+    let cap = BACKOFF_BASE
+        .saturating_mul(1 << n.saturating_sub(1).min(10))
+        .min(BACKOFF_MAX);
+    cap.mul_f64(rng.random_range(0.0..1.0))
+}
+
+/// Whether a failed attempt may be retried elsewhere.
+pub fn retryable(status: &Status) -> bool {
+    matches!(
+        status.code(),
+        Code::Unavailable | Code::ResourceExhausted | Code::DeadlineExceeded
+    )
+}
+
+/// How an attempt's status reflects on the node.
+pub fn outcome_of(status: &Status) -> Outcome {
+    match status.code() {
+        Code::Unavailable
+        | Code::ResourceExhausted
+        | Code::DeadlineExceeded
+        | Code::Internal
+        | Code::Unknown
+        | Code::DataLoss => Outcome::Failure,
+        // The node answered about the request (NOT_FOUND, INVALID_ARGUMENT, …): it works.
+        _ => Outcome::Success,
+    }
+}
+
+/// The node that served (or failed) an attempt, named in the response metadata.
+pub fn tag(metadata: &mut MetadataMap, node: &NodeConn) {
+    if let Ok(v) = node.id.parse() {
+        metadata.insert(super::oip::NODE_HEADER, v);
+    }
+    if let Ok(v) = node.region.parse() {
+        metadata.insert(super::oip::REGION_HEADER, v);
+    }
+}
+
+/// The affinity key of a call, when the model hashes on a header.
+pub fn affinity_key(table: &RoutingTable, model: &str, metadata: &MetadataMap) -> Option<u64> {
+    let header = table.models.get(model)?.settings.hash_header.as_deref()?;
+    let value = metadata.get(header)?;
+    Some(crate::balance::ring::hash(value.as_bytes()))
+}
+
+/// Forwards a unary call for `model` with `call`, which sends one attempt to a node.
+pub async fn unary<Req, T, F, Fut>(
+    state: &RouterState,
+    model: &str,
+    metadata: &MetadataMap,
+    message: Req,
+    call: F,
+) -> Result<Response<T>, Status>
+where
+    Req: Clone,
+    F: Fn(RoutedNode, Request<Req>) -> Fut,
+    Fut: Future<Output = Result<Response<T>, Status>>,
+{
+    let table = state.table.load_full();
+    let route = table
+        .models
+        .get(model)
+        .ok_or_else(|| RouteError::UnknownModel(model.to_owned()))?;
+    let settings = route.settings.clone();
+    let budget = deadline::budget(metadata, settings.timeout);
+    let started = Instant::now();
+    let deadline_at = started + budget;
+    let key = affinity_key(&table, model, metadata);
+    let attempts = settings.attempts();
+    let retry_budget = route.state.budget.clone();
+    let latency = route.state.latency.clone();
+    retry_budget.deposit();
+
+    let mut tried: Vec<Arc<NodeConn>> = Vec::new();
+    let mut running = FuturesUnordered::new();
+    let mut started_attempts = 0u32;
+    let mut last_failure: Option<Status> = None;
+    let hedge_delay = match settings.hedge {
+        _ if !settings.idempotent => None,
+        Hedge::Off => None,
+        Hedge::After(d) => Some(d),
+        Hedge::P95 => latency.p95(),
+    };
+    let mut hedge_at = hedge_delay.map(|d| started + d);
+
+    // Starts one attempt, or says why none can start.
+    let start = |picked: Picked, remaining: Duration| {
+        let Picked { node, slot } = picked;
+        let per_try = settings
+            .per_try_timeout
+            .map_or(remaining, |t| t.min(remaining));
+        let mut request = Request::new(message.clone());
+        request.set_timeout(per_try);
+        let fut = call(node.clone(), request);
+        async move {
+            let t0 = Instant::now();
+            let result = match tokio::time::timeout(per_try, fut).await {
+                Ok(r) => r,
+                Err(_) => Err(Status::deadline_exceeded(format!(
+                    "node {} did not answer within {per_try:?}",
+                    node.conn.id
+                ))),
+            };
+            let outcome = match &result {
+                Ok(_) => Outcome::Success,
+                Err(s) => outcome_of(s),
+            };
+            let streak = node.conn.record(outcome, t0.elapsed());
+            drop(slot);
+            (node.conn.clone(), result, streak, t0.elapsed())
+        }
+    };
+
+    loop {
+        // Start an attempt when none runs (first, or retry after a failure).
+        if running.is_empty() {
+            let remaining = deadline_at.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                return Err(
+                    last_failure.unwrap_or_else(|| RouteError::DeadlineExceeded(budget).into())
+                );
+            }
+            match state.pick(&table, model, &tried, key) {
+                Ok(picked) => {
+                    tried.push(picked.node.conn.clone());
+                    started_attempts += 1;
+                    running.push(start(picked, remaining));
+                }
+                Err(RouteError::AllNodesBusy { .. }) if state.wait_for_slot(remaining).await => {
+                    continue;
+                }
+                Err(e) => return Err(last_failure.unwrap_or_else(|| e.into())),
+            }
+        }
+        let hedge_sleep = async {
+            match hedge_at {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            Some((conn, result, streak, elapsed)) = running.next() => {
+                match result {
+                    Ok(mut resp) => {
+                        latency.record(elapsed);
+                        tag(resp.metadata_mut(), &conn);
+                        return Ok(resp);
+                    }
+                    Err(mut status) => {
+                        state.node_failed(&table, &conn, streak);
+                        tag(status.metadata_mut(), &conn);
+                        let can_retry = retryable(&status)
+                            && started_attempts < attempts
+                            && Instant::now() < deadline_at;
+                        last_failure = Some(status);
+                        if !running.is_empty() {
+                            // A hedge is still running: its answer may yet win.
+                            continue;
+                        }
+                        if !can_retry || !retry_budget.withdraw() {
+                            return Err(last_failure.take().expect("just set"));
+                        }
+                        tracing::debug!(node = %conn.id, attempt = started_attempts, "retrying on another node");
+                        let pause = backoff(started_attempts, &mut rand::rng())
+                            .min(deadline_at.saturating_duration_since(Instant::now()));
+                        tokio::time::sleep(pause).await;
+                        hedge_at = None;
+                    }
+                }
+            }
+            () = hedge_sleep => {
+                hedge_at = None;
+                if started_attempts < attempts && retry_budget.withdraw() {
+                    let remaining = deadline_at.saturating_duration_since(Instant::now());
+                    if let Ok(picked) = state.pick(&table, model, &tried, key) {
+                        tracing::debug!(node = %picked.node.conn.id, "hedging");
+                        tried.push(picked.node.conn.clone());
+                        started_attempts += 1;
+                        running.push(start(picked, remaining));
+                    }
+                }
+            }
+            () = tokio::time::sleep_until(deadline_at) => {
+                return Err(last_failure.unwrap_or_else(|| RouteError::DeadlineExceeded(budget).into()));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+    use rand::rngs::SmallRng;
+
+    #[test]
+    fn backoff_is_bounded_and_grows() {
+        let mut rng = SmallRng::seed_from_u64(1);
+        for n in 1..20 {
+            let b = backoff(n, &mut rng);
+            assert!(b <= BACKOFF_MAX);
+        }
+        let first_max = (0..1000).map(|_| backoff(1, &mut rng)).max().unwrap();
+        assert!(first_max <= BACKOFF_BASE);
+    }
+
+    #[test]
+    fn what_is_retried() {
+        assert!(retryable(&Status::unavailable("x")));
+        assert!(retryable(&Status::resource_exhausted("x")));
+        assert!(!retryable(&Status::invalid_argument("x")));
+        assert!(!retryable(&Status::not_found("x")));
+        assert_eq!(outcome_of(&Status::not_found("x")), Outcome::Success);
+        assert_eq!(outcome_of(&Status::unavailable("x")), Outcome::Failure);
+    }
+}
