@@ -34,9 +34,17 @@ pub enum RouteError {
         /// The model asked for.
         model: String,
     },
-    /// The caller's deadline (or the router's default) ran out.
-    #[error("deadline of {0:?} exceeded before a node answered")]
-    DeadlineExceeded(Duration),
+    /// The caller's deadline (or the model's default) ran out.
+    #[error("deadline of {budget:?} exceeded{}", match waiting_for {
+        Some(node) => format!(" waiting for node {node}"),
+        None => " before a node could be called".to_owned(),
+    })]
+    DeadlineExceeded {
+        /// The call's time budget.
+        budget: Duration,
+        /// The node whose answer was awaited, if one was called.
+        waiting_for: Option<String>,
+    },
 }
 
 impl From<RouteError> for Status {
@@ -47,7 +55,7 @@ impl From<RouteError> for Status {
             RouteError::UnknownModel(_) => Status::not_found(msg),
             RouteError::NoHealthyNode { .. } => Status::unavailable(msg),
             RouteError::AllNodesBusy { .. } => Status::resource_exhausted(msg),
-            RouteError::DeadlineExceeded(_) => Status::deadline_exceeded(msg),
+            RouteError::DeadlineExceeded { .. } => Status::deadline_exceeded(msg),
         }
     }
 }

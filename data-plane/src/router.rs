@@ -213,13 +213,14 @@ impl RouterState {
         }
     }
 
-    /// Waits for a slot to free up, if the wait queue has room; returns whether it waited.
-    pub async fn wait_for_slot(&self, budget: Duration) -> bool {
+    /// Waits up to `wait` (at most [`MAX_QUEUE_WAIT`]) for a slot to free up, if the wait queue
+    /// has room; returns whether a slot freed.
+    pub async fn wait_for_slot(&self, wait: Duration) -> bool {
         if self.queued.fetch_add(1, Ordering::AcqRel) >= MAX_QUEUED_CALLS {
             self.queued.fetch_sub(1, Ordering::AcqRel);
             return false;
         }
-        let wait = budget.min(MAX_QUEUE_WAIT);
+        let wait = wait.min(MAX_QUEUE_WAIT);
         let waited = tokio::time::timeout(wait, self.slot_freed.notified())
             .await
             .is_ok();

@@ -59,15 +59,28 @@ pub async fn serve(
     health_reporter
         .set_serving::<GrpcInferenceServiceServer<OipService>>()
         .await;
-    let oip = GrpcInferenceServiceServer::new(OipService::new(state))
+    let oip = GrpcInferenceServiceServer::new(OipService::new(state.clone()))
         // Backstop only: the layer answers oversized messages first, with the right status.
         .max_decoding_message_size(config.max_message_size)
         .max_encoding_message_size(config.max_message_size);
+    // Everything the router does not serve itself is passed through by model header.
+    let passthrough_state = state.clone();
+    let passthrough = tower::service_fn(move |req: http::Request<axum::body::Body>| {
+        let state = passthrough_state.clone();
+        async move {
+            Ok::<_, std::convert::Infallible>(
+                crate::ingress::passthrough::forward(state, req).await,
+            )
+        }
+    });
+    let routes = tonic::service::Routes::new(health_service)
+        .add_service(oip)
+        .into_axum_router()
+        .fallback_service(passthrough);
     let result = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .layer(MaxMessageSizeLayer::new(config.max_message_size))
-        .add_service(health_service)
-        .add_service(oip)
+        .add_routes(routes.into())
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await;
     subscription.abort();

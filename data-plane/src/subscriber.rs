@@ -9,13 +9,14 @@ use std::time::Duration;
 
 use fulcrum_proto::fulcrum::v1::routing_client::RoutingClient;
 use fulcrum_proto::fulcrum::v1::{
-    Ack, Nack, RouterHello, RouterMessage, RoutingUpdate, router_message,
+    Ack, LoadReport, Nack, NodeLoad, RouterHello, RouterMessage, RoutingUpdate, router_message,
 };
 use rand::Rng;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Endpoint;
 
+use crate::endpoint::now_ns;
 use crate::router::RouterState;
 use crate::table::RoutingTable;
 
@@ -29,6 +30,11 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 /// Connect timeout to a control-plane replica (loopback or in-region).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How often the router reports per-node load to the control plane: a few times a second, so
+/// the global view lags the routers' own by well under a second, at the cost of one small
+/// message per interval.
+const REPORT_INTERVAL: Duration = Duration::from_millis(500);
 
 /// Messages to the control plane queued on one stream (ACKs, NACKs, reports): they are tiny and
 /// the stream drains them at once; the bound only guards against a stuck connection.
@@ -71,7 +77,7 @@ pub async fn run(config: SubscriberConfig, state: Arc<RouterState>) {
 async fn session(
     addr: &str,
     config: &SubscriberConfig,
-    state: &RouterState,
+    state: &Arc<RouterState>,
 ) -> Result<u64, Box<dyn std::error::Error + Send + Sync>> {
     let channel = Endpoint::from_shared(format!("http://{addr}"))?
         .connect_timeout(CONNECT_TIMEOUT)
@@ -92,6 +98,8 @@ async fn session(
         .await?
         .into_inner();
     tracing::info!(control = %addr, "subscribed to the control plane");
+    let reporter = tokio::spawn(report_load(tx.clone(), state.clone()));
+    let _stop_reporter = AbortOnDrop(reporter);
     let mut applied = 0;
     while let Some(update) = updates.message().await? {
         let reply = match apply(&update, state) {
@@ -112,6 +120,49 @@ async fn session(
         tx.send(send(reply)).await?;
     }
     Ok(applied)
+}
+
+/// Aborts a task when dropped (the session ends one way or another).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Sends a load report every [`REPORT_INTERVAL`] until the stream closes: per node, the calls
+/// in flight now, calls and errors since the last report, the latency estimate and whether the
+/// node is ejected here.
+async fn report_load(tx: mpsc::Sender<RouterMessage>, state: Arc<RouterState>) {
+    let mut ticker = tokio::time::interval(REPORT_INTERVAL);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let table = state.table.load();
+        let now = now_ns();
+        let nodes = table
+            .nodes
+            .values()
+            .map(|n| {
+                let (calls, errors) = n.take_counts();
+                NodeLoad {
+                    node_id: n.id.clone(),
+                    in_flight: n.in_flight(),
+                    calls,
+                    errors,
+                    latency_ewma_ms: n.latency.estimate_ms(now),
+                    ejected: n.outlier.is_ejected(now / 1_000_000),
+                }
+            })
+            .collect();
+        let report = RouterMessage {
+            message: Some(router_message::Message::Load(LoadReport { nodes })),
+        };
+        if tx.send(report).await.is_err() {
+            return;
+        }
+    }
 }
 
 /// Applies one update, or says why not. Never moves to an older version.

@@ -42,3 +42,11 @@ pub fn free_port() -> u16 {
         .map(|a| a.port())
         .expect("no free port on loopback")
 }
+
+/// Serializes the tests that measure shares, latencies or timing within one test binary, so
+/// they do not compete with each other for this machine's two cores. Hold the guard for the
+/// whole test.
+pub async fn exclusive() -> tokio::sync::MutexGuard<'static, ()> {
+    static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    LOCK.lock().await
+}

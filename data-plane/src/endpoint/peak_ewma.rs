@@ -12,9 +12,12 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-/// Time constant of the average: ten seconds, as in Linkerd and tower. Long enough to ride out
-/// one slow call, short enough that a recovered node wins its share back within seconds.
-pub const DECAY: Duration = Duration::from_secs(10);
+/// Time constant of the average: two seconds. Linkerd uses ten, but the decay depends on time,
+/// not on the number of calls, so one slow batch (common on a shared GPU) would make a fast node
+/// look as slow as that batch for ten seconds and erase the difference from a really slow node.
+/// Two seconds still rides out single slow calls while letting a recovered node win its share
+/// back quickly.
+pub const DECAY: Duration = Duration::from_secs(2);
 
 /// Estimate of a node never measured: 10 ms, a typical small-model inference. Too low and a new
 /// node gets a burst before its first answer; too high and it waits long for its first calls.
@@ -85,10 +88,10 @@ mod tests {
             (e.estimate_ms(MS) - 50.0).abs() < 1e-6,
             "a peak replaces the estimate"
         );
-        // Many fast samples, one per 10 ms over 10 s, pull it down toward 2 ms.
+        // Many fast samples, one per 2 ms over one decay time, pull it down toward 2 ms.
         let mut t = MS;
         for _ in 0..1000 {
-            t += 10 * MS;
+            t += 2 * MS;
             e.observe(Duration::from_millis(2), t);
         }
         let est = e.estimate_ms(t);

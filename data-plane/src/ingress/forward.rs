@@ -29,7 +29,7 @@ use super::deadline;
 use crate::endpoint::{NodeConn, Outcome};
 use crate::error::RouteError;
 use crate::policy::Hedge;
-use crate::router::{Picked, RouterState};
+use crate::router::{MAX_QUEUE_WAIT, Picked, RouterState};
 use crate::table::{RoutedNode, RoutingTable};
 
 /// First retry backoff: a few milliseconds, enough for a connection refusal to be more than a
@@ -47,12 +47,20 @@ pub fn backoff(n: u32, rng: &mut impl Rng) -> Duration {
     cap.mul_f64(rng.random_range(0.0..1.0))
 }
 
-/// Whether a failed attempt may be retried elsewhere.
+/// Slack added to the deadline passed on to a node, so that the router's own per-attempt timer
+/// fires first and the attempt ends as DEADLINE_EXCEEDED here (retryable, and blamed on the
+/// node) rather than as tonic's client-side CANCELLED. A few milliseconds: the node's own
+/// timer firing a hair later changes nothing, as the router cancels the call at its deadline.
+const NODE_DEADLINE_SLACK: Duration = Duration::from_millis(5);
+
+/// Whether a failed attempt may be retried elsewhere: the node said it cannot serve now
+/// (UNAVAILABLE, RESOURCE_EXHAUSTED), the attempt timed out, or the connection failed under the
+/// call (a status made by the client transport, not sent by the node: resets, GOAWAY races).
 pub fn retryable(status: &Status) -> bool {
     matches!(
         status.code(),
         Code::Unavailable | Code::ResourceExhausted | Code::DeadlineExceeded
-    )
+    ) || std::error::Error::source(status).is_some()
 }
 
 /// How an attempt's status reflects on the node.
@@ -64,6 +72,8 @@ pub fn outcome_of(status: &Status) -> Outcome {
         | Code::Internal
         | Code::Unknown
         | Code::DataLoss => Outcome::Failure,
+        // The connection failed under the call.
+        _ if std::error::Error::source(status).is_some() => Outcome::Failure,
         // The node answered about the request (NOT_FOUND, INVALID_ARGUMENT, …): it works.
         _ => Outcome::Success,
     }
@@ -115,6 +125,7 @@ where
     retry_budget.deposit();
 
     let mut tried: Vec<Arc<NodeConn>> = Vec::new();
+    let mut queued_until: Option<Instant> = None;
     let mut running = FuturesUnordered::new();
     let mut started_attempts = 0u32;
     let mut last_failure: Option<Status> = None;
@@ -133,7 +144,7 @@ where
             .per_try_timeout
             .map_or(remaining, |t| t.min(remaining));
         let mut request = Request::new(message.clone());
-        request.set_timeout(per_try);
+        request.set_timeout(per_try + NODE_DEADLINE_SLACK);
         let fut = call(node.clone(), request);
         async move {
             let t0 = Instant::now();
@@ -159,9 +170,13 @@ where
         if running.is_empty() {
             let remaining = deadline_at.saturating_duration_since(Instant::now());
             if remaining.is_zero() {
-                return Err(
-                    last_failure.unwrap_or_else(|| RouteError::DeadlineExceeded(budget).into())
-                );
+                return Err(last_failure.unwrap_or_else(|| {
+                    RouteError::DeadlineExceeded {
+                        budget,
+                        waiting_for: None,
+                    }
+                    .into()
+                }));
             }
             match state.pick(&table, model, &tried, key) {
                 Ok(picked) => {
@@ -169,8 +184,21 @@ where
                     started_attempts += 1;
                     running.push(start(picked, remaining));
                 }
-                Err(RouteError::AllNodesBusy { .. }) if state.wait_for_slot(remaining).await => {
-                    continue;
+                Err(RouteError::AllNodesBusy { .. }) => {
+                    // Wait for a slot, at most MAX_QUEUE_WAIT in all for this call.
+                    let queue_end = *queued_until.get_or_insert(Instant::now() + MAX_QUEUE_WAIT);
+                    let wait = queue_end
+                        .min(deadline_at)
+                        .saturating_duration_since(Instant::now());
+                    if !wait.is_zero() && state.wait_for_slot(wait).await {
+                        continue;
+                    }
+                    return Err(last_failure.unwrap_or_else(|| {
+                        RouteError::AllNodesBusy {
+                            model: model.to_owned(),
+                        }
+                        .into()
+                    }));
                 }
                 Err(e) => return Err(last_failure.unwrap_or_else(|| e.into())),
             }
@@ -224,7 +252,12 @@ where
                 }
             }
             () = tokio::time::sleep_until(deadline_at) => {
-                return Err(last_failure.unwrap_or_else(|| RouteError::DeadlineExceeded(budget).into()));
+                let waiting_for = tried.last().map(|n| n.id.clone());
+                let mut status: Status = RouteError::DeadlineExceeded { budget, waiting_for }.into();
+                if let Some(node) = tried.last() {
+                    tag(status.metadata_mut(), node);
+                }
+                return Err(status);
             }
         }
     }
