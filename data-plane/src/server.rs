@@ -12,6 +12,11 @@ use crate::limits::{DEFAULT_MAX_MESSAGE_SIZE, MaxMessageSizeLayer};
 use crate::router::RouterState;
 use crate::subscriber::{self, SubscriberConfig};
 
+/// How long a stopping router lets calls in flight finish after it stops accepting new ones:
+/// ten seconds covers the default five-second deadline twice over, so a call that started just
+/// before the stop is not cut; a rolling restart waits at most that long per router.
+pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// A router's bootstrap settings (policy comes from the control plane).
 #[derive(Debug, Clone)]
 pub struct RouterConfig {
@@ -23,6 +28,8 @@ pub struct RouterConfig {
     pub control: Vec<String>,
     /// Largest message accepted, in bytes.
     pub max_message_size: usize,
+    /// How long calls in flight may finish after a shutdown begins.
+    pub shutdown_grace: std::time::Duration,
 }
 
 impl RouterConfig {
@@ -34,11 +41,14 @@ impl RouterConfig {
             region,
             control,
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
+            shutdown_grace: SHUTDOWN_GRACE,
         }
     }
 }
 
-/// Runs a router on `listener` until `shutdown` completes.
+/// Runs a router on `listener` until `shutdown` completes; then stops accepting calls, lets
+/// those in flight finish (at most [`RouterConfig::shutdown_grace`]), and leaves the control
+/// plane (its routing stream closes, and the control plane forgets it).
 pub async fn serve(
     config: RouterConfig,
     listener: TcpListener,
@@ -77,12 +87,31 @@ pub async fn serve(
         .add_service(oip)
         .into_axum_router()
         .fallback_service(passthrough);
-    let result = tonic::transport::Server::builder()
+    let (stopping_tx, stopping) = tokio::sync::oneshot::channel::<()>();
+    let signal = async move {
+        shutdown.await;
+        tracing::info!("router stopping: no new calls, finishing those in flight");
+        let _ = stopping_tx.send(());
+    };
+    let server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .layer(MaxMessageSizeLayer::new(config.max_message_size))
         .add_routes(routes.into())
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
-        .await;
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);
+    let grace = config.shutdown_grace;
+    let result = tokio::select! {
+        r = server => r,
+        () = async move {
+            if stopping.await.is_ok() {
+                tokio::time::sleep(grace).await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        } => {
+            tracing::warn!(?grace, "calls still in flight after the grace period; stopping anyway");
+            Ok(())
+        }
+    };
     subscription.abort();
     result
 }

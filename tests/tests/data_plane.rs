@@ -439,3 +439,131 @@ async fn streams_and_pass_through_fail_over_for_new_calls() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hedged_calls_are_answered_by_the_fast_node() {
+    let _serial = fulcrum_tests::exclusive().await;
+    let slow = node("a-1", "const:2s", 8).await;
+    let fast = node("a-2", "const:1ms", 8).await;
+    let mut s = stack(&[("a-1", &slow, "a", 8), ("a-2", &fast, "a", 8)]).await;
+    warm(s.router.addr, 2).await;
+    // Round robin sends every other first attempt to the slow node; the hedge after 50 ms goes
+    // to the other one and wins.
+    s.admin
+        .set_model_policy(ModelPolicy {
+            model: "echo".into(),
+            balancer: fulcrum_proto::fulcrum::v1::Balancer::RoundRobin as i32,
+            hedge_after_ms: 50,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let c = oip(s.router.addr).await;
+    let slow_calls = slow.controls();
+    let before = slow_calls.calls();
+    eventually(
+        "hedged calls answered by a-2",
+        Duration::from_secs(20),
+        || {
+            let mut c = c.clone();
+            let slow_calls = slow_calls.clone();
+            async move {
+                for _ in 0..10 {
+                    let r = c.model_infer(echo_request("echo", &[1.0])).await.ok()?;
+                    if served_by(r.metadata()).0 != "a-2" {
+                        return None;
+                    }
+                }
+                // The slow node was asked too (first attempts), and lost every race.
+                (slow_calls.calls() > before).then_some(())
+            }
+        },
+    )
+    .await;
+    // The losing attempts were cancelled, not left running on the slow node.
+    let controls = slow.controls();
+    eventually("losing attempts cancelled", Duration::from_secs(1), || {
+        let n = controls.in_flight();
+        async move { (n == 0).then_some(()) }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consistent_hashing_keeps_a_key_on_one_node() {
+    let _serial = fulcrum_tests::exclusive().await;
+    let mut nodes = Vec::new();
+    for id in ["a-1", "a-2", "a-3"] {
+        nodes.push(node(id, "const:1ms", 8).await);
+    }
+    let mut s = stack(&[
+        ("a-1", &nodes[0], "a", 8),
+        ("a-2", &nodes[1], "a", 8),
+        ("a-3", &nodes[2], "a", 8),
+    ])
+    .await;
+    warm(s.router.addr, 3).await;
+    s.admin
+        .set_model_policy(ModelPolicy {
+            model: "echo".into(),
+            balancer: fulcrum_proto::fulcrum::v1::Balancer::ConsistentHash as i32,
+            hash_header: "x-session".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let c = oip(s.router.addr).await;
+    let node_for = |key: String| {
+        let mut c = c.clone();
+        async move {
+            let mut req = tonic::Request::new(echo_request("echo", &[1.0]));
+            req.metadata_mut().insert("x-session", key.parse().unwrap());
+            let r = c.model_infer(req).await.ok()?;
+            Some(served_by(r.metadata()).0)
+        }
+    };
+    // Once the policy is applied, each key sticks to one node, and keys spread over nodes.
+    eventually("keys stick to nodes", Duration::from_secs(20), || async {
+        let mut owners = std::collections::HashSet::new();
+        for k in 0..12 {
+            let key = format!("session-{k}");
+            let first = node_for(key.clone()).await?;
+            for _ in 0..4 {
+                if node_for(key.clone()).await? != first {
+                    return None;
+                }
+            }
+            owners.insert(first);
+        }
+        (owners.len() >= 2).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_router_finishes_the_calls_in_flight() {
+    let _serial = fulcrum_tests::exclusive().await;
+    let n = node("a-1", "const:500ms", 8).await;
+    let s = stack(&[("a-1", &n, "a", 8)]).await;
+    let addr = s.router.addr;
+    let mut c = oip(addr).await;
+    let call = tokio::spawn(async move { c.model_infer(echo_request("echo", &[3.0])).await });
+    let controls = n.controls();
+    eventually("the call reached the node", Duration::from_secs(5), || {
+        let k = controls.in_flight();
+        async move { (k == 1).then_some(()) }
+    })
+    .await;
+    let Stack { router, .. } = s;
+    let stopping = tokio::spawn(router.stop());
+    let answer = call.await.unwrap();
+    assert!(answer.is_ok(), "the call in flight was cut: {answer:?}");
+    stopping.await.unwrap();
+    // And it no longer accepts calls.
+    assert!(
+        fulcrum_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient::connect(format!("http://{addr}"))
+            .await
+            .is_err(),
+        "the stopped router still accepts connections"
+    );
+}
