@@ -4,10 +4,10 @@ use std::sync::Arc;
 
 use fulcrum_proto::fulcrum::v1::admin_server::Admin;
 use fulcrum_proto::fulcrum::v1::{
-    DeleteModelPolicyResponse, DeregisterNodeRequest, DeregisterNodeResponse, DrainNodeRequest,
-    Endpoint, GetModelPolicyRequest, GetNodeRequest, ListModelPoliciesRequest,
-    ListModelPoliciesResponse, ListNodesRequest, ListNodesResponse, ModelPolicy, NodeSpec,
-    NodeStatus, RegisterNodeRequest, RegisterNodeResponse,
+    ControlStatus, DeleteModelPolicyResponse, DeregisterNodeRequest, DeregisterNodeResponse,
+    DrainNodeRequest, Endpoint, GetModelPolicyRequest, GetNodeRequest, GetStatusRequest,
+    ListModelPoliciesRequest, ListModelPoliciesResponse, ListNodesRequest, ListNodesResponse,
+    ModelPolicy, NodeSpec, NodeStatus, RegisterNodeRequest, RegisterNodeResponse, RouterStatus,
 };
 use tokio::sync::Notify;
 use tonic::{Request, Response, Status};
@@ -25,6 +25,8 @@ pub struct AdminService {
     prober: Arc<Prober>,
     publisher: Publisher,
     changed: Arc<Notify>,
+    replica_id: String,
+    is_leader: tokio::sync::watch::Receiver<bool>,
 }
 
 impl AdminService {
@@ -35,12 +37,16 @@ impl AdminService {
         prober: Arc<Prober>,
         publisher: Publisher,
         changed: Arc<Notify>,
+        replica_id: String,
+        is_leader: tokio::sync::watch::Receiver<bool>,
     ) -> Self {
         Self {
             store,
             prober,
             publisher,
             changed,
+            replica_id,
+            is_leader,
         }
     }
 
@@ -191,5 +197,40 @@ impl Admin for AdminService {
         tracing::info!(model = %model, "model policy removed");
         self.changed.notify_one();
         Ok(Response::new(DeleteModelPolicyResponse {}))
+    }
+
+    async fn get_status(
+        &self,
+        _: Request<GetStatusRequest>,
+    ) -> Result<Response<ControlStatus>, Status> {
+        let table = self.publisher.current();
+        // The leader's name comes from the store; unknown (not an error) when it is unreachable.
+        let leader_id = self
+            .store
+            .leader(crate::control_loop::ELECTION)
+            .await
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        let mut routers: Vec<RouterStatus> = self
+            .publisher
+            .routers()
+            .into_iter()
+            .map(|r| RouterStatus {
+                router_id: r.id,
+                region: r.region,
+                acked_version: r.acked_version,
+                nacks: r.nacks,
+            })
+            .collect();
+        routers.sort_by(|a, b| a.router_id.cmp(&b.router_id));
+        Ok(Response::new(ControlStatus {
+            replica_id: self.replica_id.clone(),
+            leader: *self.is_leader.borrow(),
+            leader_id,
+            routing_version: table.as_ref().map_or(0, |t| t.version),
+            stale: table.as_ref().is_some_and(|t| t.stale),
+            routers,
+        }))
     }
 }

@@ -14,13 +14,14 @@
 //! - [`table`]: specs + health + overrides → the routing table.
 //! - [`control_loop`]: recompute and write the table when anything changes.
 //! - [`publisher`]: follow the table in the store and serve `Subscribe` streams.
-//! - [`admin`]: operator RPCs.
+//! - [`admin`]: operator RPCs, and [`auth`]: who may call them.
 //! - [`error`]: errors and their gRPC statuses.
 //! - [`server`]: assemble and serve a replica.
 
 #![warn(missing_docs)]
 
 pub mod admin;
+pub mod auth;
 pub mod control_loop;
 pub mod error;
 pub mod health;
@@ -34,4 +35,4 @@ pub mod table;
 pub mod weights;
 
 pub use error::Error;
-pub use server::{ControlPlaneConfig, serve};
+pub use server::{AdminAuth, ControlPlaneConfig, serve};

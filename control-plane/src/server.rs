@@ -14,16 +14,52 @@ use crate::admin::AdminService;
 use crate::control_loop;
 use crate::health::prober::{ProbeConfig, Prober};
 use crate::publisher::{Publisher, RoutingService};
-use crate::store::SharedStore;
+use crate::store::{AbortOnDrop, SharedStore};
+
+/// Leader lease TTL: a replica that dies (or is cut off from the store) loses the leadership
+/// within three seconds, so a new leader is elected within the TTL plus a second; shorter would
+/// let a long garbage-collection pause or a slow etcd depose a healthy leader.
+pub const DEFAULT_LEADER_TTL: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Who may call the admin API.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AdminAuth {
+    /// Callers must present `authorization: Bearer <token>`.
+    Token(String),
+    /// Callers on the loopback interface need no credential (one-machine setups: `fulcrum up`);
+    /// with a token, others may still call with it.
+    Loopback(Option<String>),
+}
 
 /// Settings of one replica.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct ControlPlaneConfig {
+    /// This replica's id (shown as the leader's name).
+    pub replica_id: String,
     /// Active health probing.
     pub probe: ProbeConfig,
+    /// Leader lease TTL.
+    pub leader_ttl: std::time::Duration,
+    /// Admin API credentials.
+    pub admin_auth: AdminAuth,
+}
+
+impl ControlPlaneConfig {
+    /// Defaults with the given id and credentials.
+    pub fn new(replica_id: impl Into<String>, admin_auth: AdminAuth) -> Self {
+        Self {
+            replica_id: replica_id.into(),
+            probe: ProbeConfig::default(),
+            leader_ttl: DEFAULT_LEADER_TTL,
+            admin_auth,
+        }
+    }
 }
 
 /// Runs a replica on `listener` until `shutdown` completes.
+///
+/// Dropping the returned future (or aborting its task) stops the replica's background work too,
+/// including the leader lease keep-alive, as if the process had died.
 pub async fn serve(
     config: ControlPlaneConfig,
     store: SharedStore,
@@ -33,11 +69,18 @@ pub async fn serve(
     let changed = Arc::new(Notify::new());
     let prober = Arc::new(Prober::new(config.probe, changed.clone()));
     let (publisher, follower) = Publisher::start(store.clone());
-    let loop_task = tokio::spawn(control_loop::run(
+    let _follower = AbortOnDrop(follower);
+    let (is_leader_tx, is_leader) = tokio::sync::watch::channel(false);
+    // Tied to this future: if the replica is dropped (or its task aborted), its leadership
+    // lapses with it.
+    let _control_loop = AbortOnDrop(tokio::spawn(control_loop::run(
         store.clone(),
         prober.clone(),
         changed.clone(),
-    ));
+        config.replica_id.clone(),
+        config.leader_ttl,
+        is_leader_tx,
+    )));
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
@@ -47,14 +90,19 @@ pub async fn serve(
         .set_serving::<AdminServer<AdminService>>()
         .await;
 
-    let admin = AdminService::new(store, prober, publisher.clone(), changed);
-    let result = tonic::transport::Server::builder()
+    let admin = AdminService::new(
+        store,
+        prober,
+        publisher.clone(),
+        changed,
+        config.replica_id.clone(),
+        is_leader,
+    );
+    let auth = crate::auth::AdminInterceptor::new(config.admin_auth.clone());
+    tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(RoutingServer::new(RoutingService::new(publisher)))
-        .add_service(AdminServer::new(admin))
+        .add_service(AdminServer::with_interceptor(admin, auth))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
-        .await;
-    loop_task.abort();
-    follower.abort();
-    result
+        .await
 }

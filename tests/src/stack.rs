@@ -6,9 +6,9 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use fulcrum_control_plane::ControlPlaneConfig;
 use fulcrum_control_plane::health::Thresholds;
 use fulcrum_control_plane::health::prober::ProbeConfig;
+use fulcrum_control_plane::{AdminAuth, ControlPlaneConfig};
 use fulcrum_data_plane::RouterConfig;
 use fulcrum_proto::fulcrum::v1::admin_client::AdminClient;
 use fulcrum_proto::fulcrum::v1::{Model, NodeSpec, RegisterNodeRequest};
@@ -83,13 +83,18 @@ pub fn fast_probes() -> ProbeConfig {
 
 /// Starts a control-plane replica on `store_url` (an `etcd://` URL, or `memory:`).
 pub async fn control_plane(store_url: &str) -> Running {
+    control_plane_with(store_url, AdminAuth::Loopback(None)).await
+}
+
+/// Starts a control-plane replica on `store_url` with the given admin credentials.
+pub async fn control_plane_with(store_url: &str, auth: AdminAuth) -> Running {
     let store = fulcrum_control_plane::store::open(store_url)
         .await
         .expect("open store");
     Running::spawn(move |listener, stopped| async move {
-        let config = ControlPlaneConfig {
-            probe: fast_probes(),
-        };
+        let id = format!("control-{}", listener.local_addr().expect("local addr"));
+        let mut config = ControlPlaneConfig::new(id, auth);
+        config.probe = fast_probes();
         let shutdown = async move {
             let _ = stopped.await;
         };
@@ -102,7 +107,17 @@ pub async fn control_plane(store_url: &str) -> Running {
 
 /// Starts a router for `region` following the control plane at `control`.
 pub async fn router(region: &str, control: SocketAddr, max_message_size: Option<usize>) -> Running {
-    let mut config = RouterConfig::new(region, vec![control.to_string()]);
+    router_following(region, &[control], max_message_size).await
+}
+
+/// Starts a router for `region` following the control-plane replicas `control`, in order.
+pub async fn router_following(
+    region: &str,
+    control: &[SocketAddr],
+    max_message_size: Option<usize>,
+) -> Running {
+    let control = control.iter().map(ToString::to_string).collect();
+    let mut config = RouterConfig::new(region, control);
     if let Some(m) = max_message_size {
         config.max_message_size = m;
     }

@@ -4,9 +4,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use fulcrum_control_plane::ControlPlaneConfig;
 use fulcrum_control_plane::health::Thresholds;
 use fulcrum_control_plane::health::prober::ProbeConfig;
+use fulcrum_control_plane::{AdminAuth, ControlPlaneConfig};
 
 /// Flags of `fulcrum control`.
 #[derive(Debug, Args)]
@@ -33,11 +33,37 @@ pub(crate) struct ControlArgs {
     /// Consecutive failing probes that make a healthy node unhealthy.
     #[arg(long, default_value_t = 2)]
     unhealthy_after: u32,
+    /// This replica's id (default: control-HOST:PORT of --listen).
+    #[arg(long)]
+    id: Option<String>,
+    /// Leader lease TTL: how soon another replica takes over when this one dies.
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    leader_ttl: Duration,
+    /// Bearer token admin calls must present.
+    #[arg(long, env = "FULCRUM_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
+    /// Accept admin calls from loopback without a token (one-machine setups).
+    #[arg(long)]
+    admin_trust_loopback: bool,
 }
 
 impl ControlArgs {
-    pub(crate) fn config(&self) -> ControlPlaneConfig {
-        ControlPlaneConfig {
+    pub(crate) fn config(&self) -> anyhow::Result<ControlPlaneConfig> {
+        let admin_auth = match (&self.admin_token, self.admin_trust_loopback) {
+            (Some(t), false) if !t.is_empty() => AdminAuth::Token(t.clone()),
+            (t, true) => AdminAuth::Loopback(t.clone().filter(|t| !t.is_empty())),
+            _ => anyhow::bail!(
+                "the admin API needs a credential: pass --admin-token (or set FULCRUM_ADMIN_TOKEN), \
+                 or --admin-trust-loopback to accept admin calls from this machine only"
+            ),
+        };
+        Ok(ControlPlaneConfig {
+            replica_id: self
+                .id
+                .clone()
+                .unwrap_or_else(|| format!("control-{}", self.listen)),
+            leader_ttl: self.leader_ttl,
+            admin_auth,
             probe: ProbeConfig {
                 interval: self.probe_interval,
                 timeout: self.probe_timeout,
@@ -46,11 +72,12 @@ impl ControlArgs {
                     unhealthy_after: self.unhealthy_after.max(1),
                 },
             },
-        }
+        })
     }
 }
 
 pub(crate) async fn run(args: ControlArgs) -> anyhow::Result<()> {
+    let config = args.config()?;
     let store = fulcrum_control_plane::store::open(&args.store)
         .await
         .with_context(|| format!("opening store {}", args.store))?;
@@ -58,6 +85,6 @@ pub(crate) async fn run(args: ControlArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}", args.listen))?;
     tracing::info!(listen = %args.listen, store = %args.store, "control plane serving");
-    fulcrum_control_plane::serve(args.config(), store, listener, crate::shutdown_signal()).await?;
+    fulcrum_control_plane::serve(config, store, listener, crate::shutdown_signal()).await?;
     Ok(())
 }

@@ -8,8 +8,8 @@ use fulcrum_proto::fulcrum::v1::admin_client::AdminClient;
 use fulcrum_proto::fulcrum::v1::node_sim_control_client::NodeSimControlClient;
 use fulcrum_proto::fulcrum::v1::{
     Balancer, DeregisterNodeRequest, DrainNodeRequest, GetModelPolicyRequest, GetNodeRequest,
-    HealthState, ListModelPoliciesRequest, ListNodesRequest, Model, ModelPolicy, NodeSpec,
-    NodeStatus, RegisterNodeRequest, SimConfig,
+    GetStatusRequest, HealthState, ListModelPoliciesRequest, ListNodesRequest, Model, ModelPolicy,
+    NodeSpec, NodeStatus, RegisterNodeRequest, SimConfig,
 };
 use serde_json::json;
 use tonic::transport::Channel;
@@ -25,12 +25,24 @@ pub(crate) struct CtlArgs {
         env = "FULCRUM_CONTROL"
     )]
     control: String,
+    /// Admin bearer token (not needed against `fulcrum up`, which trusts loopback).
+    #[arg(
+        long,
+        global = true,
+        env = "FULCRUM_ADMIN_TOKEN",
+        hide_env_values = true
+    )]
+    token: Option<String>,
     #[command(subcommand)]
     command: CtlCommand,
 }
 
 #[derive(Debug, Subcommand)]
 enum CtlCommand {
+    /// The replica's status: leadership, routing version, staleness, routers.
+    Status,
+    /// Routers subscribed to the replica, with the version each acknowledged.
+    Routers,
     /// List nodes with their health, weight and models.
     Nodes {
         /// Print JSON (an array of nodes) instead of a table.
@@ -205,7 +217,7 @@ fn print_policy(p: &ModelPolicy) {
     );
 }
 
-async fn policy(admin: &mut AdminClient<Channel>, command: PolicyCommand) -> anyhow::Result<()> {
+async fn policy(admin: &mut Admin, command: PolicyCommand) -> anyhow::Result<()> {
     match command {
         PolicyCommand::List => {
             let resp = admin
@@ -285,13 +297,32 @@ async fn policy(admin: &mut AdminClient<Channel>, command: PolicyCommand) -> any
     Ok(())
 }
 
-async fn connect(addr: &str) -> anyhow::Result<AdminClient<Channel>> {
+/// Adds the bearer token to every admin call.
+#[derive(Debug, Clone)]
+struct Token(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for Token {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(t) = &self.0 {
+            req.metadata_mut().insert("authorization", t.clone());
+        }
+        Ok(req)
+    }
+}
+
+type Admin = AdminClient<tonic::service::interceptor::InterceptedService<Channel, Token>>;
+
+async fn connect(addr: &str, token: Option<&str>) -> anyhow::Result<Admin> {
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
         .connect_timeout(std::time::Duration::from_secs(3))
         .connect()
         .await
         .with_context(|| format!("cannot reach the control plane at {addr}"))?;
-    Ok(AdminClient::new(channel))
+    let token = token
+        .map(|t| format!("Bearer {t}").parse())
+        .transpose()
+        .context("the token is not a valid header value")?;
+    Ok(AdminClient::with_interceptor(channel, Token(token)))
 }
 
 fn status_error(s: tonic::Status) -> anyhow::Error {
@@ -411,8 +442,63 @@ pub(crate) async fn run(args: CtlArgs) -> anyhow::Result<()> {
     {
         return sim(&address, healthy, error_ratio, hang_ratio).await;
     }
-    let mut admin = connect(&args.control).await?;
+    let mut admin = connect(&args.control, args.token.as_deref()).await?;
     match args.command {
+        CtlCommand::Status => {
+            let s = admin
+                .get_status(GetStatusRequest {})
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            let leader = if s.leader_id.is_empty() {
+                "unknown"
+            } else {
+                &s.leader_id
+            };
+            println!("replica          {}", s.replica_id);
+            println!(
+                "leader           {}{}",
+                leader,
+                if s.leader { " (this replica)" } else { "" }
+            );
+            println!(
+                "routing version  {}{}",
+                s.routing_version,
+                if s.stale {
+                    "  STALE: the store is unreachable, serving the last good table"
+                } else {
+                    ""
+                }
+            );
+            println!("routers          {}", s.routers.len());
+        }
+        CtlCommand::Routers => {
+            let s = admin
+                .get_status(GetStatusRequest {})
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            println!(
+                "{:<28} {:<8} {:>10} {:>6} {:>6}",
+                "ROUTER", "REGION", "ACKED", "LAG", "NACKS"
+            );
+            for r in &s.routers {
+                println!(
+                    "{:<28} {:<8} {:>10} {:>6} {:>6}",
+                    r.router_id,
+                    r.region,
+                    r.acked_version,
+                    s.routing_version.saturating_sub(r.acked_version),
+                    r.nacks
+                );
+            }
+            println!(
+                "\n{} router(s) on replica {}; routing version {}",
+                s.routers.len(),
+                s.replica_id,
+                s.routing_version
+            );
+        }
         CtlCommand::Nodes { json, region } => {
             let resp = admin
                 .list_nodes(ListNodesRequest { region })
@@ -491,7 +577,7 @@ pub(crate) async fn run(args: CtlArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn drain(admin: &mut AdminClient<Channel>, id: String, drain: bool) -> anyhow::Result<()> {
+async fn drain(admin: &mut Admin, id: String, drain: bool) -> anyhow::Result<()> {
     admin
         .drain_node(DrainNodeRequest {
             id: id.clone(),

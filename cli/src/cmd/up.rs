@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Args;
-use fulcrum_control_plane::ControlPlaneConfig;
 use fulcrum_control_plane::health::Thresholds;
 use fulcrum_control_plane::health::prober::ProbeConfig;
+use fulcrum_control_plane::{AdminAuth, ControlPlaneConfig};
 use fulcrum_data_plane::RouterConfig;
 use fulcrum_proto::fulcrum::v1::admin_client::AdminClient;
 use fulcrum_proto::fulcrum::v1::{
@@ -82,12 +82,12 @@ pub(crate) async fn run(args: UpArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("opening the embedded store at {}", store_path.display()))?;
     let control = bind(base, "the control plane").await?;
-    let config = ControlPlaneConfig {
-        probe: ProbeConfig {
-            interval: UP_PROBE_INTERVAL,
-            timeout: UP_PROBE_INTERVAL,
-            thresholds: Thresholds::default(),
-        },
+    // One machine: the admin API trusts loopback, so `fulcrum ctl` works with no flags.
+    let mut config = ControlPlaneConfig::new("control-up", AdminAuth::Loopback(None));
+    config.probe = ProbeConfig {
+        interval: UP_PROBE_INTERVAL,
+        timeout: UP_PROBE_INTERVAL,
+        thresholds: Thresholds::default(),
     };
     tasks.spawn(fulcrum_control_plane::serve(
         config,

@@ -14,7 +14,10 @@ use tokio_stream::StreamExt;
 use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 
-use super::{KeyValue, Store, StoreError, WatchEvent, WatchStream};
+use super::{Fence, KeyValue, Leadership, Store, StoreError, WatchEvent, WatchStream};
+
+/// The election key of the embedded store's one-process elections.
+const ELECTION_KEY: &str = "/fulcrum/v1/leader/embedded";
 
 /// How many watch events may queue for a slow watcher before it is told it lagged (it then
 /// re-reads). Writes are batched by the control plane, so a few thousand covers many seconds.
@@ -38,6 +41,10 @@ pub struct EmbeddedStore {
     state: Mutex<State>,
     path: Option<PathBuf>,
     events: broadcast::Sender<WatchEvent>,
+    /// Held by the leader; a campaign waits for it.
+    election: std::sync::Arc<Mutex<()>>,
+    /// The current leader's name and term (each election starts a new term).
+    leader: std::sync::Mutex<(Option<String>, i64)>,
 }
 
 impl EmbeddedStore {
@@ -67,6 +74,8 @@ impl EmbeddedStore {
             state: Mutex::new(state),
             path,
             events,
+            election: std::sync::Arc::default(),
+            leader: std::sync::Mutex::new((None, 0)),
         }
     }
 
@@ -212,6 +221,74 @@ impl Store for EmbeddedStore {
         });
         Ok(Box::pin(tokio_stream::iter(replay).chain(live)))
     }
+
+    async fn campaign(
+        &self,
+        _name: &str,
+        who: &str,
+        _ttl: std::time::Duration,
+    ) -> Result<Leadership, StoreError> {
+        let guard = self.election.clone().lock_owned().await;
+        let term = {
+            let mut l = self
+                .leader
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            l.1 += 1;
+            l.0 = Some(who.to_owned());
+            l.1
+        };
+        // One process cannot lose touch with itself: the leadership is lost only by resigning.
+        let (lost_tx, lost) = tokio::sync::watch::channel(false);
+        Ok(Leadership {
+            fence: Fence {
+                key: ELECTION_KEY.to_owned(),
+                revision: term,
+                lease: 0,
+            },
+            lost,
+            hold: Box::new((guard, lost_tx)),
+        })
+    }
+
+    async fn resign(&self, leadership: Leadership) -> Result<(), StoreError> {
+        self.leader
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .0 = None;
+        drop(leadership);
+        Ok(())
+    }
+
+    async fn put_fenced(
+        &self,
+        fence: &Fence,
+        key: &str,
+        value: Vec<u8>,
+    ) -> Result<Option<i64>, StoreError> {
+        let mut state = self.state.lock().await;
+        let term = self
+            .leader
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .1;
+        if fence.key != ELECTION_KEY || fence.revision != term || self.election.try_lock().is_ok() {
+            return Ok(None);
+        }
+        self.write(&mut state, key, Some(value)).await.map(Some)
+    }
+
+    async fn leader(&self, _name: &str) -> Result<Option<String>, StoreError> {
+        if self.election.try_lock().is_ok() {
+            return Ok(None);
+        }
+        Ok(self
+            .leader
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .0
+            .clone())
+    }
 }
 
 #[cfg(test)]
@@ -249,6 +326,42 @@ mod tests {
         assert_eq!(at, rev);
         assert_eq!(kvs.len(), 1);
         assert_eq!(kvs[0].value, b"hello");
+    }
+
+    #[tokio::test]
+    async fn a_deposed_leader_cannot_write() {
+        let s = std::sync::Arc::new(EmbeddedStore::in_memory());
+        let ttl = std::time::Duration::from_secs(1);
+        let first = s.campaign("e", "one", ttl).await.unwrap();
+        assert_eq!(s.leader("e").await.unwrap().as_deref(), Some("one"));
+        let old_fence = first.fence.clone();
+        assert!(
+            s.put_fenced(&old_fence, "/k", b"1".to_vec())
+                .await
+                .unwrap()
+                .is_some()
+        );
+        // A second campaign waits until the first leader resigns.
+        let s2 = s.clone();
+        let second = tokio::spawn(async move { s2.campaign("e", "two", ttl).await.unwrap() });
+        tokio::task::yield_now().await;
+        assert!(!second.is_finished());
+        s.resign(first).await.unwrap();
+        let second = second.await.unwrap();
+        assert_eq!(s.leader("e").await.unwrap().as_deref(), Some("two"));
+        assert_eq!(
+            s.put_fenced(&old_fence, "/k", b"stale".to_vec())
+                .await
+                .unwrap(),
+            None
+        );
+        assert_eq!(s.get("/k").await.unwrap().unwrap().value, b"1");
+        assert!(
+            s.put_fenced(&second.fence, "/k", b"2".to_vec())
+                .await
+                .unwrap()
+                .is_some()
+        );
     }
 
     #[tokio::test]

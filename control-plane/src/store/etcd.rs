@@ -8,7 +8,7 @@ use etcd_client::{
 };
 use futures::StreamExt;
 
-use super::{KeyValue, Store, StoreError, WatchEvent, WatchStream};
+use super::{AbortOnDrop, Fence, KeyValue, Leadership, Store, StoreError, WatchEvent, WatchStream};
 
 /// Per-request timeout. etcd answers in milliseconds when healthy; three seconds rides out a
 /// leader election inside etcd (its default election timeout is one second) without letting a
@@ -173,5 +173,117 @@ impl Store for EtcdStore {
             futures::stream::iter(items)
         });
         Ok(Box::pin(events))
+    }
+
+    async fn campaign(
+        &self,
+        name: &str,
+        who: &str,
+        ttl: Duration,
+    ) -> Result<Leadership, StoreError> {
+        let ttl_secs = ttl.as_secs().max(1) as i64;
+        let lease = self
+            .client
+            .lease_client()
+            .grant(ttl_secs, None)
+            .await
+            .map_err(unavailable)?
+            .id();
+        let (lost_tx, lost) = tokio::sync::watch::channel(false);
+        // Keep the lease alive from now on (also while campaigning): a keep-alive every third
+        // of the TTL survives two lost ones.
+        let mut lease_client = self.client.lease_client();
+        let keepalive = tokio::spawn(async move {
+            let result: Result<(), etcd_client::Error> = async {
+                let (mut keeper, mut responses) = lease_client.keep_alive(lease).await?;
+                let mut ticker = tokio::time::interval(Duration::from_secs(ttl_secs as u64) / 3);
+                loop {
+                    ticker.tick().await;
+                    keeper.keep_alive().await?;
+                    match tokio::time::timeout(REQUEST_TIMEOUT, responses.message()).await {
+                        Ok(Ok(Some(r))) if r.ttl() > 0 => {}
+                        _ => return Ok(()),
+                    }
+                }
+            }
+            .await;
+            if let Err(e) = result {
+                tracing::warn!(error = %e, "leader lease keep-alive failed");
+            }
+            let _ = lost_tx.send(true);
+        });
+        let hold = AbortOnDrop(keepalive);
+        let mut lost_while_campaigning = lost.clone();
+        let mut election = self.client.election_client();
+        let elected = tokio::select! {
+            r = election.campaign(name, who, lease) => r.map_err(unavailable)?,
+            _ = lost_while_campaigning.wait_for(|l| *l) => {
+                return Err(StoreError::Unavailable("lease lost while campaigning".into()));
+            }
+        };
+        let leader = elected
+            .leader()
+            .ok_or_else(|| StoreError::Corrupt("campaign answered without a leader key".into()))?;
+        let key = leader
+            .key_str()
+            .map_err(|e| StoreError::Corrupt(format!("non-UTF-8 election key: {e}")))?
+            .to_owned();
+        Ok(Leadership {
+            fence: Fence {
+                key,
+                revision: leader.rev(),
+                lease,
+            },
+            lost,
+            hold: Box::new(hold),
+        })
+    }
+
+    async fn resign(&self, leadership: Leadership) -> Result<(), StoreError> {
+        let lease = leadership.fence.lease;
+        drop(leadership);
+        // Revoking the lease deletes the election key: the next candidate is elected at once.
+        self.client
+            .lease_client()
+            .revoke(lease)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn put_fenced(
+        &self,
+        fence: &Fence,
+        key: &str,
+        value: Vec<u8>,
+    ) -> Result<Option<i64>, StoreError> {
+        let txn = Txn::new()
+            .when([Compare::create_revision(
+                fence.key.as_str(),
+                CompareOp::Equal,
+                fence.revision,
+            )])
+            .and_then([TxnOp::put(key, value, None)]);
+        let resp = self
+            .client
+            .kv_client()
+            .txn(txn)
+            .await
+            .map_err(unavailable)?;
+        if !resp.succeeded() {
+            return Ok(None);
+        }
+        header_revision(resp.header()).map(Some)
+    }
+
+    async fn leader(&self, name: &str) -> Result<Option<String>, StoreError> {
+        match self.client.election_client().leader(name).await {
+            Ok(resp) => Ok(resp
+                .kv()
+                .map(|kv| String::from_utf8_lossy(kv.value()).into_owned())),
+            // etcd answers "election: no leader" as an error.
+            Err(e) if e.to_string().contains("no leader") => Ok(None),
+            Err(e) => Err(unavailable(e)),
+        }
     }
 }

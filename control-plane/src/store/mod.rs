@@ -63,6 +63,49 @@ pub enum StoreError {
     Io(#[from] std::io::Error),
 }
 
+/// What a leader's writes are fenced by: its election key and the revision that created it.
+/// A write carrying a fence lands only while that key still exists with that revision, so a
+/// deposed leader (its lease expired, another elected) cannot write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fence {
+    /// The leader's election key.
+    pub key: String,
+    /// The key's create revision.
+    pub revision: i64,
+    /// The lease the key is attached to (0 for the embedded store).
+    pub lease: i64,
+}
+
+/// A leadership held by this replica.
+pub struct Leadership {
+    /// What writes are fenced by.
+    pub fence: Fence,
+    /// Becomes `true` when the leadership is lost (lease expired, store unreachable).
+    pub lost: tokio::sync::watch::Receiver<bool>,
+    /// Whatever keeps the leadership alive (a lease keep-alive task, a lock guard); dropping it
+    /// gives the leadership up.
+    pub hold: Box<dyn std::any::Any + Send + Sync>,
+}
+
+impl std::fmt::Debug for Leadership {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Leadership")
+            .field("fence", &self.fence)
+            .field("lost", &*self.lost.borrow())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Aborts a task when dropped: ties a background task's life to its owner's.
+#[derive(Debug)]
+pub struct AbortOnDrop(pub tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// The key-value interface both backends implement.
 #[async_trait::async_trait]
 pub trait Store: std::fmt::Debug + Send + Sync + 'static {
@@ -89,6 +132,28 @@ pub trait Store: std::fmt::Debug + Send + Sync + 'static {
 
     /// Watches every key under `prefix` for writes after `after_revision`.
     async fn watch(&self, prefix: &str, after_revision: i64) -> Result<WatchStream, StoreError>;
+
+    /// Campaigns in the election `name` as `who`, with a lease of `ttl`; resolves once elected.
+    async fn campaign(
+        &self,
+        name: &str,
+        who: &str,
+        ttl: std::time::Duration,
+    ) -> Result<Leadership, StoreError>;
+
+    /// Gives a leadership up at once (instead of letting its lease expire).
+    async fn resign(&self, leadership: Leadership) -> Result<(), StoreError>;
+
+    /// Writes `value` at `key` only while `fence` holds; `None` when it no longer does.
+    async fn put_fenced(
+        &self,
+        fence: &Fence,
+        key: &str,
+        value: Vec<u8>,
+    ) -> Result<Option<i64>, StoreError>;
+
+    /// Who leads the election `name`, if anyone.
+    async fn leader(&self, name: &str) -> Result<Option<String>, StoreError>;
 }
 
 /// Opens the store named by a `--store` URL: `etcd://host:port[,host:port…]` or

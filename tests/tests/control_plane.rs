@@ -1,0 +1,290 @@
+//! Control-plane replicas on a real etcd: one leader elected through etcd, its writes fenced;
+//! leadership moves when the leader dies and routers keep receiving versions; an etcd outage
+//! leaves routing untouched; the admin API wants its credential.
+
+use std::time::Duration;
+
+use fulcrum_control_plane::AdminAuth;
+use fulcrum_control_plane::store::etcd::EtcdStore;
+use fulcrum_control_plane::store::{Store, open};
+use fulcrum_proto::fulcrum::v1::admin_client::AdminClient;
+use fulcrum_proto::fulcrum::v1::{
+    ControlStatus, DrainNodeRequest, GetStatusRequest, ListNodesRequest, RegisterNodeRequest,
+};
+use fulcrum_sim::node::{NodeSimConfig, spawn};
+use fulcrum_tests::etcd::Etcd;
+use fulcrum_tests::eventually;
+use fulcrum_tests::infer::echo_request;
+use fulcrum_tests::stack::{self, admin, oip, register, spec, wait_ready};
+use tonic::Code;
+use tonic::transport::Channel;
+
+async fn status(admin: &AdminClient<Channel>) -> Option<ControlStatus> {
+    Some(
+        admin
+            .clone()
+            .get_status(GetStatusRequest {})
+            .await
+            .ok()?
+            .into_inner(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leadership_moves_when_the_leader_dies_and_routers_follow() {
+    let _serial = fulcrum_tests::exclusive().await;
+    let etcd = Etcd::start().await;
+    let cp1 = stack::control_plane(&etcd.url()).await;
+    let cp2 = stack::control_plane(&etcd.url()).await;
+    let (mut a1, a2) = (admin(cp1.addr).await, admin(cp2.addr).await);
+    let node = spawn(NodeSimConfig::default(), "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    register(&mut a1, spec("n-1", node.addr, "a", &["echo"], 4)).await;
+    let router = stack::router_following("a", &[cp1.addr, cp2.addr], None).await;
+    wait_ready(router.addr).await;
+
+    // Exactly one leader, and both replicas know who.
+    let (s1, s2) = eventually("a leader is elected", Duration::from_secs(20), || async {
+        let (s1, s2) = (status(&a1).await?, status(&a2).await?);
+        (s1.leader != s2.leader && !s1.leader_id.is_empty() && s1.leader_id == s2.leader_id)
+            .then_some((s1, s2))
+    })
+    .await;
+    let leader_id = if s1.leader {
+        s1.replica_id.clone()
+    } else {
+        s2.replica_id.clone()
+    };
+    assert_eq!(s1.leader_id, leader_id);
+
+    // The leader dies (its task is dropped: no resignation, its lease must expire).
+    let (survivor, survivor_addr, dead) = if s1.leader {
+        (a2, cp2.addr, cp1)
+    } else {
+        (a1, cp1.addr, cp2)
+    };
+    drop(dead);
+    let version_before = status(&survivor).await.unwrap().routing_version;
+    eventually(
+        "the survivor takes over",
+        Duration::from_secs(20),
+        || async {
+            let s = status(&survivor).await?;
+            (s.leader && s.leader_id == s.replica_id).then_some(())
+        },
+    )
+    .await;
+
+    // The new leader writes, and the router (moved to the survivor) applies it: draining the
+    // only node makes the model unavailable at the router; undraining brings it back.
+    let mut survivor_admin = admin(survivor_addr).await;
+    survivor_admin
+        .drain_node(DrainNodeRequest {
+            id: "n-1".into(),
+            drain: true,
+        })
+        .await
+        .unwrap();
+    let c = oip(router.addr).await;
+    eventually(
+        "the router applies the new leader's table",
+        Duration::from_secs(20),
+        || {
+            let mut c = c.clone();
+            async move {
+                let err = c.model_infer(echo_request("echo", &[1.0])).await.err()?;
+                (err.code() == Code::Unavailable).then_some(())
+            }
+        },
+    )
+    .await;
+    let s = status(&survivor).await.unwrap();
+    assert!(
+        s.routing_version > version_before,
+        "no new version after the failover"
+    );
+    assert!(
+        s.routers
+            .iter()
+            .any(|r| r.acked_version == s.routing_version),
+        "the router did not acknowledge the new version: {s:?}"
+    );
+    survivor_admin
+        .drain_node(DrainNodeRequest {
+            id: "n-1".into(),
+            drain: false,
+        })
+        .await
+        .unwrap();
+    eventually("calls succeed again", Duration::from_secs(20), || {
+        let mut c = c.clone();
+        async move {
+            c.model_infer(echo_request("echo", &[1.0]))
+                .await
+                .ok()
+                .map(|_| ())
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deposed_leader_cannot_write() {
+    let etcd = Etcd::start().await;
+    let endpoints = vec![format!("http://{}", etcd.client_addr)];
+    let a = EtcdStore::connect(&endpoints).await.unwrap();
+    let b = EtcdStore::connect(&endpoints).await.unwrap();
+    let ttl = Duration::from_secs(2);
+    let first = a.campaign("/test/election", "a", ttl).await.unwrap();
+    assert!(
+        a.put_fenced(&first.fence, "/test/k", b"a".to_vec())
+            .await
+            .unwrap()
+            .is_some()
+    );
+    let stale_fence = first.fence.clone();
+    // A stops keeping its lease alive (cut off, paused); once it expires, B is elected.
+    drop(first);
+    let second = tokio::time::timeout(
+        Duration::from_secs(20),
+        b.campaign("/test/election", "b", ttl),
+    )
+    .await
+    .expect("B was not elected after A's lease expired")
+    .unwrap();
+    assert_eq!(
+        b.leader("/test/election").await.unwrap().as_deref(),
+        Some("b")
+    );
+    // A, deposed, tries to write with its old fence: refused, nothing changes.
+    assert_eq!(
+        a.put_fenced(&stale_fence, "/test/k", b"stale".to_vec())
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(a.get("/test/k").await.unwrap().unwrap().value, b"a");
+    assert!(
+        b.put_fenced(&second.fence, "/test/k", b"b".to_vec())
+            .await
+            .unwrap()
+            .is_some()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_etcd_outage_leaves_routing_untouched() {
+    let _serial = fulcrum_tests::exclusive().await;
+    let mut etcd = Etcd::start().await;
+    let cp = stack::control_plane(&etcd.url()).await;
+    let mut a = admin(cp.addr).await;
+    let node = spawn(NodeSimConfig::default(), "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    register(&mut a, spec("n-1", node.addr, "a", &["echo"], 4)).await;
+    let router = stack::router("a", cp.addr, None).await;
+    wait_ready(router.addr).await;
+    let mut c = oip(router.addr).await;
+    let version = status(&a).await.unwrap().routing_version;
+
+    etcd.stop();
+    // The replica notices and says so; routing goes on.
+    eventually(
+        "the replica reports its table stale",
+        Duration::from_secs(20),
+        || async { status(&a).await?.stale.then_some(()) },
+    )
+    .await;
+    for _ in 0..20 {
+        c.model_infer(echo_request("echo", &[1.0]))
+            .await
+            .expect("a call failed during the etcd outage");
+    }
+    // Admin writes fail cleanly (UNAVAILABLE), nothing crashes.
+    let err = a
+        .register_node(RegisterNodeRequest {
+            spec: Some(spec("n-2", node.addr, "a", &["echo"], 4)),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+
+    etcd.resume().await;
+    eventually("the replica recovers", Duration::from_secs(30), || async {
+        let s = status(&a).await?;
+        (!s.stale && s.routing_version >= version).then_some(())
+    })
+    .await;
+    // No operator state was lost, and the loop runs again: a drain takes effect.
+    let nodes = a
+        .list_nodes(ListNodesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(nodes.nodes.len(), 1);
+    a.drain_node(DrainNodeRequest {
+        id: "n-1".into(),
+        drain: true,
+    })
+    .await
+    .unwrap();
+    eventually(
+        "the drain reaches the router",
+        Duration::from_secs(20),
+        || {
+            let mut c = c.clone();
+            async move {
+                let err = c.model_infer(echo_request("echo", &[1.0])).await.err()?;
+                (err.code() == Code::Unavailable).then_some(())
+            }
+        },
+    )
+    .await;
+    for _ in 0..5 {
+        assert!(c.model_infer(echo_request("echo", &[1.0])).await.is_err());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_calls_need_the_credential() {
+    let etcd = Etcd::start().await;
+    let cp = stack::control_plane_with(&etcd.url(), AdminAuth::Token("s3cret".into())).await;
+    let store = open(&etcd.url()).await.unwrap();
+    let (before, _) = store.list("/fulcrum/v1/nodes/").await.unwrap();
+    let channel = Channel::from_shared(format!("http://{}", cp.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let register = |token: Option<&'static str>| {
+        let channel = channel.clone();
+        async move {
+            let mut req = tonic::Request::new(RegisterNodeRequest {
+                spec: Some(spec(
+                    "n-1",
+                    "127.0.0.1:9".parse().unwrap(),
+                    "a",
+                    &["echo"],
+                    4,
+                )),
+            });
+            if let Some(t) = token {
+                req.metadata_mut()
+                    .insert("authorization", format!("Bearer {t}").parse().unwrap());
+            }
+            AdminClient::new(channel).register_node(req).await
+        }
+    };
+    for token in [None, Some("wrong")] {
+        let err = register(token).await.unwrap_err();
+        assert_eq!(err.code(), Code::Unauthenticated, "{token:?}: {err:?}");
+    }
+    let (after, _) = store.list("/fulcrum/v1/nodes/").await.unwrap();
+    assert_eq!(before, after, "an unauthenticated call changed the store");
+    register(Some("s3cret"))
+        .await
+        .expect("the right token is accepted");
+    let (after, _) = store.list("/fulcrum/v1/nodes/").await.unwrap();
+    assert_eq!(after.len(), before.len() + 1);
+}
