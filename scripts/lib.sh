@@ -22,11 +22,15 @@ need_etcd() {
   command -v etcd >/dev/null || [ -x /usr/bin/etcd ] || apt_install etcd-server
 }
 
+# The project-local venv (.venv) with the Python test peers: tritonclient (a stock OIP client)
+# and MLServer (a real OIP server, for tests/tests/mlserver.rs). Quick when they are there: the
+# check imports tritonclient but only looks MLServer up (importing it takes seconds).
 need_venv() {
   if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv 2>/dev/null || { apt_install python3-venv; python3 -m venv .venv; }
   fi
-  if ! .venv/bin/python -c 'import tritonclient.grpc, numpy' 2>/dev/null; then
-    .venv/bin/pip install -q --disable-pip-version-check 'tritonclient[grpc]==2.*' numpy
+  if ! .venv/bin/python -c 'import importlib.util as u, tritonclient.grpc, numpy
+assert u.find_spec("mlserver")' 2>/dev/null; then
+    .venv/bin/pip install -q --disable-pip-version-check 'tritonclient[grpc]==2.*' numpy 'mlserver>=1.7,<2'
   fi
 }

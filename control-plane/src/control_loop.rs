@@ -164,6 +164,8 @@ async fn reconcile(
         removed: vec![],
         stale: false,
         policies: next.policies.clone(),
+        heartbeat: false,
+        base_version: 0,
     };
     let Some(rev) = store
         .put_fenced(fence, keys::ROUTING, update.encode_to_vec())

@@ -1,10 +1,13 @@
 //! The routing stream: every replica follows the routing table in the store (a watch) and serves
 //! it to routers over `Subscribe`.
 //!
-//! Fan-out goes through a `tokio::sync::watch` channel holding only the newest table, so a slow
-//! router never holds up the others and never makes memory grow: when it is ready for the next
-//! update it gets the newest one, skipping those it missed. Versions are store revisions, so
-//! they only grow, at every router, whichever replica it talks to.
+//! Each new table is published with the delta from the one before it (only the nodes that
+//! changed, and the ids removed), computed once for all routers. A router that holds the previous
+//! version gets the delta; any other gets a snapshot. Fan-out goes through a `tokio::sync::watch`
+//! holding only the newest table, so a slow router never holds up the others and never makes
+//! memory grow: when it is ready for the next update it gets the newest one (as a snapshot if it
+//! missed a version), skipping those it missed. Versions are store revisions, so they only grow,
+//! at every router, whichever replica it talks to. Heartbeats keep an idle stream provably alive.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -12,16 +15,17 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use fulcrum_proto::fulcrum::v1::routing_server::Routing;
-use fulcrum_proto::fulcrum::v1::{RouterMessage, RoutingUpdate, router_message};
+use fulcrum_proto::fulcrum::v1::{Endpoint, RouterMessage, RoutingUpdate, router_message};
 use futures::Stream;
 use prost::Message;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Notify, mpsc, watch};
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::keys;
 use crate::store::{SharedStore, WatchEvent};
+use crate::table::node_id;
 
 /// Pause before re-reading the store after the watch broke: short enough that routers see a
 /// recovered store within a second, long enough not to hammer a store that is down.
@@ -30,6 +34,48 @@ const REWATCH_BACKOFF: Duration = Duration::from_millis(500);
 /// Updates queued per router stream beyond the one being sent. One is enough: the watch channel
 /// already coalesces, this only lets the next send start while the previous is on the wire.
 const STREAM_BUFFER: usize = 1;
+
+/// A heartbeat goes out on a stream that carried nothing for this long. Routers treat a stream
+/// silent for three intervals as dead and move to another replica, so a hung replica costs a
+/// router at most six seconds of staleness (while it keeps routing on its last table).
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(2);
+
+/// One published version: the snapshot, and the delta from the version before it.
+#[derive(Debug)]
+pub struct Published {
+    /// The whole table.
+    pub snapshot: RoutingUpdate,
+    /// The change from `delta.base_version`, when there was a previous table.
+    pub delta: Option<RoutingUpdate>,
+}
+
+/// The delta from `prev` to `next`: endpoints that are new or changed, ids that are gone, and
+/// all policies (they are few).
+pub fn delta(prev: &RoutingUpdate, next: &RoutingUpdate) -> RoutingUpdate {
+    let before: HashMap<&str, &Endpoint> = prev.endpoints.iter().map(|e| (node_id(e), e)).collect();
+    let after: HashMap<&str, &Endpoint> = next.endpoints.iter().map(|e| (node_id(e), e)).collect();
+    RoutingUpdate {
+        version: next.version,
+        snapshot: false,
+        endpoints: next
+            .endpoints
+            .iter()
+            .filter(|e| before.get(node_id(e)) != Some(e))
+            .cloned()
+            .collect(),
+        removed: prev
+            .endpoints
+            .iter()
+            .map(node_id)
+            .filter(|id| !after.contains_key(id))
+            .map(str::to_owned)
+            .collect(),
+        stale: next.stale,
+        policies: next.policies.clone(),
+        heartbeat: false,
+        base_version: prev.version,
+    }
+}
 
 /// What a router has told us about itself.
 #[derive(Debug, Clone, Default)]
@@ -44,10 +90,12 @@ pub struct RouterInfo {
     pub nacks: u64,
 }
 
+type Table = Option<Arc<Published>>;
+
 /// The newest routing table, shared by every `Subscribe` stream of this replica.
 #[derive(Debug, Clone)]
 pub struct Publisher {
-    table: watch::Receiver<Option<Arc<RoutingUpdate>>>,
+    table: watch::Receiver<Table>,
     routers: Arc<Mutex<HashMap<String, RouterInfo>>>,
 }
 
@@ -65,7 +113,10 @@ impl Publisher {
 
     /// The newest table, if one was ever read.
     pub fn current(&self) -> Option<Arc<RoutingUpdate>> {
-        self.table.borrow().clone()
+        self.table
+            .borrow()
+            .as_ref()
+            .map(|p| Arc::new(p.snapshot.clone()))
     }
 
     /// Routers currently subscribed to this replica.
@@ -75,37 +126,53 @@ impl Publisher {
     }
 }
 
-fn publish(tx: &watch::Sender<Option<Arc<RoutingUpdate>>>, value: &[u8], version: i64) {
+fn publish(tx: &watch::Sender<Table>, value: &[u8], version: i64) {
     match RoutingUpdate::decode(value) {
-        Ok(mut update) => {
-            update.version = version as u64;
-            update.snapshot = true;
-            update.stale = false;
-            tx.send_replace(Some(Arc::new(update)));
+        Ok(mut snapshot) => {
+            snapshot.version = version as u64;
+            snapshot.snapshot = true;
+            snapshot.stale = false;
+            snapshot.heartbeat = false;
+            snapshot.base_version = 0;
+            tx.send_modify(|current| {
+                let delta = current
+                    .as_ref()
+                    .filter(|p| p.snapshot.version < snapshot.version)
+                    .map(|p| delta(&p.snapshot, &snapshot));
+                *current = Some(Arc::new(Published { snapshot, delta }));
+            });
         }
         // A NACK-worthy table never reaches the routers; they keep the last good one.
         Err(e) => tracing::error!(version, error = %e, "undecodable routing table in the store"),
     }
 }
 
-fn mark_stale(tx: &watch::Sender<Option<Arc<RoutingUpdate>>>) {
+fn mark_stale(tx: &watch::Sender<Table>, stale: bool) {
     tx.send_if_modified(|current| match current {
-        Some(t) if !t.stale => {
-            let mut stale = (**t).clone();
-            stale.stale = true;
-            *current = Some(Arc::new(stale));
+        Some(p) if p.snapshot.stale != stale => {
+            let mut snapshot = p.snapshot.clone();
+            snapshot.stale = stale;
+            // The flag alone changes; routers get it as a snapshot.
+            *current = Some(Arc::new(Published {
+                snapshot,
+                delta: None,
+            }));
             true
         }
         _ => false,
     });
 }
 
-async fn follow(store: SharedStore, tx: watch::Sender<Option<Arc<RoutingUpdate>>>) {
+async fn follow(store: SharedStore, tx: watch::Sender<Table>) {
     loop {
         let result: Result<(), crate::store::StoreError> = async {
             let (kvs, revision) = store.list(keys::ROUTING).await?;
+            mark_stale(&tx, false);
             if let Some(kv) = kvs.iter().find(|kv| kv.key == keys::ROUTING) {
-                publish(&tx, &kv.value, kv.mod_revision);
+                let known = tx.borrow().as_ref().map_or(0, |p| p.snapshot.version);
+                if kv.mod_revision as u64 > known {
+                    publish(&tx, &kv.value, kv.mod_revision);
+                }
             }
             let mut events = store.watch(keys::ROUTING, revision).await?;
             while let Some(ev) = events.next().await {
@@ -121,7 +188,7 @@ async fn follow(store: SharedStore, tx: watch::Sender<Option<Arc<RoutingUpdate>>
         .await;
         if let Err(e) = result {
             tracing::warn!(error = %e, "routing watch broken; serving the last table as stale");
-            mark_stale(&tx);
+            mark_stale(&tx, true);
         }
         tokio::time::sleep(REWATCH_BACKOFF).await;
     }
@@ -141,6 +208,18 @@ impl RoutingService {
 }
 
 type UpdateStream = Pin<Box<dyn Stream<Item = Result<RoutingUpdate, Status>> + Send>>;
+
+/// What to send a router holding `held`: nothing when it is current, the delta when it holds
+/// the delta's base, a snapshot otherwise (including when it claims a version from the future).
+fn update_for(held: u64, p: &Published) -> Option<RoutingUpdate> {
+    if held == p.snapshot.version {
+        return None;
+    }
+    match &p.delta {
+        Some(d) if d.base_version == held && held != 0 => Some(d.clone()),
+        _ => Some(p.snapshot.clone()),
+    }
+}
 
 #[tonic::async_trait]
 impl Routing for RoutingService {
@@ -185,14 +264,39 @@ impl Routing for RoutingService {
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let mut table = self.publisher.table.clone();
         let router_id = hello.router_id.clone();
-        // Outbound: the current table, then the newest one after every change.
+        // A NACK makes the next update a snapshot.
+        let resync = Arc::new(Notify::new());
+        let resync_rx = resync.clone();
+        let mut held = hello.known_version;
+        // Outbound: what the router needs now, then each newer version, with heartbeats between.
         let sender = tokio::spawn(async move {
             table.mark_changed();
-            while table.changed().await.is_ok() {
-                let Some(update) = table.borrow_and_update().clone() else {
+            loop {
+                let next = tokio::select! {
+                    changed = table.changed() => {
+                        if changed.is_err() {
+                            return;
+                        }
+                        let p = table.borrow_and_update().clone();
+                        p.and_then(|p| update_for(held, &p).map(|u| (u, p.snapshot.version)))
+                    }
+                    () = resync_rx.notified() => {
+                        held = 0;
+                        let p = table.borrow().clone();
+                        p.map(|p| (p.snapshot.clone(), p.snapshot.version))
+                    }
+                    () = tokio::time::sleep(HEARTBEAT_INTERVAL) => {
+                        let version = table.borrow().as_ref().map_or(0, |p| p.snapshot.version);
+                        Some((RoutingUpdate { version, heartbeat: true, ..Default::default() }, version))
+                    }
+                };
+                let Some((update, version)) = next else {
                     continue;
                 };
-                if tx.send(Ok((*update).clone())).await.is_err() {
+                if !update.heartbeat {
+                    held = version;
+                }
+                if tx.send(Ok(update)).await.is_err() {
                     return;
                 }
             }
@@ -211,7 +315,8 @@ impl Routing for RoutingService {
                     Some(router_message::Message::Nack(n)) => {
                         info.nacks += 1;
                         tracing::warn!(router = %router_id, version = n.version,
-                            reason = %n.reason, "router rejected a routing update");
+                            reason = %n.reason, "router rejected a routing update; sending a snapshot");
+                        resync.notify_one();
                     }
                     Some(router_message::Message::Load(_))
                     | Some(router_message::Message::Hello(_))
@@ -226,5 +331,70 @@ impl Routing for RoutingService {
             tracing::info!(router = %router_id, "router unsubscribed");
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fulcrum_proto::fulcrum::v1::NodeSpec;
+
+    fn ep(id: &str, weight: f64) -> Endpoint {
+        Endpoint {
+            spec: Some(NodeSpec {
+                id: id.into(),
+                ..Default::default()
+            }),
+            weight,
+            ..Default::default()
+        }
+    }
+
+    fn table(version: u64, eps: Vec<Endpoint>) -> RoutingUpdate {
+        RoutingUpdate {
+            version,
+            snapshot: true,
+            endpoints: eps,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn deltas_carry_only_what_changed() {
+        let a = table(5, vec![ep("x", 1.0), ep("y", 1.0), ep("z", 1.0)]);
+        let b = table(9, vec![ep("x", 1.0), ep("y", 2.0), ep("w", 1.0)]);
+        let d = delta(&a, &b);
+        assert!(!d.snapshot);
+        assert_eq!((d.version, d.base_version), (9, 5));
+        let ids: Vec<_> = d.endpoints.iter().map(node_id).collect();
+        assert_eq!(ids, vec!["y", "w"]);
+        assert_eq!(d.removed, vec!["z".to_string()]);
+    }
+
+    #[test]
+    fn what_each_router_gets() {
+        let a = table(5, vec![ep("x", 1.0)]);
+        let b = table(9, vec![ep("x", 2.0)]);
+        let p = Published {
+            delta: Some(delta(&a, &b)),
+            snapshot: b,
+        };
+        assert!(update_for(9, &p).is_none(), "a current router gets nothing");
+        assert!(
+            !update_for(5, &p).unwrap().snapshot,
+            "the base holder gets the delta"
+        );
+        assert!(
+            update_for(3, &p).unwrap().snapshot,
+            "an older router gets a snapshot"
+        );
+        assert!(
+            update_for(0, &p).unwrap().snapshot,
+            "a new router gets a snapshot"
+        );
+        assert!(
+            update_for(u64::MAX, &p).unwrap().snapshot,
+            "a version from the future too"
+        );
     }
 }

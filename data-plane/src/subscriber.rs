@@ -18,7 +18,7 @@ use tonic::transport::Endpoint;
 
 use crate::endpoint::now_ns;
 use crate::router::RouterState;
-use crate::table::RoutingTable;
+use crate::table::{RoutingTable, merge};
 
 /// First reconnect delay: quick enough that a replica restart costs the router well under a
 /// second of staleness.
@@ -35,6 +35,10 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// the global view lags the routers' own by well under a second, at the cost of one small
 /// message per interval.
 const REPORT_INTERVAL: Duration = Duration::from_millis(500);
+
+/// A stream silent for this long is dead (the control plane sends heartbeats every two seconds):
+/// drop it and move to another replica.
+const SILENCE_LIMIT: Duration = Duration::from_secs(6);
 
 /// Messages to the control plane queued on one stream (ACKs, NACKs, reports): they are tiny and
 /// the stream drains them at once; the bound only guards against a stuck connection.
@@ -73,7 +77,7 @@ pub async fn run(config: SubscriberConfig, state: Arc<RouterState>) {
     }
 }
 
-/// One subscription; returns how many updates it applied.
+/// One subscription; returns how many messages it received before the stream ended.
 async fn session(
     addr: &str,
     config: &SubscriberConfig,
@@ -100,15 +104,23 @@ async fn session(
     tracing::info!(control = %addr, "subscribed to the control plane");
     let reporter = tokio::spawn(report_load(tx.clone(), state.clone()));
     let _stop_reporter = AbortOnDrop(reporter);
-    let mut applied = 0;
-    while let Some(update) = updates.message().await? {
+    let mut received = 0;
+    loop {
+        let update = match tokio::time::timeout(SILENCE_LIMIT, updates.message()).await {
+            Err(_) => return Err(format!("no message from {addr} for {SILENCE_LIMIT:?}").into()),
+            Ok(msg) => match msg? {
+                Some(update) => update,
+                None => break,
+            },
+        };
+        received += 1;
+        if update.heartbeat {
+            continue;
+        }
         let reply = match apply(&update, state) {
-            Ok(()) => {
-                applied += 1;
-                router_message::Message::Ack(Ack {
-                    version: update.version,
-                })
-            }
+            Ok(()) => router_message::Message::Ack(Ack {
+                version: update.version,
+            }),
             Err(reason) => {
                 tracing::warn!(version = update.version, %reason, "rejected a routing update");
                 router_message::Message::Nack(Nack {
@@ -119,7 +131,7 @@ async fn session(
         };
         tx.send(send(reply)).await?;
     }
-    Ok(applied)
+    Ok(received)
 }
 
 /// Aborts a task when dropped (the session ends one way or another).
@@ -174,10 +186,17 @@ pub fn apply(update: &RoutingUpdate, state: &RouterState) -> Result<(), String> 
             update.version, current.version
         ));
     }
-    if !update.snapshot {
-        return Err("delta updates need a base snapshot this router does not hold".into());
+    if update.version == current.version && !update.snapshot {
+        return Ok(());
     }
-    let table = RoutingTable::build(update, &state.region, &current, &state.slot_freed)?;
+    let merged;
+    let full = if update.snapshot {
+        update
+    } else {
+        merged = merge(&current.source, update)?;
+        &merged
+    };
+    let table = RoutingTable::build(full, &state.region, &current, &state.slot_freed)?;
     tracing::debug!(
         version = table.version,
         routable = table.routable_nodes,

@@ -129,6 +129,8 @@ pub struct RoutingTable {
     pub nodes: HashMap<String, Arc<NodeConn>>,
     /// Number of routable nodes.
     pub routable_nodes: usize,
+    /// The update this table was built from, as a snapshot: the base deltas apply to.
+    pub source: RoutingUpdate,
 }
 
 fn routable(e: &NodeEndpoint) -> bool {
@@ -149,6 +151,7 @@ impl RoutingTable {
         let mut table = RoutingTable {
             version: update.version,
             stale: update.stale,
+            source: update.clone(),
             ..Default::default()
         };
         let policies: HashMap<&str, ModelSettings> = update
@@ -229,10 +232,73 @@ impl RoutingTable {
     }
 }
 
+/// Applies a delta to the snapshot it is based on; the result is a snapshot at the delta's
+/// version. Errors when the delta is based on another version than `base`.
+pub fn merge(base: &RoutingUpdate, delta: &RoutingUpdate) -> Result<RoutingUpdate, String> {
+    if delta.base_version != base.version {
+        return Err(format!(
+            "delta from version {} to {}, but this router holds version {}",
+            delta.base_version, delta.version, base.version
+        ));
+    }
+    let id = |e: &NodeEndpoint| e.spec.as_ref().map(|s| s.id.clone()).unwrap_or_default();
+    let mut endpoints: std::collections::BTreeMap<String, NodeEndpoint> =
+        base.endpoints.iter().map(|e| (id(e), e.clone())).collect();
+    for gone in &delta.removed {
+        endpoints.remove(gone);
+    }
+    for e in &delta.endpoints {
+        endpoints.insert(id(e), e.clone());
+    }
+    Ok(RoutingUpdate {
+        version: delta.version,
+        snapshot: true,
+        endpoints: endpoints.into_values().collect(),
+        removed: vec![],
+        stale: delta.stale,
+        policies: delta.policies.clone(),
+        heartbeat: false,
+        base_version: 0,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use fulcrum_proto::fulcrum::v1::{Model, ModelPolicy, NodeSpec};
+
+    #[test]
+    fn deltas_merge_onto_their_base_only() {
+        let base = RoutingUpdate {
+            version: 4,
+            snapshot: true,
+            endpoints: vec![
+                ep("a1", "a", HealthState::Healthy, true),
+                ep("a2", "a", HealthState::Healthy, true),
+            ],
+            ..Default::default()
+        };
+        let delta = RoutingUpdate {
+            version: 7,
+            base_version: 4,
+            endpoints: vec![ep("a2", "a", HealthState::Unhealthy, false)],
+            removed: vec!["a1".into()],
+            ..Default::default()
+        };
+        let merged = merge(&base, &delta).unwrap();
+        assert_eq!(merged.version, 7);
+        assert_eq!(merged.endpoints.len(), 1);
+        assert_eq!(merged.endpoints[0].health(), HealthState::Unhealthy);
+        let wrong = RoutingUpdate {
+            base_version: 5,
+            ..delta
+        };
+        assert!(
+            merge(&base, &wrong)
+                .unwrap_err()
+                .contains("holds version 4")
+        );
+    }
 
     pub(crate) fn ep(id: &str, region: &str, health: HealthState, ready: bool) -> NodeEndpoint {
         let ok = matches!(health, HealthState::Healthy | HealthState::Degraded);

@@ -7,11 +7,13 @@
 //! - [`stack`]: control plane, routers and node-sims wired together.
 //! - [`eventually`]: poll a condition until it holds or a deadline passes.
 //! - [`infer`]: building and checking Open Inference Protocol requests.
+//! - [`mlserver`]: a real MLServer (from PyPI) serving a small Python model.
 
 #![warn(missing_docs)]
 
 pub mod etcd;
 pub mod infer;
+pub mod mlserver;
 pub mod stack;
 
 use std::future::Future;

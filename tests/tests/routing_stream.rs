@@ -1,12 +1,13 @@
 //! The routing stream as a router sees it, spoken by hand against a control plane on real etcd:
-//! a snapshot first, then a new snapshot on every change, with versions that only grow; a
-//! stream that does not start with a hello is refused.
+//! a snapshot first, then deltas of only the nodes that changed, with versions that only grow;
+//! a NACK brings a snapshot; a stream that does not start with a hello is refused.
 
 use std::time::Duration;
 
 use fulcrum_proto::fulcrum::v1::routing_client::RoutingClient;
 use fulcrum_proto::fulcrum::v1::{
-    Ack, DrainNodeRequest, HealthState, RouterHello, RouterMessage, RoutingUpdate, router_message,
+    Ack, DrainNodeRequest, HealthState, Nack, RouterHello, RouterMessage, RoutingUpdate,
+    router_message,
 };
 use fulcrum_sim::node::{NodeSimConfig, spawn};
 use fulcrum_tests::etcd::Etcd;
@@ -19,10 +20,12 @@ fn msg(m: router_message::Message) -> RouterMessage {
     RouterMessage { message: Some(m) }
 }
 
-/// Reads updates until one satisfies `pred`, checking on the way that versions only grow.
+/// Reads updates until the table satisfies `pred`, checking on the way that versions only grow,
+/// that the first update is a snapshot, and that every later one is a delta on the version held
+/// (or a heartbeat). Returns the table (as merged) and the number of deltas seen.
 async fn until(
     updates: &mut tonic::Streaming<RoutingUpdate>,
-    last_version: &mut u64,
+    held: &mut Option<RoutingUpdate>,
     what: &str,
     pred: impl Fn(&RoutingUpdate) -> bool,
 ) -> RoutingUpdate {
@@ -33,15 +36,37 @@ async fn until(
             .unwrap_or_else(|_| panic!("timed out waiting for: {what}"))
             .expect("stream error")
             .expect("stream ended");
-        assert!(
-            next.version > *last_version,
-            "version went from {last_version} to {}",
-            next.version
-        );
-        assert!(next.snapshot, "the control plane sends snapshots");
-        *last_version = next.version;
-        if pred(&next) {
-            return next;
+        if next.heartbeat {
+            assert_eq!(next.version, held.as_ref().map_or(0, |h| h.version));
+            continue;
+        }
+        let table = match held.take() {
+            None => {
+                assert!(next.snapshot, "the first update must be a snapshot");
+                next
+            }
+            Some(h) => {
+                assert!(
+                    next.version > h.version,
+                    "version went from {} to {}",
+                    h.version,
+                    next.version
+                );
+                assert!(
+                    !next.snapshot,
+                    "a router holding the previous version gets a delta"
+                );
+                assert!(
+                    next.endpoints.len() <= 1,
+                    "the delta carries more than the changed node"
+                );
+                fulcrum_data_plane::table::merge(&h, &next)
+                    .expect("delta applies to the held version")
+            }
+        };
+        *held = Some(table.clone());
+        if pred(&table) {
+            return table;
         }
     }
 }
@@ -80,12 +105,13 @@ async fn snapshots_with_growing_versions() {
         .await
         .unwrap()
         .into_inner();
-    let mut version = 0;
-    let first = until(&mut updates, &mut version, "n-1 healthy", |u| {
+    let mut held = None;
+    let first = until(&mut updates, &mut held, "n-1 healthy", |u| {
         health_of(u, "n-1") == Some(HealthState::Healthy)
     })
     .await;
     assert!(first.endpoints[0].weight > 0.0);
+    let version = first.version;
     tx.send(msg(router_message::Message::Ack(Ack { version })))
         .await
         .unwrap();
@@ -97,7 +123,7 @@ async fn snapshots_with_growing_versions() {
         })
         .await
         .unwrap();
-    let drained = until(&mut updates, &mut version, "n-1 draining", |u| {
+    let drained = until(&mut updates, &mut held, "n-1 draining", |u| {
         health_of(u, "n-1") == Some(HealthState::Draining)
     })
     .await;
@@ -111,10 +137,31 @@ async fn snapshots_with_growing_versions() {
         })
         .await
         .unwrap();
-    until(&mut updates, &mut version, "n-1 unhealthy", |u| {
+    let unhealthy = until(&mut updates, &mut held, "n-1 unhealthy", |u| {
         health_of(u, "n-1") == Some(HealthState::Unhealthy)
     })
     .await;
+
+    // A router that rejects an update keeps its table and gets a snapshot of the newest.
+    tx.send(msg(router_message::Message::Nack(Nack {
+        version: unhealthy.version,
+        reason: "test".into(),
+    })))
+    .await
+    .unwrap();
+    let snapshot = loop {
+        let next = tokio::time::timeout(Duration::from_secs(10), updates.message())
+            .await
+            .expect("no snapshot after a NACK")
+            .unwrap()
+            .unwrap();
+        if !next.heartbeat {
+            break next;
+        }
+    };
+    assert!(snapshot.snapshot, "after a NACK the router gets a snapshot");
+    assert!(snapshot.version >= unhealthy.version);
+    assert_eq!(health_of(&snapshot, "n-1"), Some(HealthState::Unhealthy));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -25,7 +25,7 @@ use tonic::metadata::MetadataMap;
 use tonic::{Code, Request, Response, Status};
 use tower::retry::budget::Budget;
 
-use super::deadline;
+use super::{deadline, node_status};
 use crate::endpoint::{NodeConn, Outcome};
 use crate::error::RouteError;
 use crate::policy::Hedge;
@@ -149,7 +149,7 @@ where
         async move {
             let t0 = Instant::now();
             let result = match tokio::time::timeout(per_try, fut).await {
-                Ok(r) => r,
+                Ok(r) => r.map_err(node_status::from_node),
                 Err(_) => Err(Status::deadline_exceeded(format!(
                     "node {} did not answer within {per_try:?}",
                     node.conn.id

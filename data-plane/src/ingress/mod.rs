@@ -5,8 +5,12 @@
 //! - [`forward`]: one unary call's attempts, retries, hedging and deadline.
 //! - [`passthrough`]: any other gRPC API, forwarded undecoded by the `x-fulcrum-model` header.
 //! - [`deadline`]: the `grpc-timeout` header.
+//! - `node_status`: a failed call to a node as the caller sees it.
+//! - `stream_dialect`: a node's `ModelStreamInfer` answers in Triton's or MLServer's form.
 
 pub mod deadline;
 pub mod forward;
+mod node_status;
 pub mod oip;
 pub mod passthrough;
+mod stream_dialect;

@@ -27,6 +27,7 @@ use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::forward::{self, tag};
+use super::stream_dialect;
 use crate::endpoint::InFlight;
 use crate::error::RouteError;
 use crate::router::RouterState;
@@ -257,8 +258,10 @@ impl StreamSession {
         // Queue the request before opening: a node may wait for it before sending headers.
         let first = req.clone();
         let _ = tx.send(req).await;
-        let mut client = self.service.client(&node);
-        let upstream = match client.model_stream_infer(ReceiverStream::new(rx)).await {
+        let channel = node.conn.channel.clone();
+        let max_size = self.service.state.max_message_size;
+        let requests = ReceiverStream::new(rx);
+        let upstream = match stream_dialect::model_stream_infer(channel, max_size, requests).await {
             Ok(resp) => resp.into_inner(),
             Err(status) => {
                 let msg = format!("node {}: {}", node.conn.id, status.message());

@@ -245,6 +245,7 @@ fn wildcard_tensor() -> TensorMetadata {
         name: "*".to_string(),
         datatype: "BYTES".to_string(),
         shape: vec![-1],
+        parameters: Default::default(),
     }
 }
 
@@ -358,6 +359,7 @@ impl GrpcInferenceService for InferenceService {
             platform: PLATFORM.to_string(),
             inputs: vec![wildcard_tensor()],
             outputs: vec![wildcard_tensor()],
+            parameters: Default::default(),
         }))
     }
 

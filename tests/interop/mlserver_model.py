@@ -1,0 +1,47 @@
+"""A small real model for MLServer: `Doubler` returns each FP32 input tensor times two, under the
+input's own name, with the input's shape. Used by tests/tests/mlserver.rs, which writes an
+MLServer model repository whose model-settings.json names `mlserver_model.Doubler` and puts this
+folder on PYTHONPATH.
+
+Inputs of any datatype other than FP32 are refused with MLServer's own `InferenceError` (gRPC
+INVALID_ARGUMENT), so error mapping through a router can be checked against a real server.
+
+`predict_stream` answers every request of a stream (MLServer's default answers only the first),
+so a `ModelStreamInfer` stream carries many requests, as Triton's does.
+"""
+from typing import AsyncIterator
+
+import numpy as np
+
+from mlserver import MLModel
+from mlserver.codecs import NumpyCodec
+from mlserver.errors import InferenceError
+from mlserver.types import InferenceRequest, InferenceResponse
+
+
+class Doubler(MLModel):
+    async def load(self) -> bool:
+        return True
+
+    async def predict(self, payload: InferenceRequest) -> InferenceResponse:
+        outputs = []
+        for inp in payload.inputs:
+            if inp.datatype != "FP32":
+                raise InferenceError(
+                    f"doubler takes FP32 inputs; input {inp.name} is {inp.datatype}"
+                )
+            x = NumpyCodec.decode_input(inp)
+            y = (x * 2).astype(np.float32).reshape(inp.shape)
+            outputs.append(NumpyCodec.encode_output(inp.name, y))
+        return InferenceResponse(
+            model_name=self.name,
+            model_version=self.version,
+            id=payload.id,
+            outputs=outputs,
+        )
+
+    async def predict_stream(
+        self, payloads: AsyncIterator[InferenceRequest]
+    ) -> AsyncIterator[InferenceResponse]:
+        async for payload in payloads:
+            yield await self.predict(payload)
