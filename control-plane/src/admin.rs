@@ -4,10 +4,12 @@ use std::sync::Arc;
 
 use fulcrum_proto::fulcrum::v1::admin_server::Admin;
 use fulcrum_proto::fulcrum::v1::{
-    ControlStatus, DeleteModelPolicyResponse, DeregisterNodeRequest, DeregisterNodeResponse,
-    DrainNodeRequest, Endpoint, GetModelPolicyRequest, GetNodeRequest, GetStatusRequest,
-    ListModelPoliciesRequest, ListModelPoliciesResponse, ListNodesRequest, ListNodesResponse,
-    ModelPolicy, NodeSpec, NodeStatus, RegisterNodeRequest, RegisterNodeResponse, RouterStatus,
+    ControlStatus, CordonNodeRequest, DeleteModelPolicyResponse, DeregisterNodeRequest,
+    DeregisterNodeResponse, DrainNodeRequest, Endpoint, GetModelPolicyRequest, GetNodeRequest,
+    GetRoutingRequest, GetStatusRequest, ListModelPoliciesRequest, ListModelPoliciesResponse,
+    ListNodesRequest, ListNodesResponse, ModelPolicy, NodeSpec, NodeStatus, RegionStateRequest,
+    RegionStateResponse, RegisterNodeRequest, RegisterNodeResponse, RouterStatus, RoutingUpdate,
+    WeightOverrideRequest,
 };
 use tokio::sync::Notify;
 use tonic::{Request, Response, Status};
@@ -16,7 +18,7 @@ use crate::error::Error;
 use crate::health::prober::Prober;
 use crate::publisher::Publisher;
 use crate::store::SharedStore;
-use crate::{policies, registry};
+use crate::{overrides, policies, registry};
 
 /// The admin service of one control-plane replica.
 #[derive(Debug, Clone)]
@@ -51,7 +53,11 @@ impl AdminService {
     }
 
     async fn status_of(&self, specs: Vec<NodeSpec>) -> Result<Vec<NodeStatus>, Error> {
-        let drained = registry::drained(self.store.as_ref()).await?;
+        let overrides = overrides::load(self.store.as_ref()).await?;
+        // Load is informational here: a store hiccup reading it must not fail the listing.
+        let load = crate::load::global(self.store.as_ref())
+            .await
+            .unwrap_or_default();
         let health = self.prober.snapshot();
         let table = self.publisher.current();
         Ok(specs
@@ -69,9 +75,17 @@ impl AdminService {
                     ready_models: h.ready_models.clone(),
                     spec: Some(spec.clone()),
                 };
+                let l = load.get(&spec.id).cloned().unwrap_or_default();
                 NodeStatus {
+                    in_flight: l.in_flight,
+                    calls_per_sec: l.calls_per_sec,
+                    error_ratio: l.error_ratio(),
+                    latency_ms: l.latency_ms.unwrap_or(0.0),
+                    cordoned: overrides.cordoned.contains(&spec.id),
+                    weight_override: overrides.weights.get(&spec.id).copied(),
+                    region_evacuated: overrides.evacuated.contains(&spec.region),
                     endpoint: Some(endpoint),
-                    drained: drained.contains(&spec.id),
+                    drained: overrides.drained.contains(&spec.id),
                     probe_streak: h.streak,
                     last_error: h.last_error,
                 }
@@ -147,7 +161,7 @@ impl Admin for AdminService {
         request: Request<DrainNodeRequest>,
     ) -> Result<Response<NodeStatus>, Status> {
         let DrainNodeRequest { id, drain } = request.into_inner();
-        registry::set_drain(self.store.as_ref(), &id, drain).await?;
+        overrides::set_drain(self.store.as_ref(), &id, drain).await?;
         tracing::info!(node = %id, drain, "drain changed");
         self.changed.notify_one();
         let spec = registry::get(self.store.as_ref(), &id).await?;
@@ -232,5 +246,65 @@ impl Admin for AdminService {
             stale: table.as_ref().is_some_and(|t| t.stale),
             routers,
         }))
+    }
+
+    async fn cordon_node(
+        &self,
+        request: Request<CordonNodeRequest>,
+    ) -> Result<Response<NodeStatus>, Status> {
+        let CordonNodeRequest { id, cordon } = request.into_inner();
+        overrides::set_cordon(self.store.as_ref(), &id, cordon).await?;
+        tracing::info!(node = %id, cordon, "cordon changed");
+        self.changed.notify_one();
+        self.one_status(&id).await
+    }
+
+    async fn set_weight_override(
+        &self,
+        request: Request<WeightOverrideRequest>,
+    ) -> Result<Response<NodeStatus>, Status> {
+        let WeightOverrideRequest { id, weight } = request.into_inner();
+        overrides::set_weight(self.store.as_ref(), &id, weight).await?;
+        tracing::info!(node = %id, ?weight, "weight override changed");
+        self.changed.notify_one();
+        self.one_status(&id).await
+    }
+
+    async fn set_region_state(
+        &self,
+        request: Request<RegionStateRequest>,
+    ) -> Result<Response<RegionStateResponse>, Status> {
+        let RegionStateRequest { region, evacuated } = request.into_inner();
+        overrides::set_region(self.store.as_ref(), &region, evacuated).await?;
+        tracing::warn!(%region, evacuated, "region state changed");
+        self.changed.notify_one();
+        let mut evacuated: Vec<String> = overrides::load(self.store.as_ref())
+            .await?
+            .evacuated
+            .into_iter()
+            .collect();
+        evacuated.sort();
+        Ok(Response::new(RegionStateResponse { evacuated }))
+    }
+
+    async fn get_routing(
+        &self,
+        _: Request<GetRoutingRequest>,
+    ) -> Result<Response<RoutingUpdate>, Status> {
+        self.publisher
+            .current()
+            .map(|t| Response::new((*t).clone()))
+            .ok_or_else(|| Status::unavailable("this replica has not read a routing table yet"))
+    }
+}
+
+impl AdminService {
+    async fn one_status(&self, id: &str) -> Result<Response<NodeStatus>, Status> {
+        let spec = registry::get(self.store.as_ref(), id).await?;
+        let mut status = self.status_of(vec![spec]).await?;
+        status
+            .pop()
+            .map(Response::new)
+            .ok_or_else(|| Status::internal("node status lost"))
     }
 }

@@ -10,6 +10,7 @@
 //! going down) within [`BATCH_WINDOW`] becomes one write, so the store's write rate is bounded
 //! by the window, not by the number of nodes.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,7 +21,7 @@ use tokio::sync::Notify;
 use crate::error::Error;
 use crate::health::prober::Prober;
 use crate::store::{Fence, Leadership, SharedStore};
-use crate::{keys, policies, registry, table};
+use crate::{keys, load, overrides, policies, registry, table};
 
 /// What the loop last wrote: the endpoints and the policies.
 #[derive(Debug, Clone, PartialEq)]
@@ -80,6 +81,8 @@ pub async fn run(
 /// Leads until the leadership is lost.
 async fn lead(store: &SharedStore, prober: &Prober, changed: &Notify, leadership: &Leadership) {
     let mut lost = leadership.lost.clone();
+    // Damping measures time from the table last written.
+    let mut written_at = tokio::time::Instant::now();
     let mut last: Option<Table> = match current_table(store).await {
         Ok(t) => t,
         Err(e) => {
@@ -91,8 +94,12 @@ async fn lead(store: &SharedStore, prober: &Prober, changed: &Notify, leadership
         if *lost.borrow() {
             return;
         }
-        match reconcile(store, prober, &leadership.fence, last.as_ref()).await {
-            Ok(Written::Table(t)) => last = Some(t),
+        let elapsed = written_at.elapsed();
+        match reconcile(store, prober, &leadership.fence, last.as_ref(), elapsed).await {
+            Ok(Written::Table(t)) => {
+                last = Some(t);
+                written_at = tokio::time::Instant::now();
+            }
             Ok(Written::Nothing) => {}
             Ok(Written::Fenced) => {
                 tracing::warn!("a fenced write was refused: another replica leads");
@@ -145,13 +152,30 @@ async fn reconcile(
     prober: &Prober,
     fence: &Fence,
     last: Option<&Table>,
+    elapsed: Duration,
 ) -> Result<Written, Error> {
     let specs = registry::list(store.as_ref()).await?;
-    let drained = registry::drained(store.as_ref()).await?;
+    let overrides = overrides::load(store.as_ref()).await?;
     let policies = policies::list(store.as_ref()).await?;
+    let load = load::global(store.as_ref()).await?;
     prober.sync(&specs);
+    let previous: HashMap<String, f64> = last
+        .map(|t| {
+            t.endpoints
+                .iter()
+                .map(|e| (table::node_id(e).to_owned(), e.weight))
+                .collect()
+        })
+        .unwrap_or_default();
     let next = Table {
-        endpoints: table::build(&specs, &prober.snapshot(), &drained),
+        endpoints: table::build(&table::Inputs {
+            specs: &specs,
+            health: &prober.snapshot(),
+            overrides: &overrides,
+            load: &load,
+            previous: &previous,
+            elapsed,
+        }),
         policies,
     };
     if last == Some(&next) {

@@ -24,6 +24,9 @@ pub enum Error {
     /// No node has this id.
     #[error("node {0:?} is not registered")]
     NodeNotFound(String),
+    /// No registered node is in this region.
+    #[error("no registered node is in region {0:?}")]
+    RegionNotFound(String),
     /// No policy is set for this model.
     #[error("no policy is set for model {0:?}")]
     PolicyNotFound(String),
@@ -49,7 +52,9 @@ impl From<Error> for Status {
         match e {
             Error::InvalidSpec(_) | Error::InvalidArgument(_) => Status::invalid_argument(msg),
             Error::AlreadyExists { .. } => Status::already_exists(msg),
-            Error::NodeNotFound(_) | Error::PolicyNotFound(_) => Status::not_found(msg),
+            Error::NodeNotFound(_) | Error::PolicyNotFound(_) | Error::RegionNotFound(_) => {
+                Status::not_found(msg)
+            }
             Error::Conflict(_) => Status::aborted(msg),
             Error::Store(StoreError::Unavailable(_)) => Status::unavailable(msg),
             Error::Store(_) | Error::Decode { .. } => Status::internal(msg),

@@ -7,9 +7,11 @@
 //! Layout:
 //! - [`store`]: the key-value interface and its backends ([`store::etcd`], [`store::embedded`]).
 //! - [`keys`]: the store keyspace.
-//! - [`registry`]: validating and storing node specs; drains.
+//! - [`registry`]: validating and storing node specs.
+//! - [`overrides`]: operator overrides: drain, cordon, weight, region evacuation.
 //! - [`health`]: the health state machine and the active [`health::prober`].
-//! - [`weights`]: the weight function.
+//! - [`load`]: live load from the routers' reports, summed over routers and replicas.
+//! - [`weights`]: the weight function, and its damping.
 //! - [`policies`]: per-model routing policies.
 //! - [`table`]: specs + health + overrides → the routing table.
 //! - [`control_loop`]: recompute and write the table when anything changes.
@@ -26,6 +28,8 @@ pub mod control_loop;
 pub mod error;
 pub mod health;
 pub mod keys;
+pub mod load;
+pub mod overrides;
 pub mod policies;
 pub mod publisher;
 pub mod registry;

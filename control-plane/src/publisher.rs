@@ -24,6 +24,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::keys;
+use crate::load::LoadAggregator;
 use crate::store::{SharedStore, WatchEvent};
 use crate::table::node_id;
 
@@ -97,16 +98,22 @@ type Table = Option<Arc<Published>>;
 pub struct Publisher {
     table: watch::Receiver<Table>,
     routers: Arc<Mutex<HashMap<String, RouterInfo>>>,
+    load: Arc<LoadAggregator>,
 }
 
 impl Publisher {
-    /// Starts following the routing table in `store`; the task runs until aborted.
-    pub fn start(store: SharedStore) -> (Self, tokio::task::JoinHandle<()>) {
+    /// Starts following the routing table in `store`; the task runs until aborted. Load reports
+    /// from routers go to `load`.
+    pub fn start(
+        store: SharedStore,
+        load: Arc<LoadAggregator>,
+    ) -> (Self, tokio::task::JoinHandle<()>) {
         let (tx, rx) = watch::channel(None);
         let task = tokio::spawn(follow(store, tx));
         let publisher = Self {
             table: rx,
             routers: Arc::default(),
+            load,
         };
         (publisher, task)
     }
@@ -248,6 +255,7 @@ impl Routing for RoutingService {
         tracing::info!(router = %hello.router_id, region = %hello.region,
             known_version = hello.known_version, "router subscribed");
         let routers = self.publisher.routers.clone();
+        let load = self.publisher.load.clone();
         routers
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -318,12 +326,12 @@ impl Routing for RoutingService {
                             reason = %n.reason, "router rejected a routing update; sending a snapshot");
                         resync.notify_one();
                     }
-                    Some(router_message::Message::Load(_))
-                    | Some(router_message::Message::Hello(_))
-                    | None => {}
+                    Some(router_message::Message::Load(report)) => load.record(&router_id, report),
+                    Some(router_message::Message::Hello(_)) | None => {}
                 }
             }
             sender.abort();
+            load.forget(&router_id);
             routers
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)

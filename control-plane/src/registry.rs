@@ -162,7 +162,7 @@ pub async fn deregister(store: &dyn Store, id: &str) -> Result<i64, Error> {
         .delete(&keys::node(id))
         .await?
         .ok_or_else(|| Error::NodeNotFound(id.to_owned()))?;
-    let _ = store.delete(&keys::drain(id)).await?;
+    crate::overrides::clear_node(store, id).await?;
     Ok(rev)
 }
 
@@ -180,26 +180,6 @@ pub async fn get(store: &dyn Store, id: &str) -> Result<NodeSpec, Error> {
         .await?
         .ok_or_else(|| Error::NodeNotFound(id.to_owned()))?;
     decode(&key, &kv.value)
-}
-
-/// Sets or clears a node's drain override.
-pub async fn set_drain(store: &dyn Store, id: &str, drain: bool) -> Result<(), Error> {
-    get(store, id).await?;
-    if drain {
-        store.put(&keys::drain(id), b"1".to_vec()).await?;
-    } else {
-        store.delete(&keys::drain(id)).await?;
-    }
-    Ok(())
-}
-
-/// Ids of drained nodes.
-pub async fn drained(store: &dyn Store) -> Result<std::collections::HashSet<String>, Error> {
-    let (kvs, _) = store.list(keys::DRAINS).await?;
-    Ok(kvs
-        .into_iter()
-        .filter_map(|kv| kv.key.strip_prefix(keys::DRAINS).map(str::to_owned))
-        .collect())
 }
 
 #[cfg(test)]
@@ -287,10 +267,6 @@ mod tests {
         let store = EmbeddedStore::in_memory();
         assert!(matches!(
             deregister(&store, "ghost").await.unwrap_err(),
-            Error::NodeNotFound(_)
-        ));
-        assert!(matches!(
-            set_drain(&store, "ghost", true).await.unwrap_err(),
             Error::NodeNotFound(_)
         ));
     }

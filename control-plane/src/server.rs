@@ -13,6 +13,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use crate::admin::AdminService;
 use crate::control_loop;
 use crate::health::prober::{ProbeConfig, Prober};
+use crate::load::{self, LoadAggregator};
 use crate::publisher::{Publisher, RoutingService};
 use crate::store::{AbortOnDrop, SharedStore};
 
@@ -68,8 +69,15 @@ pub async fn serve(
 ) -> Result<(), tonic::transport::Error> {
     let changed = Arc::new(Notify::new());
     let prober = Arc::new(Prober::new(config.probe, changed.clone()));
-    let (publisher, follower) = Publisher::start(store.clone());
+    let load = Arc::new(LoadAggregator::default());
+    let (publisher, follower) = Publisher::start(store.clone(), load.clone());
     let _follower = AbortOnDrop(follower);
+    // This replica's routers' load, shared with the leader through the store.
+    let _load_publisher = AbortOnDrop(tokio::spawn(publish_load(
+        store.clone(),
+        config.replica_id.clone(),
+        load,
+    )));
     let (is_leader_tx, is_leader) = tokio::sync::watch::channel(false);
     // Tied to this future: if the replica is dropped (or its task aborted), its leadership
     // lapses with it.
@@ -105,4 +113,16 @@ pub async fn serve(
         .add_service(AdminServer::with_interceptor(admin, auth))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await
+}
+
+/// Writes this replica's routers' load to the store every [`load::PUBLISH_INTERVAL`].
+async fn publish_load(store: SharedStore, replica_id: String, aggregator: Arc<LoadAggregator>) {
+    let mut ticker = tokio::time::interval(load::PUBLISH_INTERVAL);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        if let Err(e) = load::publish(store.as_ref(), &replica_id, &aggregator.view()).await {
+            tracing::debug!(error = %e, "cannot publish load; the leader keeps the last sum");
+        }
+    }
 }

@@ -1,33 +1,141 @@
-//! The routing table: node specs, their health and operator overrides combined into the list
-//! of endpoints the routers receive.
+//! The routing table: node specs, their health, live load and operator overrides combined into
+//! the list of endpoints the routers receive.
+//!
+//! Health here is the probes' verdict, lowered by passive signals (a node failing many calls,
+//! or much slower than its peers, is degraded) and by operator state (drained, cordoned).
+//! Weights come from [`crate::weights`], damped against the previous table, and a weight is only
+//! republished when it moved by more than [`WEIGHT_HYSTERESIS`], so steady load does not turn
+//! into a stream of table versions.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
+use std::time::Duration;
 
 use fulcrum_proto::fulcrum::v1::{Endpoint, HealthState, NodeSpec};
 
 use crate::health::NodeHealth;
-use crate::weights;
+use crate::load::LoadView;
+use crate::overrides::Overrides;
+use crate::weights::{self, Signals};
 
-/// Builds the endpoints (sorted by node id) from what the control plane knows.
-pub fn build(
-    specs: &[NodeSpec],
-    health: &HashMap<String, NodeHealth>,
-    drained: &HashSet<String>,
-) -> Vec<Endpoint> {
-    let mut endpoints: Vec<Endpoint> = specs
+/// A weight is republished only when it differs from the published one by more than this
+/// share: 5 % is below what changes routing noticeably, and above the jitter of load reports.
+pub const WEIGHT_HYSTERESIS: f64 = 0.05;
+
+/// A node failing more than this share of its calls (with enough calls to tell) is degraded.
+/// A fifth is far above any healthy error rate and well below "everything fails", which the
+/// probes and the routers' ejection handle.
+const DEGRADED_ERROR_RATIO: f64 = 0.2;
+
+/// Fewest calls per second for the error ratio to count: a couple of failures of a quiet node
+/// are not a signal.
+const MIN_CALLS_FOR_ERRORS: f64 = 5.0;
+
+/// A node this many times slower than the median of its peers is degraded.
+const DEGRADED_LATENCY_RATIO: f64 = 3.0;
+
+/// What the table is built from.
+#[derive(Debug)]
+pub struct Inputs<'a> {
+    /// Registered nodes.
+    pub specs: &'a [NodeSpec],
+    /// Probe results.
+    pub health: &'a HashMap<String, NodeHealth>,
+    /// Operator overrides.
+    pub overrides: &'a Overrides,
+    /// Live load, summed over routers.
+    pub load: &'a LoadView,
+    /// Weights of the previous table, by node id, for damping.
+    pub previous: &'a HashMap<String, f64>,
+    /// Time since the previous table was computed.
+    pub elapsed: Duration,
+}
+
+/// The id of an endpoint's node ("" for an endpoint without a spec, which is never built).
+pub fn node_id(e: &Endpoint) -> &str {
+    e.spec.as_ref().map_or("", |s| s.id.as_str())
+}
+
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    Some(v[v.len() / 2])
+}
+
+/// Builds the endpoints (sorted by node id).
+pub fn build(i: &Inputs<'_>) -> Vec<Endpoint> {
+    // Median latency of the nodes serving each model: a node's peers are those sharing a model.
+    let mut latencies: HashMap<&str, Vec<f64>> = HashMap::new();
+    for spec in i.specs {
+        if let Some(l) = i.load.get(&spec.id).and_then(|l| l.latency_ms) {
+            for m in &spec.models {
+                latencies.entry(m.name.as_str()).or_default().push(l);
+            }
+        }
+    }
+    let medians: HashMap<&str, f64> = latencies
+        .into_iter()
+        .filter_map(|(m, v)| Some((m, median(v)?)))
+        .collect();
+
+    let mut endpoints: Vec<Endpoint> = i
+        .specs
         .iter()
         .map(|spec| {
-            let h = health.get(&spec.id);
-            let probed = h.map_or(HealthState::Unspecified, |h| h.state);
-            let state = if drained.contains(&spec.id) {
-                HealthState::Draining
-            } else {
-                probed
+            let h = i.health.get(&spec.id);
+            let load = i.load.get(&spec.id);
+            let peer_latency = spec
+                .models
+                .iter()
+                .filter_map(|m| medians.get(m.name.as_str()).copied())
+                .reduce(f64::min);
+            let latency_ratio = match (load.and_then(|l| l.latency_ms), peer_latency) {
+                (Some(l), Some(p)) if p > 0.0 => Some(l / p),
+                _ => None,
             };
+            let error_ratio = load
+                .filter(|l| l.calls_per_sec >= MIN_CALLS_FOR_ERRORS)
+                .map_or(0.0, |l| l.error_ratio());
+            let mut state = h.map_or(HealthState::Unspecified, |h| h.state);
+            if state == HealthState::Healthy
+                && (error_ratio > DEGRADED_ERROR_RATIO
+                    || latency_ratio.is_some_and(|r| r > DEGRADED_LATENCY_RATIO))
+            {
+                state = HealthState::Degraded;
+            }
+            if i.overrides.cordoned.contains(&spec.id) {
+                state = HealthState::Cordoned;
+            }
+            if i.overrides.drained.contains(&spec.id) {
+                state = HealthState::Draining;
+            }
+            let capacity = spec.capacity.max(0) as f64;
+            let signals = Signals {
+                capacity,
+                state,
+                utilization: load.map(|l| f64::from(l.in_flight) / capacity.max(1.0)),
+                latency_ratio,
+                error_ratio,
+                override_weight: i.overrides.weights.get(&spec.id).copied(),
+            };
+            let target = if i.overrides.evacuated.contains(&spec.region) {
+                0.0
+            } else {
+                weights::target(&signals)
+            };
+            let previous = i.previous.get(&spec.id).copied();
+            let mut weight = weights::damp(previous, target, i.elapsed);
+            if let Some(p) = previous
+                && weight > 0.0
+                && (weight - p).abs() <= WEIGHT_HYSTERESIS * p
+            {
+                weight = p;
+            }
             Endpoint {
                 spec: Some(spec.clone()),
                 health: state as i32,
-                weight: weights::weight(spec.capacity, state),
+                weight,
                 ready_models: h.map(|h| h.ready_models.clone()).unwrap_or_default(),
             }
         })
@@ -36,34 +144,123 @@ pub fn build(
     endpoints
 }
 
-/// The id of an endpoint's node ("" for an endpoint without a spec, which is never built).
-pub fn node_id(e: &Endpoint) -> &str {
-    e.spec.as_ref().map_or("", |s| s.id.as_str())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::load::NodeLoadSummary;
+    use fulcrum_proto::fulcrum::v1::Model;
+
+    fn spec(id: &str, region: &str) -> NodeSpec {
+        NodeSpec {
+            id: id.into(),
+            region: region.into(),
+            capacity: 8,
+            models: vec![Model {
+                name: "m".into(),
+                versions: vec![],
+            }],
+            ..Default::default()
+        }
+    }
+
+    fn healthy(ids: &[&str]) -> HashMap<String, NodeHealth> {
+        ids.iter()
+            .map(|id| {
+                (
+                    id.to_string(),
+                    NodeHealth {
+                        state: HealthState::Healthy,
+                        ..Default::default()
+                    },
+                )
+            })
+            .collect()
+    }
+
+    fn build_with(specs: &[NodeSpec], o: &Overrides, load: &LoadView) -> Vec<Endpoint> {
+        let ids: Vec<&str> = specs.iter().map(|s| s.id.as_str()).collect();
+        build(&Inputs {
+            specs,
+            health: &healthy(&ids),
+            overrides: o,
+            load,
+            previous: &HashMap::new(),
+            elapsed: Duration::from_secs(1),
+        })
+    }
 
     #[test]
-    fn drained_nodes_get_zero_weight() {
-        let spec = NodeSpec {
-            id: "n".into(),
-            capacity: 8,
-            ..Default::default()
-        };
-        let mut health = HashMap::new();
-        health.insert(
-            "n".to_string(),
-            NodeHealth {
-                state: HealthState::Healthy,
-                ..Default::default()
-            },
+    fn operator_state_wins() {
+        let specs = [
+            spec("d", "a"),
+            spec("c", "a"),
+            spec("w", "a"),
+            spec("e", "b"),
+        ];
+        let mut o = Overrides::default();
+        o.drained.insert("d".into());
+        o.cordoned.insert("c".into());
+        o.weights.insert("w".into(), 2.5);
+        o.evacuated.insert("b".into());
+        let t = build_with(&specs, &o, &LoadView::new());
+        let by = |id: &str| t.iter().find(|e| node_id(e) == id).unwrap().clone();
+        assert_eq!(
+            (by("d").health(), by("d").weight),
+            (HealthState::Draining, 0.0)
         );
-        let t = build(std::slice::from_ref(&spec), &health, &HashSet::new());
-        assert_eq!(t[0].weight, 8.0);
-        let t = build(&[spec], &health, &HashSet::from(["n".to_string()]));
-        assert_eq!(t[0].weight, 0.0);
-        assert_eq!(t[0].health(), HealthState::Draining);
+        assert_eq!(
+            (by("c").health(), by("c").weight),
+            (HealthState::Cordoned, 0.0)
+        );
+        assert_eq!(by("w").weight, 2.5);
+        assert_eq!(by("e").weight, 0.0);
+        assert_eq!(
+            by("e").health(),
+            HealthState::Healthy,
+            "evacuation is not a health verdict"
+        );
+    }
+
+    #[test]
+    fn passive_signals_degrade_and_load_lowers_weight() {
+        let specs = [
+            spec("ok", "a"),
+            spec("busy", "a"),
+            spec("failing", "a"),
+            spec("slow", "a"),
+        ];
+        let mut load = LoadView::new();
+        let l = |in_flight, calls, errors, lat| NodeLoadSummary {
+            in_flight,
+            calls_per_sec: calls,
+            errors_per_sec: errors,
+            latency_ms: Some(lat),
+        };
+        load.insert("ok".into(), l(0, 100.0, 0.0, 10.0));
+        load.insert("busy".into(), l(8, 100.0, 0.0, 10.0));
+        load.insert("failing".into(), l(0, 100.0, 50.0, 10.0));
+        load.insert("slow".into(), l(0, 100.0, 0.0, 50.0));
+        let t = build_with(&specs, &Overrides::default(), &load);
+        let by = |id: &str| t.iter().find(|e| node_id(e) == id).unwrap().clone();
+        assert_eq!(by("ok").health(), HealthState::Healthy);
+        assert!(by("busy").weight < by("ok").weight);
+        assert_eq!(by("failing").health(), HealthState::Degraded);
+        assert_eq!(by("slow").health(), HealthState::Degraded);
+        assert!(by("slow").weight < by("ok").weight / 2.0);
+    }
+
+    #[test]
+    fn small_moves_are_not_republished() {
+        let specs = [spec("n", "a")];
+        let previous = HashMap::from([("n".to_string(), 8.1)]);
+        let t = build(&Inputs {
+            specs: &specs,
+            health: &healthy(&["n"]),
+            overrides: &Overrides::default(),
+            load: &LoadView::new(),
+            previous: &previous,
+            elapsed: Duration::from_secs(1),
+        });
+        assert_eq!(t[0].weight, 8.1, "a 1 % move changed the published weight");
     }
 }

@@ -179,11 +179,13 @@ impl RouterState {
     /// The share of calls the local region takes now (Envoy's rule, ramped up gradually).
     fn local_share(&self, route: &ModelRoute, now_ns: u64, now_ms: u64, panic: bool) -> f64 {
         let total: f64 = route.local.iter().map(|n| n.capacity).sum();
+        // Capacity, not weight: weights also carry load (a busy node's weight is lowered), and
+        // a busy region is still an available one; its load is balanced call by call.
         let available: f64 = route
             .local
             .iter()
             .filter(|n| (n.routable || panic) && !n.conn.outlier.is_failing(now_ms))
-            .map(|n| if n.routable { n.weight } else { n.capacity })
+            .map(|n| n.capacity)
             .sum();
         let target = locality::local_share(available, total, route.settings.overprovisioning);
         let (previous, stamp) = route.state.share.get();

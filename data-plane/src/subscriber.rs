@@ -169,7 +169,10 @@ async fn report_load(tx: mpsc::Sender<RouterMessage>, state: Arc<RouterState>) {
             })
             .collect();
         let report = RouterMessage {
-            message: Some(router_message::Message::Load(LoadReport { nodes })),
+            message: Some(router_message::Message::Load(LoadReport {
+                nodes,
+                at_unix_ms: 0,
+            })),
         };
         if tx.send(report).await.is_err() {
             return;

@@ -288,3 +288,252 @@ async fn admin_calls_need_the_credential() {
     let (after, _) = store.list("/fulcrum/v1/nodes/").await.unwrap();
     assert_eq!(after.len(), before.len() + 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_overrides_steer_routing_and_bad_ones_change_nothing() {
+    let _serial = fulcrum_tests::exclusive().await;
+    use fulcrum_proto::fulcrum::v1::{
+        CordonNodeRequest, RegionStateRequest, WeightOverrideRequest,
+    };
+    let etcd = Etcd::start().await;
+    let cp = stack::control_plane(&etcd.url()).await;
+    let mut a = admin(cp.addr).await;
+    let mut nodes = Vec::new();
+    for (id, region) in [("a-1", "a"), ("a-2", "a"), ("b-1", "b")] {
+        let n = spawn(
+            NodeSimConfig {
+                name: id.into(),
+                ..Default::default()
+            },
+            "127.0.0.1:0".parse().unwrap(),
+        )
+        .await
+        .unwrap();
+        register(&mut a, spec(id, n.addr, region, &["echo"], 8)).await;
+        nodes.push(n);
+    }
+    let router = stack::router("a", cp.addr, None).await;
+    wait_ready(router.addr).await;
+    let c = oip(router.addr).await;
+    // Which nodes serve 30 calls in a row (None while any call fails).
+    let served = || {
+        let c = c.clone();
+        async move {
+            let mut seen = std::collections::BTreeSet::new();
+            for _ in 0..30 {
+                let mut c = c.clone();
+                let r = c.model_infer(echo_request("echo", &[1.0])).await.ok()?;
+                seen.insert(fulcrum_tests::infer::served_by(r.metadata()).0);
+            }
+            Some(seen.into_iter().collect::<Vec<_>>())
+        }
+    };
+    let until = |want: Vec<&'static str>, what: &'static str| {
+        let served = &served;
+        async move {
+            eventually(what, Duration::from_secs(20), || async {
+                (served().await? == want).then_some(())
+            })
+            .await
+        }
+    };
+    until(vec!["a-1", "a-2"], "both local nodes serve").await;
+
+    // Cordon: no new calls to a-1.
+    a.cordon_node(CordonNodeRequest {
+        id: "a-1".into(),
+        cordon: true,
+    })
+    .await
+    .unwrap();
+    // Half of region a's capacity is left, so 30 % spills to region b (the overprovisioning rule).
+    until(vec!["a-2", "b-1"], "cordoned a-1 gets nothing").await;
+    a.cordon_node(CordonNodeRequest {
+        id: "a-1".into(),
+        cordon: false,
+    })
+    .await
+    .unwrap();
+    until(vec!["a-1", "a-2"], "uncordoned a-1 serves again").await;
+
+    // Weight override zero: same effect; cleared: back.
+    a.set_weight_override(WeightOverrideRequest {
+        id: "a-2".into(),
+        weight: Some(0.0),
+    })
+    .await
+    .unwrap();
+    until(vec!["a-1", "b-1"], "weight 0 keeps a-2 out").await;
+    a.set_weight_override(WeightOverrideRequest {
+        id: "a-2".into(),
+        weight: None,
+    })
+    .await
+    .unwrap();
+    until(vec!["a-1", "a-2"], "cleared override").await;
+
+    // Manual failover: evacuate region a, router a serves from b; restore.
+    a.set_region_state(RegionStateRequest {
+        region: "a".into(),
+        evacuated: true,
+    })
+    .await
+    .unwrap();
+    until(vec!["b-1"], "region a evacuated").await;
+    a.set_region_state(RegionStateRequest {
+        region: "a".into(),
+        evacuated: false,
+    })
+    .await
+    .unwrap();
+    until(vec!["a-1", "a-2"], "region a restored").await;
+
+    // The routers' load reports reach the control plane.
+    eventually("load reported", Duration::from_secs(20), || async {
+        let mut a = admin(cp.addr).await;
+        let _ = served().await;
+        let n = a
+            .list_nodes(ListNodesRequest::default())
+            .await
+            .ok()?
+            .into_inner();
+        n.nodes.iter().any(|n| n.calls_per_sec > 0.0).then_some(())
+    })
+    .await;
+
+    // Bad overrides: precise statuses, nothing stored.
+    let store = open(&etcd.url()).await.unwrap();
+    let (before, _) = store.list("/fulcrum/v1/overrides/").await.unwrap();
+    for (w, code) in [
+        (-1.0, Code::InvalidArgument),
+        (f64::NAN, Code::InvalidArgument),
+        (2e6, Code::InvalidArgument),
+    ] {
+        let err = a
+            .set_weight_override(WeightOverrideRequest {
+                id: "a-1".into(),
+                weight: Some(w),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), code, "weight {w}: {err:?}");
+    }
+    let err = a
+        .set_weight_override(WeightOverrideRequest {
+            id: "ghost".into(),
+            weight: Some(1.0),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let err = a
+        .cordon_node(CordonNodeRequest {
+            id: "ghost".into(),
+            cordon: true,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let err = a
+        .set_region_state(RegionStateRequest {
+            region: "nowhere".into(),
+            evacuated: true,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    assert!(err.message().contains("nowhere"));
+    let (after, _) = store.list("/fulcrum/v1/overrides/").await.unwrap();
+    assert_eq!(before, after, "a refused override changed the store");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn draining_under_load_fails_no_call() {
+    let _serial = fulcrum_tests::exclusive().await;
+    let etcd = Etcd::start().await;
+    let cp = stack::control_plane(&etcd.url()).await;
+    let mut a = admin(cp.addr).await;
+    let mut nodes = Vec::new();
+    for id in ["a-1", "a-2"] {
+        let n = spawn(
+            NodeSimConfig {
+                name: id.into(),
+                service_time: "const:20ms".parse().unwrap(),
+                slots: 16,
+                ..Default::default()
+            },
+            "127.0.0.1:0".parse().unwrap(),
+        )
+        .await
+        .unwrap();
+        register(&mut a, spec(id, n.addr, "a", &["echo"], 16)).await;
+        nodes.push(n);
+    }
+    let router = stack::router("a", cp.addr, None).await;
+    wait_ready(router.addr).await;
+    let target = router.addr.to_string();
+    let load = tokio::spawn(async move {
+        fulcrum_sim::load::run(fulcrum_sim::load::LoadConfig {
+            target,
+            rps: 100.0,
+            duration: Duration::from_secs(4),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+    });
+    let drained = nodes[0].controls();
+    eventually("a-1 serves the load", Duration::from_secs(10), || {
+        let n = drained.calls();
+        async move { (n > 20).then_some(()) }
+    })
+    .await;
+    a.drain_node(DrainNodeRequest {
+        id: "a-1".into(),
+        drain: true,
+    })
+    .await
+    .unwrap();
+    // Once the router has applied the drain, a-1 gets no new call; those in flight finish.
+    eventually(
+        "the router applied the drain",
+        Duration::from_secs(20),
+        || async {
+            let s = status(&a).await?;
+            let drained_version = s.routing_version;
+            let node = a
+                .clone()
+                .get_node(fulcrum_proto::fulcrum::v1::GetNodeRequest { id: "a-1".into() })
+                .await
+                .ok()?
+                .into_inner();
+            (node.drained
+                && node.endpoint?.weight == 0.0
+                && s.routers.iter().all(|r| r.acked_version >= drained_version))
+            .then_some(())
+        },
+    )
+    .await;
+    eventually(
+        "a-1's calls in flight finish",
+        Duration::from_secs(10),
+        || {
+            let n = drained.in_flight();
+            async move { (n == 0).then_some(()) }
+        },
+    )
+    .await;
+    let after_drain = drained.calls();
+    let report = load.await.unwrap();
+    assert_eq!(
+        report.sent, report.ok,
+        "calls failed during the drain: {:?}",
+        report.errors
+    );
+    assert!(report.nodes.get("a-2").copied().unwrap_or(0) > 0);
+    assert_eq!(
+        drained.calls(),
+        after_drain,
+        "the drained node got new calls"
+    );
+}

@@ -7,9 +7,10 @@ use clap::{Args, Subcommand};
 use fulcrum_proto::fulcrum::v1::admin_client::AdminClient;
 use fulcrum_proto::fulcrum::v1::node_sim_control_client::NodeSimControlClient;
 use fulcrum_proto::fulcrum::v1::{
-    Balancer, DeregisterNodeRequest, DrainNodeRequest, GetModelPolicyRequest, GetNodeRequest,
-    GetStatusRequest, HealthState, ListModelPoliciesRequest, ListNodesRequest, Model, ModelPolicy,
-    NodeSpec, NodeStatus, RegisterNodeRequest, SimConfig,
+    Balancer, CordonNodeRequest, DeregisterNodeRequest, DrainNodeRequest, GetModelPolicyRequest,
+    GetNodeRequest, GetRoutingRequest, GetStatusRequest, HealthState, ListModelPoliciesRequest,
+    ListNodesRequest, Model, ModelPolicy, NodeSpec, NodeStatus, RegionStateRequest,
+    RegisterNodeRequest, SimConfig, WeightOverrideRequest,
 };
 use serde_json::json;
 use tonic::transport::Channel;
@@ -96,7 +97,43 @@ enum CtlCommand {
         /// Clear the drain instead.
         #[arg(long)]
         undo: bool,
+        /// Return at once instead of waiting for the calls in flight to finish.
+        #[arg(long)]
+        no_wait: bool,
+        /// How long to wait for the calls in flight to finish.
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
     },
+    /// Cordon a node: no new calls (until uncordoned).
+    Cordon {
+        /// Node id.
+        id: String,
+    },
+    /// Clear a node's cordon.
+    Uncordon {
+        /// Node id.
+        id: String,
+    },
+    /// Set a node's weight by hand (in [0, 1000000]), or clear it with --clear.
+    Weight {
+        /// Node id.
+        id: String,
+        /// The weight.
+        #[arg(required_unless_present = "clear")]
+        weight: Option<f64>,
+        /// Go back to the computed weight.
+        #[arg(long)]
+        clear: bool,
+    },
+    /// Manual data-center failover: evacuate a region, or restore it.
+    Region {
+        /// evacuate or restore.
+        action: String,
+        /// The region.
+        region: String,
+    },
+    /// The routing table as the routers receive it (JSON).
+    Routing,
     /// Clear a node's drain.
     Undrain {
         /// Node id.
@@ -355,6 +392,13 @@ fn node_json(n: &NodeStatus) -> serde_json::Value {
         "weight": e.weight,
         "ready_models": e.ready_models,
         "drained": n.drained,
+        "cordoned": n.cordoned,
+        "weight_override": n.weight_override,
+        "region_evacuated": n.region_evacuated,
+        "in_flight": n.in_flight,
+        "calls_per_sec": n.calls_per_sec,
+        "error_ratio": n.error_ratio,
+        "latency_ms": n.latency_ms,
         "probe_streak": n.probe_streak,
         "last_error": n.last_error,
     })
@@ -569,12 +613,141 @@ pub(crate) async fn run(args: CtlArgs) -> anyhow::Result<()> {
                 .into_inner();
             println!("node {id} deregistered (revision {})", resp.revision);
         }
-        CtlCommand::Drain { id, undo } => drain(&mut admin, id, !undo).await?,
+        CtlCommand::Drain {
+            id,
+            undo,
+            no_wait,
+            timeout,
+        } => {
+            drain(&mut admin, id.clone(), !undo).await?;
+            if !undo && !no_wait {
+                wait_drained(&mut admin, &id, timeout).await?;
+            }
+        }
         CtlCommand::Undrain { id } => drain(&mut admin, id, false).await?,
+        CtlCommand::Cordon { id } => {
+            admin
+                .cordon_node(CordonNodeRequest {
+                    id: id.clone(),
+                    cordon: true,
+                })
+                .await
+                .map_err(status_error)?;
+            println!("node {id} cordoned: no new calls");
+        }
+        CtlCommand::Uncordon { id } => {
+            admin
+                .cordon_node(CordonNodeRequest {
+                    id: id.clone(),
+                    cordon: false,
+                })
+                .await
+                .map_err(status_error)?;
+            println!("node {id} uncordoned");
+        }
+        CtlCommand::Weight { id, weight, clear } => {
+            let weight = if clear { None } else { weight };
+            admin
+                .set_weight_override(WeightOverrideRequest {
+                    id: id.clone(),
+                    weight,
+                })
+                .await
+                .map_err(status_error)?;
+            match weight {
+                Some(w) => println!("node {id}: weight set to {w}"),
+                None => println!("node {id}: weight override cleared"),
+            }
+        }
+        CtlCommand::Region { action, region } => {
+            let evacuated = match action.as_str() {
+                "evacuate" => true,
+                "restore" => false,
+                other => bail!("unknown region action {other:?}: use evacuate or restore"),
+            };
+            let resp = admin
+                .set_region_state(RegionStateRequest {
+                    region: region.clone(),
+                    evacuated,
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            println!(
+                "region {region} {}; evacuated now: {}",
+                if evacuated {
+                    "evacuated: its routers send calls to the other region"
+                } else {
+                    "restored"
+                },
+                if resp.evacuated.is_empty() {
+                    "none".to_owned()
+                } else {
+                    resp.evacuated.join(", ")
+                }
+            );
+        }
+        CtlCommand::Routing => {
+            let t = admin
+                .get_routing(GetRoutingRequest {})
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            let endpoints: Vec<_> = t
+                .endpoints
+                .iter()
+                .map(|e| {
+                    let s = e.spec.clone().unwrap_or_default();
+                    json!({
+                        "id": s.id, "region": s.region, "address": s.address,
+                        "health": health_name(e.health), "weight": e.weight,
+                        "ready_models": e.ready_models,
+                    })
+                })
+                .collect();
+            let out = json!({
+                "version": t.version,
+                "stale": t.stale,
+                "endpoints": endpoints,
+                "policies": t.policies.iter().map(|p| p.model.clone()).collect::<Vec<_>>(),
+            });
+            println!("{}", serde_json::to_string_pretty(&out)?);
+        }
         CtlCommand::Policy { command } => policy(&mut admin, command).await?,
         CtlCommand::Sim { .. } => unreachable!("handled before connecting to the control plane"),
     }
     Ok(())
+}
+
+/// Waits until no router reports calls in flight to the node, printing progress.
+async fn wait_drained(
+    admin: &mut Admin,
+    id: &str,
+    timeout: std::time::Duration,
+) -> anyhow::Result<()> {
+    let end = tokio::time::Instant::now() + timeout;
+    // Routers report every half second and replicas share sums every second: wait for at least
+    // one full round of fresh reports before trusting a zero.
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    loop {
+        let n = admin
+            .get_node(GetNodeRequest { id: id.to_owned() })
+            .await
+            .map_err(status_error)?
+            .into_inner();
+        if n.in_flight == 0 {
+            println!("node {id} drained: no calls in flight");
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= end {
+            bail!(
+                "node {id} still has {} call(s) in flight after {timeout:?}",
+                n.in_flight
+            );
+        }
+        println!("node {id}: {} call(s) in flight…", n.in_flight);
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
 }
 
 async fn drain(admin: &mut Admin, id: String, drain: bool) -> anyhow::Result<()> {

@@ -1,0 +1,209 @@
+//! Operator overrides: what an operator says about nodes and regions, over what the probes say.
+//!
+//! - drain (`/fulcrum/v1/overrides/drain/<id>`): weight zero, calls in flight finish;
+//! - cordon (`/fulcrum/v1/overrides/cordon/<id>`): no new calls (state CORDONED, weight zero);
+//! - weight (`/fulcrum/v1/overrides/weight/<id>`): a fixed weight instead of the computed one,
+//!   for a node that is routable at all;
+//! - region (`/fulcrum/v1/overrides/region/<region>`): the region is evacuated, every node in it
+//!   gets weight zero and routers send its calls to the other region (a manual failover).
+//!
+//! All of them are read in one range read per control-loop pass.
+
+use std::collections::{HashMap, HashSet};
+
+use crate::error::Error;
+use crate::keys;
+use crate::registry;
+use crate::store::Store;
+
+/// Largest weight an operator may set: the largest capacity a node may be registered with, so
+/// an override never dwarfs every computed weight by more than any real node could.
+pub const MAX_WEIGHT: f64 = 1_000_000.0;
+
+const DRAIN: &str = "drain/";
+const CORDON: &str = "cordon/";
+const WEIGHT: &str = "weight/";
+const REGION: &str = "region/";
+
+/// Every override in force.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Overrides {
+    /// Drained node ids.
+    pub drained: HashSet<String>,
+    /// Cordoned node ids.
+    pub cordoned: HashSet<String>,
+    /// Weight overrides by node id.
+    pub weights: HashMap<String, f64>,
+    /// Evacuated regions.
+    pub evacuated: HashSet<String>,
+}
+
+/// Reads every override.
+pub async fn load(store: &dyn Store) -> Result<Overrides, Error> {
+    let (kvs, _) = store.list(keys::OVERRIDES).await?;
+    let mut o = Overrides::default();
+    for kv in kvs {
+        let Some(rest) = kv.key.strip_prefix(keys::OVERRIDES) else {
+            continue;
+        };
+        if let Some(id) = rest.strip_prefix(DRAIN) {
+            o.drained.insert(id.to_owned());
+        } else if let Some(id) = rest.strip_prefix(CORDON) {
+            o.cordoned.insert(id.to_owned());
+        } else if let Some(id) = rest.strip_prefix(WEIGHT) {
+            let w = std::str::from_utf8(&kv.value)
+                .ok()
+                .and_then(|s| s.parse::<f64>().ok())
+                .filter(|w| w.is_finite() && (0.0..=MAX_WEIGHT).contains(w));
+            match w {
+                Some(w) => {
+                    o.weights.insert(id.to_owned(), w);
+                }
+                None => tracing::error!(key = %kv.key, "ignoring an unreadable weight override"),
+            }
+        } else if let Some(region) = rest.strip_prefix(REGION) {
+            o.evacuated.insert(region.to_owned());
+        }
+    }
+    Ok(o)
+}
+
+fn key(kind: &str, name: &str) -> String {
+    format!("{}{kind}{name}", keys::OVERRIDES)
+}
+
+async fn toggle(store: &dyn Store, kind: &str, id: &str, on: bool) -> Result<(), Error> {
+    registry::get(store, id).await?;
+    if on {
+        store.put(&key(kind, id), b"1".to_vec()).await?;
+    } else {
+        store.delete(&key(kind, id)).await?;
+    }
+    Ok(())
+}
+
+/// Sets or clears a node's drain. NOT_FOUND for an unknown node.
+pub async fn set_drain(store: &dyn Store, id: &str, drain: bool) -> Result<(), Error> {
+    toggle(store, DRAIN, id, drain).await
+}
+
+/// Sets or clears a node's cordon. NOT_FOUND for an unknown node.
+pub async fn set_cordon(store: &dyn Store, id: &str, cordon: bool) -> Result<(), Error> {
+    toggle(store, CORDON, id, cordon).await
+}
+
+/// Sets (`Some`) or clears (`None`) a node's weight override; refuses weights outside
+/// `[0, MAX_WEIGHT]` before writing anything.
+pub async fn set_weight(store: &dyn Store, id: &str, weight: Option<f64>) -> Result<(), Error> {
+    if let Some(w) = weight
+        && !(w.is_finite() && (0.0..=MAX_WEIGHT).contains(&w))
+    {
+        return Err(Error::InvalidArgument(format!(
+            "weight {w} is outside [0, {MAX_WEIGHT}]"
+        )));
+    }
+    registry::get(store, id).await?;
+    match weight {
+        Some(w) => {
+            store
+                .put(&key(WEIGHT, id), w.to_string().into_bytes())
+                .await?
+        }
+        None => store.delete(&key(WEIGHT, id)).await?.unwrap_or_default(),
+    };
+    Ok(())
+}
+
+/// Evacuates (or restores) a region. The region must have at least one registered node, so a
+/// typo cannot silently evacuate nothing.
+pub async fn set_region(store: &dyn Store, region: &str, evacuated: bool) -> Result<(), Error> {
+    if region.is_empty() {
+        return Err(Error::InvalidArgument("region is required".into()));
+    }
+    let known = registry::list(store)
+        .await?
+        .iter()
+        .any(|s| s.region == region);
+    if !known {
+        return Err(Error::RegionNotFound(region.to_owned()));
+    }
+    if evacuated {
+        store.put(&key(REGION, region), b"1".to_vec()).await?;
+    } else {
+        store.delete(&key(REGION, region)).await?;
+    }
+    Ok(())
+}
+
+/// Removes every override of a node (it is being deregistered).
+pub async fn clear_node(store: &dyn Store, id: &str) -> Result<(), Error> {
+    for kind in [DRAIN, CORDON, WEIGHT] {
+        store.delete(&key(kind, id)).await?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::embedded::EmbeddedStore;
+    use fulcrum_proto::fulcrum::v1::{Model, NodeSpec};
+
+    async fn store_with_node() -> EmbeddedStore {
+        let s = EmbeddedStore::in_memory();
+        let spec = NodeSpec {
+            id: "n".into(),
+            address: "127.0.0.1:1".into(),
+            region: "a".into(),
+            models: vec![Model {
+                name: "m".into(),
+                versions: vec![],
+            }],
+            capacity: 2,
+            ..Default::default()
+        };
+        registry::register(&s, &spec).await.unwrap();
+        s
+    }
+
+    #[tokio::test]
+    async fn overrides_round_trip() {
+        let s = store_with_node().await;
+        set_drain(&s, "n", true).await.unwrap();
+        set_cordon(&s, "n", true).await.unwrap();
+        set_weight(&s, "n", Some(3.5)).await.unwrap();
+        set_region(&s, "a", true).await.unwrap();
+        let o = load(&s).await.unwrap();
+        assert!(o.drained.contains("n") && o.cordoned.contains("n") && o.evacuated.contains("a"));
+        assert_eq!(o.weights["n"], 3.5);
+        clear_node(&s, "n").await.unwrap();
+        set_region(&s, "a", false).await.unwrap();
+        assert_eq!(load(&s).await.unwrap(), Overrides::default());
+    }
+
+    #[tokio::test]
+    async fn bad_overrides_change_nothing() {
+        let s = store_with_node().await;
+        let (before, _) = s.list(keys::ROOT).await.unwrap();
+        for w in [-1.0, f64::NAN, f64::INFINITY, MAX_WEIGHT * 2.0] {
+            assert!(matches!(
+                set_weight(&s, "n", Some(w)).await,
+                Err(Error::InvalidArgument(_))
+            ));
+        }
+        assert!(matches!(
+            set_weight(&s, "ghost", Some(1.0)).await,
+            Err(Error::NodeNotFound(_))
+        ));
+        assert!(matches!(
+            set_cordon(&s, "ghost", true).await,
+            Err(Error::NodeNotFound(_))
+        ));
+        assert!(matches!(
+            set_region(&s, "nowhere", true).await,
+            Err(Error::RegionNotFound(_))
+        ));
+        let (after, _) = s.list(keys::ROOT).await.unwrap();
+        assert_eq!(before, after);
+    }
+}
