@@ -118,9 +118,7 @@ async fn session(
             continue;
         }
         let reply = match apply(&update, state) {
-            Ok(()) => router_message::Message::Ack(Ack {
-                version: update.version,
-            }),
+            Ok(held) => router_message::Message::Ack(Ack { version: held }),
             Err(reason) => {
                 tracing::warn!(version = update.version, %reason, "rejected a routing update");
                 router_message::Message::Nack(Nack {
@@ -181,16 +179,22 @@ async fn report_load(tx: mpsc::Sender<RouterMessage>, state: Arc<RouterState>) {
 }
 
 /// Applies one update, or says why not. Never moves to an older version.
-pub fn apply(update: &RoutingUpdate, state: &RouterState) -> Result<(), String> {
+///
+/// Returns the version the router holds afterwards (acknowledged to the control plane). An
+/// update older than the table held — a replica whose watch lags behind the one the router
+/// left — is ignored, not rejected: rejecting would only bring the same old snapshot again.
+pub fn apply(update: &RoutingUpdate, state: &RouterState) -> Result<u64, String> {
     let current = state.table.load();
     if update.version < current.version {
-        return Err(format!(
-            "version {} is older than the applied {}",
-            update.version, current.version
-        ));
+        tracing::debug!(
+            version = update.version,
+            held = current.version,
+            "ignoring an update older than the table held"
+        );
+        return Ok(current.version);
     }
     if update.version == current.version && !update.snapshot {
-        return Ok(());
+        return Ok(current.version);
     }
     let merged;
     let full = if update.snapshot {
@@ -206,6 +210,64 @@ pub fn apply(update: &RoutingUpdate, state: &RouterState) -> Result<(), String> 
         stale = table.stale,
         "routing table applied"
     );
+    let version = table.version;
     state.table.store(Arc::new(table));
-    Ok(())
+    Ok(version)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fulcrum_proto::fulcrum::v1::{Endpoint, HealthState, Model, NodeSpec};
+
+    fn snapshot(version: u64, weight: f64) -> RoutingUpdate {
+        RoutingUpdate {
+            version,
+            snapshot: true,
+            endpoints: vec![Endpoint {
+                spec: Some(NodeSpec {
+                    id: "n".into(),
+                    address: "127.0.0.1:9".into(),
+                    region: "a".into(),
+                    models: vec![Model {
+                        name: "m".into(),
+                        versions: vec![],
+                    }],
+                    capacity: 1,
+                    ..Default::default()
+                }),
+                health: HealthState::Healthy as i32,
+                weight,
+                ready_models: vec!["m".into()],
+            }],
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn versions_never_go_backwards() {
+        let state = RouterState::new("a".into(), 1 << 20);
+        assert_eq!(apply(&snapshot(5, 1.0), &state), Ok(5));
+        // An older snapshot (a lagging replica) is ignored, and the router says what it holds.
+        assert_eq!(apply(&snapshot(3, 9.0), &state), Ok(5));
+        assert_eq!(state.table.load().version, 5);
+        assert_eq!(state.table.load().source.endpoints[0].weight, 1.0);
+        // A delta on another base is rejected (NACK); the table stays.
+        let delta = RoutingUpdate {
+            version: 8,
+            base_version: 6,
+            ..Default::default()
+        };
+        assert!(apply(&delta, &state).is_err());
+        assert_eq!(state.table.load().version, 5);
+        // A delta on the held version applies.
+        let delta = RoutingUpdate {
+            version: 8,
+            base_version: 5,
+            endpoints: snapshot(8, 2.0).endpoints,
+            ..Default::default()
+        };
+        assert_eq!(apply(&delta, &state), Ok(8));
+        assert_eq!(state.table.load().source.endpoints[0].weight, 2.0);
+    }
 }

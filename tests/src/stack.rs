@@ -35,9 +35,16 @@ impl Running {
         F: FnOnce(TcpListener, oneshot::Receiver<()>) -> Fut,
         Fut: Future<Output = ()> + Send + 'static,
     {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind loopback");
+        Self::spawn_at("127.0.0.1:0".parse().expect("loopback"), serve).await
+    }
+
+    /// Binds `addr` and runs `serve(listener, shutdown)` on a task.
+    pub async fn spawn_at<F, Fut>(addr: SocketAddr, serve: F) -> Self
+    where
+        F: FnOnce(TcpListener, oneshot::Receiver<()>) -> Fut,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let listener = TcpListener::bind(addr).await.expect("bind loopback");
         let addr = listener.local_addr().expect("local addr");
         let (stop, stopped) = oneshot::channel();
         let task = tokio::spawn(serve(listener, stopped));
@@ -88,10 +95,15 @@ pub async fn control_plane(store_url: &str) -> Running {
 
 /// Starts a control-plane replica on `store_url` with the given admin credentials.
 pub async fn control_plane_with(store_url: &str, auth: AdminAuth) -> Running {
+    control_plane_at("127.0.0.1:0".parse().expect("loopback"), store_url, auth).await
+}
+
+/// Starts a control-plane replica listening on `addr` (to restart one on the same address).
+pub async fn control_plane_at(addr: SocketAddr, store_url: &str, auth: AdminAuth) -> Running {
     let store = fulcrum_control_plane::store::open(store_url)
         .await
         .expect("open store");
-    Running::spawn(move |listener, stopped| async move {
+    Running::spawn_at(addr, move |listener, stopped| async move {
         let id = format!("control-{}", listener.local_addr().expect("local addr"));
         let mut config = ControlPlaneConfig::new(id, auth);
         config.probe = fast_probes();

@@ -537,3 +537,137 @@ async fn draining_under_load_fails_no_call() {
         "the drained node got new calls"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_repeated_leader_kills_router_versions_only_grow() {
+    use fulcrum_data_plane::router::RouterState;
+    use fulcrum_data_plane::subscriber::apply;
+    use fulcrum_proto::fulcrum::v1::routing_client::RoutingClient;
+    use fulcrum_proto::fulcrum::v1::{RouterHello, RouterMessage, router_message};
+    use std::net::SocketAddr;
+    use std::sync::{Arc, Mutex};
+
+    let _serial = fulcrum_tests::exclusive().await;
+    let etcd = Etcd::start().await;
+    let addrs: Vec<SocketAddr> = (0..3)
+        .map(|_| {
+            format!("127.0.0.1:{}", fulcrum_tests::free_port())
+                .parse()
+                .unwrap()
+        })
+        .collect();
+    let start = |addr: SocketAddr| {
+        let url = etcd.url();
+        async move { stack::control_plane_at(addr, &url, AdminAuth::Loopback(None)).await }
+    };
+    let mut replicas = Vec::new();
+    for a in &addrs {
+        replicas.push(Some(start(*a).await));
+    }
+    let node = spawn(NodeSimConfig::default(), "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let mut a0 = admin(addrs[0]).await;
+    register(&mut a0, spec("n-1", node.addr, "a", &["echo"], 4)).await;
+
+    // A checker that subscribes as a router would, moving between replicas, and applies every
+    // update with the router's own rule; it records the version held after each one.
+    let held: Arc<Mutex<Vec<u64>>> = Arc::default();
+    let checker = {
+        let held = held.clone();
+        let addrs = addrs.clone();
+        tokio::spawn(async move {
+            let state = RouterState::new("a".into(), 1 << 20);
+            for addr in addrs.iter().cycle() {
+                let Ok(mut client) = RoutingClient::connect(format!("http://{addr}")).await else {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                };
+                let hello = RouterMessage {
+                    message: Some(router_message::Message::Hello(RouterHello {
+                        router_id: "checker".into(),
+                        region: "a".into(),
+                        known_version: state.table.load().version,
+                    })),
+                };
+                let (tx, rx) = tokio::sync::mpsc::channel(4);
+                tx.send(hello).await.unwrap();
+                let Ok(resp) = client
+                    .subscribe(tokio_stream::wrappers::ReceiverStream::new(rx))
+                    .await
+                else {
+                    continue;
+                };
+                let mut updates = resp.into_inner();
+                while let Ok(Some(u)) = updates.message().await {
+                    if u.heartbeat {
+                        continue;
+                    }
+                    if let Ok(v) = apply(&u, &state) {
+                        held.lock().unwrap().push(v);
+                    }
+                }
+            }
+        })
+    };
+
+    // Kill the leader three times (no resignation: its lease must expire), restarting it each
+    // time, and change the table after each failover.
+    for round in 0..3 {
+        let leader = eventually("a leader", Duration::from_secs(20), || async {
+            for (i, a) in addrs.iter().enumerate() {
+                if replicas[i].is_none() {
+                    continue;
+                }
+                let c = admin(*a).await;
+                if status(&c).await?.leader {
+                    return Some(i);
+                }
+            }
+            None
+        })
+        .await;
+        replicas[leader] = None;
+        let survivor = (leader + 1) % addrs.len();
+        let c = admin(addrs[survivor]).await;
+        eventually("a new leader", Duration::from_secs(20), || async {
+            let s = status(&c).await?;
+            (!s.leader_id.is_empty() && s.leader_id != format!("control-{}", addrs[leader]))
+                .then_some(())
+        })
+        .await;
+        let mut c = admin(addrs[survivor]).await;
+        c.drain_node(DrainNodeRequest {
+            id: "n-1".into(),
+            drain: round % 2 == 0,
+        })
+        .await
+        .unwrap();
+        let want = status(&c).await.unwrap().routing_version;
+        eventually(
+            "the checker follows the new leader",
+            Duration::from_secs(20),
+            || {
+                let held = held.clone();
+                async move {
+                    let last = held.lock().unwrap().last().copied()?;
+                    (last >= want).then_some(())
+                }
+            },
+        )
+        .await;
+        replicas[leader] = Some(start(addrs[leader]).await);
+    }
+    checker.abort();
+    let held = held.lock().unwrap().clone();
+    assert!(held.len() >= 4, "the checker saw too little: {held:?}");
+    assert!(
+        held.windows(2).all(|w| w[0] <= w[1]),
+        "a router's version went backwards: {held:?}"
+    );
+    let distinct: std::collections::BTreeSet<_> = held.iter().collect();
+    assert!(
+        distinct.len() >= 4,
+        "versions did not advance across failovers: {held:?}"
+    );
+}
