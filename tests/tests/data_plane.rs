@@ -70,19 +70,28 @@ fn share(counts: &BTreeMap<String, u64>, key: &str) -> f64 {
     counts.get(key).copied().unwrap_or(0) as f64 / total.max(1) as f64
 }
 
+/// Waits until the control plane says `id` is in state `want` and every router has applied
+/// that table.
 async fn wait_health(admin: &AdminClient<Channel>, id: &str, want: HealthState) {
-    eventually(
-        &format!("{id} is {want:?}"),
-        Duration::from_secs(20),
-        || {
-            let mut a = admin.clone();
-            let id = id.to_owned();
-            async move {
-                let n = a.get_node(GetNodeRequest { id }).await.ok()?.into_inner();
-                (n.endpoint?.health() == want).then_some(())
-            }
-        },
-    )
+    let what = format!("{id} is {want:?} at the routers");
+    eventually(&what, Duration::from_secs(20), || {
+        let mut a = admin.clone();
+        let id = id.to_owned();
+        async move {
+            let n = a.get_node(GetNodeRequest { id }).await.ok()?.into_inner();
+            let s = a
+                .get_status(fulcrum_proto::fulcrum::v1::GetStatusRequest {})
+                .await
+                .ok()?
+                .into_inner();
+            (n.endpoint?.health() == want
+                && !s.routers.is_empty()
+                && s.routers
+                    .iter()
+                    .all(|r| r.acked_version >= s.routing_version))
+            .then_some(())
+        }
+    })
     .await;
 }
 

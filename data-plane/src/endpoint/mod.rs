@@ -27,6 +27,12 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How much slower than its usual latency a failed call makes a node look. Four times: enough
+/// that power-of-two-choices steers around a node failing fast (instead of preferring it for
+/// its short "latency"), while a node with a rare failure recovers its share within a couple of
+/// seconds as the estimate decays.
+const FAILURE_PENALTY: f64 = 4.0;
+
 /// Nanoseconds since the first call in this process, on tokio's clock (so tests with paused
 /// time control it).
 pub fn now_ns() -> u64 {
@@ -153,9 +159,12 @@ impl NodeConn {
             Outcome::Failure => {
                 self.calls.fetch_add(1, Ordering::Relaxed);
                 self.errors.fetch_add(1, Ordering::Relaxed);
-                // A failure is at least as slow as the time it took: a node that times out must
-                // not look fast.
-                self.latency.observe(elapsed, now);
+                // A failure counts as a call FAILURE_PENALTY times slower than the node's usual:
+                // a node that fails fast must not look fast (p2c would pour calls into it), and
+                // a node that times out is at least as slow as the time it took.
+                let usual = Duration::from_secs_f64(self.latency.estimate_ms(now) / 1e3);
+                self.latency
+                    .observe(elapsed.max(usual.mul_f64(FAILURE_PENALTY)), now);
                 self.outlier.on_failure()
             }
             Outcome::Cancelled => 0,
