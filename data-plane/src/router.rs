@@ -230,3 +230,102 @@ impl RouterState {
         waited
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fulcrum_proto::fulcrum::v1::{
+        Endpoint, HealthState, Model, ModelPolicy, NodeSpec, RoutingUpdate,
+    };
+
+    fn endpoint(id: &str, region: &str, health: HealthState) -> Endpoint {
+        let routable = health == HealthState::Healthy;
+        Endpoint {
+            spec: Some(NodeSpec {
+                id: id.into(),
+                address: format!("127.0.0.1:{}", 9000 + id.len()),
+                region: region.into(),
+                models: vec![Model {
+                    name: "m".into(),
+                    versions: vec![],
+                }],
+                capacity: 4,
+                ..Default::default()
+            }),
+            health: health as i32,
+            weight: if routable { 4.0 } else { 0.0 },
+            ready_models: if routable { vec!["m".into()] } else { vec![] },
+        }
+    }
+
+    fn state_with(endpoints: Vec<Endpoint>, panic_mode: bool) -> RouterState {
+        let state = RouterState::new("a".into(), 1 << 20);
+        let update = RoutingUpdate {
+            version: 1,
+            snapshot: true,
+            endpoints,
+            policies: vec![ModelPolicy {
+                model: "m".into(),
+                panic_mode,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let table =
+            RoutingTable::build(&update, "a", &RoutingTable::default(), &state.slot_freed).unwrap();
+        state.table.store(Arc::new(table));
+        state
+    }
+
+    #[tokio::test]
+    async fn fails_closed_by_default_and_panics_only_when_asked() {
+        let down = vec![endpoint("a1", "a", HealthState::Unhealthy)];
+        let state = state_with(down.clone(), false);
+        let table = state.table.load();
+        assert!(matches!(
+            state.pick(&table, "m", &[], None),
+            Err(RouteError::NoHealthyNode { .. })
+        ));
+        let state = state_with(down, true);
+        let table = state.table.load();
+        let picked = state
+            .pick(&table, "m", &[], None)
+            .expect("panic mode routes anyway");
+        assert_eq!(picked.node.conn.id, "a1");
+        // Panic mode is for when nothing is healthy: a healthy node anywhere is preferred.
+        let state = state_with(
+            vec![
+                endpoint("a1", "a", HealthState::Unhealthy),
+                endpoint("b1", "b", HealthState::Healthy),
+            ],
+            true,
+        );
+        let table = state.table.load();
+        for _ in 0..50 {
+            assert_eq!(
+                state.pick(&table, "m", &[], None).unwrap().node.conn.id,
+                "b1"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn unknown_models_and_full_nodes_have_their_own_errors() {
+        let state = state_with(vec![endpoint("a1", "a", HealthState::Healthy)], false);
+        let table = state.table.load();
+        assert!(matches!(
+            state.pick(&table, "nope", &[], None),
+            Err(RouteError::UnknownModel(_))
+        ));
+        // Fill the node's four slots: the next pick is "all busy", not "no healthy node".
+        let slots: Vec<_> = (0..4)
+            .map(|_| state.pick(&table, "m", &[], None).unwrap())
+            .collect();
+        assert!(matches!(
+            state.pick(&table, "m", &[], None),
+            Err(RouteError::AllNodesBusy { .. })
+        ));
+        drop(slots);
+        assert!(state.pick(&table, "m", &[], None).is_ok());
+    }
+}
