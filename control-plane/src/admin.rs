@@ -17,6 +17,7 @@ use tonic::{Request, Response, Status};
 use crate::error::Error;
 use crate::health::prober::Prober;
 use crate::publisher::Publisher;
+use crate::self_registration::NodeReports;
 use crate::store::SharedStore;
 use crate::{overrides, policies, registry};
 
@@ -29,6 +30,7 @@ pub struct AdminService {
     changed: Arc<Notify>,
     replica_id: String,
     is_leader: tokio::sync::watch::Receiver<bool>,
+    reports: NodeReports,
 }
 
 impl AdminService {
@@ -49,7 +51,14 @@ impl AdminService {
             changed,
             replica_id,
             is_leader,
+            reports: NodeReports::default(),
         }
+    }
+
+    /// Shows the self-registered nodes' reports from `reports` in node statuses.
+    pub fn with_node_reports(mut self, reports: NodeReports) -> Self {
+        self.reports = reports;
+        self
     }
 
     async fn status_of(&self, specs: Vec<NodeSpec>) -> Result<Vec<NodeStatus>, Error> {
@@ -58,6 +67,7 @@ impl AdminService {
         let load = crate::load::global(self.store.as_ref())
             .await
             .unwrap_or_default();
+        let leased = crate::self_registration::leased_ids(self.store.as_ref()).await?;
         let health = self.prober.snapshot();
         let table = self.publisher.current();
         Ok(specs
@@ -88,6 +98,8 @@ impl AdminService {
                     drained: overrides.drained.contains(&spec.id),
                     probe_streak: h.streak,
                     last_error: h.last_error,
+                    self_report: self.reports.get(&spec.id).map(|r| r.report),
+                    leased: leased.contains(&spec.id),
                 }
             })
             .collect())

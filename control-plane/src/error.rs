@@ -21,6 +21,26 @@ pub enum Error {
         /// The address the id is registered with.
         existing: String,
     },
+    /// A node tried to register itself under an id an operator registered.
+    #[error(
+        "node {0:?} is registered by an operator; deregister it first to let the node register itself"
+    )]
+    RegisteredByOperator(String),
+    /// A self-registered node sent nothing for a lease TTL: taken for dead.
+    #[error("node {id:?} sent nothing for {silent:?}; its registration ended")]
+    NodeSilent {
+        /// The node.
+        id: String,
+        /// How long it was silent.
+        silent: std::time::Duration,
+    },
+    /// A self-registration's entry was removed or taken over (by an operator, or by the node
+    /// registering again on another stream).
+    #[error("node {0:?}'s registration was removed or replaced")]
+    RegistrationLost(String),
+    /// This control-plane replica is shutting down; register with another one.
+    #[error("this control-plane replica is shutting down")]
+    ShuttingDown,
     /// No node has this id.
     #[error("node {0:?} is not registered")]
     NodeNotFound(String),
@@ -51,12 +71,19 @@ impl From<Error> for Status {
         let msg = e.to_string();
         match e {
             Error::InvalidSpec(_) | Error::InvalidArgument(_) => Status::invalid_argument(msg),
-            Error::AlreadyExists { .. } => Status::already_exists(msg),
+            Error::AlreadyExists { .. } | Error::RegisteredByOperator(_) => {
+                Status::already_exists(msg)
+            }
+            Error::RegistrationLost(_) => Status::aborted(msg),
+            Error::NodeSilent { .. } | Error::ShuttingDown => Status::unavailable(msg),
             Error::NodeNotFound(_) | Error::PolicyNotFound(_) | Error::RegionNotFound(_) => {
                 Status::not_found(msg)
             }
             Error::Conflict(_) => Status::aborted(msg),
-            Error::Store(StoreError::Unavailable(_)) => Status::unavailable(msg),
+            // A lease that expired under a registration: the store was out of reach too long.
+            Error::Store(StoreError::Unavailable(_) | StoreError::LeaseNotFound(_)) => {
+                Status::unavailable(msg)
+            }
             Error::Store(_) | Error::Decode { .. } => Status::internal(msg),
         }
     }

@@ -16,6 +16,7 @@
 //! - [`table`]: specs + health + overrides → the routing table.
 //! - [`control_loop`]: recompute and write the table when anything changes.
 //! - [`publisher`]: follow the table in the store and serve `Subscribe` streams.
+//! - [`self_registration`]: nodes registering themselves with a lease, and their load reports.
 //! - [`admin`]: operator RPCs, and [`auth`]: who may call them.
 //! - [`error`]: errors and their gRPC statuses.
 //! - [`server`]: assemble and serve a replica.
@@ -33,6 +34,7 @@ pub mod overrides;
 pub mod policies;
 pub mod publisher;
 pub mod registry;
+pub mod self_registration;
 pub mod server;
 pub mod store;
 pub mod table;

@@ -5,6 +5,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use fulcrum_proto::fulcrum::v1::admin_server::AdminServer;
+use fulcrum_proto::fulcrum::v1::registration_server::RegistrationServer;
 use fulcrum_proto::fulcrum::v1::routing_server::RoutingServer;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
@@ -15,6 +16,7 @@ use crate::control_loop;
 use crate::health::prober::{ProbeConfig, Prober};
 use crate::load::{self, LoadAggregator};
 use crate::publisher::{Publisher, RoutingService};
+use crate::self_registration::{NodeReports, RegistrationService};
 use crate::store::{AbortOnDrop, SharedStore};
 
 /// Leader lease TTL: a replica that dies (or is cut off from the store) loses the leadership
@@ -43,6 +45,8 @@ pub struct ControlPlaneConfig {
     pub leader_ttl: std::time::Duration,
     /// Admin API credentials.
     pub admin_auth: AdminAuth,
+    /// Lease TTL of self-registered nodes (whole seconds).
+    pub registration_ttl: std::time::Duration,
 }
 
 impl ControlPlaneConfig {
@@ -53,6 +57,7 @@ impl ControlPlaneConfig {
             probe: ProbeConfig::default(),
             leader_ttl: DEFAULT_LEADER_TTL,
             admin_auth,
+            registration_ttl: crate::self_registration::DEFAULT_TTL,
         }
     }
 }
@@ -97,6 +102,24 @@ pub async fn serve(
     health_reporter
         .set_serving::<AdminServer<AdminService>>()
         .await;
+    health_reporter
+        .set_serving::<RegistrationServer<RegistrationService>>()
+        .await;
+
+    let reports = NodeReports::new();
+    // Nodes register themselves without the admin credential (they have none yet).
+    let (registration, registrations) = RegistrationService::new(
+        store.clone(),
+        config.registration_ttl,
+        reports.clone(),
+        changed.clone(),
+    );
+    // Registrations end when shutdown begins (so that it does not wait on their streams), or
+    // when this future is dropped.
+    let shutdown = async move {
+        shutdown.await;
+        drop(registrations);
+    };
 
     let admin = AdminService::new(
         store,
@@ -105,12 +128,14 @@ pub async fn serve(
         changed,
         config.replica_id.clone(),
         is_leader,
-    );
+    )
+    .with_node_reports(reports);
     let auth = crate::auth::AdminInterceptor::new(config.admin_auth.clone());
     tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(RoutingServer::new(RoutingService::new(publisher)))
         .add_service(AdminServer::with_interceptor(admin, auth))
+        .add_service(RegistrationServer::new(registration))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await
 }

@@ -4,7 +4,8 @@
 //!   with Triton's bidirectional `ModelStreamInfer`.
 //! - [`fulcrum::v1`]: Fulcrum's own API: node specs and endpoints (`node.proto`), the routing
 //!   stream between control plane and routers (`routing.proto`), operator RPCs (`admin.proto`),
-//!   and the simulated node's control RPC (`sim.proto`).
+//!   nodes' self-registration (`registration.proto`), and the simulated node's control RPC
+//!   (`sim.proto`).
 //!
 //! The generated code is not documented item by item; the `.proto` files are.
 

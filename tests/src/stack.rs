@@ -100,6 +100,17 @@ pub async fn control_plane_with(store_url: &str, auth: AdminAuth) -> Running {
 
 /// Starts a control-plane replica listening on `addr` (to restart one on the same address).
 pub async fn control_plane_at(addr: SocketAddr, store_url: &str, auth: AdminAuth) -> Running {
+    control_plane_configured(addr, store_url, auth, |_| {}).await
+}
+
+/// Starts a control-plane replica listening on `addr` (port 0: any) with the given admin
+/// credentials, fast probes, and whatever else `configure` changes in its configuration.
+pub async fn control_plane_configured(
+    addr: SocketAddr,
+    store_url: &str,
+    auth: AdminAuth,
+    configure: impl FnOnce(&mut ControlPlaneConfig) + Send + 'static,
+) -> Running {
     let store = fulcrum_control_plane::store::open(store_url)
         .await
         .expect("open store");
@@ -107,6 +118,7 @@ pub async fn control_plane_at(addr: SocketAddr, store_url: &str, auth: AdminAuth
         let id = format!("control-{}", listener.local_addr().expect("local addr"));
         let mut config = ControlPlaneConfig::new(id, auth);
         config.probe = fast_probes();
+        configure(&mut config);
         let shutdown = async move {
             let _ = stopped.await;
         };

@@ -45,6 +45,10 @@ pub(crate) struct ControlArgs {
     /// Accept admin calls from loopback without a token (one-machine setups).
     #[arg(long)]
     admin_trust_loopback: bool,
+    /// Lease TTL of self-registered nodes (whole seconds): how soon a node that falls silent,
+    /// or whose replica dies, leaves the registry.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    registration_ttl: Duration,
 }
 
 impl ControlArgs {
@@ -64,6 +68,7 @@ impl ControlArgs {
                 .unwrap_or_else(|| format!("control-{}", self.listen)),
             leader_ttl: self.leader_ttl,
             admin_auth,
+            registration_ttl: self.registration_ttl,
             probe: ProbeConfig {
                 interval: self.probe_interval,
                 timeout: self.probe_timeout,

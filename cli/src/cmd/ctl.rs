@@ -401,22 +401,40 @@ fn node_json(n: &NodeStatus) -> serde_json::Value {
         "latency_ms": n.latency_ms,
         "probe_streak": n.probe_streak,
         "last_error": n.last_error,
+        "leased": n.leased,
+        "self_report": n.self_report.as_ref().map(|r| json!({
+            "in_flight": r.in_flight,
+            "queue_depth": r.queue_depth,
+            "utilization": r.utilization,
+            "metrics": r.metrics,
+        })),
     })
 }
 
 fn print_table(nodes: &[NodeStatus], version: u64) {
-    let rows: Vec<[String; 7]> = nodes
+    let rows: Vec<[String; 9]> = nodes
         .iter()
         .map(|n| {
             let e = n.endpoint.clone().unwrap_or_default();
             let s = e.spec.clone().unwrap_or_default();
             let models: Vec<_> = s.models.iter().map(|m| m.name.as_str()).collect();
+            // The node's own report: in flight + queued, and utilization.
+            let load = n.self_report.as_ref().map_or_else(String::new, |r| {
+                format!(
+                    "{}+{} {:.0}%",
+                    r.in_flight,
+                    r.queue_depth,
+                    r.utilization * 100.0
+                )
+            });
             [
                 s.id.clone(),
                 s.region.clone(),
                 s.address.clone(),
                 health_name(e.health).to_owned(),
                 format!("{:.1}", e.weight),
+                if n.leased { "yes" } else { "-" }.to_owned(),
+                load,
                 models.join(","),
                 n.last_error.clone(),
             ]
@@ -428,6 +446,8 @@ fn print_table(nodes: &[NodeStatus], version: u64) {
         "ADDRESS",
         "HEALTH",
         "WEIGHT",
+        "LEASE",
+        "LOAD",
         "MODELS",
         "LAST ERROR",
     ];

@@ -4,7 +4,8 @@
 use std::time::Duration;
 
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Txn, TxnOp, WatchOptions,
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp,
+    WatchOptions,
 };
 use futures::StreamExt;
 
@@ -52,7 +53,30 @@ fn to_kv(kv: &etcd_client::KeyValue) -> Result<KeyValue, StoreError> {
             .to_owned(),
         value: kv.value().to_vec(),
         mod_revision: kv.mod_revision(),
+        lease: kv.lease(),
     })
+}
+
+/// Whether etcd refused a request because the lease it names does not exist (any more).
+fn lease_not_found(e: &etcd_client::Error) -> bool {
+    // etcd answers "etcdserver: requested lease not found"; etcd-client's keep-alive says
+    // "lease not found" when etcd renews nothing (TTL 0).
+    e.to_string().contains("lease not found")
+}
+
+/// A failed write with a lease: [`StoreError::LeaseNotFound`] when the lease is gone.
+fn lease_error(e: etcd_client::Error, lease: i64) -> StoreError {
+    if lease_not_found(&e) {
+        StoreError::LeaseNotFound(lease)
+    } else {
+        unavailable(e)
+    }
+}
+
+/// etcd's lease TTL, in whole seconds (at least one).
+fn ttl_seconds(ttl: Duration) -> i64 {
+    let secs = ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0);
+    i64::try_from(secs.max(1)).unwrap_or(i64::MAX)
 }
 
 impl EtcdStore {
@@ -285,5 +309,80 @@ impl Store for EtcdStore {
             Err(e) if e.to_string().contains("no leader") => Ok(None),
             Err(e) => Err(unavailable(e)),
         }
+    }
+
+    async fn grant_lease(&self, ttl: Duration) -> Result<i64, StoreError> {
+        let resp = self
+            .client
+            .lease_client()
+            .grant(ttl_seconds(ttl), None)
+            .await
+            .map_err(unavailable)?;
+        Ok(resp.id())
+    }
+
+    async fn keep_alive(&self, lease: i64) -> Result<bool, StoreError> {
+        // One renewal: etcd-client opens the keep-alive stream, sends one request and waits for
+        // its answer (an error when etcd renewed nothing), and the stream closes when dropped.
+        // The timeout bounds the wait for that answer, which the client's request timeout does
+        // not cover on a stream.
+        let mut client = self.client.lease_client();
+        match tokio::time::timeout(REQUEST_TIMEOUT, client.keep_alive(lease)).await {
+            Err(_) => Err(StoreError::Unavailable(format!(
+                "lease keep-alive not answered within {REQUEST_TIMEOUT:?}"
+            ))),
+            Ok(Ok(_)) => Ok(true),
+            Ok(Err(e)) if lease_not_found(&e) => Ok(false),
+            Ok(Err(e)) => Err(unavailable(e)),
+        }
+    }
+
+    async fn revoke_lease(&self, lease: i64) -> Result<(), StoreError> {
+        match self.client.lease_client().revoke(lease).await {
+            Ok(_) => Ok(()),
+            Err(e) if lease_not_found(&e) => Ok(()),
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
+    async fn put_with_lease(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        lease: i64,
+    ) -> Result<i64, StoreError> {
+        let resp = self
+            .client
+            .kv_client()
+            .put(key, value, Some(PutOptions::new().with_lease(lease)))
+            .await
+            .map_err(|e| lease_error(e, lease))?;
+        header_revision(resp.header())
+    }
+
+    async fn compare_and_put_with_lease(
+        &self,
+        key: &str,
+        expected: i64,
+        value: Vec<u8>,
+        lease: i64,
+    ) -> Result<Option<i64>, StoreError> {
+        let txn = Txn::new()
+            .when([Compare::mod_revision(key, CompareOp::Equal, expected)])
+            .and_then([TxnOp::put(
+                key,
+                value,
+                Some(PutOptions::new().with_lease(lease)),
+            )]);
+        let resp = self
+            .client
+            .kv_client()
+            .txn(txn)
+            .await
+            .map_err(|e| lease_error(e, lease))?;
+        if !resp.succeeded() {
+            return Ok(None);
+        }
+        header_revision(resp.header()).map(Some)
     }
 }

@@ -8,6 +8,13 @@
 //! through [`Store`], so both backends behave the same: every write returns the store's new
 //! revision, revisions only grow, and a compare-and-put is the one primitive for "create only if
 //! absent" and "update only if unchanged".
+//!
+//! Leases: a key written with a lease ([`Store::put_with_lease`],
+//! [`Store::compare_and_put_with_lease`]) lives only as long as the lease. The lease's holder
+//! renews it ([`Store::keep_alive`]) more often than its TTL; when it stops (it died, or lost
+//! the store), the lease expires and the store deletes its keys, which watchers see as deletes.
+//! Revoking it ([`Store::revoke_lease`]) deletes them at once. A later write without the lease
+//! (or with another one) detaches the key from it, as in etcd.
 
 pub mod embedded;
 pub mod etcd;
@@ -26,6 +33,8 @@ pub struct KeyValue {
     pub value: Vec<u8>,
     /// The store revision of the key's last write.
     pub mod_revision: i64,
+    /// The lease the key is attached to; 0 for none.
+    pub lease: i64,
 }
 
 /// What a watch reports.
@@ -61,6 +70,9 @@ pub enum StoreError {
     /// The embedded store's file could not be read or written.
     #[error("store file: {0}")]
     Io(#[from] std::io::Error),
+    /// The lease does not exist (any more): it expired or was revoked.
+    #[error("lease {0:x} has expired or was revoked")]
+    LeaseNotFound(i64),
 }
 
 /// What a leader's writes are fenced by: its election key and the revision that created it.
@@ -154,6 +166,37 @@ pub trait Store: std::fmt::Debug + Send + Sync + 'static {
 
     /// Who leads the election `name`, if anyone.
     async fn leader(&self, name: &str) -> Result<Option<String>, StoreError>;
+
+    /// Grants a lease that expires `ttl` after its grant or its last renewal, and returns its
+    /// id. etcd counts TTLs in whole seconds: `ttl` is rounded up to one.
+    async fn grant_lease(&self, ttl: std::time::Duration) -> Result<i64, StoreError>;
+
+    /// Renews `lease` for another TTL. `false` when it has already expired or was revoked (its
+    /// keys are gone).
+    async fn keep_alive(&self, lease: i64) -> Result<bool, StoreError>;
+
+    /// Revokes `lease` now, deleting its keys. Revoking a lease that has already expired or was
+    /// revoked is not an error.
+    async fn revoke_lease(&self, lease: i64) -> Result<(), StoreError>;
+
+    /// Writes `value` at `key`, attached to `lease`; returns the new revision.
+    /// [`StoreError::LeaseNotFound`] when the lease has expired.
+    async fn put_with_lease(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        lease: i64,
+    ) -> Result<i64, StoreError>;
+
+    /// [`Store::compare_and_put`] attaching the key to `lease`.
+    /// [`StoreError::LeaseNotFound`] when the lease has expired.
+    async fn compare_and_put_with_lease(
+        &self,
+        key: &str,
+        expected: i64,
+        value: Vec<u8>,
+        lease: i64,
+    ) -> Result<Option<i64>, StoreError>;
 }
 
 /// Opens the store named by a `--store` URL: `etcd://host:port[,host:port…]` or

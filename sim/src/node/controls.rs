@@ -71,6 +71,27 @@ pub struct SimStats {
     pub served: BTreeMap<String, u64>,
 }
 
+/// A simulated node's load at one moment.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SimLoad {
+    /// Calls served at once at most (the configured slots).
+    pub slots: usize,
+    /// Slots in use.
+    pub busy_slots: usize,
+    /// Calls admitted and waiting for a slot.
+    pub queued: usize,
+}
+
+impl SimLoad {
+    /// Share of the slots in use, in [0, 1].
+    pub fn utilization(&self) -> f64 {
+        if self.slots == 0 {
+            return 0.0;
+        }
+        (self.busy_slots as f64 / self.slots as f64).clamp(0.0, 1.0)
+    }
+}
+
 /// A cloneable handle on a running (or about to run) simulated node: reads and changes its
 /// settings, and reads its counters. Health changes are reflected in `grpc.health.v1` before
 /// the changing call returns.
@@ -292,6 +313,22 @@ impl SimControls {
             .served
             .get(model)
             .map_or(0, |c| c.load(Ordering::Relaxed))
+    }
+
+    /// The node's load now: slots in use and calls queued for one (read from the semaphores,
+    /// each atomically, not both together).
+    pub fn load(&self) -> SimLoad {
+        let shared = &*self.shared;
+        let busy_slots = shared
+            .slots
+            .saturating_sub(shared.slot_permits.available_permits());
+        let admitted =
+            (shared.slots + shared.queue).saturating_sub(shared.admission.available_permits());
+        SimLoad {
+            slots: shared.slots,
+            busy_slots,
+            queued: admitted.saturating_sub(busy_slots),
+        }
     }
 
     /// All counters at once (each read atomically, not all together).
