@@ -199,13 +199,21 @@ pub(crate) async fn run(args: UpArgs) -> anyhow::Result<()> {
         println!("  nodes {region}        {}", nodes.join(", "));
     }
     println!();
+    // `fulcrum ctl` talks to 127.0.0.1:7000 by default; say where the control plane is otherwise.
+    let control_flag = if base == 7000 {
+        String::new()
+    } else {
+        format!(" --control {}", addr(base))
+    };
     println!("Try:");
-    println!("  {exe} ctl nodes");
+    println!("  {exe} ctl{control_flag} nodes");
     println!(
         "  {exe} load --target {} --model echo --rps 200 --duration 5s",
         addr(base + 1)
     );
-    println!("  {exe} ctl drain a-1        (and a-2, a-3: router a then serves from region b)");
+    println!(
+        "  {exe} ctl{control_flag} drain a-1        (and a-2, a-3: router a then serves from region b)"
+    );
     println!();
     println!("Ctrl-C stops everything.");
 
