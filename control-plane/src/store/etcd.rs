@@ -94,6 +94,23 @@ impl EtcdStore {
     }
 }
 
+impl EtcdStore {
+    /// Runs `put` under `compare`; the new revision when the comparison held, `None` otherwise.
+    async fn conditional(&self, compare: Compare, put: TxnOp) -> Result<Option<i64>, StoreError> {
+        let txn = Txn::new().when([compare]).and_then([put]);
+        let resp = self
+            .client
+            .kv_client()
+            .txn(txn)
+            .await
+            .map_err(unavailable)?;
+        if !resp.succeeded() {
+            return Ok(None);
+        }
+        header_revision(resp.header()).map(Some)
+    }
+}
+
 #[async_trait::async_trait]
 impl Store for EtcdStore {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
@@ -133,19 +150,11 @@ impl Store for EtcdStore {
         expected: i64,
         value: Vec<u8>,
     ) -> Result<Option<i64>, StoreError> {
-        let txn = Txn::new()
-            .when([Compare::mod_revision(key, CompareOp::Equal, expected)])
-            .and_then([TxnOp::put(key, value, None)]);
-        let resp = self
-            .client
-            .kv_client()
-            .txn(txn)
-            .await
-            .map_err(unavailable)?;
-        if !resp.succeeded() {
-            return Ok(None);
-        }
-        header_revision(resp.header()).map(Some)
+        self.conditional(
+            Compare::mod_revision(key, CompareOp::Equal, expected),
+            TxnOp::put(key, value, None),
+        )
+        .await
     }
 
     async fn delete(&self, key: &str) -> Result<Option<i64>, StoreError> {
@@ -281,23 +290,11 @@ impl Store for EtcdStore {
         key: &str,
         value: Vec<u8>,
     ) -> Result<Option<i64>, StoreError> {
-        let txn = Txn::new()
-            .when([Compare::create_revision(
-                fence.key.as_str(),
-                CompareOp::Equal,
-                fence.revision,
-            )])
-            .and_then([TxnOp::put(key, value, None)]);
-        let resp = self
-            .client
-            .kv_client()
-            .txn(txn)
-            .await
-            .map_err(unavailable)?;
-        if !resp.succeeded() {
-            return Ok(None);
-        }
-        header_revision(resp.header()).map(Some)
+        self.conditional(
+            Compare::create_revision(fence.key.as_str(), CompareOp::Equal, fence.revision),
+            TxnOp::put(key, value, None),
+        )
+        .await
     }
 
     async fn leader(&self, name: &str) -> Result<Option<String>, StoreError> {
