@@ -46,6 +46,30 @@ async fn call(
     }
 }
 
+/// Waits until 20 calls in a row through `client` all succeed and are served in `region`.
+async fn all_served_in(
+    client: &fulcrum_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient<
+        tonic::transport::Channel,
+    >,
+    req: &ModelInferRequest,
+    region: &str,
+) {
+    let what = format!("every call served in region {region}");
+    eventually(&what, Duration::from_secs(20), || {
+        let mut c = client.clone();
+        let req = req.clone();
+        async move {
+            for _ in 0..20 {
+                if call(&mut c, &req).await.ok()?.1 != region {
+                    return None;
+                }
+            }
+            Some(())
+        }
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn local_first_failover_to_the_other_region_and_back() {
     let etcd = Etcd::start().await;
@@ -110,23 +134,7 @@ async fn local_first_failover_to_the_other_region_and_back() {
     })
     .await;
     // Once the control plane has seen it, no call fails and all are served by b.
-    eventually(
-        "every call via a is served by b",
-        Duration::from_secs(20),
-        || {
-            let mut c = via_a.clone();
-            let req = req.clone();
-            async move {
-                for _ in 0..20 {
-                    if call(&mut c, &req).await.ok()?.1 != "b" {
-                        return None;
-                    }
-                }
-                Some(())
-            }
-        },
-    )
-    .await;
+    all_served_in(&via_a, &req, "b").await;
     let ready = via_a.server_ready(ServerReadyRequest {}).await.unwrap();
     assert!(
         ready.get_ref().ready,
@@ -138,23 +146,7 @@ async fn local_first_failover_to_the_other_region_and_back() {
     for (i, addr) in a_addrs.iter().enumerate() {
         back.push(node(&format!("a-{}", i + 1), *addr).await);
     }
-    eventually(
-        "traffic returns to region a",
-        Duration::from_secs(20),
-        || {
-            let mut c = via_a.clone();
-            let req = req.clone();
-            async move {
-                for _ in 0..20 {
-                    if call(&mut c, &req).await.ok()?.1 != "a" {
-                        return None;
-                    }
-                }
-                Some(())
-            }
-        },
-    )
-    .await;
+    all_served_in(&via_a, &req, "a").await;
     drop(back);
     drop(b_nodes);
 }
