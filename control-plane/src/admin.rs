@@ -9,7 +9,7 @@ use fulcrum_proto::fulcrum::v1::{
     GetRoutingRequest, GetStatusRequest, ListModelPoliciesRequest, ListModelPoliciesResponse,
     ListNodesRequest, ListNodesResponse, ModelPolicy, NodeSpec, NodeStatus, RegionStateRequest,
     RegionStateResponse, RegisterNodeRequest, RegisterNodeResponse, RouterStatus, RoutingUpdate,
-    WeightOverrideRequest,
+    WatchEvent, WatchRequest, WeightOverrideRequest,
 };
 use tokio::sync::Notify;
 use tonic::{Request, Response, Status};
@@ -299,6 +299,32 @@ impl Admin for AdminService {
         Ok(Response::new(RegionStateResponse { evacuated }))
     }
 
+    type WatchStream =
+        std::pin::Pin<Box<dyn futures::Stream<Item = Result<WatchEvent, Status>> + Send>>;
+
+    async fn watch(&self, _: Request<WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+        let mut tables = self.publisher.tables();
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        tokio::spawn(async move {
+            let mut last: Option<RoutingUpdate> = None;
+            tables.mark_changed();
+            while tables.changed().await.is_ok() {
+                let Some(p) = tables.borrow_and_update().clone() else {
+                    continue;
+                };
+                for event in describe(last.as_ref(), &p.snapshot) {
+                    if tx.send(Ok(event)).await.is_err() {
+                        return;
+                    }
+                }
+                last = Some(p.snapshot.clone());
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
     async fn get_routing(
         &self,
         _: Request<GetRoutingRequest>,
@@ -310,6 +336,61 @@ impl Admin for AdminService {
     }
 }
 
+/// Events describing the change from `before` to `after` (everything, when `before` is none).
+pub fn describe(before: Option<&RoutingUpdate>, after: &RoutingUpdate) -> Vec<WatchEvent> {
+    use crate::table::node_id;
+    let health = |e: &Endpoint| format!("{:?}", e.health()).to_lowercase();
+    let old: std::collections::HashMap<&str, &Endpoint> = before
+        .map(|b| b.endpoints.iter().map(|e| (node_id(e), e)).collect())
+        .unwrap_or_default();
+    let mut events = Vec::new();
+    if before.is_none_or(|b| b.stale != after.stale) && (before.is_some() || after.stale) {
+        events.push(WatchEvent {
+            version: after.version,
+            description: if after.stale {
+                "the store is unreachable: the routing table is stale".into()
+            } else {
+                "the store is reachable again".into()
+            },
+            stale: after.stale,
+            ..Default::default()
+        });
+    }
+    for e in &after.endpoints {
+        let id = node_id(e);
+        let description = match old.get(id) {
+            Some(o) if *o == e => continue,
+            Some(o) => format!(
+                "node {id}: {} → {}, weight {:.1} → {:.1}",
+                health(o),
+                health(e),
+                o.weight,
+                e.weight
+            ),
+            None => format!("node {id}: {}, weight {:.1}", health(e), e.weight),
+        };
+        events.push(WatchEvent {
+            version: after.version,
+            description,
+            node_id: id.to_owned(),
+            health: e.health,
+            weight: e.weight,
+            ..Default::default()
+        });
+    }
+    let now: std::collections::HashSet<&str> = after.endpoints.iter().map(node_id).collect();
+    for id in old.keys().filter(|id| !now.contains(*id)) {
+        events.push(WatchEvent {
+            version: after.version,
+            description: format!("node {id}: removed"),
+            node_id: (*id).to_owned(),
+            removed: true,
+            ..Default::default()
+        });
+    }
+    events
+}
+
 impl AdminService {
     async fn one_status(&self, id: &str) -> Result<Response<NodeStatus>, Status> {
         let spec = registry::get(self.store.as_ref(), id).await?;
@@ -318,5 +399,66 @@ impl AdminService {
             .pop()
             .map(Response::new)
             .ok_or_else(|| Status::internal("node status lost"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fulcrum_proto::fulcrum::v1::HealthState;
+
+    fn ep(id: &str, health: HealthState, weight: f64) -> Endpoint {
+        Endpoint {
+            spec: Some(NodeSpec {
+                id: id.into(),
+                ..Default::default()
+            }),
+            health: health as i32,
+            weight,
+            ready_models: vec![],
+        }
+    }
+
+    #[test]
+    fn watch_events_describe_what_changed() {
+        let a = RoutingUpdate {
+            version: 3,
+            endpoints: vec![
+                ep("x", HealthState::Healthy, 8.0),
+                ep("y", HealthState::Healthy, 8.0),
+            ],
+            ..Default::default()
+        };
+        assert_eq!(describe(None, &a).len(), 2, "first sight: every node");
+        let b = RoutingUpdate {
+            version: 5,
+            endpoints: vec![
+                ep("x", HealthState::Unhealthy, 0.0),
+                ep("z", HealthState::Healthy, 4.0),
+            ],
+            stale: true,
+            ..Default::default()
+        };
+        let events = describe(Some(&a), &b);
+        let text: Vec<&str> = events.iter().map(|e| e.description.as_str()).collect();
+        assert!(text.iter().any(|t| t.contains("stale")), "{text:?}");
+        assert!(
+            text.iter()
+                .any(|t| t.contains("node x: healthy → unhealthy, weight 8.0 → 0.0")),
+            "{text:?}"
+        );
+        assert!(
+            text.iter()
+                .any(|t| t.contains("node z: healthy, weight 4.0")),
+            "{text:?}"
+        );
+        assert!(
+            events.iter().any(|e| e.node_id == "y" && e.removed),
+            "{text:?}"
+        );
+        assert!(
+            describe(Some(&b), &b).is_empty(),
+            "nothing changed, nothing said"
+        );
     }
 }

@@ -126,6 +126,11 @@ impl Publisher {
             .map(|p| Arc::new(p.snapshot.clone()))
     }
 
+    /// Every new table from now on (the newest first).
+    pub fn tables(&self) -> watch::Receiver<Option<Arc<Published>>> {
+        self.table.clone()
+    }
+
     /// Routers currently subscribed to this replica.
     pub fn routers(&self) -> Vec<RouterInfo> {
         let routers = self.routers.lock().unwrap_or_else(PoisonError::into_inner);

@@ -671,3 +671,45 @@ async fn under_repeated_leader_kills_router_versions_only_grow() {
         "versions did not advance across failovers: {held:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_streams_routing_changes() {
+    use fulcrum_proto::fulcrum::v1::{CordonNodeRequest, HealthState, WatchRequest};
+    let etcd = Etcd::start().await;
+    let cp = stack::control_plane(&etcd.url()).await;
+    let mut a = admin(cp.addr).await;
+    let node = spawn(NodeSimConfig::default(), "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    register(&mut a, spec("n-1", node.addr, "a", &["echo"], 4)).await;
+    let mut events = a.watch(WatchRequest {}).await.unwrap().into_inner();
+    async fn next_about(
+        events: &mut tonic::Streaming<fulcrum_proto::fulcrum::v1::WatchEvent>,
+        want: HealthState,
+    ) -> fulcrum_proto::fulcrum::v1::WatchEvent {
+        tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                let e = events.message().await.unwrap().expect("watch ended");
+                if e.node_id == "n-1" && e.health() == want {
+                    return e;
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("no event for n-1 becoming {want:?}"))
+    }
+    next_about(&mut events, HealthState::Healthy).await;
+    a.cordon_node(CordonNodeRequest {
+        id: "n-1".into(),
+        cordon: true,
+    })
+    .await
+    .unwrap();
+    let e = next_about(&mut events, HealthState::Cordoned).await;
+    assert!(
+        e.description.contains("n-1") && e.description.contains("cordoned"),
+        "{}",
+        e.description
+    );
+    assert_eq!(e.weight, 0.0);
+}

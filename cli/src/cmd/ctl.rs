@@ -10,7 +10,7 @@ use fulcrum_proto::fulcrum::v1::{
     Balancer, CordonNodeRequest, DeregisterNodeRequest, DrainNodeRequest, GetModelPolicyRequest,
     GetNodeRequest, GetRoutingRequest, GetStatusRequest, HealthState, ListModelPoliciesRequest,
     ListNodesRequest, Model, ModelPolicy, NodeSpec, NodeStatus, RegionStateRequest,
-    RegisterNodeRequest, SimConfig, WeightOverrideRequest,
+    RegisterNodeRequest, SimConfig, WatchRequest, WeightOverrideRequest,
 };
 use serde_json::json;
 use tonic::transport::Channel;
@@ -134,6 +134,8 @@ enum CtlCommand {
     },
     /// The routing table as the routers receive it (JSON).
     Routing,
+    /// A live stream of routing changes, one line per node that changed (Ctrl-C to stop).
+    Watch,
     /// Clear a node's drain.
     Undrain {
         /// Node id.
@@ -706,6 +708,16 @@ pub(crate) async fn run(args: CtlArgs) -> anyhow::Result<()> {
                     resp.evacuated.join(", ")
                 }
             );
+        }
+        CtlCommand::Watch => {
+            let mut events = admin
+                .watch(WatchRequest {})
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            while let Some(e) = events.message().await.map_err(status_error)? {
+                println!("version {:>6}  {}", e.version, e.description);
+            }
         }
         CtlCommand::Routing => {
             let t = admin
