@@ -159,13 +159,7 @@ impl Admin for AdminService {
         &self,
         request: Request<GetNodeRequest>,
     ) -> Result<Response<NodeStatus>, Status> {
-        let id = request.into_inner().id;
-        let spec = registry::get(self.store.as_ref(), &id).await?;
-        let mut status = self.status_of(vec![spec]).await?;
-        status
-            .pop()
-            .map(Response::new)
-            .ok_or_else(|| Status::internal("node status lost"))
+        self.one_status(&request.into_inner().id).await
     }
 
     async fn drain_node(
@@ -176,12 +170,7 @@ impl Admin for AdminService {
         overrides::set_drain(self.store.as_ref(), &id, drain).await?;
         tracing::info!(node = %id, drain, "drain changed");
         self.changed.notify_one();
-        let spec = registry::get(self.store.as_ref(), &id).await?;
-        let mut status = self.status_of(vec![spec]).await?;
-        status
-            .pop()
-            .map(Response::new)
-            .ok_or_else(|| Status::internal("node status lost"))
+        self.one_status(&id).await
     }
 
     async fn set_model_policy(
