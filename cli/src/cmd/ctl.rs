@@ -159,6 +159,10 @@ enum CtlCommand {
         /// Share of calls that never answer, in [0, 1].
         #[arg(long)]
         hang_ratio: Option<f64>,
+        /// Stop completing calls for this long from now (`2s`; `0s` ends a stall), as in a long
+        /// garbage-collection pause.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        stall: Option<std::time::Duration>,
     },
 }
 
@@ -504,9 +508,16 @@ pub(crate) async fn run(args: CtlArgs) -> anyhow::Result<()> {
         healthy,
         error_ratio,
         hang_ratio,
+        stall,
     } = args.command
     {
-        return sim(&address, healthy, error_ratio, hang_ratio).await;
+        let config = SimConfig {
+            healthy,
+            error_ratio,
+            hang_ratio,
+            stall_ms: stall.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+        };
+        return sim(&address, config).await;
     }
     let mut admin = connect(&args.control, args.token.as_deref()).await?;
     match args.command {
@@ -794,29 +805,21 @@ async fn drain(admin: &mut Admin, id: String, drain: bool) -> anyhow::Result<()>
     Ok(())
 }
 
-async fn sim(
-    address: &str,
-    healthy: Option<bool>,
-    error_ratio: Option<f64>,
-    hang_ratio: Option<f64>,
-) -> anyhow::Result<()> {
+async fn sim(address: &str, config: SimConfig) -> anyhow::Result<()> {
     let mut client = NodeSimControlClient::connect(format!("http://{address}"))
         .await
         .with_context(|| format!("cannot reach the node-sim at {address}"))?;
     let now = client
-        .configure(SimConfig {
-            healthy,
-            error_ratio,
-            hang_ratio,
-        })
+        .configure(config)
         .await
         .map_err(status_error)?
         .into_inner();
     println!(
-        "node-sim {address}: healthy={} error_ratio={} hang_ratio={}",
+        "node-sim {address}: healthy={} error_ratio={} hang_ratio={} stall_left={}ms",
         now.healthy.unwrap_or_default(),
         now.error_ratio.unwrap_or_default(),
-        now.hang_ratio.unwrap_or_default()
+        now.hang_ratio.unwrap_or_default(),
+        now.stall_ms.unwrap_or_default()
     );
     Ok(())
 }

@@ -4,12 +4,14 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use fulcrum_proto::fulcrum::v1::SimConfig;
 use fulcrum_proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
 use rand::SeedableRng;
 use rand::rngs::SmallRng;
 use tokio::sync::Semaphore;
+use tokio::time::Instant;
 use tonic::metadata::{AsciiMetadataValue, MetadataValue};
 use tonic::server::NamedService;
 use tonic_health::ServingStatus;
@@ -27,7 +29,14 @@ pub struct SimSettings {
     pub error_ratio: f64,
     /// Share of calls that never answer (until the caller's deadline), in [0, 1].
     pub hang_ratio: f64,
+    /// What is left of the current stall (zero when the node is not stalled).
+    pub stall_left: Duration,
 }
+
+/// Longest stall one change may start. Stalls model pauses of seconds (a garbage collection, a
+/// GPU reset); ten minutes is far beyond any of them, and a larger value is more likely a unit
+/// mistake (microseconds for milliseconds) than a wish to freeze a node for hours.
+pub const MAX_STALL: Duration = Duration::from_secs(600);
 
 /// A change of settings: fields left `None` keep their value.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -38,6 +47,9 @@ pub struct SimUpdate {
     pub error_ratio: Option<f64>,
     /// New hang ratio, in [0, 1].
     pub hang_ratio: Option<f64>,
+    /// Stall for this long from now (replacing any stall in progress; zero ends it), at most
+    /// [`MAX_STALL`].
+    pub stall: Option<Duration>,
 }
 
 impl From<SimConfig> for SimUpdate {
@@ -46,6 +58,7 @@ impl From<SimConfig> for SimUpdate {
             healthy: c.healthy,
             error_ratio: c.error_ratio,
             hang_ratio: c.hang_ratio,
+            stall: c.stall_ms.map(Duration::from_millis),
         }
     }
 }
@@ -56,6 +69,7 @@ impl From<SimSettings> for SimConfig {
             healthy: Some(s.healthy),
             error_ratio: Some(s.error_ratio),
             hang_ratio: Some(s.hang_ratio),
+            stall_ms: Some(u64::try_from(s.stall_left.as_millis()).unwrap_or(u64::MAX)),
         }
     }
 }
@@ -126,6 +140,9 @@ pub(crate) struct Shared {
     error_ratio: AtomicU64,
     /// `f64` bits.
     hang_ratio: AtomicU64,
+    /// When the current stall ends, if one was started. A watch, so that calls waiting for the
+    /// end of a stall wake up when it is cut short or extended.
+    pub(crate) stall_end: tokio::sync::watch::Sender<Option<Instant>>,
     /// Serializes changes, so that concurrent changes cannot leave the health flag and the
     /// health reporter disagreeing, and `configure` returns a consistent snapshot.
     update: tokio::sync::Mutex<()>,
@@ -170,6 +187,7 @@ impl Shared {
             healthy: AtomicBool::new(true),
             error_ratio: AtomicU64::new(config.error_ratio.to_bits()),
             hang_ratio: AtomicU64::new(config.hang_ratio.to_bits()),
+            stall_end: tokio::sync::watch::Sender::new(None),
             update: tokio::sync::Mutex::new(()),
             health: HealthReporter::new(),
             name: config.name,
@@ -188,6 +206,40 @@ impl Shared {
         f64::from_bits(self.hang_ratio.load(Ordering::Acquire))
     }
 
+    /// When the current stall ends, if one is in progress.
+    pub(crate) fn stall_end(&self) -> Option<Instant> {
+        let end = (*self.stall_end.borrow())?;
+        (end > Instant::now()).then_some(end)
+    }
+
+    /// Waits until no stall is in progress, following changes made meanwhile.
+    pub(crate) async fn wait_out_stall(&self) {
+        if self.stall_end().is_none() {
+            return;
+        }
+        let mut changes = self.stall_end.subscribe();
+        loop {
+            let end = *changes.borrow_and_update();
+            match end {
+                Some(end) if end > Instant::now() => {
+                    tokio::select! {
+                        () = tokio::time::sleep_until(end) => {}
+                        // The sender lives as long as `self`; an error cannot happen while a
+                        // call holds `self`, but ending the wait is the safe answer anyway.
+                        changed = changes.changed() => if changed.is_err() { return },
+                    }
+                }
+                _ => return,
+            }
+        }
+    }
+
+    /// Starts a stall of `length` from now (zero ends the current one).
+    fn stall(&self, length: Duration) {
+        let end = (!length.is_zero()).then(|| Instant::now() + length);
+        self.stall_end.send_replace(end);
+    }
+
     pub(crate) fn serves(&self, model: &str) -> bool {
         self.served.contains_key(model)
     }
@@ -197,6 +249,9 @@ impl Shared {
             healthy: self.healthy(),
             error_ratio: self.error_ratio(),
             hang_ratio: self.hang_ratio(),
+            stall_left: self.stall_end().map_or(Duration::ZERO, |end| {
+                end.saturating_duration_since(Instant::now())
+            }),
         }
     }
 
@@ -253,6 +308,15 @@ impl SimControls {
         if let Some(r) = update.hang_ratio {
             check_ratio("hang_ratio", r)?;
         }
+        if let Some(stall) = update.stall
+            && stall > MAX_STALL
+        {
+            return Err(SimError::InvalidConfig(format!(
+                "stall must be at most {} ms, got {} ms",
+                MAX_STALL.as_millis(),
+                stall.as_millis()
+            )));
+        }
         let shared = &*self.shared;
         let _guard = shared.update.lock().await;
         if let Some(r) = update.error_ratio {
@@ -260,6 +324,9 @@ impl SimControls {
         }
         if let Some(r) = update.hang_ratio {
             shared.hang_ratio.store(r.to_bits(), Ordering::Release);
+        }
+        if let Some(stall) = update.stall {
+            shared.stall(stall);
         }
         if let Some(h) = update.healthy {
             shared.healthy.store(h, Ordering::Release);

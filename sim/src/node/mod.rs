@@ -39,7 +39,7 @@ use tokio::task::JoinHandle;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::server::HealthService;
 
-pub use controls::{SimControls, SimLoad, SimSettings, SimStats, SimUpdate};
+pub use controls::{MAX_STALL, SimControls, SimLoad, SimSettings, SimStats, SimUpdate};
 pub use service_time::{ParseServiceTimeError, ServiceTime};
 
 use controls::{Shared, check_ratio};

@@ -129,6 +129,8 @@ pub(crate) async fn infer(
     if !service_time.is_zero() {
         tokio::time::sleep(service_time).await;
     }
+    // A stalled node completes nothing: a call due to finish during a stall finishes at its end.
+    shared.wait_out_stall().await;
     served.fetch_add(1, Ordering::Relaxed);
     Ok(response)
 }

@@ -284,7 +284,8 @@ async fn unhealthy_via_configure_rpc() {
         SimConfig {
             healthy: Some(false),
             error_ratio: Some(0.0),
-            hang_ratio: Some(0.0)
+            hang_ratio: Some(0.0),
+            stall_ms: Some(0),
         }
     );
     assert!(
@@ -328,6 +329,7 @@ async fn invalid_ratio_is_rejected_and_nothing_changes() {
                 healthy: Some(false),
                 error_ratio: Some(bad),
                 hang_ratio: Some(0.5),
+                stall_ms: None,
             })
             .await
             .unwrap_err();
@@ -343,10 +345,74 @@ async fn invalid_ratio_is_rejected_and_nothing_changes() {
         SimConfig {
             healthy: Some(true),
             error_ratio: Some(0.0),
-            hang_ratio: Some(0.0)
+            hang_ratio: Some(0.0),
+            stall_ms: Some(0),
         }
     );
     assert_eq!(health(&node.url()).await, ServingStatus::Serving);
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn a_stall_holds_every_call_until_it_ends() {
+    let (node, client) = start(fast()).await;
+    let mut control = NodeSimControlClient::connect(node.url()).await.unwrap();
+
+    // Too long a stall is refused, and nothing changes.
+    let status = control
+        .configure(SimConfig {
+            stall_ms: Some(600_001),
+            healthy: Some(false),
+            ..SimConfig::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("stall"), "{status:?}");
+    let now = control.configure(SimConfig::default()).await.unwrap();
+    assert_eq!(now.get_ref().stall_ms, Some(0));
+    assert_eq!(now.get_ref().healthy, Some(true));
+
+    // A stall of ten minutes: a call that takes no time at all cannot finish within 300 ms.
+    let now = control
+        .configure(SimConfig {
+            stall_ms: Some(600_000),
+            ..SimConfig::default()
+        })
+        .await
+        .unwrap();
+    assert!(now.get_ref().stall_ms.unwrap() > 500_000, "{now:?}");
+    let mut stalled_client = client.clone();
+    let stalled = stalled_client.model_infer(raw_request("echo", "stalled"));
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), stalled)
+            .await
+            .is_err(),
+        "a call finished during a stall"
+    );
+    assert_eq!(node.controls().served("echo"), 0);
+
+    // A call in service when the stall ends finishes then; a stall of zero ends it.
+    let mut waiting_client = client.clone();
+    let waiting =
+        tokio::spawn(async move { waiting_client.model_infer(raw_request("echo", "w")).await });
+    let controls = node.controls();
+    wait_until("the call waits in the stall", || controls.in_flight() == 1).await;
+    let now = control
+        .configure(SimConfig {
+            stall_ms: Some(0),
+            ..SimConfig::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(now.get_ref().stall_ms, Some(0));
+    waiting.await.unwrap().unwrap();
+    client
+        .clone()
+        .model_infer(raw_request("echo", "after"))
+        .await
+        .unwrap();
+    assert_eq!(node.controls().served("echo"), 2);
     node.stop().await;
 }
 
