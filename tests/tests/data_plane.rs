@@ -260,6 +260,10 @@ async fn a_hanging_node_is_ejected_and_calls_still_succeed() {
     let reached = hang.controls().calls() - before;
     // Ejection after 5 consecutive timeouts: a handful of calls reach the hung node, then none.
     assert!(reached <= 20, "{reached} calls reached the hung node");
+    // Every call that reached the hung node was answered by a second attempt, and the router
+    // says so (`x-fulcrum-attempts`).
+    assert!(reached > 0, "no call reached the hung node");
+    assert_eq!(r.retried, reached, "{r}");
     let after = c.model_infer(echo_request("echo", &[1.0])).await.unwrap();
     assert_eq!(served_by(after.metadata()).0, "a-2");
 }

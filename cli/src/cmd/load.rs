@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use clap::Args;
-use fulcrum_sim::load::{self, LoadConfig};
+use fulcrum_sim::load::{self, Arrivals, LoadConfig};
 
 /// Flags of `fulcrum load`.
 #[derive(Debug, Args)]
@@ -32,6 +32,16 @@ pub(crate) struct LoadArgs {
     /// Calls in flight at most; a call due beyond that is counted as dropped.
     #[arg(long, default_value_t = 10_000)]
     max_in_flight: usize,
+    /// How calls are spaced: `uniform` (evenly) or `poisson` (exponential gaps, seeded by
+    /// `--seed`, the same for every run with that seed).
+    #[arg(long, default_value = "uniform", value_parser = ["uniform", "poisson"])]
+    arrivals: String,
+    /// Seed of Poisson arrivals.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Also report outcomes by the time calls were due, in buckets this wide (`100ms`).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    timeline: Option<Duration>,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -48,6 +58,11 @@ pub(crate) async fn run(args: LoadArgs) -> anyhow::Result<()> {
         max_in_flight: args.max_in_flight,
         payload_elems: args.payload_elems,
         connections: args.connections,
+        arrivals: match args.arrivals.as_str() {
+            "poisson" => Arrivals::Poisson { seed: args.seed },
+            _ => Arrivals::Uniform,
+        },
+        timeline: args.timeline,
     };
     let report = load::run(config).await?;
     if args.json {

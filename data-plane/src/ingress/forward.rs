@@ -215,6 +215,8 @@ where
                     Ok(mut resp) => {
                         latency.record(elapsed);
                         tag(resp.metadata_mut(), &conn);
+                        resp.metadata_mut()
+                            .insert(super::oip::ATTEMPTS_HEADER, started_attempts.into());
                         return Ok(resp);
                     }
                     Err(mut status) => {

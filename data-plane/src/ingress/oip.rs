@@ -5,7 +5,7 @@
 //! asked of a node that serves the model. `ModelInfer` is validated, routed (own region first)
 //! and forwarded; `ModelStreamInfer` opens one upstream stream per model named on the client's
 //! stream and multiplexes the answers back. Every answer from a node carries `x-fulcrum-node`
-//! and `x-fulcrum-region`.
+//! and `x-fulcrum-region`; a unary answer also `x-fulcrum-attempts`.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -41,6 +41,9 @@ const STREAM_BUFFER: usize = 16;
 pub const NODE_HEADER: &str = "x-fulcrum-node";
 /// Response metadata naming that node's region.
 pub const REGION_HEADER: &str = "x-fulcrum-region";
+/// Response header of a unary call saying how many attempts the router started for it
+/// (retries and hedges included), so that clients and benchmarks can see failover at work.
+pub const ATTEMPTS_HEADER: &str = "x-fulcrum-attempts";
 
 /// The router's Open Inference Protocol service.
 #[derive(Debug, Clone)]

@@ -10,6 +10,10 @@
 //! to a millisecond of generator delay into every latency), so it is typically tens of
 //! microseconds, and calls go out evenly spaced even at thousands per second.
 //!
+//! Arrivals are evenly spaced by default; `Arrivals::Poisson` draws exponential gaps from a
+//! seeded generator instead (a Poisson process, the usual model of many independent clients),
+//! reproducible for a seed, so that contenders compared in one run see the same arrivals.
+//!
 //! Each call carries one FP32 tensor `INPUT0` of shape `[1, payload_elems]` as
 //! `raw_input_contents` and must come back echoed (the simulated node's echo model); an answer
 //! with other bytes or another id counts as a `DATA_MISMATCH` error.
@@ -31,9 +35,12 @@ use tonic::Request;
 use tonic::metadata::MetadataMap;
 use tonic::transport::{Channel, Endpoint};
 
-pub use report::{LatencySummary, LoadReport};
+pub use report::{LatencySummary, LoadReport, TimelineBucket};
 
 use crate::node::{MAX_MESSAGE_SIZE, NODE_HEADER as SIM_NODE_HEADER};
+use rand::SeedableRng;
+use rand::rngs::SmallRng;
+use rand_distr::{Distribution, Exp};
 use report::{MAX_LATENCY_US, Outcome, ReportHead, SIGNIFICANT_DIGITS, Tally, code_name};
 
 /// Response header in which a Fulcrum router names the node that served a call.
@@ -44,6 +51,29 @@ pub const REGION_HEADER: &str = "x-fulcrum-region";
 
 /// Node name counted when no header names one: the target answered directly.
 pub const DIRECT_NODE: &str = "direct";
+
+/// Response header in which a Fulcrum router says how many attempts a call took (retries and
+/// hedges included).
+pub const ATTEMPTS_HEADER: &str = "x-fulcrum-attempts";
+
+/// Longest timeline a run may ask for, in buckets: a timeline is for looking at seconds around
+/// an event (a failover, a stall) at a resolution of milliseconds, and this bound keeps its
+/// memory small whatever the duration and bucket width.
+const MAX_TIMELINE_BUCKETS: f64 = 100_000.0;
+
+/// How calls are spaced in time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Arrivals {
+    /// The i-th call is due at `i / rps`.
+    #[default]
+    Uniform,
+    /// Exponentially distributed gaps of mean `1 / rps` (a Poisson process), drawn from a
+    /// generator seeded with this value.
+    Poisson {
+        /// Seed of the gaps.
+        seed: u64,
+    },
+}
 
 /// Region counted when no header names one.
 pub const UNKNOWN_REGION: &str = "unknown";
@@ -78,6 +108,11 @@ pub struct LoadConfig {
     pub payload_elems: usize,
     /// HTTP/2 connections to spread calls over, round-robin.
     pub connections: usize,
+    /// How calls are spaced in time.
+    pub arrivals: Arrivals,
+    /// Width of the buckets of a timeline of outcomes by the time calls were due (none when
+    /// `None`).
+    pub timeline: Option<Duration>,
 }
 
 impl Default for LoadConfig {
@@ -99,6 +134,8 @@ impl Default for LoadConfig {
             max_in_flight: 10_000,
             payload_elems: 16,
             connections: 4,
+            arrivals: Arrivals::Uniform,
+            timeline: None,
         }
     }
 }
@@ -130,6 +167,18 @@ impl LoadConfig {
         }
         if self.model.is_empty() {
             return invalid("model is empty".into());
+        }
+        if let Some(width) = self.timeline {
+            if width.is_zero() {
+                return invalid("the timeline's bucket width must be positive".into());
+            }
+            let buckets = (self.duration + self.timeout).as_secs_f64() / width.as_secs_f64();
+            if buckets > MAX_TIMELINE_BUCKETS {
+                return invalid(format!(
+                    "a timeline of {buckets:.0} buckets is more than the limit of \
+                     {MAX_TIMELINE_BUCKETS:.0}: use wider buckets"
+                ));
+            }
         }
         let limit = (MAX_MESSAGE_SIZE - MESSAGE_OVERHEAD) / 4;
         if self.payload_elems > limit {
@@ -270,7 +319,7 @@ pub async fn run(config: LoadConfig) -> Result<LoadReport, LoadError> {
     config.validate()?;
     let clients = connect(&config).await?;
     let template = Template::new(&config.model, config.payload_elems);
-    let tally = Tally::new()?;
+    let tally = Tally::new(config.timeline)?;
     let lag = Histogram::<u64>::new_with_bounds(1, MAX_LATENCY_US, SIGNIFICANT_DIGITS)?;
     let (tx, rx) = mpsc::unbounded_channel::<Outcome>();
     // Dropping `stop` ends the calls still running when the run is over (or abandoned), and
@@ -390,8 +439,22 @@ fn schedule(plan: Plan) -> Schedule {
     let mut sent = 0u64;
     let mut dropped = 0u64;
     let mut index = 0u64;
+    let mut gaps = match config.arrivals {
+        Arrivals::Uniform => None,
+        // `validate` checked that rps is positive and finite, so the rate is valid.
+        Arrivals::Poisson { seed } => Exp::new(config.rps)
+            .ok()
+            .map(|exp| (exp, SmallRng::seed_from_u64(seed))),
+    };
+    let mut poisson_offset = 0.0f64;
     loop {
-        let offset = Duration::from_secs_f64(index as f64 / config.rps);
+        let offset = match &mut gaps {
+            None => Duration::from_secs_f64(index as f64 / config.rps),
+            Some((exp, rng)) => {
+                poisson_offset += exp.sample(rng);
+                Duration::try_from_secs_f64(poisson_offset).unwrap_or(Duration::MAX)
+            }
+        };
         if offset >= config.duration {
             break;
         }
@@ -421,6 +484,7 @@ fn schedule(plan: Plan) -> Schedule {
             request,
             Expected {
                 due: Instant::from_std(due),
+                at_us: micros(offset),
                 id,
                 payload: template.payload.clone(),
             },
@@ -466,6 +530,8 @@ impl Drop for Outstanding {
 /// What one call must get back, and when it was due.
 struct Expected {
     due: Instant,
+    /// When the call was due, in microseconds from the start of the run.
+    at_us: u64,
     id: String,
     payload: Bytes,
 }
@@ -490,15 +556,26 @@ async fn call(
         result = tokio::time::timeout(timeout, client.model_infer(request)) => result,
         _ = stopped.changed() => return,
     };
+    let at_us = expected.at_us;
     let outcome = match result {
-        Err(_) => Outcome::Failed("DEADLINE_EXCEEDED"),
-        Ok(Err(status)) => Outcome::Failed(status_name(&status)),
+        Err(_) => Outcome::Failed {
+            code: "DEADLINE_EXCEEDED",
+            at_us,
+        },
+        Ok(Err(status)) => Outcome::Failed {
+            code: status_name(&status),
+            at_us,
+        },
         Ok(Ok(response)) => {
             let latency_us = micros(expected.due.elapsed());
             let (metadata, answer, _) = response.into_parts();
             if echoes(&answer, &expected) {
                 Outcome::Ok {
                     latency_us,
+                    at_us,
+                    attempts: header(&metadata, ATTEMPTS_HEADER)
+                        .and_then(|a| a.parse().ok())
+                        .unwrap_or(1),
                     node: header(&metadata, ROUTER_NODE_HEADER)
                         .or_else(|| header(&metadata, SIM_NODE_HEADER))
                         .unwrap_or(DIRECT_NODE)
@@ -508,7 +585,10 @@ async fn call(
                         .to_string(),
                 }
             } else {
-                Outcome::Failed("DATA_MISMATCH")
+                Outcome::Failed {
+                    code: "DATA_MISMATCH",
+                    at_us,
+                }
             }
         }
     };
@@ -597,6 +677,14 @@ mod tests {
             },
             LoadConfig {
                 max_in_flight: 0,
+                ..config()
+            },
+            LoadConfig {
+                timeline: Some(Duration::ZERO),
+                ..config()
+            },
+            LoadConfig {
+                timeline: Some(Duration::from_micros(10)),
                 ..config()
             },
             LoadConfig {

@@ -68,6 +68,91 @@ pub struct LoadReport {
     pub nodes: BTreeMap<String, u64>,
     /// Successful calls per region (`x-fulcrum-region`, else `unknown`).
     pub regions: BTreeMap<String, u64>,
+    /// Successful calls that took more than one attempt (`x-fulcrum-attempts` above 1): retried
+    /// or hedged by a router.
+    pub retried: u64,
+    /// Outcomes by the time calls were due, in buckets of the configured width (empty unless a
+    /// timeline was asked for). Calls that never got an answer before the run ended are not in
+    /// it (they are in `errors` as `DEADLINE_EXCEEDED`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub timeline: Vec<TimelineBucket>,
+}
+
+/// The calls due within one bucket of a timeline, by how they ended.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct TimelineBucket {
+    /// Start of the bucket, in milliseconds from the start of the run.
+    pub t_ms: u64,
+    /// Successful calls per region that served them.
+    pub ok: BTreeMap<String, u64>,
+    /// Failed calls.
+    pub failed: u64,
+    /// Successful calls that took more than one attempt.
+    pub retried: u64,
+    /// Median latency of the successful calls, in microseconds (0 when none).
+    pub p50_us: u64,
+    /// 99th percentile latency of the successful calls, in microseconds (0 when none).
+    pub p99_us: u64,
+    /// Largest latency of the successful calls, in microseconds (0 when none).
+    pub max_us: u64,
+}
+
+/// One bucket while outcomes arrive.
+#[derive(Debug, Default)]
+struct OpenBucket {
+    ok: BTreeMap<String, u64>,
+    failed: u64,
+    retried: u64,
+    /// Latencies of the successful calls (a bucket holds milliseconds of calls, so a sort at
+    /// the end is cheaper than a histogram per bucket).
+    latencies_us: Vec<u64>,
+}
+
+/// Outcomes by due time.
+#[derive(Debug)]
+struct Timeline {
+    width_us: u64,
+    buckets: Vec<OpenBucket>,
+}
+
+impl Timeline {
+    fn bucket(&mut self, at_us: u64) -> &mut OpenBucket {
+        let i = usize::try_from(at_us / self.width_us).unwrap_or(usize::MAX);
+        if i >= self.buckets.len() {
+            // Bounded: `LoadConfig::validate` limits the number of buckets a run can reach.
+            self.buckets
+                .resize_with(i.saturating_add(1), OpenBucket::default);
+        }
+        &mut self.buckets[i]
+    }
+
+    fn finish(self) -> Vec<TimelineBucket> {
+        let width_us = self.width_us;
+        self.buckets
+            .into_iter()
+            .enumerate()
+            .map(|(i, mut b)| {
+                b.latencies_us.sort_unstable();
+                let at = |q: f64| {
+                    if b.latencies_us.is_empty() {
+                        return 0;
+                    }
+                    let rank = ((b.latencies_us.len() as f64 * q).ceil() as usize)
+                        .clamp(1, b.latencies_us.len());
+                    b.latencies_us[rank - 1]
+                };
+                TimelineBucket {
+                    t_ms: i as u64 * width_us / 1000,
+                    p50_us: at(0.5),
+                    p99_us: at(0.99),
+                    max_us: b.latencies_us.last().copied().unwrap_or(0),
+                    ok: b.ok,
+                    failed: b.failed,
+                    retried: b.retried,
+                }
+            })
+            .collect()
+    }
 }
 
 impl LoadReport {
@@ -83,11 +168,19 @@ pub(crate) enum Outcome {
     /// Answered and echoed; latency in microseconds from the scheduled start.
     Ok {
         latency_us: u64,
+        /// When the call was due, in microseconds from the start of the run.
+        at_us: u64,
+        /// Attempts the router made (1 when not told).
+        attempts: u32,
         node: String,
         region: String,
     },
     /// Failed, with the code's name.
-    Failed(&'static str),
+    Failed {
+        code: &'static str,
+        /// When the call was due, in microseconds from the start of the run.
+        at_us: u64,
+    },
 }
 
 /// Tallies outcomes.
@@ -99,11 +192,19 @@ pub(crate) struct Tally {
     latency: Histogram<u64>,
     nodes: BTreeMap<String, u64>,
     regions: BTreeMap<String, u64>,
+    retried: u64,
+    timeline: Option<Timeline>,
 }
 
 impl Tally {
-    pub(crate) fn new() -> Result<Self, hdrhistogram::CreationError> {
+    /// A tally, with a timeline in buckets of `timeline` if given.
+    pub(crate) fn new(timeline: Option<Duration>) -> Result<Self, hdrhistogram::CreationError> {
         Ok(Self {
+            retried: 0,
+            timeline: timeline.map(|w| Timeline {
+                width_us: u64::try_from(w.as_micros()).unwrap_or(u64::MAX).max(1),
+                buckets: Vec::new(),
+            }),
             received: 0,
             ok: 0,
             errors: BTreeMap::new(),
@@ -118,15 +219,30 @@ impl Tally {
         match outcome {
             Outcome::Ok {
                 latency_us,
+                at_us,
+                attempts,
                 node,
                 region,
             } => {
                 self.ok += 1;
                 self.latency.saturating_record(latency_us);
+                let retried = attempts > 1;
+                self.retried += u64::from(retried);
+                if let Some(t) = &mut self.timeline {
+                    let b = t.bucket(at_us);
+                    *b.ok.entry(region.clone()).or_default() += 1;
+                    b.retried += u64::from(retried);
+                    b.latencies_us.push(latency_us);
+                }
                 *self.nodes.entry(node).or_default() += 1;
                 *self.regions.entry(region).or_default() += 1;
             }
-            Outcome::Failed(code) => self.fail(code, 1),
+            Outcome::Failed { code, at_us } => {
+                self.fail(code, 1);
+                if let Some(t) = &mut self.timeline {
+                    t.bucket(at_us).failed += 1;
+                }
+            }
         }
     }
 
@@ -157,6 +273,8 @@ impl Tally {
             send_lag: LatencySummary::default(),
             nodes: self.nodes,
             regions: self.regions,
+            retried: self.retried,
+            timeline: self.timeline.map(Timeline::finish).unwrap_or_default(),
         }
     }
 }
@@ -280,6 +398,14 @@ impl fmt::Display for LoadReport {
             ms(g.p99_us),
             ms(g.max_us)
         )?;
+        if self.retried > 0 {
+            writeln!(
+                f,
+                "retried or hedged by the router: {} ({:.2}% of successful calls)",
+                self.retried,
+                percent(self.retried, self.ok)
+            )?;
+        }
         write_shares(f, "nodes", &self.nodes, self.ok)?;
         let only_unknown = self.regions.keys().all(|r| r == super::UNKNOWN_REGION);
         if !only_unknown {
@@ -302,18 +428,25 @@ mod tests {
 
     #[test]
     fn tally_and_display() {
-        let mut t = Tally::new().unwrap();
+        let mut t = Tally::new(Some(Duration::from_millis(100))).unwrap();
         for (i, node) in ["a", "b", "a", "a"].into_iter().enumerate() {
             t.record(Outcome::Ok {
                 latency_us: 1000 * (i as u64 + 1),
+                at_us: 30_000 * i as u64,
+                attempts: if i == 3 { 2 } else { 1 },
                 node: node.to_string(),
                 region: "eu".to_string(),
             });
         }
-        t.record(Outcome::Failed("UNAVAILABLE"));
+        t.record(Outcome::Failed {
+            code: "UNAVAILABLE",
+            at_us: 250_000,
+        });
         // Saturates instead of failing.
         t.record(Outcome::Ok {
             latency_us: u64::MAX,
+            at_us: 260_000,
+            attempts: 1,
             node: "b".to_string(),
             region: "us".to_string(),
         });
@@ -336,7 +469,31 @@ mod tests {
         assert!(text.contains("UNAVAILABLE"), "{text}");
         assert!(text.contains("regions:"), "{text}");
         assert!(text.contains("60.00%"), "{text}");
+        assert_eq!(r.retried, 1);
+        assert!(
+            text.contains("retried or hedged by the router: 1"),
+            "{text}"
+        );
+        // Calls due at 0, 30, 60 ms; 90 ms (retried); nothing in 100-199 ms; a failure and a
+        // success in 200-299 ms.
+        assert_eq!(r.timeline.len(), 3);
+        assert_eq!(r.timeline[0].t_ms, 0);
+        assert_eq!(r.timeline[0].ok["eu"], 4);
+        assert_eq!(r.timeline[0].retried, 1);
+        assert_eq!(r.timeline[0].p50_us, 2000);
+        assert_eq!(r.timeline[0].max_us, 4000);
+        assert_eq!(
+            r.timeline[1],
+            TimelineBucket {
+                t_ms: 100,
+                ..TimelineBucket::default()
+            }
+        );
+        assert_eq!(r.timeline[2].t_ms, 200);
+        assert_eq!(r.timeline[2].failed, 1);
+        assert_eq!(r.timeline[2].ok["us"], 1);
         let json = serde_json::to_value(&r).unwrap();
         assert_eq!(json["errors"]["UNAVAILABLE"], 1);
+        assert_eq!(json["timeline"][2]["failed"], 1);
     }
 }

@@ -600,6 +600,44 @@ async fn load_run_against_a_node() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poisson_arrivals_are_seeded_and_the_timeline_accounts_for_every_answer() {
+    let node = spawn(fast(), local()).await.unwrap();
+    let run = |seed| {
+        crate::load::run(crate::load::LoadConfig {
+            target: node.addr.to_string(),
+            rps: 400.0,
+            duration: Duration::from_millis(500),
+            arrivals: crate::load::Arrivals::Poisson { seed },
+            timeline: Some(Duration::from_millis(100)),
+            ..crate::load::LoadConfig::default()
+        })
+    };
+    let first = run(7).await.unwrap();
+    let again = run(7).await.unwrap();
+    let other = run(8).await.unwrap();
+    println!("{first}");
+    // The count of a Poisson process is random, but the same for the same seed; 200 expected,
+    // standard deviation 14: another seed giving the very same count is unlikely, and any count
+    // outside 100..300 would mean the gaps are not of mean 1/rps.
+    assert_eq!(first.sent, again.sent);
+    assert!((100..300).contains(&first.sent), "{first}");
+    assert!((100..300).contains(&other.sent), "{other}");
+    assert_eq!(first.ok, first.sent, "{first}");
+    // Every answered call is in exactly one bucket; buckets are 100 ms apart.
+    let in_timeline: u64 = first
+        .timeline
+        .iter()
+        .map(|b| b.ok.values().sum::<u64>() + b.failed)
+        .sum();
+    assert_eq!(in_timeline, first.sent);
+    assert!(first.timeline.len() <= 5, "{:?}", first.timeline);
+    for (i, b) in first.timeline.iter().enumerate() {
+        assert_eq!(b.t_ms, i as u64 * 100);
+    }
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn load_run_counts_hangs_as_deadlines_and_sheds_beyond_max_in_flight() {
     let node = spawn(
         NodeSimConfig {
