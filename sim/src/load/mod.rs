@@ -56,6 +56,10 @@ pub const DIRECT_NODE: &str = "direct";
 /// hedges included).
 pub const ATTEMPTS_HEADER: &str = "x-fulcrum-attempts";
 
+/// Envoy's response header with the attempts it made (with `include_attempt_count_in_response`),
+/// read when a Fulcrum router's is absent, so that benchmarks see Envoy's retries too.
+pub const ENVOY_ATTEMPTS_HEADER: &str = "x-envoy-attempt-count";
+
 /// Longest timeline a run may ask for, in buckets: a timeline is for looking at seconds around
 /// an event (a failover, a stall) at a resolution of milliseconds, and this bound keeps its
 /// memory small whatever the duration and bucket width.
@@ -574,6 +578,7 @@ async fn call(
                     latency_us,
                     at_us,
                     attempts: header(&metadata, ATTEMPTS_HEADER)
+                        .or_else(|| header(&metadata, ENVOY_ATTEMPTS_HEADER))
                         .and_then(|a| a.parse().ok())
                         .unwrap_or(1),
                     node: header(&metadata, ROUTER_NODE_HEADER)

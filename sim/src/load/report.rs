@@ -68,8 +68,8 @@ pub struct LoadReport {
     pub nodes: BTreeMap<String, u64>,
     /// Successful calls per region (`x-fulcrum-region`, else `unknown`).
     pub regions: BTreeMap<String, u64>,
-    /// Successful calls that took more than one attempt (`x-fulcrum-attempts` above 1): retried
-    /// or hedged by a router.
+    /// Successful calls that took more than one attempt (`x-fulcrum-attempts`, else Envoy's
+    /// `x-envoy-attempt-count`, above 1): retried or hedged by a proxy.
     pub retried: u64,
     /// Outcomes by the time calls were due, in buckets of the configured width (empty unless a
     /// timeline was asked for). Calls that never got an answer before the run ended are not in
@@ -83,7 +83,7 @@ pub struct LoadReport {
 pub struct TimelineBucket {
     /// Start of the bucket, in milliseconds from the start of the run.
     pub t_ms: u64,
-    /// Successful calls per region that served them.
+    /// Successful calls per node that served them (named as in `nodes`).
     pub ok: BTreeMap<String, u64>,
     /// Failed calls.
     pub failed: u64,
@@ -230,7 +230,7 @@ impl Tally {
                 self.retried += u64::from(retried);
                 if let Some(t) = &mut self.timeline {
                     let b = t.bucket(at_us);
-                    *b.ok.entry(region.clone()).or_default() += 1;
+                    *b.ok.entry(node.clone()).or_default() += 1;
                     b.retried += u64::from(retried);
                     b.latencies_us.push(latency_us);
                 }
@@ -478,7 +478,8 @@ mod tests {
         // success in 200-299 ms.
         assert_eq!(r.timeline.len(), 3);
         assert_eq!(r.timeline[0].t_ms, 0);
-        assert_eq!(r.timeline[0].ok["eu"], 4);
+        assert_eq!(r.timeline[0].ok["a"], 3);
+        assert_eq!(r.timeline[0].ok["b"], 1);
         assert_eq!(r.timeline[0].retried, 1);
         assert_eq!(r.timeline[0].p50_us, 2000);
         assert_eq!(r.timeline[0].max_us, 4000);
@@ -491,7 +492,7 @@ mod tests {
         );
         assert_eq!(r.timeline[2].t_ms, 200);
         assert_eq!(r.timeline[2].failed, 1);
-        assert_eq!(r.timeline[2].ok["us"], 1);
+        assert_eq!(r.timeline[2].ok["b"], 1);
         let json = serde_json::to_value(&r).unwrap();
         assert_eq!(json["errors"]["UNAVAILABLE"], 1);
         assert_eq!(json["timeline"][2]["failed"], 1);
