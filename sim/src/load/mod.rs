@@ -304,6 +304,8 @@ struct Plan {
 
 /// What the scheduling thread did.
 struct Schedule {
+    /// Wall-clock time of the start of the schedule (the due time of a call at offset 0).
+    started: std::time::SystemTime,
     sent: u64,
     dropped: u64,
     lag: Histogram<u64>,
@@ -360,6 +362,7 @@ pub async fn run(config: LoadConfig) -> Result<LoadReport, LoadError> {
         Err(e) => return Err(LoadError::Scheduler(format!("the tally task failed: {e}"))),
     };
     let Schedule {
+        started,
         sent,
         dropped,
         lag,
@@ -381,6 +384,9 @@ pub async fn run(config: LoadConfig) -> Result<LoadReport, LoadError> {
         send_time,
     });
     report.send_lag = report::summarize(&lag);
+    report.started_unix_us = started
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, micros);
     Ok(report)
 }
 
@@ -440,6 +446,7 @@ fn schedule(plan: Plan) -> Schedule {
     let max_in_flight = u64::try_from(config.max_in_flight).unwrap_or(u64::MAX);
     let outstanding = Arc::new(AtomicU64::new(0));
     let start = std::time::Instant::now();
+    let started = std::time::SystemTime::now();
     let mut sent = 0u64;
     let mut dropped = 0u64;
     let mut index = 0u64;
@@ -500,6 +507,7 @@ fn schedule(plan: Plan) -> Schedule {
         sent += 1;
     }
     Schedule {
+        started,
         sent,
         dropped,
         lag,

@@ -45,6 +45,10 @@ pub struct LoadReport {
     pub target_rps: f64,
     /// The configured duration, in seconds.
     pub duration_s: f64,
+    /// When the schedule started (the due time of a call at offset 0), in microseconds since
+    /// the Unix epoch: what timeline offsets are relative to, for lining them up with events
+    /// outside the generator.
+    pub started_unix_us: u64,
     /// Calls sent. Every one of them is counted either in `ok` or in `errors`.
     pub sent: u64,
     /// Calls answered successfully with the input echoed back.
@@ -260,6 +264,7 @@ impl Tally {
             model: head.model,
             target_rps: head.target_rps,
             duration_s: head.duration.as_secs_f64(),
+            started_unix_us: 0,
             sent: head.sent,
             ok: self.ok,
             errors: self.errors,

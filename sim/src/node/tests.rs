@@ -623,6 +623,11 @@ async fn poisson_arrivals_are_seeded_and_the_timeline_accounts_for_every_answer(
     assert!((100..300).contains(&first.sent), "{first}");
     assert!((100..300).contains(&other.sent), "{other}");
     assert_eq!(first.ok, first.sent, "{first}");
+    let now_us = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as u64;
+    assert!(first.started_unix_us > 0 && first.started_unix_us < now_us);
     // Every answered call is in exactly one bucket; buckets are 100 ms apart.
     let in_timeline: u64 = first
         .timeline
