@@ -31,7 +31,7 @@ const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 /// that power-of-two-choices steers around a node failing fast (instead of preferring it for
 /// its short "latency"), while a node with a rare failure recovers its share within a couple of
 /// seconds as the estimate decays.
-const FAILURE_PENALTY: f64 = 4.0;
+const FAILURE_PENALTY: u32 = 4;
 
 /// Nanoseconds since the first call in this process, on tokio's clock (so tests with paused
 /// time control it).
@@ -162,9 +162,12 @@ impl NodeConn {
                 // A failure counts as a call FAILURE_PENALTY times slower than the node's usual:
                 // a node that fails fast must not look fast (p2c would pour calls into it), and
                 // a node that times out is at least as slow as the time it took.
-                let usual = Duration::from_secs_f64(self.latency.estimate_ms(now) / 1e3);
+                // Never panics: the estimate is finite and at most a minute (`MAX_ESTIMATE`),
+                // and `saturating_mul` cannot overflow.
+                let usual = Duration::try_from_secs_f64(self.latency.estimate_ms(now) / 1e3)
+                    .unwrap_or(peak_ewma::MAX_ESTIMATE);
                 self.latency
-                    .observe(elapsed.max(usual.mul_f64(FAILURE_PENALTY)), now);
+                    .observe(elapsed.max(usual.saturating_mul(FAILURE_PENALTY)), now);
                 self.outlier.on_failure()
             }
             Outcome::Cancelled => 0,
@@ -215,5 +218,19 @@ mod tests {
         // Streams ignore the limit.
         let _s = n.start_call();
         assert_eq!(n.in_flight(), 2);
+    }
+
+    #[tokio::test]
+    async fn endless_failures_saturate_the_latency_estimate_without_panicking() {
+        // Found by the failover benchmark: each failure multiplied the estimate, which
+        // overflowed to infinity after a few hundred timeouts of a hung node.
+        let n = NodeConn::new("n", "127.0.0.1:1", "a", 2, Arc::default()).unwrap();
+        for _ in 0..2_000 {
+            n.record(Outcome::Failure, Duration::from_millis(200));
+        }
+        let est = n.latency.estimate_ms(now_ns());
+        assert!(est.is_finite(), "{est}");
+        assert!(est <= peak_ewma::MAX_ESTIMATE.as_millis() as f64, "{est}");
+        assert!(est > 1_000.0, "a failing node must look slow: {est}");
     }
 }

@@ -23,6 +23,12 @@ pub const DECAY: Duration = Duration::from_secs(2);
 /// node gets a burst before its first answer; too high and it waits long for its first calls.
 pub const DEFAULT_LATENCY: Duration = Duration::from_millis(10);
 
+/// Highest estimate: one minute, above any call deadline. Failures are recorded as samples
+/// several times the current estimate (see `NodeConn::record`), so without a ceiling a node that
+/// keeps failing would see its estimate multiply without end until it overflowed; a minute
+/// already makes it lose every pick against any working node.
+pub const MAX_ESTIMATE: Duration = Duration::from_secs(60);
+
 /// The estimate after `elapsed_ns` without samples.
 pub fn decayed(estimate_ns: f64, elapsed_ns: f64) -> f64 {
     estimate_ns * (-elapsed_ns.max(0.0) / DECAY.as_nanos() as f64).exp()
@@ -61,7 +67,7 @@ impl PeakEwma {
         let next = updated(
             est,
             now_ns.saturating_sub(stamp) as f64,
-            rtt.as_nanos() as f64,
+            rtt.min(MAX_ESTIMATE).as_nanos() as f64,
         );
         self.estimate_ns.store(next.to_bits(), Ordering::Relaxed);
     }
@@ -98,5 +104,12 @@ mod tests {
         assert!(est < 50.0 * 0.4 && est > 2.0, "estimate {est}");
         // Reading long after the last sample decays toward zero.
         assert!(e.estimate_ms(t + 60_000 * MS) < est * 0.01);
+    }
+
+    #[test]
+    fn the_estimate_has_a_ceiling() {
+        let e = PeakEwma::new(0);
+        e.observe(Duration::MAX, MS);
+        assert_eq!(e.estimate_ms(MS), MAX_ESTIMATE.as_millis() as f64);
     }
 }
