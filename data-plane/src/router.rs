@@ -216,7 +216,12 @@ impl RouterState {
     }
 
     /// Waits up to `wait` (at most [`MAX_QUEUE_WAIT`]) for a slot to free up, if the wait queue
-    /// has room; returns whether a slot freed.
+    /// has room; returns whether a slot freed. Every waiter is woken when a slot frees and they
+    /// race for it. Waking only the longest waiting one (`notify_one`) would be fairer and
+    /// cheaper under overload, but a woken waiter that cannot use the freed slot (a node it
+    /// already tried, another model's node) swallows the wake-up, and a test that kills a region
+    /// under load then saw calls shed while slots were free; the per-node limit of 1.5 ×
+    /// capacity keeps this queue short in the first place.
     pub async fn wait_for_slot(&self, wait: Duration) -> bool {
         if self.queued.fetch_add(1, Ordering::AcqRel) >= MAX_QUEUED_CALLS {
             self.queued.fetch_sub(1, Ordering::AcqRel);
@@ -317,8 +322,9 @@ mod tests {
             state.pick(&table, "nope", &[], None),
             Err(RouteError::UnknownModel(_))
         ));
-        // Fill the node's four slots: the next pick is "all busy", not "no healthy node".
-        let slots: Vec<_> = (0..4)
+        // Fill the node's six slots (capacity 4, limit 1.5×): the next pick is "all busy", not
+        // "no healthy node".
+        let slots: Vec<_> = (0..6)
             .map(|_| state.pick(&table, "m", &[], None).unwrap())
             .collect();
         assert!(matches!(

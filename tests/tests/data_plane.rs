@@ -142,7 +142,7 @@ async fn killing_every_local_node_mid_load_fails_no_call() {
     a1.stop().await;
     a2.stop().await;
     let report = load.await.unwrap();
-    assert_eq!(report.sent, report.ok, "failed calls: {:?}", report.errors);
+    assert_eq!(report.sent, report.ok, "failed calls: {report}");
     assert_eq!(report.error_count(), 0);
     assert!(
         share(&report.regions, "a") > 0.0 && share(&report.regions, "b") > 0.0,
@@ -342,14 +342,15 @@ async fn deadlines_propagate_and_cancel_the_node_call() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_nodes_shed_with_resource_exhausted() {
     let _serial = fulcrum_tests::exclusive().await;
-    // Capacity 2 at the router, and the node itself has 2 slots and no queue: if the router let
-    // a third call through, the node would answer "overloaded".
+    // Capacity 2, so a limit of 3 at the router; the node itself has 2 slots and room for one
+    // more call in its queue: if the router let a fourth call through, the node would answer
+    // "overloaded".
     let n = spawn(
         NodeSimConfig {
             name: "a-1".into(),
             service_time: "const:300ms".parse().unwrap(),
             slots: 2,
-            queue: 0,
+            queue: 1,
             ..Default::default()
         },
         "127.0.0.1:0".parse().unwrap(),

@@ -573,10 +573,12 @@ async fn call(
         Err(_) => Outcome::Failed {
             code: "DEADLINE_EXCEEDED",
             at_us,
+            message: None,
         },
         Ok(Err(status)) => Outcome::Failed {
             code: status_name(&status),
             at_us,
+            message: Some(status.message().to_owned()),
         },
         Ok(Ok(response)) => {
             let latency_us = micros(expected.due.elapsed());
@@ -601,6 +603,7 @@ async fn call(
                 Outcome::Failed {
                     code: "DATA_MISMATCH",
                     at_us,
+                    message: None,
                 }
             }
         }

@@ -56,6 +56,10 @@ pub struct LoadReport {
     /// Failed calls by gRPC status code name (`UNAVAILABLE`, `DEADLINE_EXCEEDED`, ...), plus
     /// `DATA_MISMATCH` for a successful answer that did not echo the request.
     pub errors: BTreeMap<String, u64>,
+    /// The first message seen for each failed call's code (what the target said), to tell
+    /// apart failures that share a code.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub error_samples: BTreeMap<String, String>,
     /// Calls not sent because `max_in_flight` calls were already outstanding (the generator,
     /// not the target, was overloaded).
     pub dropped: u64,
@@ -182,6 +186,8 @@ pub(crate) enum Outcome {
     /// Failed, with the code's name.
     Failed {
         code: &'static str,
+        /// The status message, if the target sent one.
+        message: Option<String>,
         /// When the call was due, in microseconds from the start of the run.
         at_us: u64,
     },
@@ -197,6 +203,7 @@ pub(crate) struct Tally {
     nodes: BTreeMap<String, u64>,
     regions: BTreeMap<String, u64>,
     retried: u64,
+    error_samples: BTreeMap<String, String>,
     timeline: Option<Timeline>,
 }
 
@@ -205,6 +212,7 @@ impl Tally {
     pub(crate) fn new(timeline: Option<Duration>) -> Result<Self, hdrhistogram::CreationError> {
         Ok(Self {
             retried: 0,
+            error_samples: BTreeMap::new(),
             timeline: timeline.map(|w| Timeline {
                 width_us: u64::try_from(w.as_micros()).unwrap_or(u64::MAX).max(1),
                 buckets: Vec::new(),
@@ -241,8 +249,15 @@ impl Tally {
                 *self.nodes.entry(node).or_default() += 1;
                 *self.regions.entry(region).or_default() += 1;
             }
-            Outcome::Failed { code, at_us } => {
+            Outcome::Failed {
+                code,
+                at_us,
+                message,
+            } => {
                 self.fail(code, 1);
+                if let Some(m) = message {
+                    self.error_samples.entry(code.to_string()).or_insert(m);
+                }
                 if let Some(t) = &mut self.timeline {
                     t.bucket(at_us).failed += 1;
                 }
@@ -268,6 +283,7 @@ impl Tally {
             sent: head.sent,
             ok: self.ok,
             errors: self.errors,
+            error_samples: self.error_samples,
             dropped: head.dropped,
             achieved_rps: if send_secs > 0.0 {
                 head.sent as f64 / send_secs
@@ -381,7 +397,11 @@ impl fmt::Display for LoadReport {
         if errors > 0 {
             writeln!(f, "errors by code:")?;
             for (code, n) in &self.errors {
-                writeln!(f, "  {code:<24} {n:>10}  {:>6.2}%", percent(*n, self.sent))?;
+                write!(f, "  {code:<24} {n:>10}  {:>6.2}%", percent(*n, self.sent))?;
+                match self.error_samples.get(code) {
+                    Some(m) => writeln!(f, "  e.g. {m:?}")?,
+                    None => writeln!(f)?,
+                }
             }
         }
         let l = &self.latency;
@@ -446,6 +466,7 @@ mod tests {
         t.record(Outcome::Failed {
             code: "UNAVAILABLE",
             at_us: 250_000,
+            message: Some("node x is down".into()),
         });
         // Saturates instead of failing.
         t.record(Outcome::Ok {
@@ -500,6 +521,7 @@ mod tests {
         assert_eq!(r.timeline[2].ok["b"], 1);
         let json = serde_json::to_value(&r).unwrap();
         assert_eq!(json["errors"]["UNAVAILABLE"], 1);
+        assert_eq!(json["error_samples"]["UNAVAILABLE"], "node x is down");
         assert_eq!(json["timeline"][2]["failed"], 1);
     }
 }
