@@ -107,7 +107,7 @@ impl RouterState {
                     in_flight: n.conn.in_flight(),
                     latency_ms: n.conn.latency.estimate_ms(now),
                     excluded: was_tried(n)
-                        || n.conn.outlier.is_ejected(now_ms)
+                        || n.conn.is_out(now_ms)
                         || (with_limits && n.conn.is_full()),
                 })
                 .collect()
@@ -184,7 +184,11 @@ impl RouterState {
         let available: f64 = route
             .local
             .iter()
-            .filter(|n| (n.routable || panic) && !n.conn.outlier.is_failing(now_ms))
+            .filter(|n| {
+                (n.routable || panic)
+                    && !n.conn.outlier.is_failing(now_ms)
+                    && !n.conn.reconnect.is_paused(now_ms)
+            })
             .map(|n| n.capacity)
             .sum();
         let target = locality::local_share(available, total, route.settings.overprovisioning);

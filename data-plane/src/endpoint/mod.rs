@@ -3,9 +3,11 @@
 //!
 //! - [`peak_ewma`]: the latency estimate.
 //! - [`outlier`]: consecutive-failure ejection.
+//! - [`reconnect`]: backoff after a failed connection.
 
 pub mod outlier;
 pub mod peak_ewma;
+pub mod reconnect;
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -17,6 +19,8 @@ use tonic::transport::{Channel, Endpoint};
 
 use outlier::Outlier;
 use peak_ewma::PeakEwma;
+use rand::Rng;
+use reconnect::Reconnect;
 
 /// Connect timeout to a node. Nodes are in the same or the neighbouring data center; a second
 /// is many round trips even across regions, and a dead node must not hold a call for long.
@@ -67,6 +71,8 @@ pub struct NodeConn {
     pub latency: PeakEwma,
     /// Outlier state.
     pub outlier: Outlier,
+    /// Reconnect backoff.
+    pub reconnect: Reconnect,
     in_flight: AtomicU32,
     limit: AtomicU32,
     calls: AtomicU64,
@@ -99,6 +105,7 @@ impl NodeConn {
             channel,
             latency: PeakEwma::new(now_ns()),
             outlier: Outlier::default(),
+            reconnect: Reconnect::default(),
             in_flight: AtomicU32::new(0),
             limit: AtomicU32::new(limit),
             calls: AtomicU64::new(0),
@@ -154,6 +161,7 @@ impl NodeConn {
                 self.calls.fetch_add(1, Ordering::Relaxed);
                 self.latency.observe(elapsed, now);
                 self.outlier.on_success(now / 1_000_000);
+                self.reconnect.succeeded();
                 0
             }
             Outcome::Failure => {
@@ -172,6 +180,20 @@ impl NodeConn {
             }
             Outcome::Cancelled => 0,
         }
+    }
+
+    /// A connection to the node could not be made: calls skip it for a while (see
+    /// [`reconnect`]).
+    pub fn connect_failed(&self) {
+        let pause = self
+            .reconnect
+            .failed(now_ns() / 1_000_000, rand::rng().random());
+        tracing::debug!(node = %self.id, ?pause, "cannot connect; pausing calls to the node");
+    }
+
+    /// Whether calls should skip the node now: ejected as an outlier, or in reconnect backoff.
+    pub fn is_out(&self, now_ms: u64) -> bool {
+        self.outlier.is_ejected(now_ms) || self.reconnect.is_paused(now_ms)
     }
 
     /// Calls and errors since the previous call of this method (for load reports).

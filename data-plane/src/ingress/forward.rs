@@ -149,7 +149,12 @@ where
         async move {
             let t0 = Instant::now();
             let result = match tokio::time::timeout(per_try, fut).await {
-                Ok(r) => r.map_err(node_status::from_node),
+                Ok(r) => r.map_err(|s| {
+                    if node_status::is_connect_failure(&s) {
+                        node.conn.connect_failed();
+                    }
+                    node_status::from_node(s)
+                }),
                 Err(_) => Err(Status::deadline_exceeded(format!(
                     "node {} did not answer within {per_try:?}",
                     node.conn.id

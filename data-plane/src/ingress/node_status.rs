@@ -13,6 +13,28 @@ use std::error::Error;
 
 use tonic::{Code, Status, TimeoutExpired};
 
+/// Whether a failed call never reached the node: the router's client could not connect (the
+/// address refuses, or nothing answers the connection). Only a local error can say so, never a
+/// status the node sent.
+pub(crate) fn is_connect_failure(status: &Status) -> bool {
+    let mut next = status.source();
+    while let Some(e) = next {
+        if let Some(io) = e.downcast_ref::<std::io::Error>()
+            && matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionRefused
+                    | std::io::ErrorKind::HostUnreachable
+                    | std::io::ErrorKind::NetworkUnreachable
+                    | std::io::ErrorKind::AddrNotAvailable
+            )
+        {
+            return true;
+        }
+        next = e.source();
+    }
+    false
+}
+
 /// The status to act on, and answer with, for a failed call to a node.
 pub(crate) fn from_node(status: Status) -> Status {
     // Statuses received from the node have no source.
@@ -62,6 +84,30 @@ mod tests {
 
     fn local(cause: impl Error + Send + Sync + 'static) -> Status {
         Status::from_error(Box::new(Transport(Box::new(cause))))
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_is_a_connect_failure_and_a_node_status_is_not() {
+        use fulcrum_proto::inference::ServerLiveRequest;
+        use fulcrum_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
+        // A port that was just free: nothing listens on it, the connection is refused.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect_lazy();
+        let status = GrpcInferenceServiceClient::new(channel)
+            .server_live(ServerLiveRequest {})
+            .await
+            .unwrap_err();
+        assert!(is_connect_failure(&status), "{status:?}");
+        assert_eq!(from_node(status).code(), Code::Unavailable);
+        assert!(!is_connect_failure(&Status::unavailable(
+            "node is draining"
+        )));
+        let broken = local(std::io::Error::from(std::io::ErrorKind::BrokenPipe));
+        assert!(!is_connect_failure(&broken));
     }
 
     #[test]
