@@ -1335,6 +1335,8 @@ def main() -> int:
         if args.write_docs:
             write_doc(res["mode"])
         return 0
+    # Processes start in the run's temporary directory: paths must not be relative.
+    args.fulcrum = str(Path(args.fulcrum).resolve())
     scenarios = {int(x) for x in args.scenarios.split(",") if x.strip()}
     if not scenarios <= {1, 2, 3}:
         print(f"unknown scenario in {args.scenarios!r}: there are 1, 2 and 3", file=sys.stderr)
