@@ -183,8 +183,9 @@ impl NodeConn {
     }
 
     /// A connection to the node could not be made: calls skip it for a while (see
-    /// [`reconnect`]).
+    /// [`reconnect`]), and the failure about to be recorded makes it an outlier at once.
     pub fn connect_failed(&self) {
+        self.outlier.on_unreachable();
         let pause = self
             .reconnect
             .failed(now_ns() / 1_000_000, rand::rng().random());

@@ -48,6 +48,14 @@ impl Outlier {
         }
     }
 
+    /// The node could not be reached at all: the streak jumps to one short of an outlier's, so
+    /// that the failure being recorded makes it one (a refused connection needs no more
+    /// evidence).
+    pub fn on_unreachable(&self) {
+        self.consecutive
+            .fetch_max(CONSECUTIVE_FAILURES - 1, Ordering::Relaxed);
+    }
+
     /// A call failed; returns the length of the failure streak.
     pub fn on_failure(&self) -> u32 {
         self.consecutive.fetch_add(1, Ordering::Relaxed) + 1
@@ -106,5 +114,18 @@ mod tests {
         // Behaving long enough resets the count.
         o.on_success(7_000 + 10_000 + 5_001);
         assert_eq!(o.eject(30_000), BASE_EJECTION);
+    }
+
+    #[test]
+    fn one_unreachable_failure_makes_an_outlier() {
+        let o = Outlier::default();
+        o.on_unreachable();
+        assert!(!o.is_failing(0));
+        assert_eq!(o.on_failure(), CONSECUTIVE_FAILURES);
+        assert!(o.is_failing(0));
+        // A longer streak is not shortened.
+        o.on_failure();
+        o.on_unreachable();
+        assert_eq!(o.on_failure(), CONSECUTIVE_FAILURES + 2);
     }
 }

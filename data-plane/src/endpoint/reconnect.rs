@@ -9,15 +9,18 @@
 //! the node is the probe: it connects and the backoff ends, or it fails (and is retried on
 //! another node) and the next pause is longer. Unlike outlier ejection, there is no cap on how
 //! many nodes of a region may be in backoff: a refused connection is not a matter of opinion,
-//! and a region whose nodes all refuse is left by the spill-over rule at once.
+//! and a region whose nodes all refuse is left by the spill-over rule at once. For the same
+//! reason one refused connection also counts as a full failure streak for outlier ejection
+//! (see `NodeConn::connect_failed`).
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
-/// First pause: a quarter of a second. Long enough to spare the calls of a burst the attempt
-/// (at 1,000 calls/s, 250 of them), short enough that a node that restarts in place is used
-/// again within a second.
-pub const BASE_BACKOFF: Duration = Duration::from_millis(250);
+/// First pause: one second, the control plane's probe interval. Shorter pauses made every
+/// router knock on a dead node's door several times a second until the probes took it out,
+/// each knock a retried call (the failover benchmark saw them stretch a region's failover over
+/// seconds); a node that restarts in place is still used again within a second or two.
+pub const BASE_BACKOFF: Duration = Duration::from_secs(1);
 
 /// Longest pause: thirty seconds, past the control plane's probe interval many times over; a
 /// node down for longer is out of the routing table anyway.
@@ -74,14 +77,14 @@ mod tests {
         assert!(!r.is_paused(0));
         let p = r.failed(1_000, 0.5);
         assert_eq!(p, BASE_BACKOFF);
-        assert!(r.is_paused(1_000 + 249));
-        assert!(!r.is_paused(1_000 + 250));
+        assert!(r.is_paused(1_000 + 999));
+        assert!(!r.is_paused(1_000 + 1_000));
         // The second failure in a row pauses twice as long, within the jitter.
-        let p = r.failed(2_000, 0.0);
+        let p = r.failed(3_000, 0.0);
         assert_eq!(p, (BASE_BACKOFF * 2).mul_f64(0.8));
-        assert!(r.is_paused(2_000 + 399));
+        assert!(r.is_paused(3_000 + 1_599));
         r.succeeded();
-        assert!(!r.is_paused(2_001));
-        assert_eq!(r.failed(3_000, 1.0), BASE_BACKOFF.mul_f64(1.2));
+        assert!(!r.is_paused(3_001));
+        assert_eq!(r.failed(5_000, 1.0), BASE_BACKOFF.mul_f64(1.2));
     }
 }
