@@ -41,6 +41,7 @@ import threading
 import time
 from pathlib import Path
 
+from quality import machine_load
 from suite import Procs, envoy_config, free_port, log
 
 SERVICE = "lognormal:2ms,0.3"
@@ -238,6 +239,13 @@ class Scenario:
                 except OSError:
                     pass
 
+        leader = None
+        if contender == "fulcrum":
+            p = subprocess.run([self.f, "ctl", "--control", self.cps["b"], "status"],
+                               capture_output=True, text=True, timeout=10)
+            for line in p.stdout.splitlines():
+                if line.startswith("leader"):
+                    leader = line.split()[1]
         timer = threading.Timer(m["kill_at_s"], lose_region_a)
         t0 = time.time()
         timer.start()
@@ -254,7 +262,9 @@ class Scenario:
             return {"failed": rep_["failed"], "contender": contender, "variant": variant}
         kill_offset_ms = (killed_at[0] - rep_["started_unix_us"] / 1e6) * 1e3 if killed_at \
             else (m["kill_at_s"] - (rep_["started_unix_us"] / 1e6 - t0)) * 1e3
-        return analyse(rep_, kill_offset_ms, contender, variant)
+        out = analyse(rep_, kill_offset_ms, contender, variant)
+        out["leader_before"] = leader
+        return out
 
     def start_fulcrum(self, procs: Procs, tmp: Path, ports: dict,
                       victims: list[subprocess.Popen]) -> str:
@@ -277,9 +287,10 @@ class Scenario:
                 "--admin-trust-loopback"])
             if region == "a":
                 victims.append(p)
-                # Replica a campaigns first, so it is the leader when region a is lost: the
-                # harder case (leadership must move too).
+                # Replica a campaigns first, so it is usually the leader when region a is lost:
+                # the harder case (leadership must move too). Which one leads is recorded.
                 self.ctl([f, "ctl", "--control", addr, "status"])
+        self.cps = cps
         for region in ("a", "b"):
             for i, port in enumerate(ports[region], 1):
                 self.ctl([f, "ctl", "--control", cps["b"], "register", "--id", f"{region}-{i}",
@@ -397,6 +408,15 @@ def summarize(trials: list[dict]) -> dict:
     return out
 
 
+def leaders(res: dict) -> str:
+    ts = [t for t in res["trials"] if t.get("contender") == "fulcrum" and "latency" in t]
+    led = sum(1 for t in ts if t.get("leader_before") == "control-a")
+    known = sum(1 for t in ts if t.get("leader_before"))
+    if not known:
+        return "started first, so usually the leader"
+    return f"the leader in {led} of {len(ts)} trials, so that leadership had to move too"
+
+
 def tables(res: dict) -> list[str]:
     lines = ["| loss | contender | trials | failed calls | retried calls | time to full "
              "failover (each trial) | worst latency, first second |",
@@ -433,12 +453,12 @@ def markdown(res: dict, show) -> list[str]:
         "## Scenario 3: data-center failover",
         "",
         f"*Run: {res['environment']['date']}, {res['mode']} mode, commit "
-        f"`{res['environment']['commit'][:12]}`.*",
+        f"`{res['environment']['commit'][:12]}`. {machine_load(res['environment'])}*",
         "",
         f"Four node-sims per region (`{SERVICE}`, {SLOTS} slots). Clients of region `a` send "
         f"{RATE} calls/s (evenly spaced) to their entry point for {p['run_s']} s; "
         f"{p['kill_at_s']} s in, region `a` is lost: its four nodes and, for Fulcrum, its "
-        "control-plane replica (the leader: it started first), either **crash** (SIGKILL: "
+        "control-plane replica (" + leaders(res) + "), either **crash** (SIGKILL: "
         "connections reset, new ones refused) or **hang** (SIGSTOP: connections stay open, "
         "nothing answers; only timeouts tell). Every contender is configured as an operator "
         f"would for this job, with the same per-attempt timeout ({PER_TRY_MS} ms) and two "

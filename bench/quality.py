@@ -375,13 +375,24 @@ def targets_check(res: dict) -> list[tuple[bool, str]]:
     return checks
 
 
+def machine_load(env: dict) -> str:
+    text = (f"Load average {env['loadavg_before']} before the run, {env['loadavg_after']} after; "
+            f"other processes on the machine used {env['others_cores']:.2f} of its "
+            f"{env['nproc']} cores on average while it ran")
+    if env["others_cores"] > 0.3:
+        text += (" (a busy shared machine: absolute figures are inflated, and a contender "
+                 "unlucky with a burst of others' work in one round can look worse than it is; "
+                 "the per-round figures are in the JSON results)")
+    return text + "."
+
+
 def markdown(res: dict, show) -> list[str]:
     p = res["params"]
     lines = [
         "## Scenario 2: routing quality under uneven nodes",
         "",
         f"*Run: {res['environment']['date']}, {res['mode']} mode, commit "
-        f"`{res['environment']['commit'][:12]}`.*",
+        f"`{res['environment']['commit'][:12]}`. {machine_load(res['environment'])}*",
         "",
         "Eight node-sims, " + ", ".join(
             f"`{n['name']}` ({n['service']}{'; stalls ' + n['stalls'] if n['stalls'] else ''})"
@@ -394,7 +405,9 @@ def markdown(res: dict, show) -> list[str]:
         f"deadline {CALL_TIMEOUT}. Figures are medians over rounds (max: the largest); errors "
         "are summed. `fulcrum` is the default policy (p2c-ewma); `fulcrum-rr` the same router "
         "with the model's policy set to round robin; Fulcrum registers every node with capacity "
-        f"{SLOTS} (its slots), which is also the router's per-node concurrency limit. Both "
+        f"{SLOTS} (its slots); the router's per-node concurrency limit is 1.5 × that (a call "
+        "beyond it waits in the router's queue, at most 0.5 s, then is shed with "
+        "RESOURCE_EXHAUSTED). Both "
         "Envoys retry on resource-exhausted, unavailable, reset and connect-failure (2 retries). "
         "`jsq` and `rr-sim` are not measured: they are the discrete-event simulation of the "
         f"same fleet and arrival process (`bench/oracle.py`, {p['oracle_runs']} simulated runs "
