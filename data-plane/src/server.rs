@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use fulcrum_proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 
 use crate::ingress::oip::OipService;
 use crate::limits::{DEFAULT_MAX_MESSAGE_SIZE, MaxMessageSizeLayer};
@@ -93,11 +93,15 @@ pub async fn serve(
         tracing::info!("router stopping: no new calls, finishing those in flight");
         let _ = stopping_tx.send(());
     };
+    // TCP_NODELAY on every client connection: a response goes out as several small writes
+    // (headers, data, trailers), and Nagle's algorithm would hold the later ones back until
+    // the client acknowledged the first. (tonic's `Server::tcp_nodelay` applies only to
+    // listeners tonic binds itself, not to an incoming stream like this one.)
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let server = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
         .layer(MaxMessageSizeLayer::new(config.max_message_size))
         .add_routes(routes.into())
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);
+        .serve_with_incoming_shutdown(incoming, signal);
     let grace = config.shutdown_grace;
     let result = tokio::select! {
         r = server => r,
