@@ -58,7 +58,7 @@ impl OipService {
     }
 
     fn client(&self, node: &RoutedNode) -> GrpcInferenceServiceClient<Channel> {
-        GrpcInferenceServiceClient::new(node.conn.channel.clone())
+        GrpcInferenceServiceClient::new(node.conn.channel())
             .max_decoding_message_size(self.state.max_message_size)
             .max_encoding_message_size(self.state.max_message_size)
     }
@@ -261,7 +261,7 @@ impl StreamSession {
         // Queue the request before opening: a node may wait for it before sending headers.
         let first = req.clone();
         let _ = tx.send(req).await;
-        let channel = node.conn.channel.clone();
+        let channel = node.conn.channel();
         let max_size = self.service.state.max_message_size;
         let requests = ReceiverStream::new(rx);
         let upstream = match stream_dialect::model_stream_infer(channel, max_size, requests).await {
