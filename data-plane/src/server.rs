@@ -12,6 +12,7 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::pb::health_server::{Health, HealthServer};
 
+use crate::ingress::infer::OipRoutes;
 use crate::ingress::oip::OipService;
 use crate::limits::{DEFAULT_MAX_MESSAGE_SIZE, MaxMessageSizeLayer};
 use crate::router::RouterState;
@@ -248,10 +249,7 @@ async fn serve_connections<H: Health, I>(
 where
     I: Stream<Item = std::io::Result<TcpStream>>,
 {
-    let oip = GrpcInferenceServiceServer::new(OipService::new(state.clone()))
-        // Backstop only: the layer answers oversized messages first, with the right status.
-        .max_decoding_message_size(max_message_size)
-        .max_encoding_message_size(max_message_size);
+    let oip = OipRoutes::new(state.clone());
     // Everything the router does not serve itself is passed through by model header.
     let passthrough = tower::service_fn(move |req: http::Request<axum::body::Body>| {
         let state = state.clone();

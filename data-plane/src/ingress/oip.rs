@@ -134,6 +134,8 @@ impl GrpcInferenceService for OipService {
         .await
     }
 
+    /// Served by [`super::infer::OipRoutes`] without re-encoding; this decoding version is
+    /// used only where the generated service is mounted directly.
     async fn model_infer(
         &self,
         request: Request<ModelInferRequest>,
