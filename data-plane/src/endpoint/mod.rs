@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 use tokio::time::Instant;
+use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::{Channel, Endpoint};
 
 use outlier::Outlier;
@@ -70,6 +71,8 @@ pub struct NodeConn {
     pub address: String,
     /// The node's region.
     pub region: String,
+    /// `id` and `region` as response metadata values (made once; a call clones them).
+    pub(crate) tags: (Option<MetadataValue<Ascii>>, Option<MetadataValue<Ascii>>),
     /// How to connect to the node.
     endpoint: Endpoint,
     /// The connection used outside the router's serving threads (tests, tools).
@@ -109,6 +112,7 @@ impl NodeConn {
             id: id.to_owned(),
             address: address.to_owned(),
             region: region.to_owned(),
+            tags: (id.parse().ok(), region.parse().ok()),
             endpoint,
             shared: OnceLock::new(),
             per_shard: OnceLock::new(),

@@ -81,11 +81,12 @@ pub fn outcome_of(status: &Status) -> Outcome {
 
 /// The node that served (or failed) an attempt, named in the response metadata.
 pub fn tag(metadata: &mut MetadataMap, node: &NodeConn) {
-    if let Ok(v) = node.id.parse() {
-        metadata.insert(super::oip::NODE_HEADER, v);
+    let (id, region) = &node.tags;
+    if let Some(v) = id {
+        metadata.insert(super::oip::NODE_HEADER, v.clone());
     }
-    if let Ok(v) = node.region.parse() {
-        metadata.insert(super::oip::REGION_HEADER, v);
+    if let Some(v) = region {
+        metadata.insert(super::oip::REGION_HEADER, v.clone());
     }
 }
 
