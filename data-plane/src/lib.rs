@@ -19,6 +19,7 @@
 //! - [`validate`]: request checks done before forwarding.
 //! - [`limits`]: the inbound message size limit.
 //! - [`error`]: errors and their gRPC statuses.
+//! - [`shard`]: the serving threads, one single-threaded runtime each.
 //! - [`server`]: assemble and serve a router.
 
 #![warn(missing_docs)]
@@ -32,6 +33,7 @@ pub mod limits;
 pub mod policy;
 pub mod router;
 pub mod server;
+pub mod shard;
 pub mod subscriber;
 pub mod table;
 pub mod validate;

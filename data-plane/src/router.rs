@@ -53,6 +53,9 @@ pub struct RouterState {
     pub max_message_size: usize,
     /// Notified whenever a call ends and frees a slot.
     pub slot_freed: Arc<Notify>,
+    /// Marked changed whenever a new table is stored (serving threads then connect to its
+    /// nodes ahead of calls).
+    pub table_updates: tokio::sync::watch::Sender<()>,
     queued: AtomicUsize,
 }
 
@@ -64,8 +67,15 @@ impl RouterState {
             table: ArcSwap::from_pointee(RoutingTable::default()),
             max_message_size,
             slot_freed: Arc::default(),
+            table_updates: tokio::sync::watch::Sender::new(()),
             queued: AtomicUsize::new(0),
         }
+    }
+
+    /// Makes `table` the current table.
+    pub fn set_table(&self, table: RoutingTable) {
+        self.table.store(Arc::new(table));
+        self.table_updates.send_replace(());
     }
 
     /// Picks a node for a call to `model`, avoiding `tried`, and takes a slot on it.

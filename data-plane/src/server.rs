@@ -2,14 +2,21 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use fulcrum_proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
-use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
+use futures::Stream;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tonic::transport::server::TcpIncoming;
+use tonic_health::pb::health_server::{Health, HealthServer};
 
+use crate::ingress::infer::OipRoutes;
 use crate::ingress::oip::OipService;
 use crate::limits::{DEFAULT_MAX_MESSAGE_SIZE, MaxMessageSizeLayer};
 use crate::router::RouterState;
+use crate::shard::{self, Shard};
 use crate::subscriber::{self, SubscriberConfig};
 
 /// How long a stopping router lets calls in flight finish after it stops accepting new ones:
@@ -30,6 +37,8 @@ pub struct RouterConfig {
     pub max_message_size: usize,
     /// How long calls in flight may finish after a shutdown begins.
     pub shutdown_grace: std::time::Duration,
+    /// Serving threads ([`crate::shard`]); 0: one per core the process may run on.
+    pub threads: usize,
 }
 
 impl RouterConfig {
@@ -42,13 +51,22 @@ impl RouterConfig {
             control,
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
             shutdown_grace: SHUTDOWN_GRACE,
+            threads: 0,
         }
     }
 }
 
+/// How long the accept loop pauses after a failed accept (out of file descriptors, most
+/// likely): long enough not to spin on an error that persists, short enough that clients
+/// barely notice once descriptors free up.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
+
 /// Runs a router on `listener` until `shutdown` completes; then stops accepting calls, lets
 /// those in flight finish (at most [`RouterConfig::shutdown_grace`]), and leaves the control
 /// plane (its routing stream closes, and the control plane forgets it).
+///
+/// Calls are served by [`RouterConfig::threads`] serving threads ([`crate::shard`]); this
+/// future accepts connections and deals them out, and runs the control-plane subscription.
 pub async fn serve(
     config: RouterConfig,
     listener: TcpListener,
@@ -69,37 +87,142 @@ pub async fn serve(
     health_reporter
         .set_serving::<GrpcInferenceServiceServer<OipService>>()
         .await;
-    let oip = GrpcInferenceServiceServer::new(OipService::new(state.clone()))
-        // Backstop only: the layer answers oversized messages first, with the right status.
-        .max_decoding_message_size(config.max_message_size)
-        .max_encoding_message_size(config.max_message_size);
-    // Everything the router does not serve itself is passed through by model header.
-    let passthrough_state = state.clone();
-    let passthrough = tower::service_fn(move |req: http::Request<axum::body::Body>| {
-        let state = passthrough_state.clone();
-        async move {
-            Ok::<_, std::convert::Infallible>(
-                crate::ingress::passthrough::forward(state, req).await,
-            )
+    let threads = match config.threads {
+        0 => shard::default_count(),
+        n => n,
+    };
+    let mut shards = Vec::with_capacity(threads);
+    for index in 0..threads {
+        let (state, health) = (state.clone(), health_service.clone());
+        let max = config.max_message_size;
+        let started = Shard::start(index, threads, move |conns, stop| {
+            tokio::spawn(preconnect(state.clone()));
+            let incoming = UnboundedReceiverStream::new(conns).map(TcpStream::from_std);
+            serve_connections(state, health, max, incoming, async move {
+                let _ = stop.await;
+            })
+        });
+        match started {
+            Ok(s) => shards.push(s),
+            Err(e) => {
+                tracing::error!(error = %e, thread = index, "cannot start a serving thread");
+                break;
+            }
         }
-    });
-    let routes = tonic::service::Routes::new(health_service)
-        .add_service(oip)
-        .into_axum_router()
-        .fallback_service(passthrough);
+    }
+    let result = if shards.is_empty() {
+        // No thread could start: serve on the caller's runtime rather than not at all.
+        serve_inline(&config, state, health_service, listener, shutdown).await
+    } else {
+        serve_sharded(&config, &mut shards, listener, shutdown).await
+    };
+    subscription.abort();
+    result
+}
+
+/// On a serving thread: connects to the nodes of every new table ahead of the calls, so the
+/// first call a thread sends to a node neither waits for the connection nor makes the node look
+/// slow by the connect time (each thread has its own connections).
+async fn preconnect(state: Arc<RouterState>) {
+    let mut updates = state.table_updates.subscribe();
+    loop {
+        let table = state.table.load_full();
+        for node in table.nodes.values() {
+            node.preconnect();
+        }
+        if updates.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Accepts connections and deals them out to `shards` until `shutdown`, then stops them
+/// gracefully, waiting at most the grace period.
+async fn serve_sharded(
+    config: &RouterConfig,
+    shards: &mut [Shard],
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), tonic::transport::Error> {
+    let accept = async {
+        let mut next = 0usize;
+        loop {
+            let stream = match listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accepting a connection failed");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    continue;
+                }
+            };
+            // A response goes out as several small writes (headers, data, trailers); Nagle's
+            // algorithm would hold the later ones back until the client acknowledged the first.
+            if let Err(e) = stream.set_nodelay(true) {
+                tracing::debug!(error = %e, "TCP_NODELAY not set");
+            }
+            let Ok(mut conn) = stream.into_std() else {
+                continue;
+            };
+            // A shard that stopped (it cannot, before shutdown) passes the connection on.
+            for _ in 0..shards.len() {
+                let shard = &shards[next % shards.len()];
+                next = next.wrapping_add(1);
+                match shard.serve(conn) {
+                    Ok(()) => break,
+                    Err(back) => conn = back,
+                }
+            }
+        }
+    };
+    tokio::select! {
+        () = accept => {}
+        () = shutdown => {}
+    }
+    drop(listener);
+    tracing::info!("router stopping: no new calls, finishing those in flight");
+    for s in shards.iter_mut() {
+        s.stop();
+    }
+    let finished = async {
+        let mut result = Ok(());
+        for s in shards.iter_mut() {
+            if let Err(e) = s.finished().await {
+                result = Err(e);
+            }
+        }
+        result
+    };
+    match tokio::time::timeout(config.shutdown_grace, finished).await {
+        Ok(result) => result,
+        Err(_) => {
+            tracing::warn!(grace = ?config.shutdown_grace,
+                "calls still in flight after the grace period; stopping anyway");
+            // Dropping the shards (by the caller) stops them at once.
+            Ok(())
+        }
+    }
+}
+
+/// Serves on the caller's runtime (when no serving thread could be started).
+async fn serve_inline<H: Health>(
+    config: &RouterConfig,
+    state: Arc<RouterState>,
+    health: HealthServer<H>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), tonic::transport::Error> {
     let (stopping_tx, stopping) = tokio::sync::oneshot::channel::<()>();
     let signal = async move {
         shutdown.await;
         tracing::info!("router stopping: no new calls, finishing those in flight");
         let _ = stopping_tx.send(());
     };
-    let server = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
-        .layer(MaxMessageSizeLayer::new(config.max_message_size))
-        .add_routes(routes.into())
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);
+    // TCP_NODELAY, as in `serve_sharded`. (tonic's `Server::tcp_nodelay` applies only to
+    // listeners tonic binds itself, not to an incoming stream like this one.)
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let server = serve_connections(state, health, config.max_message_size, incoming, signal);
     let grace = config.shutdown_grace;
-    let result = tokio::select! {
+    tokio::select! {
         r = server => r,
         () = async move {
             if stopping.await.is_ok() {
@@ -111,7 +234,38 @@ pub async fn serve(
             tracing::warn!(?grace, "calls still in flight after the grace period; stopping anyway");
             Ok(())
         }
-    };
-    subscription.abort();
-    result
+    }
+}
+
+/// Serves the router's services (OIP, health, pass-through for everything else) on the
+/// connections `incoming` yields, until `signal` completes and the calls in flight finish.
+async fn serve_connections<H: Health, I>(
+    state: Arc<RouterState>,
+    health: HealthServer<H>,
+    max_message_size: usize,
+    incoming: I,
+    signal: impl Future<Output = ()>,
+) -> Result<(), tonic::transport::Error>
+where
+    I: Stream<Item = std::io::Result<TcpStream>>,
+{
+    let oip = OipRoutes::new(state.clone());
+    // Everything the router does not serve itself is passed through by model header.
+    let passthrough = tower::service_fn(move |req: http::Request<axum::body::Body>| {
+        let state = state.clone();
+        async move {
+            Ok::<_, std::convert::Infallible>(
+                crate::ingress::passthrough::forward(state, req).await,
+            )
+        }
+    });
+    let routes = tonic::service::Routes::new(health)
+        .add_service(oip)
+        .into_axum_router()
+        .fallback_service(passthrough);
+    tonic::transport::Server::builder()
+        .layer(MaxMessageSizeLayer::new(max_message_size))
+        .add_routes(routes.into())
+        .serve_with_incoming_shutdown(incoming, signal)
+        .await
 }

@@ -211,7 +211,7 @@ pub fn apply(update: &RoutingUpdate, state: &RouterState) -> Result<u64, String>
         "routing table applied"
     );
     let version = table.version;
-    state.table.store(Arc::new(table));
+    state.set_table(table);
     Ok(version)
 }
 

@@ -22,12 +22,17 @@ pub(crate) struct RouterArgs {
     /// Router id reported to the control plane (default: router-REGION-PID).
     #[arg(long)]
     id: Option<String>,
+    /// Serving threads, each a single-threaded runtime serving its share of the client
+    /// connections (0: one per core this process may run on).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
 }
 
 impl RouterArgs {
     pub(crate) fn config(&self) -> RouterConfig {
         let mut c = RouterConfig::new(self.region.clone(), self.control.clone());
         c.max_message_size = self.max_message_size;
+        c.threads = self.threads;
         if let Some(id) = &self.id {
             c.router_id = id.clone();
         }

@@ -9,12 +9,13 @@ pub mod outlier;
 pub mod peak_ewma;
 pub mod reconnect;
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use tokio::sync::Notify;
 use tokio::time::Instant;
+use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::{Channel, Endpoint};
 
 use outlier::Outlier;
@@ -56,6 +57,15 @@ pub enum Outcome {
     Cancelled,
 }
 
+/// One serving thread's connection to a node.
+#[derive(Debug, Default)]
+struct ShardSlot {
+    /// The connection, once made.
+    channel: OnceLock<Channel>,
+    /// Whether a background connect is under way (one at a time).
+    connecting: AtomicBool,
+}
+
 /// A pooled node connection, shared by every table that contains the node.
 #[derive(Debug)]
 pub struct NodeConn {
@@ -65,8 +75,15 @@ pub struct NodeConn {
     pub address: String,
     /// The node's region.
     pub region: String,
-    /// Lazily connected, reconnecting HTTP/2 channel.
-    pub channel: Channel,
+    /// `id` and `region` as response metadata values (made once; a call clones them).
+    pub(crate) tags: (Option<MetadataValue<Ascii>>, Option<MetadataValue<Ascii>>),
+    /// How to connect to the node.
+    endpoint: Endpoint,
+    /// The connection used outside the router's serving threads (tests, tools).
+    shared: OnceLock<Channel>,
+    /// One connection per serving thread ([`crate::shard`]), made by that thread on its first
+    /// call, so that a call and its connection's tasks run on the same thread.
+    per_shard: OnceLock<Box<[ShardSlot]>>,
     /// Latency estimate.
     pub latency: PeakEwma,
     /// Outlier state.
@@ -90,19 +107,21 @@ impl NodeConn {
         limit: u32,
         slot_freed: Arc<Notify>,
     ) -> Result<Self, String> {
-        let channel = Endpoint::from_shared(format!("http://{address}"))
+        let endpoint = Endpoint::from_shared(format!("http://{address}"))
             .map_err(|e| format!("node {id}: bad address {address:?}: {e}"))?
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true)
             .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
             .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-            .keep_alive_while_idle(true)
-            .connect_lazy();
+            .keep_alive_while_idle(true);
         Ok(Self {
             id: id.to_owned(),
             address: address.to_owned(),
             region: region.to_owned(),
-            channel,
+            tags: (id.parse().ok(), region.parse().ok()),
+            endpoint,
+            shared: OnceLock::new(),
+            per_shard: OnceLock::new(),
             latency: PeakEwma::new(now_ns()),
             outlier: Outlier::default(),
             reconnect: Reconnect::default(),
@@ -112,6 +131,53 @@ impl NodeConn {
             errors: AtomicU64::new(0),
             slot_freed,
         })
+    }
+
+    /// The lazily connected, reconnecting HTTP/2 channel to the node for the calling thread:
+    /// a serving thread's own connection, made on its first call (its tasks then live on that
+    /// thread's runtime), or the shared one elsewhere. Must be called within a tokio runtime.
+    pub fn channel(&self) -> Channel {
+        match self.shard_slot() {
+            Some(slot) => slot
+                .channel
+                .get_or_init(|| self.endpoint.connect_lazy())
+                .clone(),
+            None => self
+                .shared
+                .get_or_init(|| self.endpoint.connect_lazy())
+                .clone(),
+        }
+    }
+
+    /// On a serving thread without a connection to the node yet: connects in the background
+    /// (the call that would have connected is then spared the wait, and the node's latency
+    /// estimate the connect time). A failure changes nothing: the first call connects lazily.
+    pub fn preconnect(self: &Arc<Self>) {
+        let Some(slot) = self.shard_slot() else {
+            return;
+        };
+        if slot.channel.get().is_some() || slot.connecting.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let node = self.clone();
+        tokio::spawn(async move {
+            let connected = node.endpoint.connect().await;
+            if let Some(slot) = node.shard_slot() {
+                if let Ok(channel) = connected {
+                    // A call may have connected meanwhile; its channel stays.
+                    let _ = slot.channel.set(channel);
+                }
+                slot.connecting.store(false, Ordering::Release);
+            }
+        });
+    }
+
+    /// The calling serving thread's connection slot, if the caller is a serving thread.
+    fn shard_slot(&self) -> Option<&ShardSlot> {
+        let (index, count) = crate::shard::current()?;
+        self.per_shard
+            .get_or_init(|| (0..count).map(|_| ShardSlot::default()).collect())
+            .get(index)
     }
 
     /// Calls in flight from this router.

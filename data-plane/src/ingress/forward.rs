@@ -53,6 +53,16 @@ pub fn backoff(n: u32, rng: &mut impl Rng) -> Duration {
 /// timer firing a hair later changes nothing, as the router cancels the call at its deadline.
 const NODE_DEADLINE_SLACK: Duration = Duration::from_millis(5);
 
+/// The deadline an attempt passes on to its node: its own plus [`NODE_DEADLINE_SLACK`], rounded
+/// up to a whole millisecond. Unrounded, the remaining budget differs by some microseconds from
+/// call to call, so every call's `grpc-timeout` was a new HPACK literal, Huffman-coded and added
+/// to the header table on both ends (pushing the connection's other headers out of it); rounded,
+/// consecutive calls repeat the value and it travels as a one-byte table index.
+pub fn node_timeout(per_try: Duration) -> Duration {
+    let nanos = (per_try + NODE_DEADLINE_SLACK).as_nanos();
+    Duration::from_millis(u64::try_from(nanos.div_ceil(1_000_000)).unwrap_or(u64::MAX))
+}
+
 /// Whether a failed attempt may be retried elsewhere: the node said it cannot serve now
 /// (UNAVAILABLE, RESOURCE_EXHAUSTED), the attempt timed out, or the connection failed under the
 /// call (a status made by the client transport, not sent by the node: resets, GOAWAY races).
@@ -81,11 +91,12 @@ pub fn outcome_of(status: &Status) -> Outcome {
 
 /// The node that served (or failed) an attempt, named in the response metadata.
 pub fn tag(metadata: &mut MetadataMap, node: &NodeConn) {
-    if let Ok(v) = node.id.parse() {
-        metadata.insert(super::oip::NODE_HEADER, v);
+    let (id, region) = &node.tags;
+    if let Some(v) = id {
+        metadata.insert(super::oip::NODE_HEADER, v.clone());
     }
-    if let Ok(v) = node.region.parse() {
-        metadata.insert(super::oip::REGION_HEADER, v);
+    if let Some(v) = region {
+        metadata.insert(super::oip::REGION_HEADER, v.clone());
     }
 }
 
@@ -144,7 +155,7 @@ where
             .per_try_timeout
             .map_or(remaining, |t| t.min(remaining));
         let mut request = Request::new(message.clone());
-        request.set_timeout(per_try + NODE_DEADLINE_SLACK);
+        request.set_timeout(node_timeout(per_try));
         let fut = call(node.clone(), request);
         async move {
             let t0 = Instant::now();
@@ -285,6 +296,21 @@ mod tests {
         }
         let first_max = (0..1000).map(|_| backoff(1, &mut rng)).max().unwrap();
         assert!(first_max <= BACKOFF_BASE);
+    }
+
+    #[test]
+    fn node_deadlines_are_whole_milliseconds_never_shorter() {
+        for us in [0, 1, 999, 1_000, 1_001, 4_999_999] {
+            let per_try = Duration::from_micros(us);
+            let t = node_timeout(per_try);
+            assert!(t >= per_try + NODE_DEADLINE_SLACK, "{per_try:?} -> {t:?}");
+            assert!(t < per_try + NODE_DEADLINE_SLACK + Duration::from_millis(1));
+            assert_eq!(t.subsec_nanos() % 1_000_000, 0, "{t:?}");
+        }
+        // Two calls a few microseconds apart pass the node the same deadline.
+        let a = node_timeout(Duration::from_micros(1_994_990));
+        let b = node_timeout(Duration::from_micros(1_994_970));
+        assert_eq!(a, b);
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //!
 //! - [`oip`]: `inference.GRPCInferenceService`, the Open Inference Protocol v2, including
 //!   Triton's bidirectional `ModelStreamInfer`.
+//! - [`infer`]: `ModelInfer` forwarded as the client's bytes, answered with the node's.
 //! - [`forward`]: one unary call's attempts, retries, hedging and deadline.
 //! - [`passthrough`]: any other gRPC API, forwarded undecoded by the `x-fulcrum-model` header.
 //! - [`deadline`]: the `grpc-timeout` header.
@@ -10,6 +11,7 @@
 
 pub mod deadline;
 pub mod forward;
+pub mod infer;
 mod node_status;
 pub mod oip;
 pub mod passthrough;

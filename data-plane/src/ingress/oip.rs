@@ -58,7 +58,7 @@ impl OipService {
     }
 
     fn client(&self, node: &RoutedNode) -> GrpcInferenceServiceClient<Channel> {
-        GrpcInferenceServiceClient::new(node.conn.channel.clone())
+        GrpcInferenceServiceClient::new(node.conn.channel())
             .max_decoding_message_size(self.state.max_message_size)
             .max_encoding_message_size(self.state.max_message_size)
     }
@@ -134,6 +134,8 @@ impl GrpcInferenceService for OipService {
         .await
     }
 
+    /// Served by [`super::infer::OipRoutes`] without re-encoding; this decoding version is
+    /// used only where the generated service is mounted directly.
     async fn model_infer(
         &self,
         request: Request<ModelInferRequest>,
@@ -261,7 +263,7 @@ impl StreamSession {
         // Queue the request before opening: a node may wait for it before sending headers.
         let first = req.clone();
         let _ = tx.send(req).await;
-        let channel = node.conn.channel.clone();
+        let channel = node.conn.channel();
         let max_size = self.service.state.max_message_size;
         let requests = ReceiverStream::new(rx);
         let upstream = match stream_dialect::model_stream_infer(channel, max_size, requests).await {

@@ -74,7 +74,7 @@ async fn try_forward(
         }
     };
     let node = picked.node.conn.clone();
-    let mut channel = node.channel.clone();
+    let mut channel = node.channel();
     let started = Instant::now();
     std::future::poll_fn(|cx| channel.poll_ready(cx))
         .await

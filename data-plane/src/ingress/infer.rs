@@ -1,0 +1,222 @@
+//! `ModelInfer` forwarded as the bytes the client sent, and answered with the bytes the node
+//! sent.
+//!
+//! The router has to read a request (its model name routes it, and [`crate::validate`] refuses
+//! malformed tensors before they cost a node a round trip), but it has no reason to encode it
+//! again for the node, nor to decode and re-encode the node's answer: it changes neither. So
+//! the request is decoded once, from a reference-counted copy of its bytes (tensor data in
+//! `raw_input_contents` is not copied), and those same bytes go to the node, on the first
+//! attempt as on any retry or hedge (a clone is a reference count); the answer is passed back
+//! undecoded. A message unknown fields added stays intact on the way, too.
+//!
+//! [`OipRoutes`] serves this path for `ModelInfer` and hands every other OIP method to the
+//! generated service ([`super::oip::OipService`]).
+
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::{Buf, BufMut, Bytes};
+use fulcrum_proto::inference::ModelInferRequest;
+use fulcrum_proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
+use prost::Message;
+use tonic::GrpcMethod;
+use tonic::body::Body;
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::server::{NamedService, UnaryService};
+use tonic::{Request, Response, Status};
+use tower::Service;
+
+use super::forward;
+use super::oip::OipService;
+use crate::error::RouteError;
+use crate::router::RouterState;
+use crate::validate;
+
+/// The gRPC path of `ModelInfer`.
+pub const MODEL_INFER_PATH: &str = "/inference.GRPCInferenceService/ModelInfer";
+
+/// A `ModelInfer` request: the bytes the client sent, and what they decode to.
+#[derive(Debug, Clone)]
+pub struct RawInferRequest {
+    /// The encoded message, forwarded as it is.
+    pub bytes: Bytes,
+    /// The decoded message, for routing and validation.
+    pub message: ModelInferRequest,
+}
+
+/// Writes a message that is already encoded.
+#[derive(Debug, Default)]
+struct BytesEncoder;
+
+impl Encoder for BytesEncoder {
+    type Item = Bytes;
+    type Error = Status;
+
+    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        dst.reserve(item.len());
+        dst.put(item);
+        Ok(())
+    }
+}
+
+/// Takes a message as bytes, undecoded (no copy: the bytes are split off the receive buffer).
+#[derive(Debug, Default)]
+struct BytesDecoder;
+
+impl Decoder for BytesDecoder {
+    type Item = Bytes;
+    type Error = Status;
+
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Bytes>, Status> {
+        Ok(Some(src.copy_to_bytes(src.remaining())))
+    }
+}
+
+/// Takes a `ModelInferRequest` as bytes and decodes it from them.
+#[derive(Debug, Default)]
+struct RequestDecoder;
+
+impl Decoder for RequestDecoder {
+    type Item = RawInferRequest;
+    type Error = Status;
+
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<RawInferRequest>, Status> {
+        let bytes = src.copy_to_bytes(src.remaining());
+        // The same status tonic's generated service gives for a message that does not decode.
+        let message = ModelInferRequest::decode(bytes.clone())
+            .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Some(RawInferRequest { bytes, message }))
+    }
+}
+
+/// The router's side towards clients: requests decoded and kept as bytes, answers as bytes.
+#[derive(Debug, Default, Clone, Copy)]
+struct ServerCodec;
+
+impl Codec for ServerCodec {
+    type Encode = Bytes;
+    type Decode = RawInferRequest;
+    type Encoder = BytesEncoder;
+    type Decoder = RequestDecoder;
+
+    fn encoder(&mut self) -> BytesEncoder {
+        BytesEncoder
+    }
+
+    fn decoder(&mut self) -> RequestDecoder {
+        RequestDecoder
+    }
+}
+
+/// The router's side towards nodes: bytes both ways.
+#[derive(Debug, Default, Clone, Copy)]
+struct ClientCodec;
+
+impl Codec for ClientCodec {
+    type Encode = Bytes;
+    type Decode = Bytes;
+    type Encoder = BytesEncoder;
+    type Decoder = BytesDecoder;
+
+    fn encoder(&mut self) -> BytesEncoder {
+        BytesEncoder
+    }
+
+    fn decoder(&mut self) -> BytesDecoder {
+        BytesDecoder
+    }
+}
+
+/// Validates, routes and forwards one `ModelInfer` call.
+pub async fn model_infer(
+    state: &RouterState,
+    request: Request<RawInferRequest>,
+) -> Result<Response<Bytes>, Status> {
+    let (metadata, _, raw) = request.into_parts();
+    validate::check_infer_request(&raw.message).map_err(RouteError::InvalidRequest)?;
+    let model = raw.message.model_name;
+    let max_size = state.max_message_size;
+    forward::unary(state, &model, &metadata, raw.bytes, |node, mut request| {
+        let mut grpc = tonic::client::Grpc::new(node.conn.channel())
+            .max_decoding_message_size(max_size)
+            .max_encoding_message_size(max_size);
+        async move {
+            grpc.ready()
+                .await
+                .map_err(|e| Status::unknown(format!("Service was not ready: {e}")))?;
+            request.extensions_mut().insert(GrpcMethod::new(
+                "inference.GRPCInferenceService",
+                "ModelInfer",
+            ));
+            let path = http::uri::PathAndQuery::from_static(MODEL_INFER_PATH);
+            grpc.unary(request, path, ClientCodec).await
+        }
+    })
+    .await
+}
+
+/// `ModelInfer` as a tonic unary service.
+struct InferService(Arc<RouterState>);
+
+impl UnaryService<RawInferRequest> for InferService {
+    type Response = Bytes;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Bytes>, Status>> + Send>>;
+
+    fn call(&mut self, request: Request<RawInferRequest>) -> Self::Future {
+        let state = self.0.clone();
+        Box::pin(async move { model_infer(&state, request).await })
+    }
+}
+
+type RouteFuture =
+    Pin<Box<dyn Future<Output = Result<http::Response<Body>, Infallible>> + Send + 'static>>;
+
+/// `inference.GRPCInferenceService` at the router: `ModelInfer` forwarded as bytes, every
+/// other method by the generated service.
+#[derive(Debug, Clone)]
+pub struct OipRoutes {
+    state: Arc<RouterState>,
+    generated: GrpcInferenceServiceServer<OipService>,
+}
+
+impl OipRoutes {
+    /// The service routing with `state`.
+    pub fn new(state: Arc<RouterState>) -> Self {
+        let max = state.max_message_size;
+        let generated = GrpcInferenceServiceServer::new(OipService::new(state.clone()))
+            // Backstop only: the size layer answers oversized messages first, with the right
+            // status.
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max);
+        Self { state, generated }
+    }
+}
+
+impl NamedService for OipRoutes {
+    const NAME: &'static str = <GrpcInferenceServiceServer<OipService> as NamedService>::NAME;
+}
+
+impl Service<http::Request<Body>> for OipRoutes {
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = RouteFuture;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<Body>) -> RouteFuture {
+        if req.uri().path() != MODEL_INFER_PATH {
+            return self.generated.call(req);
+        }
+        let state = self.state.clone();
+        Box::pin(async move {
+            let max = Some(state.max_message_size);
+            let mut grpc =
+                tonic::server::Grpc::new(ServerCodec).apply_max_message_size_config(max, max);
+            Ok(grpc.unary(InferService(state), req).await)
+        })
+    }
+}
