@@ -100,11 +100,19 @@ impl GrpcInferenceService for OipService {
             return Ok(Response::new(ModelReadyResponse { ready: false }));
         }
         let model = message.name.clone();
-        forward::unary(&self.state, &model, &metadata, message, |node, r| {
+        let answer = forward::unary(&self.state, &model, &metadata, message, |node, r| {
             let mut c = self.client(&node);
             async move { c.model_ready(r).await }
         })
-        .await
+        .await;
+        match answer {
+            // Every node of the model is out of reach (ejected, refusing connections, or
+            // unavailable when asked): not ready, which is an answer, not an error.
+            Err(s) if s.code() == tonic::Code::Unavailable => {
+                Ok(Response::new(ModelReadyResponse { ready: false }))
+            }
+            other => other,
+        }
     }
 
     async fn server_metadata(
