@@ -69,15 +69,11 @@ impl AdminService {
             .unwrap_or_default();
         let leased = crate::self_registration::leased_ids(self.store.as_ref()).await?;
         let health = self.prober.snapshot();
-        let table = self.publisher.current();
+        let table = self.publisher.tables().borrow().clone();
         Ok(specs
             .into_iter()
             .map(|spec| {
-                let routed = table.as_ref().and_then(|t| {
-                    t.endpoints
-                        .iter()
-                        .find(|e| e.spec.as_ref().is_some_and(|s| s.id == spec.id))
-                });
+                let routed = table.as_ref().and_then(|t| t.endpoint(&spec.id));
                 let h = health.get(&spec.id).cloned().unwrap_or_default();
                 let endpoint = Endpoint {
                     health: routed.map_or(h.state as i32, |e| e.health),
@@ -301,12 +297,13 @@ impl Admin for AdminService {
                 let Some(p) = tables.borrow_and_update().clone() else {
                     continue;
                 };
-                for event in describe(last.as_ref(), &p.snapshot) {
+                let snapshot = p.snapshot();
+                for event in describe(last.as_ref(), &snapshot) {
                     if tx.send(Ok(event)).await.is_err() {
                         return;
                     }
                 }
-                last = Some(p.snapshot.clone());
+                last = Some((*snapshot).clone());
             }
         });
         Ok(Response::new(Box::pin(

@@ -9,7 +9,10 @@ use etcd_client::{
 };
 use futures::StreamExt;
 
-use super::{AbortOnDrop, Fence, KeyValue, Leadership, Store, StoreError, WatchEvent, WatchStream};
+use super::{
+    AbortOnDrop, Fence, KeyValue, Leadership, MAX_TXN_OPS, Op, Store, StoreError, WatchEvent,
+    WatchStream,
+};
 
 /// Per-request timeout. etcd answers in milliseconds when healthy; three seconds rides out a
 /// leader election inside etcd (its default election timeout is one second) without letting a
@@ -295,6 +298,36 @@ impl Store for EtcdStore {
             TxnOp::put(key, value, None),
         )
         .await
+    }
+
+    async fn txn_fenced(&self, fence: &Fence, ops: Vec<Op>) -> Result<Option<i64>, StoreError> {
+        if ops.len() > MAX_TXN_OPS {
+            return Err(StoreError::TooManyOps(ops.len()));
+        }
+        let ops: Vec<TxnOp> = ops
+            .into_iter()
+            .map(|op| match op {
+                Op::Put { key, value } => TxnOp::put(key, value, None),
+                Op::Delete { key } => TxnOp::delete(key, None),
+            })
+            .collect();
+        let txn = Txn::new()
+            .when([Compare::create_revision(
+                fence.key.as_str(),
+                CompareOp::Equal,
+                fence.revision,
+            )])
+            .and_then(ops);
+        let resp = self
+            .client
+            .kv_client()
+            .txn(txn)
+            .await
+            .map_err(unavailable)?;
+        if !resp.succeeded() {
+            return Ok(None);
+        }
+        header_revision(resp.header()).map(Some)
     }
 
     async fn leader(&self, name: &str) -> Result<Option<String>, StoreError> {
