@@ -15,7 +15,7 @@
 //! however often they change: changes that arrive while the loop waits are merged into the next
 //! batch (a node that changed twice is written once, with its newest entry).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -347,7 +347,12 @@ async fn reconcile(
     last: &Table,
     elapsed: Duration,
 ) -> Result<Written, Error> {
-    let specs = registry::list(store.as_ref()).await?;
+    let (specs, read_at) = registry::list_at(store.as_ref()).await?;
+    let registered: HashSet<&str> = specs.iter().map(|s| s.id.as_str()).collect();
+    // Overrides of nodes that left without `deregister` (a lease expired) go with them.
+    if let Err(e) = overrides::remove_orphans(store.as_ref(), &registered, read_at).await {
+        tracing::warn!(error = %e, "cannot remove the overrides of nodes that left; retrying");
+    }
     let overrides = overrides::load(store.as_ref()).await?;
     let policies = policies::list(store.as_ref()).await?;
     let load = load::global(store.as_ref()).await?;

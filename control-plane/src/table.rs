@@ -125,8 +125,16 @@ pub fn build(i: &Inputs<'_>) -> Vec<Endpoint> {
                 weights::target(&signals)
             };
             let previous = i.previous.get(&spec.id).copied();
-            let mut weight = weights::damp(previous, target, i.elapsed);
+            // An operator's weight is a decision, not a signal: it applies at once, exactly.
+            // Damping guards against the fleet chasing its own load, which an override is not.
+            let overridden = signals.override_weight.is_some();
+            let mut weight = if overridden {
+                target
+            } else {
+                weights::damp(previous, target, i.elapsed)
+            };
             if let Some(p) = previous
+                && !overridden
                 && weight > 0.0
                 && (weight - p).abs() <= WEIGHT_HYSTERESIS * p
             {
@@ -259,6 +267,23 @@ mod tests {
         assert_eq!(by("failing").health(), HealthState::Degraded);
         assert_eq!(by("slow").health(), HealthState::Degraded);
         assert!(by("slow").weight < by("ok").weight / 2.0);
+    }
+
+    #[test]
+    fn an_override_applies_at_once() {
+        let specs = [spec("n", "a")];
+        let previous = HashMap::from([("n".to_string(), 8.0)]);
+        let mut o = Overrides::default();
+        o.weights.insert("n".into(), 7.8);
+        let t = build(&Inputs {
+            specs: &specs,
+            health: &healthy(&["n"]),
+            overrides: &o,
+            load: &LoadView::new(),
+            previous: &previous,
+            elapsed: Duration::from_millis(10),
+        });
+        assert_eq!(t[0].weight, 7.8, "damped or held back by the hysteresis");
     }
 
     #[test]

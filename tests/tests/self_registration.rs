@@ -11,8 +11,8 @@ use fulcrum_control_plane::store::WatchEvent;
 use fulcrum_control_plane::store::{SharedStore, open};
 use fulcrum_proto::fulcrum::v1::registration_client::RegistrationClient;
 use fulcrum_proto::fulcrum::v1::{
-    ListNodesRequest, NodeMessage, NodeReport, NodeSpec, NodeStatus, RegistrationEvent,
-    node_message,
+    CordonNodeRequest, ListNodesRequest, NodeMessage, NodeReport, NodeSpec, NodeStatus,
+    RegistrationEvent, WeightOverrideRequest, node_message,
 };
 use fulcrum_sim::node::{NodeSimConfig, RunningNodeSim, spawn};
 use fulcrum_sim::register::{RegisterConfig, Registrar, RegistrationState};
@@ -485,4 +485,61 @@ async fn a_node_reporting_itself_busy_gets_a_lower_weight() {
     )
     .await;
     reporter.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leaving_node_takes_its_overrides_along() {
+    let etcd = Etcd::start().await;
+    let store = store(&etcd).await;
+    let cp = control_plane(&etcd, Duration::from_secs(3)).await;
+    let node = node_sim("ov-1").await;
+    let (tx, mut events) = raw_register(
+        &cp,
+        spec_message(spec("ov-1", node.addr, "a", &["echo"], 4)),
+    )
+    .await
+    .expect("registered");
+    assert!(events.message().await.unwrap().unwrap().accepted);
+    let mut a = admin(cp.addr).await;
+    a.cordon_node(CordonNodeRequest {
+        id: "ov-1".into(),
+        cordon: true,
+    })
+    .await
+    .unwrap();
+    a.set_weight_override(WeightOverrideRequest {
+        id: "ov-1".into(),
+        weight: Some(2.0),
+    })
+    .await
+    .unwrap();
+    let overrides = |store: SharedStore| async move {
+        let (kvs, _) = store.list(keys::OVERRIDES).await.unwrap();
+        kvs.into_iter()
+            .filter(|kv| kv.key.ends_with("/ov-1"))
+            .count()
+    };
+    assert_eq!(overrides(store.clone()).await, 2);
+    // The node says goodbye: its lease is revoked, its entry goes, and its overrides with it.
+    drop(tx);
+    eventually(
+        "the node's overrides are gone",
+        Duration::from_secs(20),
+        || {
+            let store = store.clone();
+            async move { (overrides(store).await == 0).then_some(()) }
+        },
+    )
+    .await;
+    assert!(store.get(&keys::node("ov-1")).await.unwrap().is_none());
+    // Registering again starts clean: not cordoned, no weight override.
+    let (_tx, mut events) = raw_register(
+        &cp,
+        spec_message(spec("ov-1", node.addr, "a", &["echo"], 4)),
+    )
+    .await
+    .expect("registered again");
+    assert!(events.message().await.unwrap().unwrap().accepted);
+    let status = status_of(&cp, "ov-1").await.expect("listed");
+    assert!(!status.cordoned && status.weight_override.is_none());
 }

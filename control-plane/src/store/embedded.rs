@@ -356,6 +356,18 @@ impl Store for EmbeddedStore {
         self.write(&mut state, key, None, 0).await.map(Some)
     }
 
+    async fn compare_and_delete(
+        &self,
+        key: &str,
+        expected: i64,
+    ) -> Result<Option<i64>, StoreError> {
+        let mut state = self.core.state.lock().await;
+        if state.entries.get(key).map(|e| e.mod_revision) != Some(expected) {
+            return Ok(None);
+        }
+        self.write(&mut state, key, None, 0).await.map(Some)
+    }
+
     async fn watch(&self, prefix: &str, after_revision: i64) -> Result<WatchStream, StoreError> {
         // Subscribe under the lock so no write falls between the caller's read and the watch.
         let state = self.core.state.lock().await;

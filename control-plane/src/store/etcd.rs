@@ -173,6 +173,18 @@ impl Store for EtcdStore {
         header_revision(resp.header()).map(Some)
     }
 
+    async fn compare_and_delete(
+        &self,
+        key: &str,
+        expected: i64,
+    ) -> Result<Option<i64>, StoreError> {
+        self.conditional(
+            Compare::mod_revision(key, CompareOp::Equal, expected),
+            TxnOp::delete(key, None),
+        )
+        .await
+    }
+
     async fn watch(&self, prefix: &str, after_revision: i64) -> Result<WatchStream, StoreError> {
         let options = WatchOptions::new()
             .with_prefix()

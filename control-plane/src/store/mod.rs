@@ -167,6 +167,11 @@ pub trait Store: std::fmt::Debug + Send + Sync + 'static {
     /// Deletes `key`; returns the new revision when it existed, `None` when it did not.
     async fn delete(&self, key: &str) -> Result<Option<i64>, StoreError>;
 
+    /// Deletes `key` only if its mod revision is `expected` (it was not rewritten since it was
+    /// read); the new revision when deleted, `None` otherwise.
+    async fn compare_and_delete(&self, key: &str, expected: i64)
+    -> Result<Option<i64>, StoreError>;
+
     /// Watches every key under `prefix` for writes after `after_revision`.
     async fn watch(&self, prefix: &str, after_revision: i64) -> Result<WatchStream, StoreError>;
 
