@@ -50,9 +50,16 @@ const STREAM_BUFFER: usize = 1;
 /// router at most six seconds of staleness (while it keeps routing on its last table).
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(2);
 
+/// One node's routing entry and the store revision it was written at.
+#[derive(Debug, Clone, PartialEq)]
+struct Entry {
+    revision: u64,
+    endpoint: Arc<Endpoint>,
+}
+
 /// The table's entries by node id. Entries are shared between versions: publishing a version
 /// copies the map's keys and pointers, not the endpoints.
-type Entries = BTreeMap<String, Arc<Endpoint>>;
+type Entries = BTreeMap<String, Entry>;
 
 /// One published version: the table, and the delta from the version before it.
 #[derive(Debug)]
@@ -79,7 +86,11 @@ impl Published {
                 Arc::new(RoutingUpdate {
                     version: self.version,
                     snapshot: true,
-                    endpoints: self.entries.values().map(|e| (**e).clone()).collect(),
+                    endpoints: self
+                        .entries
+                        .values()
+                        .map(|e| (*e.endpoint).clone())
+                        .collect(),
                     removed: vec![],
                     stale: self.stale,
                     policies: self.policies.clone(),
@@ -102,7 +113,15 @@ impl Published {
 
     /// A node's entry.
     pub fn endpoint(&self, id: &str) -> Option<&Endpoint> {
-        self.entries.get(id).map(|e| &**e)
+        self.entries.get(id).map(|e| &*e.endpoint)
+    }
+
+    /// The first version that carries a node's current entry: a router that acknowledged it
+    /// (or a later one) routes to the node as this version says.
+    pub fn entry_version(&self, id: &str) -> Option<u64> {
+        // An entry written at revision r is published by the commit that closes its batch, at
+        // a revision of r or later, and the routers ACK commit revisions: any version ≥ r has it.
+        self.entries.get(id).map(|e| e.revision)
     }
 }
 
@@ -119,8 +138,8 @@ fn delta<'a>(
     let mut removed = Vec::new();
     for id in touched {
         match (prev.entries.get(id), entries.get(id)) {
-            (Some(a), Some(b)) if a == b => {}
-            (_, Some(b)) => endpoints.push((**b).clone()),
+            (Some(a), Some(b)) if a.endpoint == b.endpoint => {}
+            (_, Some(b)) => endpoints.push((*b.endpoint).clone()),
             (Some(_), None) => removed.push(id.clone()),
             (None, None) => {}
         }
@@ -271,10 +290,14 @@ struct Follower {
 impl Follower {
     /// Applies a write of a node's entry. An undecodable entry drops the node (it cannot be
     /// routed to safely) and is logged.
-    fn put_entry(&mut self, id: &str, value: &[u8]) {
+    fn put_entry(&mut self, id: &str, value: &[u8], revision: i64) {
         match Endpoint::decode(value) {
             Ok(e) => {
-                self.entries.insert(id.to_owned(), Arc::new(e));
+                let entry = Entry {
+                    revision: revision as u64,
+                    endpoint: Arc::new(e),
+                };
+                self.entries.insert(id.to_owned(), entry);
             }
             Err(e) => {
                 tracing::error!(node = %id, error = %e, "undecodable routing entry in the store");
@@ -296,7 +319,7 @@ impl Follower {
         let mut pending = false;
         for kv in kvs {
             if let Some(id) = kv.key.strip_prefix(keys::ROUTING_NODES) {
-                self.put_entry(id, &kv.value);
+                self.put_entry(id, &kv.value, kv.mod_revision);
             } else if kv.key == keys::ROUTING_COMMIT {
                 commit = decode_commit(&kv.value).map(|c| (c, kv.mod_revision));
             } else if kv.key == keys::ROUTING_PENDING {
@@ -316,7 +339,7 @@ impl Follower {
         match event {
             WatchEvent::Put(kv) => {
                 if let Some(id) = kv.key.strip_prefix(keys::ROUTING_NODES) {
-                    self.put_entry(id, &kv.value);
+                    self.put_entry(id, &kv.value, kv.mod_revision);
                 } else if kv.key == keys::ROUTING_COMMIT
                     && let Some(c) = decode_commit(&kv.value)
                 {
@@ -515,7 +538,14 @@ mod tests {
 
     fn entries(eps: Vec<Endpoint>) -> Entries {
         eps.into_iter()
-            .map(|e| (e.spec.as_ref().unwrap().id.clone(), Arc::new(e)))
+            .map(|e| {
+                let id = e.spec.as_ref().unwrap().id.clone();
+                let entry = Entry {
+                    revision: 1,
+                    endpoint: Arc::new(e),
+                };
+                (id, entry)
+            })
             .collect()
     }
 
@@ -563,7 +593,13 @@ mod tests {
             first.delta.is_none(),
             "the first version has nothing to be a delta of"
         );
-        e.insert("x".into(), Arc::new(ep("x", 3.0)));
+        e.insert(
+            "x".into(),
+            Entry {
+                revision: 10,
+                endpoint: Arc::new(ep("x", 3.0)),
+            },
+        );
         touched.insert("x".into());
         publish(&tx, &e, &mut touched, commit(1), 5);
         assert_eq!(rx.borrow().as_ref().unwrap().version, 7, "went backwards");
@@ -677,6 +713,12 @@ mod tests {
             let p = tx.borrow().clone().unwrap();
             assert_eq!((p.version, p.len()), (5, 2));
             assert_eq!(p.endpoint("x").unwrap().weight, 2.0);
+            assert_eq!(
+                p.entry_version("x"),
+                Some(4),
+                "x changed in the first transaction"
+            );
+            assert_eq!(p.entry_version("y"), Some(5));
         }
         let d = tx.borrow().as_ref().unwrap().delta.clone().unwrap();
         assert_eq!((d.base_version, d.endpoints.len()), (3, 2));

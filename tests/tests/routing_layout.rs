@@ -10,8 +10,8 @@ use fulcrum_control_plane::store::{MAX_TXN_OPS, Op, Store, StoreError};
 use fulcrum_control_plane::{AdminAuth, keys, registry};
 use fulcrum_proto::fulcrum::v1::routing_client::RoutingClient;
 use fulcrum_proto::fulcrum::v1::{
-    Ack, HealthState, RegionStateRequest, RouterHello, RouterMessage, RoutingUpdate,
-    WeightOverrideRequest, router_message,
+    Ack, HealthState, ListNodesRequest, RegionStateRequest, RouterHello, RouterMessage,
+    RoutingUpdate, WeightOverrideRequest, router_message,
 };
 use fulcrum_sim::node::{NodeSimConfig, spawn};
 use fulcrum_tests::etcd::Etcd;
@@ -199,6 +199,51 @@ async fn a_large_fleet_is_stored_per_node_and_its_changes_arrive_as_whole_deltas
         u.version >= before + txns,
         "{FLEET} changes cannot fit in fewer than {txns} transactions ({before} → {})",
         u.version
+    );
+
+    // `ctl nodes` tells, per node, how many routers hold its newest entry: this router ACKed
+    // the evacuation; a second one that never ACKs does not count.
+    let (lag_tx, lag_rx) = mpsc::channel(1);
+    lag_tx
+        .send(msg(router_message::Message::Hello(RouterHello {
+            router_id: "never-acks".into(),
+            region: "a".into(),
+            known_version: 0,
+        })))
+        .await
+        .unwrap();
+    let _lagging = RoutingClient::connect(format!("http://{}", cp.addr))
+        .await
+        .unwrap()
+        .subscribe(ReceiverStream::new(lag_rx))
+        .await
+        .unwrap();
+    let nodes = fulcrum_tests::eventually(
+        "the ACK is counted for every node",
+        Duration::from_secs(20),
+        || {
+            let mut a = a.clone();
+            async move {
+                let nodes = a
+                    .list_nodes(ListNodesRequest::default())
+                    .await
+                    .ok()?
+                    .into_inner()
+                    .nodes;
+                nodes
+                    .iter()
+                    .all(|n| n.routers_total == 2 && n.routers_current == 1)
+                    .then_some(nodes)
+            }
+        },
+    )
+    .await;
+    assert_eq!(nodes.len(), FLEET);
+    assert!(
+        nodes
+            .iter()
+            .all(|n| n.entry_version > before && n.entry_version <= u.version),
+        "an entry's version is not the batch that changed it"
     );
 }
 
