@@ -162,6 +162,7 @@ def main() -> None:
     ap.add_argument("--no-build", action="store_true")
     ap.add_argument("--out", type=Path, help="result file (default bench/.peers/cp-scale[-quick].json)")
     ap.add_argument("--render", type=Path, help="print the markdown of a saved result and exit")
+    ap.add_argument("--keep", action="store_true", help="keep the temporary directory (logs)")
     a = ap.parse_args()
 
     if a.render:
@@ -247,7 +248,10 @@ def main() -> None:
         print(f"\n(result: {out})", file=sys.stderr)
     finally:
         procs.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
+        if a.keep:
+            print(f"(logs kept in {tmp})", file=sys.stderr)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -17,9 +17,11 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use fulcrum_proto::fulcrum::v1::{Endpoint, HealthState, ModelPolicy, RoutingCommit};
+use fulcrum_proto::fulcrum::v1::{Endpoint, HealthState, ModelPolicy, NodeSpec, RoutingCommit};
+use futures::StreamExt;
 use prost::Message;
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -27,7 +29,7 @@ use tokio::time::Instant;
 use crate::error::Error;
 use crate::health::NodeHealth;
 use crate::health::prober::Prober;
-use crate::store::{Fence, Leadership, MAX_TXN_OPS, Op, SharedStore};
+use crate::store::{AbortOnDrop, Fence, Leadership, MAX_TXN_OPS, Op, SharedStore};
 use crate::{keys, load, overrides, policies, registry, table};
 
 /// What the store holds (as far as the leader knows): each node's entry and the policies.
@@ -62,9 +64,10 @@ const TXN_RATE: f64 = 25.0;
 /// the routers as one version; larger changes are paced at [`TXN_RATE`].
 const TXN_BURST: f64 = 100.0;
 
-/// Full re-read of the registry even when nothing signalled a change: picks up writes made by
-/// other replicas or directly in the store. One second keeps that lag small at a cost of two
-/// range reads a second.
+/// A pass even when nothing signalled a change: picks up load (replicas write their sums once a
+/// second) and overrides written by other replicas or directly in the store. One second keeps
+/// that lag small at the cost of a few small range reads a second; the registry is re-read only
+/// when its watch saw a change.
 const RESYNC_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The election every replica campaigns in.
@@ -143,9 +146,85 @@ impl Pacer {
     }
 }
 
+/// The registry as the leader last read it. A watch on the node specs marks it dirty (and wakes
+/// the loop) when a node is written or deleted, so a pass re-reads the registry only when it
+/// changed: at 10,000 nodes a read is megabytes, and most passes (a weight change, new load, a
+/// probe result) do not need one.
+struct Registry {
+    specs: Vec<NodeSpec>,
+    /// The store revision the specs were read at.
+    read_at: i64,
+    dirty: Arc<AtomicBool>,
+    _watch: AbortOnDrop,
+}
+
+impl Registry {
+    fn new(store: &SharedStore, changed: Arc<Notify>) -> Self {
+        // Dirty until the first read.
+        let dirty = Arc::new(AtomicBool::new(true));
+        let watch = tokio::spawn(watch_registry(store.clone(), dirty.clone(), changed));
+        Self {
+            specs: vec![],
+            read_at: 0,
+            dirty,
+            _watch: AbortOnDrop(watch),
+        }
+    }
+
+    /// Re-reads the specs if they changed since the last read; whether it did.
+    async fn refresh(&mut self, store: &SharedStore) -> Result<bool, Error> {
+        if !self.dirty.swap(false, Ordering::AcqRel) {
+            return Ok(false);
+        }
+        match registry::list_at(store.as_ref()).await {
+            Ok((specs, read_at)) => {
+                self.specs = specs;
+                self.read_at = read_at;
+                Ok(true)
+            }
+            Err(e) => {
+                self.dirty.store(true, Ordering::Release);
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Marks `dirty` and wakes the loop on every write under the node specs; after the watch (re)starts
+/// too, since writes may have been missed meanwhile.
+async fn watch_registry(store: SharedStore, dirty: Arc<AtomicBool>, changed: Arc<Notify>) {
+    loop {
+        let result: Result<(), crate::store::StoreError> = async {
+            // A small range read for the current revision: the watch starts after it.
+            let (_, revision) = store.list(ELECTION).await?;
+            let mut events = store.watch(keys::NODES, revision).await?;
+            dirty.store(true, Ordering::Release);
+            changed.notify_one();
+            while let Some(event) = events.next().await {
+                event?;
+                dirty.store(true, Ordering::Release);
+                changed.notify_one();
+            }
+            Ok(())
+        }
+        .await;
+        if let Err(e) = result {
+            tracing::debug!(error = %e, "registry watch broken; re-reading the registry");
+        }
+        dirty.store(true, Ordering::Release);
+        tokio::time::sleep(CAMPAIGN_RETRY).await;
+    }
+}
+
 /// Leads until the leadership is lost.
-async fn lead(store: &SharedStore, prober: &Prober, changed: &Notify, leadership: &Leadership) {
+async fn lead(
+    store: &SharedStore,
+    prober: &Prober,
+    changed: &Arc<Notify>,
+    leadership: &Leadership,
+) {
     let mut lost = leadership.lost.clone();
+    let mut registry = Registry::new(store, changed.clone());
     // Damping measures time from the table last written.
     let mut written_at = Instant::now();
     let mut pacer = Pacer::new(written_at);
@@ -179,7 +258,7 @@ async fn lead(store: &SharedStore, prober: &Prober, changed: &Notify, leadership
             }
         }
         let elapsed = written_at.elapsed();
-        match reconcile(store, prober, &leadership.fence, &last, elapsed).await {
+        match reconcile(store, prober, &mut registry, &leadership.fence, &last, elapsed).await {
             Ok(Written::Batch { table, txns }) => {
                 last = table;
                 let now = Instant::now();
@@ -343,20 +422,25 @@ fn inherited_health(e: &Endpoint) -> NodeHealth {
 async fn reconcile(
     store: &SharedStore,
     prober: &Prober,
+    registry: &mut Registry,
     fence: &Fence,
     last: &Table,
     elapsed: Duration,
 ) -> Result<Written, Error> {
-    let (specs, read_at) = registry::list_at(store.as_ref()).await?;
+    let pass_started = Instant::now();
+    if registry.refresh(store).await? {
+        prober.sync(&registry.specs);
+    }
+    let specs = &registry.specs;
     let registered: HashSet<&str> = specs.iter().map(|s| s.id.as_str()).collect();
     // Overrides of nodes that left without `deregister` (a lease expired) go with them.
-    if let Err(e) = overrides::remove_orphans(store.as_ref(), &registered, read_at).await {
+    if let Err(e) = overrides::remove_orphans(store.as_ref(), &registered, registry.read_at).await
+    {
         tracing::warn!(error = %e, "cannot remove the overrides of nodes that left; retrying");
     }
     let overrides = overrides::load(store.as_ref()).await?;
     let policies = policies::list(store.as_ref()).await?;
     let load = load::global(store.as_ref()).await?;
-    prober.sync(&specs);
     let previous: HashMap<String, f64> = last
         .endpoints
         .iter()
@@ -373,7 +457,7 @@ async fn reconcile(
     }
     let next = Table {
         endpoints: table::build(&table::Inputs {
-            specs: &specs,
+            specs,
             health: &health,
             overrides: &overrides,
             load: &load,
@@ -388,6 +472,7 @@ async fn reconcile(
         legacy: false,
     };
     let txns = batch(last, &next);
+    let computed_in = pass_started.elapsed();
     if txns.is_empty() {
         return Ok(Written::Nothing);
     }
@@ -410,6 +495,8 @@ async fn reconcile(
         version,
         txns = count,
         nodes = next.endpoints.len(),
+        computed_ms = computed_in.as_secs_f64() * 1e3,
+        pass_ms = pass_started.elapsed().as_secs_f64() * 1e3,
         "routing table written"
     );
     Ok(Written::Batch {
