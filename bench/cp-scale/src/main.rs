@@ -479,13 +479,20 @@ async fn main() -> anyhow::Result<()> {
             started: Instant::now(),
         };
         *lock(&shared.target) = Some(target);
-        admin
+        // A refused change (the control plane lost its store) is counted, not fatal: the run
+        // still reports what it measured.
+        if let Err(e) = admin
             .set_weight_override(WeightOverrideRequest {
                 id: node.clone(),
                 weight: Some(weight),
             })
             .await
-            .with_context(|| format!("weight override of {node}"))?;
+        {
+            eprintln!("change {round}: weight override of {node} refused: {e}");
+            incomplete += 1;
+            tokio::time::sleep(Duration::from_millis(args.pause_ms)).await;
+            continue;
+        }
         let deadline = Instant::now() + Duration::from_secs(args.change_timeout_secs);
         let samples = loop {
             let n = lock(&shared.samples)
