@@ -258,7 +258,16 @@ async fn lead(
             }
         }
         let elapsed = written_at.elapsed();
-        match reconcile(store, prober, &mut registry, &leadership.fence, &last, elapsed).await {
+        match reconcile(
+            store,
+            prober,
+            &mut registry,
+            &leadership.fence,
+            &last,
+            elapsed,
+        )
+        .await
+        {
             Ok(Written::Batch { table, txns }) => {
                 last = table;
                 let now = Instant::now();
@@ -434,8 +443,7 @@ async fn reconcile(
     let specs = &registry.specs;
     let registered: HashSet<&str> = specs.iter().map(|s| s.id.as_str()).collect();
     // Overrides of nodes that left without `deregister` (a lease expired) go with them.
-    if let Err(e) = overrides::remove_orphans(store.as_ref(), &registered, registry.read_at).await
-    {
+    if let Err(e) = overrides::remove_orphans(store.as_ref(), &registered, registry.read_at).await {
         tracing::warn!(error = %e, "cannot remove the overrides of nodes that left; retrying");
     }
     let overrides = overrides::load(store.as_ref()).await?;
