@@ -133,13 +133,15 @@ async fn a_large_fleet_is_stored_per_node_and_its_changes_arrive_as_whole_deltas
     let mut router = Router::subscribe(cp.addr).await;
     let first = router.next().await;
     assert!(first.snapshot, "the first update is a snapshot");
-    // Wait until the whole fleet is healthy and routed.
+    // Wait until the whole fleet is healthy, routed and settled: weights ramp up (damped) from
+    // zero to the capacity, 4, and stop being republished once within 5 % of it (the last step
+    // from 3.85 is below 5 % of 3.85).
     loop {
         let t = router.table.as_ref().unwrap();
         if t.endpoints.len() == FLEET
             && t.endpoints
                 .iter()
-                .all(|e| e.health() == HealthState::Healthy && e.weight > 0.0)
+                .all(|e| e.health() == HealthState::Healthy && e.weight >= 3.85)
         {
             break;
         }
