@@ -69,15 +69,21 @@ impl AdminService {
             .unwrap_or_default();
         let leased = crate::self_registration::leased_ids(self.store.as_ref()).await?;
         let health = self.prober.snapshot();
-        let table = self.publisher.current();
+        let table = self.publisher.tables().borrow().clone();
+        // Acknowledged versions of this replica's routers, sorted: the routers holding a node's
+        // newest entry are those at or past its version.
+        let mut acked: Vec<u64> = self
+            .publisher
+            .routers()
+            .iter()
+            .map(|r| r.acked_version)
+            .collect();
+        acked.sort_unstable();
+        let routers_total = u32::try_from(acked.len()).unwrap_or(u32::MAX);
         Ok(specs
             .into_iter()
             .map(|spec| {
-                let routed = table.as_ref().and_then(|t| {
-                    t.endpoints
-                        .iter()
-                        .find(|e| e.spec.as_ref().is_some_and(|s| s.id == spec.id))
-                });
+                let routed = table.as_ref().and_then(|t| t.endpoint(&spec.id));
                 let h = health.get(&spec.id).cloned().unwrap_or_default();
                 let endpoint = Endpoint {
                     health: routed.map_or(h.state as i32, |e| e.health),
@@ -86,7 +92,20 @@ impl AdminService {
                     spec: Some(spec.clone()),
                 };
                 let l = load.get(&spec.id).cloned().unwrap_or_default();
+                let entry_version = table
+                    .as_ref()
+                    .and_then(|t| t.entry_version(&spec.id))
+                    .unwrap_or(0);
+                let routers_current = if entry_version == 0 {
+                    0
+                } else {
+                    let behind = acked.partition_point(|v| *v < entry_version);
+                    u32::try_from(acked.len() - behind).unwrap_or(u32::MAX)
+                };
                 NodeStatus {
+                    entry_version,
+                    routers_current,
+                    routers_total,
                     in_flight: l.in_flight,
                     calls_per_sec: l.calls_per_sec,
                     error_ratio: l.error_ratio(),
@@ -301,12 +320,13 @@ impl Admin for AdminService {
                 let Some(p) = tables.borrow_and_update().clone() else {
                     continue;
                 };
-                for event in describe(last.as_ref(), &p.snapshot) {
+                let snapshot = p.snapshot();
+                for event in describe(last.as_ref(), &snapshot) {
                     if tx.send(Ok(event)).await.is_err() {
                         return;
                     }
                 }
-                last = Some(p.snapshot.clone());
+                last = Some((*snapshot).clone());
             }
         });
         Ok(Response::new(Box::pin(

@@ -17,9 +17,29 @@ pub const POLICIES: &str = "/fulcrum/v1/policies/";
 /// what that replica's routers report.
 pub const LOAD: &str = "/fulcrum/v1/load/";
 
-/// The routing table the routers receive: a protobuf `RoutingUpdate` snapshot. Its mod revision
-/// is the routing version.
-pub const ROUTING: &str = "/fulcrum/v1/routing";
+/// Prefix of the routing table the routers receive. It is split so that a change to one node
+/// rewrites one small key, not the whole table:
+/// - `/fulcrum/v1/routing/nodes/<id>`: the node's `Endpoint` (spec, health, weight);
+/// - [`ROUTING_COMMIT`]: a `RoutingCommit` (policies), written last in every batch; its mod
+///   revision is the routing version;
+/// - [`ROUTING_PENDING`]: present while a batch that spans several transactions is half
+///   written.
+pub const ROUTING: &str = "/fulcrum/v1/routing/";
+
+/// Prefix of the routing table's per-node entries.
+pub const ROUTING_NODES: &str = "/fulcrum/v1/routing/nodes/";
+
+/// The routing table's commit marker: see [`ROUTING`].
+pub const ROUTING_COMMIT: &str = "/fulcrum/v1/routing/commit";
+
+/// Written by the first transaction of a batch that spans several and deleted by its last one
+/// (with the commit marker): a replica that lists the table while it exists knows that the
+/// entries it read may be half a batch, and waits for the next commit before publishing.
+pub const ROUTING_PENDING: &str = "/fulcrum/v1/routing/pending";
+
+/// Where the whole table lived as one value before it was split (deleted by the first leader
+/// that writes the split table).
+pub const LEGACY_ROUTING: &str = "/fulcrum/v1/routing";
 
 /// Key of a node's spec.
 pub fn node(id: &str) -> String {
@@ -34,4 +54,9 @@ pub fn policy(model: &str) -> String {
 /// Key of a replica's load sum.
 pub fn load(replica: &str) -> String {
     format!("{LOAD}{replica}")
+}
+
+/// Key of a node's routing entry.
+pub fn routing_node(id: &str) -> String {
+    format!("{ROUTING_NODES}{id}")
 }

@@ -6,12 +6,17 @@
 //! every second the replica writes its sum to the store (`/fulcrum/v1/load/<replica>`), and the
 //! leader adds up the sums of all replicas — so each node's load is the global one, whichever
 //! replica its routers talk to, at one store write per replica per second.
+//!
+//! What nodes say of themselves travels the same way: each replica adds to its sum the newest
+//! report of every node registered through it (in flight, queue depth, utilization), and the
+//! leader keeps, per node, the newest of those ([`SelfLoad`]). [`NodeLoadSummary::utilization`]
+//! merges both views into the utilization the weights use.
 
 use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use fulcrum_proto::fulcrum::v1::{LoadReport, NodeLoad};
+use fulcrum_proto::fulcrum::v1::{LoadReport, NodeLoad, SelfReport};
 use prost::Message;
 use tokio::time::Instant;
 
@@ -26,6 +31,24 @@ const ROUTER_REPORT_TTL: Duration = Duration::from_secs(3);
 /// A replica's sum older than this is ignored (the replica died). Wall-clock based, so it also
 /// absorbs a few seconds of clock skew between replicas.
 const REPLICA_SUM_TTL: Duration = Duration::from_secs(10);
+
+/// A node's own report older than this is ignored. Nodes report every second or so and a
+/// registration ends after a lease TTL (5 s) of silence; ten seconds also covers a replica's sum
+/// being a second old and a few seconds of clock skew.
+const SELF_REPORT_TTL: Duration = Duration::from_secs(10);
+
+/// What a self-registered node last said of its own load.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SelfLoad {
+    /// Requests admitted and not yet answered, from every client (not only Fulcrum's routers).
+    pub in_flight: u32,
+    /// Of those, requests waiting for a free slot.
+    pub queue_depth: u32,
+    /// Share of its serving capacity in use, in [0, 1].
+    pub utilization: f64,
+    /// When the node made the report (Unix milliseconds, as the replica that received it saw).
+    pub at_unix_ms: u64,
+}
 
 /// How often a replica writes its routers' sum to the store: once a second bounds the store
 /// writes to one per replica per second, however many routers and nodes there are.
@@ -42,6 +65,8 @@ pub struct NodeLoadSummary {
     pub errors_per_sec: f64,
     /// Latency estimate, averaged over routers weighted by their calls (none without calls).
     pub latency_ms: Option<f64>,
+    /// What the node itself reported, if it registered itself and reported recently.
+    pub reported: Option<SelfLoad>,
 }
 
 impl NodeLoadSummary {
@@ -52,6 +77,26 @@ impl NodeLoadSummary {
         } else {
             0.0
         }
+    }
+
+    /// The node's utilization for the weights, in [0, 1]: the largest of what the routers'
+    /// calls in flight make of its `capacity` and what the node reports (its utilization, and
+    /// its own count in flight over `capacity`). The node sees calls from every client, not only
+    /// Fulcrum's routers, and knows its real state (a batch-filled GPU, a full KV cache), so
+    /// when it says it is busier than the routers think, it is. A node with a queue is full.
+    pub fn utilization(&self, capacity: f64) -> f64 {
+        let capacity = capacity.max(1.0);
+        let mut u = f64::from(self.in_flight) / capacity;
+        if let Some(r) = &self.reported {
+            if r.utilization.is_finite() {
+                u = u.max(r.utilization);
+            }
+            u = u.max(f64::from(r.in_flight) / capacity);
+            if r.queue_depth > 0 {
+                u = 1.0;
+            }
+        }
+        u.clamp(0.0, 1.0)
     }
 
     fn add(&mut self, other: &NodeLoadSummary) {
@@ -130,6 +175,7 @@ impl LoadAggregator {
                         errors_per_sec: n.errors as f64 / secs,
                         latency_ms: (calls > 0.0 && n.latency_ewma_ms.is_finite())
                             .then_some(n.latency_ewma_ms),
+                        reported: None,
                     });
             }
         }
@@ -143,9 +189,9 @@ fn now_unix_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Encodes a replica's view for the store: calls and errors per second are rounded to whole
-/// calls per second (the weights do not need more).
-pub fn encode(view: &LoadView) -> Vec<u8> {
+/// Encodes a replica's view and its nodes' own reports for the store: calls and errors per
+/// second are rounded to whole calls per second (the weights do not need more).
+pub fn encode(view: &LoadView, self_reports: Vec<SelfReport>) -> Vec<u8> {
     let mut nodes: Vec<NodeLoad> = view
         .iter()
         .map(|(id, s)| NodeLoad {
@@ -161,16 +207,24 @@ pub fn encode(view: &LoadView) -> Vec<u8> {
     LoadReport {
         nodes,
         at_unix_ms: now_unix_ms(),
+        self_reports,
     }
     .encode_to_vec()
 }
 
-/// Writes this replica's view (when it has one) to the store.
-pub async fn publish(store: &dyn Store, replica_id: &str, view: &LoadView) -> Result<(), Error> {
-    if view.is_empty() {
+/// Writes this replica's view and its nodes' own reports (when it has any) to the store.
+pub async fn publish(
+    store: &dyn Store,
+    replica_id: &str,
+    view: &LoadView,
+    self_reports: Vec<SelfReport>,
+) -> Result<(), Error> {
+    if view.is_empty() && self_reports.is_empty() {
         return Ok(());
     }
-    store.put(&keys::load(replica_id), encode(view)).await?;
+    store
+        .put(&keys::load(replica_id), encode(view, self_reports))
+        .await?;
     Ok(())
 }
 
@@ -193,7 +247,30 @@ pub async fn global(store: &dyn Store) -> Result<LoadView, Error> {
                 calls_per_sec: n.calls as f64,
                 errors_per_sec: n.errors as f64,
                 latency_ms: (n.calls > 0 && n.latency_ewma_ms > 0.0).then_some(n.latency_ewma_ms),
+                reported: None,
             });
+        }
+        // A node reports through one replica at a time; while it moves, two may hold a report:
+        // the newest wins.
+        for r in report.self_reports {
+            let Some(own) = r.report else { continue };
+            let at = report.at_unix_ms.saturating_sub(r.age_ms);
+            if now.saturating_sub(at) > SELF_REPORT_TTL.as_millis() as u64 {
+                continue;
+            }
+            let entry = view.entry(r.node_id).or_default();
+            if entry
+                .reported
+                .as_ref()
+                .is_none_or(|old| old.at_unix_ms < at)
+            {
+                entry.reported = Some(SelfLoad {
+                    in_flight: own.in_flight,
+                    queue_depth: own.queue_depth,
+                    utilization: own.utilization,
+                    at_unix_ms: at,
+                });
+            }
         }
     }
     Ok(view)
@@ -222,6 +299,7 @@ mod tests {
             LoadReport {
                 nodes: vec![node("n", 3, 10, 1, 10.0)],
                 at_unix_ms: 0,
+                self_reports: vec![],
             },
         );
         agg.record(
@@ -229,6 +307,7 @@ mod tests {
             LoadReport {
                 nodes: vec![node("n", 2, 30, 0, 20.0)],
                 at_unix_ms: 0,
+                self_reports: vec![],
             },
         );
         let v = agg.view();
@@ -253,6 +332,7 @@ mod tests {
                 calls_per_sec: 10.0,
                 errors_per_sec: 0.0,
                 latency_ms: Some(4.0),
+                reported: None,
             },
         );
         let mut b = LoadView::new();
@@ -263,14 +343,105 @@ mod tests {
                 calls_per_sec: 30.0,
                 errors_per_sec: 3.0,
                 latency_ms: Some(8.0),
+                reported: None,
             },
         );
-        publish(&store, "r-a", &a).await.unwrap();
-        publish(&store, "r-b", &b).await.unwrap();
+        publish(&store, "r-a", &a, vec![]).await.unwrap();
+        publish(&store, "r-b", &b, vec![]).await.unwrap();
         let g = global(&store).await.unwrap();
         assert_eq!(g["n"].in_flight, 3);
         assert_eq!(g["n"].calls_per_sec, 40.0);
         assert!((g["n"].error_ratio() - 0.075).abs() < 1e-9);
         assert!((g["n"].latency_ms.unwrap() - 7.0).abs() < 1e-9);
+    }
+
+    fn own(id: &str, utilization: f64, queue_depth: u32, age_ms: u64) -> SelfReport {
+        SelfReport {
+            node_id: id.into(),
+            report: Some(fulcrum_proto::fulcrum::v1::NodeReport {
+                in_flight: 1,
+                queue_depth,
+                utilization,
+                metrics: Default::default(),
+            }),
+            age_ms,
+        }
+    }
+
+    #[tokio::test]
+    async fn nodes_own_reports_merge_with_the_routers_view() {
+        let store = crate::store::embedded::EmbeddedStore::in_memory();
+        let mut routers = LoadView::new();
+        routers.insert(
+            "n".into(),
+            NodeLoadSummary {
+                in_flight: 2,
+                calls_per_sec: 10.0,
+                ..Default::default()
+            },
+        );
+        // Replica a holds n's stream; replica b held it before (an older report); replica a also
+        // has a node no router calls, and one whose report is too old to count.
+        let stale = SELF_REPORT_TTL.as_millis() as u64 + 1000;
+        publish(
+            &store,
+            "r-a",
+            &routers,
+            vec![
+                own("n", 0.9, 0, 100),
+                own("quiet", 0.1, 0, 0),
+                own("old", 1.0, 0, stale),
+            ],
+        )
+        .await
+        .unwrap();
+        publish(
+            &store,
+            "r-b",
+            &LoadView::new(),
+            vec![own("n", 0.2, 0, 3000)],
+        )
+        .await
+        .unwrap();
+        let g = global(&store).await.unwrap();
+        let n = &g["n"];
+        assert_eq!(n.in_flight, 2, "routers' load is kept");
+        assert_eq!(n.reported.as_ref().unwrap().utilization, 0.9, "newest wins");
+        assert!(
+            (n.utilization(8.0) - 0.9).abs() < 1e-9,
+            "the node knows better"
+        );
+        assert!(g["quiet"].reported.is_some());
+        assert!(!g.contains_key("old"), "an old report counted");
+    }
+
+    #[test]
+    fn utilization_is_the_larger_view() {
+        let mut l = NodeLoadSummary {
+            in_flight: 6,
+            ..Default::default()
+        };
+        assert_eq!(l.utilization(8.0), 0.75, "routers only");
+        l.reported = Some(SelfLoad {
+            utilization: 0.5,
+            ..Default::default()
+        });
+        assert_eq!(l.utilization(8.0), 0.75, "the routers see more");
+        l.reported = Some(SelfLoad {
+            in_flight: 8,
+            utilization: 0.5,
+            ..Default::default()
+        });
+        assert_eq!(l.utilization(8.0), 1.0, "other clients fill it");
+        l.reported = Some(SelfLoad {
+            queue_depth: 3,
+            ..Default::default()
+        });
+        assert_eq!(l.utilization(8.0), 1.0, "a queue means full");
+        l.reported = Some(SelfLoad {
+            utilization: f64::NAN,
+            ..Default::default()
+        });
+        assert_eq!(l.utilization(8.0), 0.75, "a bad number is ignored");
     }
 }

@@ -7,7 +7,9 @@
 //! - region (`/fulcrum/v1/overrides/region/<region>`): the region is evacuated, every node in it
 //!   gets weight zero and routers send its calls to the other region (a manual failover).
 //!
-//! All of them are read in one range read per control-loop pass.
+//! All of them are read in one range read per control-loop pass. A node's overrides go with the
+//! node: `ctl deregister` clears them, and the leader removes those of nodes that left the
+//! registry any other way (a self-registered node whose lease expired or was revoked).
 
 use std::collections::{HashMap, HashSet};
 
@@ -143,6 +145,41 @@ pub async fn clear_node(store: &dyn Store, id: &str) -> Result<(), Error> {
     Ok(())
 }
 
+/// Removes the drain, cordon and weight overrides of nodes not in `registered`, the registry as
+/// read at revision `read_at`. An override written after that read is left alone (its node may
+/// have registered since), and each delete is conditional on the override not having been
+/// rewritten since it was listed, so an operator racing this never loses an override of a live
+/// node. Returns how many were removed.
+pub async fn remove_orphans(
+    store: &dyn Store,
+    registered: &HashSet<&str>,
+    read_at: i64,
+) -> Result<usize, Error> {
+    let (kvs, _) = store.list(keys::OVERRIDES).await?;
+    let mut removed = 0;
+    for kv in kvs {
+        let Some(rest) = kv.key.strip_prefix(keys::OVERRIDES) else {
+            continue;
+        };
+        let id = [DRAIN, CORDON, WEIGHT]
+            .iter()
+            .find_map(|kind| rest.strip_prefix(kind));
+        let Some(id) = id else { continue };
+        if registered.contains(id) || kv.mod_revision > read_at {
+            continue;
+        }
+        if store
+            .compare_and_delete(&kv.key, kv.mod_revision)
+            .await?
+            .is_some()
+        {
+            tracing::info!(node = %id, key = %kv.key, "removed the override of a node that left");
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -205,5 +242,34 @@ mod tests {
         ));
         let (after, _) = s.list(keys::ROOT).await.unwrap();
         assert_eq!(before, after);
+    }
+
+    #[tokio::test]
+    async fn overrides_of_nodes_that_left_are_removed() {
+        let s = store_with_node().await;
+        set_drain(&s, "n", true).await.unwrap();
+        set_weight(&s, "n", Some(2.0)).await.unwrap();
+        set_region(&s, "a", true).await.unwrap();
+        // The node leaves without `deregister` (as a lease expiring deletes its key).
+        s.delete(&keys::node("n")).await.unwrap();
+        let (specs, read_at) = registry::list_at(&s).await.unwrap();
+        assert!(specs.is_empty());
+        // An override written after the registry was read is kept: its node may be new.
+        s.put(&key(CORDON, "n"), b"1".to_vec()).await.unwrap();
+        assert_eq!(
+            remove_orphans(&s, &HashSet::new(), read_at).await.unwrap(),
+            2
+        );
+        let o = load(&s).await.unwrap();
+        assert!(o.drained.is_empty() && o.weights.is_empty());
+        assert!(o.cordoned.contains("n"), "a newer override was removed");
+        assert!(
+            o.evacuated.contains("a"),
+            "a region's state is not a node's"
+        );
+        // With the node registered, nothing is removed.
+        let (_, read_at) = registry::list_at(&s).await.unwrap();
+        let live = HashSet::from(["n"]);
+        assert_eq!(remove_orphans(&s, &live, read_at).await.unwrap(), 0);
     }
 }

@@ -1,21 +1,31 @@
 //! The routing stream: every replica follows the routing table in the store (a watch) and serves
 //! it to routers over `Subscribe`.
 //!
-//! Each new table is published with the delta from the one before it (only the nodes that
-//! changed, and the ids removed), computed once for all routers. A router that holds the previous
-//! version gets the delta; any other gets a snapshot. Fan-out goes through a `tokio::sync::watch`
-//! holding only the newest table, so a slow router never holds up the others and never makes
-//! memory grow: when it is ready for the next update it gets the newest one (as a snapshot if it
-//! missed a version), skipping those it missed. Versions are store revisions, so they only grow,
-//! at every router, whichever replica it talks to. Heartbeats keep an idle stream provably alive.
+//! The table is stored one key per node (see [`keys::ROUTING`]) and written by the leader in
+//! batches closed by a commit marker. The follower applies the entries' changes as the watch
+//! reports them, and publishes a new version only when the commit marker is written, at the
+//! marker's revision: a router never sees half a batch, and versions (store revisions) only
+//! grow, at every router, whichever replica it talks to. When the follower (re)reads the whole
+//! table while a batch spanning several transactions is half written (the pending marker is
+//! there), it publishes nothing until that batch's commit.
+//!
+//! Each new version is published with the delta from the one before it (only the nodes whose
+//! entry changed, and the ids removed), computed once for all routers from the keys the batch
+//! touched. A router that holds the previous version gets the delta; any other gets a snapshot.
+//! Fan-out goes through a `tokio::sync::watch` holding only the newest version, so a slow router
+//! never holds up the others and never makes memory grow: when it is ready for the next update
+//! it gets the newest one (as a snapshot if it missed a version), skipping those it missed.
+//! Heartbeats keep an idle stream provably alive.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 use fulcrum_proto::fulcrum::v1::routing_server::Routing;
-use fulcrum_proto::fulcrum::v1::{Endpoint, RouterMessage, RoutingUpdate, router_message};
+use fulcrum_proto::fulcrum::v1::{
+    Endpoint, ModelPolicy, RouterMessage, RoutingCommit, RoutingUpdate, router_message,
+};
 use futures::Stream;
 use prost::Message;
 use tokio::sync::{Notify, mpsc, watch};
@@ -26,7 +36,6 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::keys;
 use crate::load::LoadAggregator;
 use crate::store::{SharedStore, WatchEvent};
-use crate::table::node_id;
 
 /// Pause before re-reading the store after the watch broke: short enough that routers see a
 /// recovered store within a second, long enough not to hammer a store that is down.
@@ -41,38 +50,107 @@ const STREAM_BUFFER: usize = 1;
 /// router at most six seconds of staleness (while it keeps routing on its last table).
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(2);
 
-/// One published version: the snapshot, and the delta from the version before it.
+/// One node's routing entry and the store revision it was written at.
+#[derive(Debug, Clone, PartialEq)]
+struct Entry {
+    revision: u64,
+    endpoint: Arc<Endpoint>,
+}
+
+/// The table's entries by node id. Entries are shared between versions: publishing a version
+/// copies the map's keys and pointers, not the endpoints.
+type Entries = BTreeMap<String, Entry>;
+
+/// One published version: the table, and the delta from the version before it.
 #[derive(Debug)]
 pub struct Published {
-    /// The whole table.
-    pub snapshot: RoutingUpdate,
+    /// The version: the revision of the commit marker that closed the batch.
+    pub version: u64,
+    /// The store is unreachable: this is the last good table, possibly old.
+    pub stale: bool,
+    /// Per-model policies.
+    policies: Vec<ModelPolicy>,
+    /// The table.
+    entries: Arc<Entries>,
+    /// The whole table as an update, built when a router (or an operator) first needs it.
+    snapshot: OnceLock<Arc<RoutingUpdate>>,
     /// The change from `delta.base_version`, when there was a previous table.
     pub delta: Option<RoutingUpdate>,
 }
 
-/// The delta from `prev` to `next`: endpoints that are new or changed, ids that are gone, and
-/// all policies (they are few).
-pub fn delta(prev: &RoutingUpdate, next: &RoutingUpdate) -> RoutingUpdate {
-    let before: HashMap<&str, &Endpoint> = prev.endpoints.iter().map(|e| (node_id(e), e)).collect();
-    let after: HashMap<&str, &Endpoint> = next.endpoints.iter().map(|e| (node_id(e), e)).collect();
+impl Published {
+    /// The whole table as a snapshot update.
+    pub fn snapshot(&self) -> Arc<RoutingUpdate> {
+        self.snapshot
+            .get_or_init(|| {
+                Arc::new(RoutingUpdate {
+                    version: self.version,
+                    snapshot: true,
+                    endpoints: self
+                        .entries
+                        .values()
+                        .map(|e| (*e.endpoint).clone())
+                        .collect(),
+                    removed: vec![],
+                    stale: self.stale,
+                    policies: self.policies.clone(),
+                    heartbeat: false,
+                    base_version: 0,
+                })
+            })
+            .clone()
+    }
+
+    /// How many nodes the table holds.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether the table holds no node.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// A node's entry.
+    pub fn endpoint(&self, id: &str) -> Option<&Endpoint> {
+        self.entries.get(id).map(|e| &*e.endpoint)
+    }
+
+    /// The first version that carries a node's current entry: a router that acknowledged it
+    /// (or a later one) routes to the node as this version says.
+    pub fn entry_version(&self, id: &str) -> Option<u64> {
+        // An entry written at revision r is published by the commit that closes its batch, at
+        // a revision of r or later, and the routers ACK commit revisions: any version ≥ r has it.
+        self.entries.get(id).map(|e| e.revision)
+    }
+}
+
+/// The delta from `prev` to `entries` at `version`: of the `touched` node ids, those whose
+/// entry is new or changed, and those that are gone.
+fn delta<'a>(
+    prev: &Published,
+    entries: &Entries,
+    touched: impl Iterator<Item = &'a String>,
+    policies: &[ModelPolicy],
+    version: u64,
+) -> RoutingUpdate {
+    let mut endpoints = Vec::new();
+    let mut removed = Vec::new();
+    for id in touched {
+        match (prev.entries.get(id), entries.get(id)) {
+            (Some(a), Some(b)) if a.endpoint == b.endpoint => {}
+            (_, Some(b)) => endpoints.push((*b.endpoint).clone()),
+            (Some(_), None) => removed.push(id.clone()),
+            (None, None) => {}
+        }
+    }
     RoutingUpdate {
-        version: next.version,
+        version,
         snapshot: false,
-        endpoints: next
-            .endpoints
-            .iter()
-            .filter(|e| before.get(node_id(e)) != Some(e))
-            .cloned()
-            .collect(),
-        removed: prev
-            .endpoints
-            .iter()
-            .map(node_id)
-            .filter(|id| !after.contains_key(id))
-            .map(str::to_owned)
-            .collect(),
-        stale: next.stale,
-        policies: next.policies.clone(),
+        endpoints,
+        removed,
+        stale: false,
+        policies: policies.to_vec(),
         heartbeat: false,
         base_version: prev.version,
     }
@@ -120,10 +198,7 @@ impl Publisher {
 
     /// The newest table, if one was ever read.
     pub fn current(&self) -> Option<Arc<RoutingUpdate>> {
-        self.table
-            .borrow()
-            .as_ref()
-            .map(|p| Arc::new(p.snapshot.clone()))
+        self.table.borrow().as_ref().map(|p| p.snapshot())
     }
 
     /// Every new table from now on (the newest first).
@@ -138,35 +213,57 @@ impl Publisher {
     }
 }
 
-fn publish(tx: &watch::Sender<Table>, value: &[u8], version: i64) {
-    match RoutingUpdate::decode(value) {
-        Ok(mut snapshot) => {
-            snapshot.version = version as u64;
-            snapshot.snapshot = true;
-            snapshot.stale = false;
-            snapshot.heartbeat = false;
-            snapshot.base_version = 0;
-            tx.send_modify(|current| {
-                let delta = current
-                    .as_ref()
-                    .filter(|p| p.snapshot.version < snapshot.version)
-                    .map(|p| delta(&p.snapshot, &snapshot));
-                *current = Some(Arc::new(Published { snapshot, delta }));
-            });
+/// Publishes the table in `entries` at `version` (the commit marker's revision), with the delta
+/// over the nodes in `touched` (which it clears). A version not newer than the published one is
+/// not published: versions never go backwards.
+fn publish(
+    tx: &watch::Sender<Table>,
+    entries: &Entries,
+    touched: &mut BTreeSet<String>,
+    commit: RoutingCommit,
+    version: i64,
+) {
+    let version = version as u64;
+    let published = tx.send_if_modified(|current| {
+        if current.as_ref().is_some_and(|p| p.version >= version) {
+            return false;
         }
-        // A NACK-worthy table never reaches the routers; they keep the last good one.
-        Err(e) => tracing::error!(version, error = %e, "undecodable routing table in the store"),
+        let delta = current
+            .as_ref()
+            .map(|p| delta(p, entries, touched.iter(), &commit.policies, version));
+        if commit.endpoints != entries.len() as u64 {
+            tracing::error!(
+                version,
+                expected = commit.endpoints,
+                held = entries.len(),
+                "the routing table read does not have as many nodes as its commit says"
+            );
+        }
+        *current = Some(Arc::new(Published {
+            version,
+            stale: false,
+            policies: commit.policies.clone(),
+            entries: Arc::new(entries.clone()),
+            snapshot: OnceLock::new(),
+            delta,
+        }));
+        true
+    });
+    if published {
+        touched.clear();
     }
 }
 
 fn mark_stale(tx: &watch::Sender<Table>, stale: bool) {
     tx.send_if_modified(|current| match current {
-        Some(p) if p.snapshot.stale != stale => {
-            let mut snapshot = p.snapshot.clone();
-            snapshot.stale = stale;
+        Some(p) if p.stale != stale => {
             // The flag alone changes; routers get it as a snapshot.
             *current = Some(Arc::new(Published {
-                snapshot,
+                version: p.version,
+                stale,
+                policies: p.policies.clone(),
+                entries: p.entries.clone(),
+                snapshot: OnceLock::new(),
                 delta: None,
             }));
             true
@@ -175,25 +272,101 @@ fn mark_stale(tx: &watch::Sender<Table>, stale: bool) {
     });
 }
 
+fn decode_commit(value: &[u8]) -> Option<RoutingCommit> {
+    RoutingCommit::decode(value)
+        .inspect_err(|e| tracing::error!(error = %e, "undecodable routing commit in the store"))
+        .ok()
+}
+
+/// The follower's copy of the table in the store, as of the last event it applied, and what
+/// changed since the version it last published.
+#[derive(Debug, Default)]
+struct Follower {
+    entries: Entries,
+    /// Node ids written or deleted since the last published version.
+    touched: BTreeSet<String>,
+}
+
+impl Follower {
+    /// Applies a write of a node's entry. An undecodable entry drops the node (it cannot be
+    /// routed to safely) and is logged.
+    fn put_entry(&mut self, id: &str, value: &[u8], revision: i64) {
+        match Endpoint::decode(value) {
+            Ok(e) => {
+                let entry = Entry {
+                    revision: revision as u64,
+                    endpoint: Arc::new(e),
+                };
+                self.entries.insert(id.to_owned(), entry);
+            }
+            Err(e) => {
+                tracing::error!(node = %id, error = %e, "undecodable routing entry in the store");
+                self.entries.remove(id);
+            }
+        }
+        self.touched.insert(id.to_owned());
+    }
+
+    /// Starts over from a read of the whole table (`kvs`, under [`keys::ROUTING`]), and
+    /// publishes it unless a batch is half written.
+    fn read(&mut self, tx: &watch::Sender<Table>, kvs: &[crate::store::KeyValue]) {
+        self.entries.clear();
+        // Any node may have changed since the version published: compare them all.
+        if let Some(p) = tx.borrow().as_ref() {
+            self.touched.extend(p.entries.keys().cloned());
+        }
+        let mut commit = None;
+        let mut pending = false;
+        for kv in kvs {
+            if let Some(id) = kv.key.strip_prefix(keys::ROUTING_NODES) {
+                self.put_entry(id, &kv.value, kv.mod_revision);
+            } else if kv.key == keys::ROUTING_COMMIT {
+                commit = decode_commit(&kv.value).map(|c| (c, kv.mod_revision));
+            } else if kv.key == keys::ROUTING_PENDING {
+                pending = true;
+            }
+        }
+        match commit {
+            // What was read may be half a batch: wait for its commit.
+            Some(_) if pending => tracing::info!("routing table half written; awaiting its commit"),
+            Some((c, rev)) => publish(tx, &self.entries, &mut self.touched, c, rev),
+            None => {}
+        }
+    }
+
+    /// Applies one watch event; a commit marker publishes the table.
+    fn apply(&mut self, tx: &watch::Sender<Table>, event: WatchEvent) {
+        match event {
+            WatchEvent::Put(kv) => {
+                if let Some(id) = kv.key.strip_prefix(keys::ROUTING_NODES) {
+                    self.put_entry(id, &kv.value, kv.mod_revision);
+                } else if kv.key == keys::ROUTING_COMMIT
+                    && let Some(c) = decode_commit(&kv.value)
+                {
+                    publish(tx, &self.entries, &mut self.touched, c, kv.mod_revision);
+                }
+            }
+            WatchEvent::Delete { key, .. } => {
+                if let Some(id) = key.strip_prefix(keys::ROUTING_NODES) {
+                    self.entries.remove(id);
+                    self.touched.insert(id.to_owned());
+                }
+            }
+        }
+    }
+}
+
 async fn follow(store: SharedStore, tx: watch::Sender<Table>) {
+    let mut follower = Follower::default();
     loop {
         let result: Result<(), crate::store::StoreError> = async {
             let (kvs, revision) = store.list(keys::ROUTING).await?;
             mark_stale(&tx, false);
-            if let Some(kv) = kvs.iter().find(|kv| kv.key == keys::ROUTING) {
-                let known = tx.borrow().as_ref().map_or(0, |p| p.snapshot.version);
-                if kv.mod_revision as u64 > known {
-                    publish(&tx, &kv.value, kv.mod_revision);
-                }
-            }
+            follower.read(&tx, &kvs);
+            drop(kvs);
             let mut events = store.watch(keys::ROUTING, revision).await?;
             while let Some(ev) = events.next().await {
-                match ev? {
-                    WatchEvent::Put(kv) if kv.key == keys::ROUTING => {
-                        publish(&tx, &kv.value, kv.mod_revision)
-                    }
-                    _ => {}
-                }
+                follower.apply(&tx, ev?);
             }
             Ok(())
         }
@@ -224,12 +397,12 @@ type UpdateStream = Pin<Box<dyn Stream<Item = Result<RoutingUpdate, Status>> + S
 /// What to send a router holding `held`: nothing when it is current, the delta when it holds
 /// the delta's base, a snapshot otherwise (including when it claims a version from the future).
 fn update_for(held: u64, p: &Published) -> Option<RoutingUpdate> {
-    if held == p.snapshot.version {
+    if held == p.version {
         return None;
     }
     match &p.delta {
         Some(d) if d.base_version == held && held != 0 => Some(d.clone()),
-        _ => Some(p.snapshot.clone()),
+        _ => Some((*p.snapshot()).clone()),
     }
 }
 
@@ -291,15 +464,15 @@ impl Routing for RoutingService {
                             return;
                         }
                         let p = table.borrow_and_update().clone();
-                        p.and_then(|p| update_for(held, &p).map(|u| (u, p.snapshot.version)))
+                        p.and_then(|p| update_for(held, &p).map(|u| (u, p.version)))
                     }
                     () = resync_rx.notified() => {
                         held = 0;
                         let p = table.borrow().clone();
-                        p.map(|p| (p.snapshot.clone(), p.snapshot.version))
+                        p.map(|p| ((*p.snapshot()).clone(), p.version))
                     }
                     () = tokio::time::sleep(HEARTBEAT_INTERVAL) => {
-                        let version = table.borrow().as_ref().map_or(0, |p| p.snapshot.version);
+                        let version = table.borrow().as_ref().map_or(0, |p| p.version);
                         Some((RoutingUpdate { version, heartbeat: true, ..Default::default() }, version))
                     }
                 };
@@ -363,35 +536,92 @@ mod tests {
         }
     }
 
-    fn table(version: u64, eps: Vec<Endpoint>) -> RoutingUpdate {
-        RoutingUpdate {
+    fn entries(eps: Vec<Endpoint>) -> Entries {
+        eps.into_iter()
+            .map(|e| {
+                let id = e.spec.as_ref().unwrap().id.clone();
+                let entry = Entry {
+                    revision: 1,
+                    endpoint: Arc::new(e),
+                };
+                (id, entry)
+            })
+            .collect()
+    }
+
+    fn published(version: u64, eps: Vec<Endpoint>) -> Published {
+        Published {
             version,
-            snapshot: true,
-            endpoints: eps,
-            ..Default::default()
+            stale: false,
+            policies: vec![],
+            entries: Arc::new(entries(eps)),
+            snapshot: OnceLock::new(),
+            delta: None,
+        }
+    }
+
+    fn commit(n: usize) -> RoutingCommit {
+        RoutingCommit {
+            policies: vec![],
+            endpoints: n as u64,
         }
     }
 
     #[test]
     fn deltas_carry_only_what_changed() {
-        let a = table(5, vec![ep("x", 1.0), ep("y", 1.0), ep("z", 1.0)]);
-        let b = table(9, vec![ep("x", 1.0), ep("y", 2.0), ep("w", 1.0)]);
-        let d = delta(&a, &b);
+        let a = published(5, vec![ep("x", 1.0), ep("y", 1.0), ep("z", 1.0)]);
+        let b = entries(vec![ep("x", 1.0), ep("y", 2.0), ep("w", 1.0)]);
+        let touched: Vec<String> = ["w", "x", "y", "z", "never"].map(String::from).into();
+        let d = delta(&a, &b, touched.iter(), &[], 9);
         assert!(!d.snapshot);
         assert_eq!((d.version, d.base_version), (9, 5));
-        let ids: Vec<_> = d.endpoints.iter().map(node_id).collect();
-        assert_eq!(ids, vec!["y", "w"]);
+        let ids: Vec<_> = d.endpoints.iter().map(crate::table::node_id).collect();
+        assert_eq!(ids, vec!["w", "y"], "x is unchanged, never never existed");
         assert_eq!(d.removed, vec!["z".to_string()]);
     }
 
     #[test]
+    fn versions_never_go_backwards_and_deltas_chain() {
+        let (tx, rx) = watch::channel(None);
+        let mut e = entries(vec![ep("x", 1.0)]);
+        let mut touched = BTreeSet::from(["x".to_string()]);
+        publish(&tx, &e, &mut touched, commit(1), 7);
+        assert!(touched.is_empty());
+        let first = rx.borrow().clone().unwrap();
+        assert_eq!((first.version, first.len()), (7, 1));
+        assert!(
+            first.delta.is_none(),
+            "the first version has nothing to be a delta of"
+        );
+        e.insert(
+            "x".into(),
+            Entry {
+                revision: 10,
+                endpoint: Arc::new(ep("x", 3.0)),
+            },
+        );
+        touched.insert("x".into());
+        publish(&tx, &e, &mut touched, commit(1), 5);
+        assert_eq!(rx.borrow().as_ref().unwrap().version, 7, "went backwards");
+        assert!(!touched.is_empty(), "an unpublished change was forgotten");
+        publish(&tx, &e, &mut touched, commit(1), 12);
+        let second = rx.borrow().clone().unwrap();
+        let d = second.delta.as_ref().unwrap();
+        assert_eq!((d.base_version, d.version, d.endpoints.len()), (7, 12, 1));
+        assert_eq!(second.snapshot().endpoints[0].weight, 3.0);
+        assert_eq!(
+            first.snapshot().endpoints[0].weight,
+            1.0,
+            "versions share entries"
+        );
+    }
+
+    #[test]
     fn what_each_router_gets() {
-        let a = table(5, vec![ep("x", 1.0)]);
-        let b = table(9, vec![ep("x", 2.0)]);
-        let p = Published {
-            delta: Some(delta(&a, &b)),
-            snapshot: b,
-        };
+        let a = published(5, vec![ep("x", 1.0)]);
+        let b = entries(vec![ep("x", 2.0)]);
+        let mut p = published(9, vec![ep("x", 2.0)]);
+        p.delta = Some(delta(&a, &b, ["x".to_string()].iter(), &[], 9));
         assert!(update_for(9, &p).is_none(), "a current router gets nothing");
         assert!(
             !update_for(5, &p).unwrap().snapshot,
@@ -409,5 +639,89 @@ mod tests {
             update_for(u64::MAX, &p).unwrap().snapshot,
             "a version from the future too"
         );
+    }
+
+    fn kv(key: &str, value: Vec<u8>, rev: i64) -> crate::store::KeyValue {
+        crate::store::KeyValue {
+            key: key.into(),
+            value,
+            mod_revision: rev,
+            lease: 0,
+        }
+    }
+
+    fn entry(id: &str, w: f64, rev: i64) -> crate::store::KeyValue {
+        kv(&keys::routing_node(id), ep(id, w).encode_to_vec(), rev)
+    }
+
+    fn commit_kv(n: usize, rev: i64) -> crate::store::KeyValue {
+        kv(keys::ROUTING_COMMIT, commit(n).encode_to_vec(), rev)
+    }
+
+    fn version(tx: &watch::Sender<Table>) -> Option<u64> {
+        tx.borrow().as_ref().map(|p| p.version)
+    }
+
+    #[test]
+    fn half_a_batch_is_never_published() {
+        let (tx, _rx) = watch::channel(None);
+        let mut f = Follower::default();
+        f.read(&tx, &[entry("x", 1.0, 3), commit_kv(1, 3)]);
+        assert_eq!(version(&tx), Some(3));
+
+        // A batch in two transactions: nothing is published until its commit.
+        f.apply(&tx, WatchEvent::Put(kv(keys::ROUTING_PENDING, vec![], 4)));
+        f.apply(&tx, WatchEvent::Put(entry("x", 2.0, 4)));
+        f.apply(
+            &tx,
+            WatchEvent::Delete {
+                key: keys::routing_node("gone"),
+                revision: 4,
+            },
+        );
+        assert_eq!(version(&tx), Some(3));
+        assert_eq!(
+            tx.borrow().as_ref().unwrap().endpoint("x").unwrap().weight,
+            1.0
+        );
+
+        // A follower reading the store now (the half-written table) publishes nothing either.
+        let (tx2, _rx2) = watch::channel(None);
+        let mut g = Follower::default();
+        let half = [
+            entry("x", 2.0, 4),
+            commit_kv(1, 3),
+            kv(keys::ROUTING_PENDING, vec![], 4),
+        ];
+        g.read(&tx2, &half);
+        assert_eq!(version(&tx2), None, "published half a batch after a read");
+        // Nor does one that already published the previous version and reads again.
+        f.read(&tx, &half);
+        assert_eq!(version(&tx), Some(3));
+
+        // The batch's last transaction: both publish it whole.
+        for (f, tx) in [(&mut f, &tx), (&mut g, &tx2)] {
+            f.apply(tx, WatchEvent::Put(entry("y", 1.0, 5)));
+            f.apply(tx, WatchEvent::Put(commit_kv(2, 5)));
+            f.apply(
+                tx,
+                WatchEvent::Delete {
+                    key: keys::ROUTING_PENDING.into(),
+                    revision: 5,
+                },
+            );
+            let p = tx.borrow().clone().unwrap();
+            assert_eq!((p.version, p.len()), (5, 2));
+            assert_eq!(p.endpoint("x").unwrap().weight, 2.0);
+            assert_eq!(
+                p.entry_version("x"),
+                Some(4),
+                "x changed in the first transaction"
+            );
+            assert_eq!(p.entry_version("y"), Some(5));
+        }
+        let d = tx.borrow().as_ref().unwrap().delta.clone().unwrap();
+        assert_eq!((d.base_version, d.endpoints.len()), (3, 2));
+        assert!(d.removed.is_empty());
     }
 }

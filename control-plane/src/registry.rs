@@ -168,8 +168,17 @@ pub async fn deregister(store: &dyn Store, id: &str) -> Result<i64, Error> {
 
 /// Every registered node, sorted by id.
 pub async fn list(store: &dyn Store) -> Result<Vec<NodeSpec>, Error> {
-    let (kvs, _) = store.list(keys::NODES).await?;
-    kvs.iter().map(|kv| decode(&kv.key, &kv.value)).collect()
+    Ok(list_at(store).await?.0)
+}
+
+/// Every registered node, sorted by id, and the store revision they were read at.
+pub async fn list_at(store: &dyn Store) -> Result<(Vec<NodeSpec>, i64), Error> {
+    let (kvs, revision) = store.list(keys::NODES).await?;
+    let specs = kvs
+        .iter()
+        .map(|kv| decode(&kv.key, &kv.value))
+        .collect::<Result<_, _>>()?;
+    Ok((specs, revision))
 }
 
 /// One node's spec.

@@ -4,6 +4,7 @@
 use std::future::Future;
 use std::sync::Arc;
 
+use fulcrum_proto::fulcrum::v1::SelfReport;
 use fulcrum_proto::fulcrum::v1::admin_server::AdminServer;
 use fulcrum_proto::fulcrum::v1::registration_server::RegistrationServer;
 use fulcrum_proto::fulcrum::v1::routing_server::RoutingServer;
@@ -77,11 +78,14 @@ pub async fn serve(
     let load = Arc::new(LoadAggregator::default());
     let (publisher, follower) = Publisher::start(store.clone(), load.clone());
     let _follower = AbortOnDrop(follower);
-    // This replica's routers' load, shared with the leader through the store.
+    let reports = NodeReports::new();
+    // This replica's routers' load and its nodes' own reports, shared with the leader through
+    // the store.
     let _load_publisher = AbortOnDrop(tokio::spawn(publish_load(
         store.clone(),
         config.replica_id.clone(),
         load,
+        reports.clone(),
     )));
     let (is_leader_tx, is_leader) = tokio::sync::watch::channel(false);
     // Tied to this future: if the replica is dropped (or its task aborted), its leadership
@@ -106,7 +110,6 @@ pub async fn serve(
         .set_serving::<RegistrationServer<RegistrationService>>()
         .await;
 
-    let reports = NodeReports::new();
     // Nodes register themselves without the admin credential (they have none yet).
     let (registration, registrations) = RegistrationService::new(
         store.clone(),
@@ -140,13 +143,29 @@ pub async fn serve(
         .await
 }
 
-/// Writes this replica's routers' load to the store every [`load::PUBLISH_INTERVAL`].
-async fn publish_load(store: SharedStore, replica_id: String, aggregator: Arc<LoadAggregator>) {
+/// Writes this replica's routers' load and its nodes' own reports to the store every
+/// [`load::PUBLISH_INTERVAL`].
+async fn publish_load(
+    store: SharedStore,
+    replica_id: String,
+    aggregator: Arc<LoadAggregator>,
+    reports: NodeReports,
+) {
     let mut ticker = tokio::time::interval(load::PUBLISH_INTERVAL);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
-        if let Err(e) = load::publish(store.as_ref(), &replica_id, &aggregator.view()).await {
+        let own: Vec<SelfReport> = reports
+            .snapshot()
+            .into_iter()
+            .map(|(node_id, r)| SelfReport {
+                node_id,
+                age_ms: r.received_at.elapsed().as_millis() as u64,
+                report: Some(r.report),
+            })
+            .collect();
+        let view = aggregator.view();
+        if let Err(e) = load::publish(store.as_ref(), &replica_id, &view, own).await {
             tracing::debug!(error = %e, "cannot publish load; the leader keeps the last sum");
         }
     }

@@ -114,7 +114,7 @@ pub fn build(i: &Inputs<'_>) -> Vec<Endpoint> {
             let signals = Signals {
                 capacity,
                 state,
-                utilization: load.map(|l| f64::from(l.in_flight) / capacity.max(1.0)),
+                utilization: load.map(|l| l.utilization(capacity)),
                 latency_ratio,
                 error_ratio,
                 override_weight: i.overrides.weights.get(&spec.id).copied(),
@@ -125,8 +125,16 @@ pub fn build(i: &Inputs<'_>) -> Vec<Endpoint> {
                 weights::target(&signals)
             };
             let previous = i.previous.get(&spec.id).copied();
-            let mut weight = weights::damp(previous, target, i.elapsed);
+            // An operator's weight is a decision, not a signal: it applies at once, exactly.
+            // Damping guards against the fleet chasing its own load, which an override is not.
+            let overridden = signals.override_weight.is_some();
+            let mut weight = if overridden {
+                target
+            } else {
+                weights::damp(previous, target, i.elapsed)
+            };
             if let Some(p) = previous
+                && !overridden
                 && weight > 0.0
                 && (weight - p).abs() <= WEIGHT_HYSTERESIS * p
             {
@@ -235,18 +243,47 @@ mod tests {
             calls_per_sec: calls,
             errors_per_sec: errors,
             latency_ms: Some(lat),
+            reported: None,
         };
         load.insert("ok".into(), l(0, 100.0, 0.0, 10.0));
         load.insert("busy".into(), l(8, 100.0, 0.0, 10.0));
         load.insert("failing".into(), l(0, 100.0, 50.0, 10.0));
         load.insert("slow".into(), l(0, 100.0, 0.0, 50.0));
+        let mut self_busy = l(0, 100.0, 0.0, 10.0);
+        self_busy.reported = Some(crate::load::SelfLoad {
+            utilization: 0.95,
+            ..Default::default()
+        });
+        load.insert("self-busy".into(), self_busy);
+        let specs = [specs.as_slice(), &[spec("self-busy", "a")]].concat();
         let t = build_with(&specs, &Overrides::default(), &load);
         let by = |id: &str| t.iter().find(|e| node_id(e) == id).unwrap().clone();
         assert_eq!(by("ok").health(), HealthState::Healthy);
         assert!(by("busy").weight < by("ok").weight);
+        assert!(
+            by("self-busy").weight < by("ok").weight / 2.0,
+            "a node saying it is busy keeps its weight"
+        );
         assert_eq!(by("failing").health(), HealthState::Degraded);
         assert_eq!(by("slow").health(), HealthState::Degraded);
         assert!(by("slow").weight < by("ok").weight / 2.0);
+    }
+
+    #[test]
+    fn an_override_applies_at_once() {
+        let specs = [spec("n", "a")];
+        let previous = HashMap::from([("n".to_string(), 8.0)]);
+        let mut o = Overrides::default();
+        o.weights.insert("n".into(), 7.8);
+        let t = build(&Inputs {
+            specs: &specs,
+            health: &healthy(&["n"]),
+            overrides: &o,
+            load: &LoadView::new(),
+            previous: &previous,
+            elapsed: Duration::from_millis(10),
+        });
+        assert_eq!(t[0].weight, 7.8, "damped or held back by the hysteresis");
     }
 
     #[test]

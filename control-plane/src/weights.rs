@@ -11,7 +11,9 @@
 //!
 //! Target weight = capacity × health factor × headroom factor × latency factor × error factor,
 //! or the operator's override; zero for a node that must get no calls (unhealthy, draining,
-//! cordoned, never probed, its region evacuated) — and that zero applies at once, undamped.
+//! cordoned, never probed, its region evacuated) — and that zero applies at once, undamped. So
+//! does an operator's override (see `table.rs`): it is a decision, not a signal the fleet could
+//! chase.
 
 use std::time::Duration;
 

@@ -170,6 +170,7 @@ async fn report_load(tx: mpsc::Sender<RouterMessage>, state: Arc<RouterState>) {
             message: Some(router_message::Message::Load(LoadReport {
                 nodes,
                 at_unix_ms: 0,
+                self_reports: vec![],
             })),
         };
         if tx.send(report).await.is_err() {

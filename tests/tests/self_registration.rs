@@ -11,8 +11,8 @@ use fulcrum_control_plane::store::WatchEvent;
 use fulcrum_control_plane::store::{SharedStore, open};
 use fulcrum_proto::fulcrum::v1::registration_client::RegistrationClient;
 use fulcrum_proto::fulcrum::v1::{
-    ListNodesRequest, NodeMessage, NodeReport, NodeSpec, NodeStatus, RegistrationEvent,
-    node_message,
+    CordonNodeRequest, ListNodesRequest, NodeMessage, NodeReport, NodeSpec, NodeStatus,
+    RegistrationEvent, WeightOverrideRequest, node_message,
 };
 use fulcrum_sim::node::{NodeSimConfig, RunningNodeSim, spawn};
 use fulcrum_sim::register::{RegisterConfig, Registrar, RegistrationState};
@@ -425,4 +425,121 @@ async fn bad_registrations_change_nothing() {
         "a refused registration changed the registry"
     );
     assert_eq!(lease_of(&store, "op-1").await, Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_reporting_itself_busy_gets_a_lower_weight() {
+    let etcd = Etcd::start().await;
+    let cp = control_plane(&etcd, Duration::from_secs(3)).await;
+    let mut senders = Vec::new();
+    let mut sims = Vec::new();
+    for id in ["busy-1", "idle-1"] {
+        let node = node_sim(id).await;
+        let (tx, mut events) =
+            raw_register(&cp, spec_message(spec(id, node.addr, "a", &["echo"], 4)))
+                .await
+                .expect("registered");
+        assert!(events.message().await.unwrap().unwrap().accepted);
+        senders.push((id, tx, events));
+        sims.push(node);
+    }
+    // Both keep reporting (their reports are their heartbeat): busy-1 says it is at 95 %, with
+    // no call from any router. Bounded: at most 100 rounds of 300 ms.
+    let reporter = tokio::spawn(async move {
+        for _ in 0..100 {
+            for (id, tx, _) in &senders {
+                let report = NodeReport {
+                    in_flight: 0,
+                    queue_depth: 0,
+                    utilization: if *id == "busy-1" { 0.95 } else { 0.0 },
+                    metrics: Default::default(),
+                };
+                let msg = NodeMessage {
+                    message: Some(node_message::Message::Report(report)),
+                };
+                if tx.send(msg).await.is_err() {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    });
+    let weight = |nodes: &[NodeStatus], id: &str| {
+        nodes
+            .iter()
+            .find(|n| id_of(n) == id)
+            .and_then(|n| n.endpoint.as_ref())
+            .map_or(0.0, |e| e.weight)
+    };
+    // Weights ramp up from zero (the nodes were unprobed at first), damped: wait until the idle
+    // node has its whole capacity (4); the busy one must settle near the headroom floor's share
+    // (4 × (0.2 + 0.8 × 0.05) ≈ 0.96).
+    eventually(
+        "the idle node at full weight, the busy one at a quarter of it",
+        Duration::from_secs(30),
+        || async {
+            let nodes = list(&cp).await;
+            let (busy, idle) = (weight(&nodes, "busy-1"), weight(&nodes, "idle-1"));
+            (busy > 0.0 && busy < 1.5 && idle > 3.5).then_some(())
+        },
+    )
+    .await;
+    reporter.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leaving_node_takes_its_overrides_along() {
+    let etcd = Etcd::start().await;
+    let store = store(&etcd).await;
+    let cp = control_plane(&etcd, Duration::from_secs(3)).await;
+    let node = node_sim("ov-1").await;
+    let (tx, mut events) = raw_register(
+        &cp,
+        spec_message(spec("ov-1", node.addr, "a", &["echo"], 4)),
+    )
+    .await
+    .expect("registered");
+    assert!(events.message().await.unwrap().unwrap().accepted);
+    let mut a = admin(cp.addr).await;
+    a.cordon_node(CordonNodeRequest {
+        id: "ov-1".into(),
+        cordon: true,
+    })
+    .await
+    .unwrap();
+    a.set_weight_override(WeightOverrideRequest {
+        id: "ov-1".into(),
+        weight: Some(2.0),
+    })
+    .await
+    .unwrap();
+    let overrides = |store: SharedStore| async move {
+        let (kvs, _) = store.list(keys::OVERRIDES).await.unwrap();
+        kvs.into_iter()
+            .filter(|kv| kv.key.ends_with("/ov-1"))
+            .count()
+    };
+    assert_eq!(overrides(store.clone()).await, 2);
+    // The node says goodbye: its lease is revoked, its entry goes, and its overrides with it.
+    drop(tx);
+    eventually(
+        "the node's overrides are gone",
+        Duration::from_secs(20),
+        || {
+            let store = store.clone();
+            async move { (overrides(store).await == 0).then_some(()) }
+        },
+    )
+    .await;
+    assert!(store.get(&keys::node("ov-1")).await.unwrap().is_none());
+    // Registering again starts clean: not cordoned, no weight override.
+    let (_tx, mut events) = raw_register(
+        &cp,
+        spec_message(spec("ov-1", node.addr, "a", &["echo"], 4)),
+    )
+    .await
+    .expect("registered again");
+    assert!(events.message().await.unwrap().unwrap().accepted);
+    let status = status_of(&cp, "ov-1").await.expect("listed");
+    assert!(!status.cordoned && status.weight_override.is_none());
 }

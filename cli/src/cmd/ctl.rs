@@ -418,7 +418,7 @@ fn node_json(n: &NodeStatus) -> serde_json::Value {
 }
 
 fn print_table(nodes: &[NodeStatus], version: u64) {
-    let rows: Vec<[String; 9]> = nodes
+    let rows: Vec<[String; 10]> = nodes
         .iter()
         .map(|n| {
             let e = n.endpoint.clone().unwrap_or_default();
@@ -441,6 +441,14 @@ fn print_table(nodes: &[NodeStatus], version: u64) {
                 format!("{:.1}", e.weight),
                 if n.leased { "yes" } else { "-" }.to_owned(),
                 load,
+                if n.entry_version == 0 {
+                    "-".to_owned()
+                } else {
+                    format!(
+                        "{}/{} @{}",
+                        n.routers_current, n.routers_total, n.entry_version
+                    )
+                },
                 models.join(","),
                 n.last_error.clone(),
             ]
@@ -454,6 +462,7 @@ fn print_table(nodes: &[NodeStatus], version: u64) {
         "WEIGHT",
         "LEASE",
         "LOAD",
+        "ROUTERS",
         "MODELS",
         "LAST ERROR",
     ];
@@ -475,7 +484,11 @@ fn print_table(nodes: &[NodeStatus], version: u64) {
     for r in &rows {
         line(r.iter().map(String::as_str).collect());
     }
-    println!("\n{} node(s); routing version {version}", rows.len());
+    println!(
+        "\n{} node(s); routing version {version}; ROUTERS: routers of this replica holding the \
+         node's newest entry / all, @ the version that carries it",
+        rows.len()
+    );
 }
 
 fn parse_models(models: &[String]) -> Vec<Model> {

@@ -23,7 +23,10 @@ use tokio_stream::StreamExt;
 use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 
-use super::{AbortOnDrop, Fence, KeyValue, Leadership, Store, StoreError, WatchEvent, WatchStream};
+use super::{
+    AbortOnDrop, Fence, KeyValue, Leadership, MAX_TXN_OPS, Op, Store, StoreError, WatchEvent,
+    WatchStream,
+};
 
 /// The election key of the embedded store's one-process elections.
 const ELECTION_KEY: &str = "/fulcrum/v1/leader/embedded";
@@ -151,6 +154,16 @@ impl EmbeddedStore {
             leader: std::sync::Mutex::new((None, 0)),
             expiry: OnceLock::new(),
         }
+    }
+
+    /// Whether `fence` is the current leadership's.
+    fn holds(&self, fence: &Fence) -> bool {
+        let term = self
+            .leader
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .1;
+        fence.key == ELECTION_KEY && fence.revision == term && self.election.try_lock().is_err()
     }
 
     /// Writes `value` (attached to `lease`, 0 for none) or deletes the key.
@@ -343,6 +356,18 @@ impl Store for EmbeddedStore {
         self.write(&mut state, key, None, 0).await.map(Some)
     }
 
+    async fn compare_and_delete(
+        &self,
+        key: &str,
+        expected: i64,
+    ) -> Result<Option<i64>, StoreError> {
+        let mut state = self.core.state.lock().await;
+        if state.entries.get(key).map(|e| e.mod_revision) != Some(expected) {
+            return Ok(None);
+        }
+        self.write(&mut state, key, None, 0).await.map(Some)
+    }
+
     async fn watch(&self, prefix: &str, after_revision: i64) -> Result<WatchStream, StoreError> {
         // Subscribe under the lock so no write falls between the caller's read and the watch.
         let state = self.core.state.lock().await;
@@ -421,15 +446,32 @@ impl Store for EmbeddedStore {
         value: Vec<u8>,
     ) -> Result<Option<i64>, StoreError> {
         let mut state = self.core.state.lock().await;
-        let term = self
-            .leader
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .1;
-        if fence.key != ELECTION_KEY || fence.revision != term || self.election.try_lock().is_ok() {
+        if !self.holds(fence) {
             return Ok(None);
         }
         self.write(&mut state, key, Some(value), 0).await.map(Some)
+    }
+
+    async fn txn_fenced(&self, fence: &Fence, ops: Vec<Op>) -> Result<Option<i64>, StoreError> {
+        if ops.len() > MAX_TXN_OPS {
+            return Err(StoreError::TooManyOps(ops.len()));
+        }
+        let mut state = self.core.state.lock().await;
+        if !self.holds(fence) {
+            return Ok(None);
+        }
+        // As in etcd, deleting a key that does not exist changes (and reports) nothing.
+        let changes: Vec<Change> = ops
+            .into_iter()
+            .filter_map(|op| match op {
+                Op::Put { key, value } => Some((key, Some((value, 0)))),
+                Op::Delete { key } => state.entries.contains_key(&key).then_some((key, None)),
+            })
+            .collect();
+        if changes.is_empty() {
+            return Ok(Some(state.revision));
+        }
+        self.core.commit(&mut state, changes).await.map(Some)
     }
 
     async fn leader(&self, _name: &str) -> Result<Option<String>, StoreError> {

@@ -9,7 +9,10 @@ use etcd_client::{
 };
 use futures::StreamExt;
 
-use super::{AbortOnDrop, Fence, KeyValue, Leadership, Store, StoreError, WatchEvent, WatchStream};
+use super::{
+    AbortOnDrop, Fence, KeyValue, Leadership, MAX_TXN_OPS, Op, Store, StoreError, WatchEvent,
+    WatchStream,
+};
 
 /// Per-request timeout. etcd answers in milliseconds when healthy; three seconds rides out a
 /// leader election inside etcd (its default election timeout is one second) without letting a
@@ -170,6 +173,18 @@ impl Store for EtcdStore {
         header_revision(resp.header()).map(Some)
     }
 
+    async fn compare_and_delete(
+        &self,
+        key: &str,
+        expected: i64,
+    ) -> Result<Option<i64>, StoreError> {
+        self.conditional(
+            Compare::mod_revision(key, CompareOp::Equal, expected),
+            TxnOp::delete(key, None),
+        )
+        .await
+    }
+
     async fn watch(&self, prefix: &str, after_revision: i64) -> Result<WatchStream, StoreError> {
         let options = WatchOptions::new()
             .with_prefix()
@@ -295,6 +310,36 @@ impl Store for EtcdStore {
             TxnOp::put(key, value, None),
         )
         .await
+    }
+
+    async fn txn_fenced(&self, fence: &Fence, ops: Vec<Op>) -> Result<Option<i64>, StoreError> {
+        if ops.len() > MAX_TXN_OPS {
+            return Err(StoreError::TooManyOps(ops.len()));
+        }
+        let ops: Vec<TxnOp> = ops
+            .into_iter()
+            .map(|op| match op {
+                Op::Put { key, value } => TxnOp::put(key, value, None),
+                Op::Delete { key } => TxnOp::delete(key, None),
+            })
+            .collect();
+        let txn = Txn::new()
+            .when([Compare::create_revision(
+                fence.key.as_str(),
+                CompareOp::Equal,
+                fence.revision,
+            )])
+            .and_then(ops);
+        let resp = self
+            .client
+            .kv_client()
+            .txn(txn)
+            .await
+            .map_err(unavailable)?;
+        if !resp.succeeded() {
+            return Ok(None);
+        }
+        header_revision(resp.header()).map(Some)
     }
 
     async fn leader(&self, name: &str) -> Result<Option<String>, StoreError> {

@@ -73,6 +73,31 @@ pub enum StoreError {
     /// The lease does not exist (any more): it expired or was revoked.
     #[error("lease {0:x} has expired or was revoked")]
     LeaseNotFound(i64),
+    /// A transaction held more operations than a store accepts in one ([`MAX_TXN_OPS`]).
+    #[error("a transaction of {0} operations exceeds the limit of {MAX_TXN_OPS}")]
+    TooManyOps(usize),
+}
+
+/// Most writes one transaction may hold: etcd's default `--max-txn-ops`. Writers split larger
+/// batches into several transactions; the embedded store enforces the same limit so that a
+/// batch that works on one machine works against etcd.
+pub const MAX_TXN_OPS: usize = 128;
+
+/// One write of a transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    /// Writes `value` at `key` (without a lease).
+    Put {
+        /// The key.
+        key: String,
+        /// The value.
+        value: Vec<u8>,
+    },
+    /// Deletes `key` (nothing when it does not exist).
+    Delete {
+        /// The key.
+        key: String,
+    },
 }
 
 /// What a leader's writes are fenced by: its election key and the revision that created it.
@@ -142,6 +167,11 @@ pub trait Store: std::fmt::Debug + Send + Sync + 'static {
     /// Deletes `key`; returns the new revision when it existed, `None` when it did not.
     async fn delete(&self, key: &str) -> Result<Option<i64>, StoreError>;
 
+    /// Deletes `key` only if its mod revision is `expected` (it was not rewritten since it was
+    /// read); the new revision when deleted, `None` otherwise.
+    async fn compare_and_delete(&self, key: &str, expected: i64)
+    -> Result<Option<i64>, StoreError>;
+
     /// Watches every key under `prefix` for writes after `after_revision`.
     async fn watch(&self, prefix: &str, after_revision: i64) -> Result<WatchStream, StoreError>;
 
@@ -163,6 +193,11 @@ pub trait Store: std::fmt::Debug + Send + Sync + 'static {
         key: &str,
         value: Vec<u8>,
     ) -> Result<Option<i64>, StoreError>;
+
+    /// Applies `ops` in one transaction (one revision) only while `fence` holds; the new
+    /// revision, or `None` when the fence no longer holds (nothing is written then). At most
+    /// [`MAX_TXN_OPS`] operations, on distinct keys.
+    async fn txn_fenced(&self, fence: &Fence, ops: Vec<Op>) -> Result<Option<i64>, StoreError>;
 
     /// Who leads the election `name`, if anyone.
     async fn leader(&self, name: &str) -> Result<Option<String>, StoreError>;
