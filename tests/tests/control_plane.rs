@@ -639,13 +639,23 @@ async fn under_repeated_leader_kills_router_versions_only_grow() {
         })
         .await;
         let mut c = admin(addrs[survivor]).await;
+        let before = status(&c).await.unwrap().routing_version;
         c.drain_node(DrainNodeRequest {
             id: "n-1".into(),
             drain: round % 2 == 0,
         })
         .await
         .unwrap();
-        let want = status(&c).await.unwrap().routing_version;
+        // The drain reaches the table when the new leader's next pass writes it: wait for that
+        // version, so that every round gives the checker a new one to follow.
+        let want = eventually("the drain is in the table", Duration::from_secs(20), || {
+            let c = c.clone();
+            async move {
+                let v = status(&c).await?.routing_version;
+                (v > before).then_some(v)
+            }
+        })
+        .await;
         eventually(
             "the checker follows the new leader",
             Duration::from_secs(20),
