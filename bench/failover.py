@@ -41,8 +41,8 @@ import threading
 import time
 from pathlib import Path
 
-from quality import machine_load
-from suite import Procs, envoy_config, free_port, log
+from quality import commands_block, machine_load, target_lines
+from suite import Procs, envoy_config, free_port, log, nginx_config
 
 SERVICE = "lognormal:2ms,0.3"
 SLOTS = 32
@@ -110,43 +110,13 @@ def envoy_failover_config(port: int, admin: int, a: list[int], b: list[int]) -> 
 
 
 def nginx_failover_config(tmp: Path, port: int, a: list[int], b: list[int]) -> str:
-    servers = "\n".join([f"        server 127.0.0.1:{p};" for p in a]
-                        + [f"        server 127.0.0.1:{p} backup;" for p in b])
-    temp = "\n".join(f"    {d}_temp_path {tmp}/{d}_temp;"
-                     for d in ["client_body", "proxy", "fastcgi", "uwsgi", "scgi"])
-    return f"""# Written by bench/failover.py.
-worker_processes auto;
-pid {tmp}/nginx.pid;
-error_log {tmp}/error.log warn;
-events {{
-    worker_connections 8192;
-}}
-http {{
-    access_log off;
-{temp}
-    upstream nodes {{
-        least_conn;
-{servers}
-        keepalive 256;
-        keepalive_requests 100000000;
-        keepalive_timeout 600s;
-    }}
-    server {{
-        listen 127.0.0.1:{port} http2;
-        keepalive_requests 100000000;
-        keepalive_timeout 600s;
-        http2_max_concurrent_streams 1024;
-        location / {{
-            grpc_pass grpc://nodes;
-            grpc_next_upstream error timeout;
-            grpc_next_upstream_tries 3;
-            grpc_connect_timeout {PER_TRY_MS}ms;
-            grpc_read_timeout {PER_TRY_MS}ms;
-            grpc_send_timeout {PER_TRY_MS}ms;
-        }}
-    }}
-}}
-"""
+    return nginx_config(tmp, port, a, "auto", backup=b, location_extra=[
+        "grpc_next_upstream error timeout;",
+        "grpc_next_upstream_tries 3;",
+        f"grpc_connect_timeout {PER_TRY_MS}ms;",
+        f"grpc_read_timeout {PER_TRY_MS}ms;",
+        f"grpc_send_timeout {PER_TRY_MS}ms;",
+    ])
 
 
 class Scenario:
@@ -480,19 +450,11 @@ def markdown(res: dict, show) -> list[str]:
     checks = targets_check(res)
     lines += ["Targets (data-plane issue): zero failed calls, full failover within 1 s. "
               f"{sum(ok for ok, _ in checks)} of {len(checks)} met:", ""]
-    lines += [f"- {'**win**' if ok else '**LOSS**'}: {t}" for ok, t in checks]
-    lines += ["", "<details><summary>Commands of scenario 3 (one trial)</summary>", "", "```sh"]
-    for name, cmd in res["commands"]["fulcrum"]:
-        lines.append(f"{show(cmd)} &   # {name}")
-    for kind, cmd in res["commands"]["load"].items():
-        lines.append(f"{show(cmd)}   # {kind}")
-    lines += ["```", "", "</details>", ""]
-    return lines
+    lines += target_lines(checks, markdown=True)
+    return lines + commands_block("Commands of scenario 3 (one trial)",
+                                  res["commands"]["fulcrum"], [], res["commands"]["load"], show)
 
 
 def terminal(res: dict) -> list[str]:
     lines = [f"Scenario 3, data-center failover ({res['mode']} mode)", ""] + tables(res)
-    checks = targets_check(res)
-    lines += [f"Targets: {sum(ok for ok, _ in checks)} of {len(checks)} met"]
-    lines += [f"  {'win ' if ok else 'LOSS'}  {t}" for ok, t in checks]
-    return lines
+    return lines + target_lines(targets_check(res), markdown=False)

@@ -375,6 +375,24 @@ def targets_check(res: dict) -> list[tuple[bool, str]]:
     return checks
 
 
+def target_lines(checks: list[tuple[bool, str]], markdown: bool) -> list[str]:
+    """The verdict on each target, as markdown bullets or terminal lines."""
+    if markdown:
+        return [f"- {'**win**' if ok else '**LOSS**'}: {t}" for ok, t in checks]
+    return ([f"Targets: {sum(ok for ok, _ in checks)} of {len(checks)} met"]
+            + [f"  {'win ' if ok else 'LOSS'}  {t}" for ok, t in checks])
+
+
+def commands_block(title: str, processes, others, load: dict, show) -> list[str]:
+    """A collapsed block of the commands of a scenario: long-running processes, one-off
+    commands, load runs."""
+    lines = ["", f"<details><summary>{title}</summary>", "", "```sh"]
+    lines += [f"{show(cmd)} &   # {name}" for name, cmd in processes]
+    lines += [show(cmd) for cmd in others]
+    lines += [f"{show(cmd)}   # {kind}" for kind, cmd in load.items()]
+    return lines + ["```", "", "</details>", ""]
+
+
 def machine_load(env: dict) -> str:
     text = (f"Load average {env['loadavg_before']} before the run, {env['loadavg_after']} after; "
             f"other processes on the machine used {env['others_cores']:.2f} of its "
@@ -420,21 +438,12 @@ def markdown(res: dict, show) -> list[str]:
     lines += ["Targets (data-plane issue): p99 ≤ 0.5 × round robin's, and no worse than Envoy's "
               "least_request (with no more errors). "
               f"{sum(ok for ok, _ in checks)} of {len(checks)} met:", ""]
-    lines += [f"- {'**win**' if ok else '**LOSS**'}: {t}" for ok, t in checks]
-    lines += ["", "<details><summary>Commands of scenario 2</summary>", "", "```sh"]
-    for name, cmd in res["commands"]["processes"]:
-        lines.append(f"{show(cmd)} &   # {name}")
-    for cmd in res["commands"]["register"]:
-        lines.append(show(cmd))
-    for kind, cmd in res["commands"]["load"].items():
-        lines.append(f"{show(cmd)}   # {kind}")
-    lines += ["```", "", "</details>", ""]
-    return lines
+    lines += target_lines(checks, markdown=True)
+    c = res["commands"]
+    return lines + commands_block("Commands of scenario 2", c["processes"], c["register"],
+                                  c["load"], show)
 
 
 def terminal(res: dict) -> list[str]:
     lines = [f"Scenario 2, routing quality ({res['mode']} mode)", ""] + tables(res)
-    checks = targets_check(res)
-    lines += [f"Targets: {sum(ok for ok, _ in checks)} of {len(checks)} met"]
-    lines += [f"  {'win ' if ok else 'LOSS'}  {t}" for ok, t in checks]
-    return lines
+    return lines + target_lines(targets_check(res), markdown=False)

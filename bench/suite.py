@@ -344,8 +344,13 @@ def envoy_config(port: int, admin: int, nodes: list[int]) -> dict:
     }
 
 
-def nginx_config(tmp: Path, port: int, nodes: list[int], workers: str) -> str:
-    servers = "\n".join(f"        server 127.0.0.1:{p};" for p in nodes)
+def nginx_config(tmp: Path, port: int, nodes: list[int], workers: str,
+                 backup: list[int] = (), location_extra: list[str] = ()) -> str:
+    """nginx in front of `nodes` (least_conn), with `backup` servers used only when every one
+    of them is down, and extra directives in the location (timeouts, next-upstream rules)."""
+    servers = "\n".join([f"        server 127.0.0.1:{p};" for p in nodes]
+                        + [f"        server 127.0.0.1:{p} backup;" for p in backup])
+    extra = "".join(f"\n            {d}" for d in location_extra)
     temp = "\n".join(f"    {d}_temp_path {tmp}/{d}_temp;"
                      for d in ["client_body", "proxy", "fastcgi", "uwsgi", "scgi"])
     return f"""# Written by bench/suite.py; run with nginx -p DIR -c THIS -e DIR/error.log.
@@ -373,7 +378,7 @@ http {{
         keepalive_timeout 600s;
         http2_max_concurrent_streams 1024;
         location / {{
-            grpc_pass grpc://nodes;
+            grpc_pass grpc://nodes;{extra}
         }}
     }}
 }}
