@@ -42,7 +42,7 @@ import time
 from pathlib import Path
 
 from quality import commands_block, machine_load, target_lines
-from suite import Procs, envoy_config, free_port, log, nginx_config
+from suite import Procs, envoy_config, free_port, log, nginx_config, run_until_ok
 
 SERVICE = "lognormal:2ms,0.3"
 SLOTS = 32
@@ -131,16 +131,6 @@ class Scenario:
         self.procs = Procs(self.root)  # replaced per trial; the suite stops the current one
         self.commands: dict[str, list[str]] = {}
         self.configs: dict[str, str] = {}
-
-    def ctl(self, cmd: list[str], within_s: float = 30) -> None:
-        deadline = time.time() + within_s
-        while True:
-            p = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
-            if p.returncode == 0:
-                return
-            if time.time() > deadline:
-                raise RuntimeError(f"{' '.join(cmd[3:6])}: {p.stderr.strip()}")
-            time.sleep(0.3)
 
     def load_cmd(self, target: str, seconds: float) -> list[str]:
         return [self.f, "load", "--target", target, "--rps", str(RATE), "--duration",
@@ -259,15 +249,16 @@ class Scenario:
                 victims.append(p)
                 # Replica a campaigns first, so it is usually the leader when region a is lost:
                 # the harder case (leadership must move too). Which one leads is recorded.
-                self.ctl([f, "ctl", "--control", addr, "status"])
+                run_until_ok([f, "ctl", "--control", addr, "status"], "replica a's status", 30)
         self.cps = cps
         for region in ("a", "b"):
             for i, port in enumerate(ports[region], 1):
-                self.ctl([f, "ctl", "--control", cps["b"], "register", "--id", f"{region}-{i}",
-                          "--address", f"127.0.0.1:{port}", "--region", region, "--models",
-                          "echo", "--capacity", str(SLOTS)])
-        self.ctl([f, "ctl", "--control", cps["b"], "policy", "set", "echo",
-                  "--per-try-timeout", f"{PER_TRY_MS}ms"])
+                run_until_ok([f, "ctl", "--control", cps["b"], "register", "--id",
+                              f"{region}-{i}", "--address", f"127.0.0.1:{port}", "--region",
+                              region, "--models", "echo", "--capacity", str(SLOTS)],
+                             f"registering {region}-{i}", 30)
+        run_until_ok([f, "ctl", "--control", cps["b"], "policy", "set", "echo",
+                      "--per-try-timeout", f"{PER_TRY_MS}ms"], "setting the echo policy", 30)
         port = free_port()
         procs.start("router-a", [f, "router", "--region", "a", "--control",
                                  f"{cps['a']},{cps['b']}", "--listen", f"127.0.0.1:{port}",

@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 import oracle
-from suite import Procs, envoy_config, free_port, log, nginx_config
+from suite import Procs, envoy_config, free_port, log, nginx_config, run_until_ok
 
 # The fleet. Service times are tens of milliseconds so that routing, not the proxies' own
 # microseconds, decides the latencies, and so that 95 % of the fleet's capacity (about 1,200
@@ -126,11 +126,11 @@ class Scenario:
                    f"127.0.0.1:{self.ports[name]}", "--region", "a", "--models", "echo,echo-rr",
                    "--capacity", str(SLOTS)]
             self.register.append(cmd)
-            self.ctl_retrying(cmd)
+            run_until_ok(cmd, f"registering {name}")
         policy = [f, "ctl", "--control", self.control, "policy", "set", "echo-rr",
                   "--balancer", "round-robin"]
         self.register.append(policy)
-        self.ctl_retrying(policy)
+        run_until_ok(policy, "setting the echo-rr policy")
 
         self.targets = {}
         port = free_port()
@@ -159,16 +159,6 @@ class Scenario:
         self.targets["nginx"] = f"127.0.0.1:{port}"
         for c in CONTENDERS:
             self.wait_ready(c)
-
-    def ctl_retrying(self, cmd: list[str], within_s: float = 20) -> None:
-        deadline = time.time() + within_s
-        while True:
-            p = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
-            if p.returncode == 0:
-                return
-            if time.time() > deadline:
-                raise RuntimeError(f"{' '.join(cmd[2:5])}: {p.stderr.strip()}")
-            time.sleep(0.3)
 
     def wait_ready(self, c: str, within_s: float = 40) -> None:
         deadline = time.time() + within_s

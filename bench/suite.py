@@ -175,6 +175,19 @@ class Procs:
         self.running.clear()
 
 
+def run_until_ok(cmd: list[str], what: str, within_s: float = 20) -> None:
+    """Runs a one-off command (a `fulcrum ctl` call) until it succeeds: the control plane it
+    talks to may still be starting. Raises with its last complaint after `within_s`."""
+    deadline = time.time() + within_s
+    while True:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
+        if p.returncode == 0:
+            return
+        if time.time() > deadline:
+            raise RuntimeError(f"{what}: {p.stderr.strip()}")
+        time.sleep(0.3)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -497,14 +510,7 @@ class Bench:
                    "--address", f"127.0.0.1:{port}", "--region", "a", "--models", "echo",
                    "--capacity", str(NODE_SLOTS)]
             self.register_commands.append(cmd)
-            deadline = time.time() + 20
-            while True:
-                p = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
-                if p.returncode == 0:
-                    break
-                if time.time() > deadline:
-                    raise RuntimeError(f"registering sim-{i}: {p.stderr.strip()}")
-                time.sleep(0.3)
+            run_until_ok(cmd, f"registering sim-{i}")
 
         # Each proxy twice: defaults on all cores, and pinned to one core with one worker.
         self.targets: dict[str, str] = {}
