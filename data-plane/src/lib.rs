@@ -13,6 +13,7 @@
 //! - [`table`]: the immutable routing table.
 //! - [`policy`]: per-model settings from the control plane.
 //! - [`router`]: shared router state and the pick (spill-over, limits, ejection cap).
+//! - [`queue`]: the wait queue of calls that found every node full.
 //! - [`hedge`]: latency windows for hedging.
 //! - [`subscriber`]: following the control plane's routing stream.
 //! - [`ingress`]: the services clients call ([`ingress::oip`]) and deadlines.
@@ -31,6 +32,7 @@ pub mod hedge;
 pub mod ingress;
 pub mod limits;
 pub mod policy;
+pub mod queue;
 pub mod router;
 pub mod server;
 pub mod shard;

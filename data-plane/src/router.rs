@@ -4,34 +4,23 @@
 //! the spill-over rule between regions, and lets the model's balancing policy choose.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use rand::Rng;
-use tokio::sync::Notify;
 
 use crate::balance::locality::{self, Tier};
 use crate::balance::{self, Candidate, Policy};
 use crate::endpoint::outlier::CONSECUTIVE_FAILURES;
 use crate::endpoint::{InFlight, NodeConn, now_ns};
 use crate::error::RouteError;
+use crate::queue::{MAX_QUEUE_WAIT, Place, WaitQueue, Waited};
 use crate::table::{ModelRoute, RoutedNode, RoutingTable};
 
 /// Most nodes of one region that may be ejected at once, as a share: half, so outlier ejection
 /// can never empty a region by itself (a region whose every node fails is left through the
 /// spill-over rule instead, which counts failing nodes as unavailable).
 pub const MAX_EJECTED_SHARE: f64 = 0.5;
-
-/// Calls that may wait for a free slot when every node of their model is at its limit; beyond
-/// that they are shed at once. A few hundred absorbs a burst without letting an overload build
-/// a queue whose calls would time out anyway.
-pub const MAX_QUEUED_CALLS: usize = 256;
-
-/// Longest a call waits in that queue: a slot that does not free up within half a second means
-/// the model is overloaded, and the caller is better served by a fast RESOURCE_EXHAUSTED it can
-/// back off on than by a slow timeout.
-pub const MAX_QUEUE_WAIT: Duration = Duration::from_millis(500);
 
 /// A node chosen for one attempt, with the slot it holds.
 #[derive(Debug)]
@@ -51,12 +40,11 @@ pub struct RouterState {
     pub table: ArcSwap<RoutingTable>,
     /// Largest message accepted from clients and from nodes.
     pub max_message_size: usize,
-    /// Notified whenever a call ends and frees a slot.
-    pub slot_freed: Arc<Notify>,
+    /// Calls waiting for a slot; every node's connection hands its freed slots to it.
+    pub queue: Arc<WaitQueue>,
     /// Marked changed whenever a new table is stored (serving threads then connect to its
     /// nodes ahead of calls).
     pub table_updates: tokio::sync::watch::Sender<()>,
-    queued: AtomicUsize,
 }
 
 impl RouterState {
@@ -66,16 +54,20 @@ impl RouterState {
             region,
             table: ArcSwap::from_pointee(RoutingTable::default()),
             max_message_size,
-            slot_freed: Arc::default(),
+            queue: Arc::default(),
             table_updates: tokio::sync::watch::Sender::new(()),
-            queued: AtomicUsize::new(0),
         }
     }
 
     /// Makes `table` the current table.
     pub fn set_table(&self, table: RoutingTable) {
+        let more_room = table.more_room || table.routable_nodes > self.table.load().routable_nodes;
         self.table.store(Arc::new(table));
         self.table_updates.send_replace(());
+        if more_room {
+            // Limits rose or nodes came back: waiting calls look again.
+            self.queue.wake_all();
+        }
     }
 
     /// Picks a node for a call to `model`, avoiding `tried`, and takes a slot on it.
@@ -114,6 +106,7 @@ impl RouterState {
                 .iter()
                 .map(|n| Candidate {
                     weight: weight(n),
+                    capacity: n.capacity,
                     in_flight: n.conn.in_flight(),
                     latency_ms: n.conn.latency.estimate_ms(now),
                     excluded: was_tried(n)
@@ -229,24 +222,32 @@ impl RouterState {
         }
     }
 
-    /// Waits up to `wait` (at most [`MAX_QUEUE_WAIT`]) for a slot to free up, if the wait queue
-    /// has room; returns whether a slot freed. Every waiter is woken when a slot frees and they
-    /// race for it. Waking only the longest waiting one (`notify_one`) would be fairer and
-    /// cheaper under overload, but a woken waiter that cannot use the freed slot (a node it
-    /// already tried, another model's node) swallows the wake-up, and a test that kills a region
-    /// under load then saw calls shed while slots were free; the per-node limit of 1.5 ×
-    /// capacity keeps this queue short in the first place.
-    pub async fn wait_for_slot(&self, wait: Duration) -> bool {
-        if self.queued.fetch_add(1, Ordering::AcqRel) >= MAX_QUEUED_CALLS {
-            self.queued.fetch_sub(1, Ordering::AcqRel);
+    /// Waits up to `wait` (at most [`MAX_QUEUE_WAIT`]) for a slot on one of the nodes a call
+    /// to `model` could use (routable, not in `tried`), in line behind the calls that queued
+    /// before it ([`crate::queue`]); returns whether it may pick again. `place` keeps the call's
+    /// place between waits.
+    pub async fn wait_for_slot(
+        &self,
+        table: &RoutingTable,
+        model: &str,
+        tried: &[Arc<NodeConn>],
+        wait: Duration,
+        place: &mut Place,
+    ) -> bool {
+        let Some(route) = table.models.get(model) else {
             return false;
-        }
+        };
+        let panic = !route.is_routable() && route.settings.panic_mode;
+        let nodes: Vec<Arc<NodeConn>> = route
+            .local
+            .iter()
+            .chain(&route.remote)
+            .filter(|n| n.routable || panic)
+            .filter(|n| !tried.iter().any(|t| Arc::ptr_eq(t, &n.conn)))
+            .map(|n| n.conn.clone())
+            .collect();
         let wait = wait.min(MAX_QUEUE_WAIT);
-        let waited = tokio::time::timeout(wait, self.slot_freed.notified())
-            .await
-            .is_ok();
-        self.queued.fetch_sub(1, Ordering::AcqRel);
-        waited
+        self.queue.wait(place, nodes, wait).await == Waited::Woken
     }
 }
 
@@ -291,7 +292,7 @@ mod tests {
             ..Default::default()
         };
         let table =
-            RoutingTable::build(&update, "a", &RoutingTable::default(), &state.slot_freed).unwrap();
+            RoutingTable::build(&update, "a", &RoutingTable::default(), &state.queue).unwrap();
         state.table.store(Arc::new(table));
         state
     }

@@ -204,7 +204,7 @@ pub fn apply(update: &RoutingUpdate, state: &RouterState) -> Result<u64, String>
         merged = merge(&current.source, update)?;
         &merged
     };
-    let table = RoutingTable::build(full, &state.region, &current, &state.slot_freed)?;
+    let table = RoutingTable::build(full, &state.region, &current, &state.queue)?;
     tracing::debug!(
         version = table.version,
         routable = table.routable_nodes,

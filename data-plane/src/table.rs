@@ -11,7 +11,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use fulcrum_proto::fulcrum::v1::{Endpoint as NodeEndpoint, HealthState, RoutingUpdate};
-use tokio::sync::Notify;
 use tower::retry::budget::TpsBudget;
 
 use crate::balance::PolicyState;
@@ -19,6 +18,7 @@ use crate::balance::ring::Ring;
 use crate::endpoint::NodeConn;
 use crate::hedge::LatencyWindow;
 use crate::policy::ModelSettings;
+use crate::queue::WaitQueue;
 
 /// Retry budget: retries may add at most 20 % to a model's calls (the default, and
 /// Linkerd's), with a floor of 10 retries a second so a quiet model can still retry, measured
@@ -129,6 +129,9 @@ pub struct RoutingTable {
     pub nodes: HashMap<String, Arc<NodeConn>>,
     /// Number of routable nodes.
     pub routable_nodes: usize,
+    /// Whether this table has room the one it was built on had not: a node new to the router,
+    /// a raised concurrency limit, more routable nodes (waiting calls then look again).
+    pub more_room: bool,
     /// The update this table was built from, as a snapshot: the base deltas apply to.
     pub source: RoutingUpdate,
 }
@@ -146,7 +149,7 @@ impl RoutingTable {
         update: &RoutingUpdate,
         region: &str,
         previous: &RoutingTable,
-        slot_freed: &Arc<Notify>,
+        queue: &Arc<WaitQueue>,
     ) -> Result<Self, String> {
         let mut table = RoutingTable {
             version: update.version,
@@ -171,16 +174,20 @@ impl RoutingTable {
             let limit = concurrency_limit(spec.capacity);
             let conn = match previous.nodes.get(&spec.id) {
                 Some(c) if c.address == spec.address && c.region == spec.region => {
+                    table.more_room |= c.limit() != 0 && (limit == 0 || limit > c.limit());
                     c.set_limit(limit);
                     c.clone()
                 }
-                _ => Arc::new(NodeConn::new(
-                    &spec.id,
-                    &spec.address,
-                    &spec.region,
-                    limit,
-                    slot_freed.clone(),
-                )?),
+                _ => {
+                    table.more_room = true;
+                    Arc::new(NodeConn::new(
+                        &spec.id,
+                        &spec.address,
+                        &spec.region,
+                        limit,
+                        queue.clone(),
+                    )?)
+                }
             };
             table.nodes.insert(spec.id.clone(), conn.clone());
             let node_routable = routable(e);

@@ -20,6 +20,9 @@ use rand::Rng;
 pub struct Candidate {
     /// Control-plane weight; a node with weight ≤ 0 (or not finite) is never picked.
     pub weight: f64,
+    /// How many calls the node serves at once (its registered capacity): p2c divides the
+    /// expected wait by it. Not positive or not finite counts as one.
+    pub capacity: f64,
     /// Calls this router has in flight to the node.
     pub in_flight: u32,
     /// Peak-EWMA latency estimate of the node, in milliseconds (> 0).
@@ -33,6 +36,7 @@ impl Candidate {
     pub fn idle(weight: f64) -> Self {
         Self {
             weight,
+            capacity: 1.0,
             in_flight: 0,
             latency_ms: 1.0,
             excluded: false,

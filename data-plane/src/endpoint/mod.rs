@@ -13,7 +13,6 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use tokio::sync::Notify;
 use tokio::time::Instant;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::{Channel, Endpoint};
@@ -22,6 +21,8 @@ use outlier::Outlier;
 use peak_ewma::PeakEwma;
 use rand::Rng;
 use reconnect::Reconnect;
+
+use crate::queue::WaitQueue;
 
 /// Connect timeout to a node. Nodes are in the same or the neighbouring data center; a second
 /// is many round trips even across regions, and a dead node must not hold a call for long.
@@ -94,18 +95,18 @@ pub struct NodeConn {
     limit: AtomicU32,
     calls: AtomicU64,
     errors: AtomicU64,
-    slot_freed: Arc<Notify>,
+    queue: Arc<WaitQueue>,
 }
 
 impl NodeConn {
-    /// A connection to `address`, allowing `limit` concurrent calls from this router;
-    /// `slot_freed` is notified whenever a call ends.
+    /// A connection to `address`, allowing `limit` concurrent calls from this router; a call
+    /// ending hands its slot to `queue`'s next waiter.
     pub fn new(
         id: &str,
         address: &str,
         region: &str,
         limit: u32,
-        slot_freed: Arc<Notify>,
+        queue: Arc<WaitQueue>,
     ) -> Result<Self, String> {
         let endpoint = Endpoint::from_shared(format!("http://{address}"))
             .map_err(|e| format!("node {id}: bad address {address:?}: {e}"))?
@@ -129,7 +130,7 @@ impl NodeConn {
             limit: AtomicU32::new(limit),
             calls: AtomicU64::new(0),
             errors: AtomicU64::new(0),
-            slot_freed,
+            queue,
         })
     }
 
@@ -286,7 +287,7 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
-        self.0.slot_freed.notify_waiters();
+        self.0.queue.slot_freed(&self.0);
     }
 }
 

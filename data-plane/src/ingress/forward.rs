@@ -29,7 +29,8 @@ use super::{deadline, node_status};
 use crate::endpoint::{NodeConn, Outcome};
 use crate::error::RouteError;
 use crate::policy::Hedge;
-use crate::router::{MAX_QUEUE_WAIT, Picked, RouterState};
+use crate::queue::{MAX_QUEUE_WAIT, Place};
+use crate::router::{Picked, RouterState};
 use crate::table::{RoutedNode, RoutingTable};
 
 /// First retry backoff: a few milliseconds, enough for a connection refusal to be more than a
@@ -137,6 +138,7 @@ where
 
     let mut tried: Vec<Arc<NodeConn>> = Vec::new();
     let mut queued_until: Option<Instant> = None;
+    let mut place = Place::default();
     let mut running = FuturesUnordered::new();
     let mut started_attempts = 0u32;
     let mut last_failure: Option<Status> = None;
@@ -206,7 +208,11 @@ where
                     let wait = queue_end
                         .min(deadline_at)
                         .saturating_duration_since(Instant::now());
-                    if !wait.is_zero() && state.wait_for_slot(wait).await {
+                    if !wait.is_zero()
+                        && state
+                            .wait_for_slot(&table, model, &tried, wait, &mut place)
+                            .await
+                    {
                         continue;
                     }
                     return Err(last_failure.unwrap_or_else(|| {

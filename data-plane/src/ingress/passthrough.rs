@@ -22,6 +22,7 @@ use tower::Service;
 use super::forward::{outcome_of, tag};
 use crate::endpoint::{InFlight, Outcome};
 use crate::error::RouteError;
+use crate::queue::{MAX_QUEUE_WAIT, Place};
 use crate::router::RouterState;
 
 /// The request header naming the model of a pass-through call.
@@ -58,18 +59,21 @@ async fn try_forward(
     let table = state.table.load_full();
     let metadata = tonic::metadata::MetadataMap::from_headers(req.headers().clone());
     let key = super::forward::affinity_key(&table, &model, &metadata);
+    let mut place = Place::default();
+    let queue_end = Instant::now() + MAX_QUEUE_WAIT;
     let picked = loop {
         match state.pick(&table, &model, &[], key) {
             Ok(p) => break p,
-            Err(RouteError::AllNodesBusy { .. })
-                if state
-                    .wait_for_slot(
-                        table
-                            .models
-                            .get(&model)
-                            .map_or(crate::policy::DEFAULT_TIMEOUT, |r| r.settings.timeout),
-                    )
-                    .await => {}
+            Err(busy @ RouteError::AllNodesBusy { .. }) => {
+                let wait = queue_end.saturating_duration_since(Instant::now());
+                if wait.is_zero()
+                    || !state
+                        .wait_for_slot(&table, &model, &[], wait, &mut place)
+                        .await
+                {
+                    return Err(busy.into());
+                }
+            }
             Err(e) => return Err(e.into()),
         }
     };

@@ -1,0 +1,343 @@
+//! The wait queue of calls that found every node they could use at its concurrency limit.
+//!
+//! First come, first served, and one wake-up per freed slot: when a call ends, its node's slot
+//! goes to the oldest waiting call that can use that node (one of its model's routable nodes,
+//! not one it already tried). The woken call then picks as usual (the freed node, or another
+//! one freed meanwhile); if a call that never queued took the slot first, it queues again in
+//! its old place. A call that leaves after being woken without taking a slot (its caller gave
+//! up) passes the wake-up on, so a free slot is never left unclaimed while calls that could use
+//! it wait.
+//!
+//! Why not `tokio::sync::Notify`: `notify_waiters` woke every waiter for every freed slot, and
+//! with hundreds of calls queued on a CPU-starved router that herd cost the CPU the calls
+//! needed (the routing-quality benchmark saw the queue collapse into shedding); `notify_one`
+//! wakes the oldest waiter whether or not it can use the freed node (another model's, one it
+//! already tried), and that waiter swallows the wake-up. Why not a semaphore: slots belong to
+//! nodes, and each waiter can use only some of them.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering, fence};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+
+use crate::endpoint::NodeConn;
+
+/// Calls that may wait for a free slot at once; beyond that they are shed at once. A few hundred
+/// absorbs a burst without letting an overload build a queue whose calls would time out anyway.
+pub const MAX_QUEUED_CALLS: usize = 256;
+
+/// Longest a call waits in the queue in all: a slot that does not free up within half a second
+/// means the model is overloaded, and the caller is better served by a fast RESOURCE_EXHAUSTED
+/// it can back off on than by a slow timeout.
+pub const MAX_QUEUE_WAIT: Duration = Duration::from_millis(500);
+
+/// A call's place in the queue, kept while it waits again after a wake-up it could not use.
+#[derive(Debug, Default)]
+pub struct Place(Option<u64>);
+
+/// How a wait ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Waited {
+    /// A slot the call can use freed up (or was free already): pick again.
+    Woken,
+    /// No slot freed in time.
+    TimedOut,
+    /// The queue is full: shed the call.
+    QueueFull,
+}
+
+#[derive(Debug)]
+struct Waiter {
+    ticket: u64,
+    /// The nodes the call can use.
+    nodes: Vec<Arc<NodeConn>>,
+    wake: oneshot::Sender<Arc<NodeConn>>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    next_ticket: u64,
+    /// Ordered by ticket: the oldest call first.
+    waiters: VecDeque<Waiter>,
+}
+
+/// The router's wait queue (one per router, shared by every node's connection).
+#[derive(Debug, Default)]
+pub struct WaitQueue {
+    /// `inner.waiters.len()`, read without the lock on every call's end.
+    waiting: AtomicUsize,
+    inner: Mutex<Inner>,
+}
+
+impl WaitQueue {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Calls waiting now.
+    pub fn len(&self) -> usize {
+        self.waiting.load(Ordering::Relaxed)
+    }
+
+    /// Whether no call waits.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Waits up to `timeout` for a slot on one of `nodes`, keeping the call's `place` in line.
+    pub async fn wait(
+        &self,
+        place: &mut Place,
+        nodes: Vec<Arc<NodeConn>>,
+        timeout: Duration,
+    ) -> Waited {
+        if nodes.is_empty() {
+            return Waited::QueueFull;
+        }
+        let (wake, woken) = oneshot::channel();
+        {
+            let mut inner = self.lock();
+            // A call queuing again keeps its place even when the queue has filled meanwhile.
+            if place.0.is_none() && inner.waiters.len() >= MAX_QUEUED_CALLS {
+                return Waited::QueueFull;
+            }
+            let ticket = *place.0.get_or_insert_with(|| {
+                inner.next_ticket += 1;
+                inner.next_ticket
+            });
+            let at = inner.waiters.partition_point(|w| w.ticket < ticket);
+            let nodes = nodes.clone();
+            inner.waiters.insert(
+                at,
+                Waiter {
+                    ticket,
+                    nodes,
+                    wake,
+                },
+            );
+            self.waiting.fetch_add(1, Ordering::SeqCst);
+        }
+        let mut guard = Registered {
+            queue: self,
+            ticket: place.0.unwrap_or_default(),
+            woken,
+        };
+        // A slot freed between the caller's failed pick and the registration above woke no
+        // one (the queue looked empty to the call that freed it): look once more. The fence
+        // pairs with the one in `slot_freed`: either that call sees this waiter, or this check
+        // sees its slot.
+        fence(Ordering::SeqCst);
+        let now_ms = crate::endpoint::now_ns() / 1_000_000;
+        if nodes.iter().any(|n| !n.is_full() && !n.is_out(now_ms)) {
+            return Waited::Woken;
+        }
+        match tokio::time::timeout(timeout, &mut guard.woken).await {
+            Ok(Ok(_node)) => Waited::Woken,
+            // The sender is only dropped after a send or on removal by this call.
+            Ok(Err(_)) | Err(_) => Waited::TimedOut,
+        }
+    }
+
+    /// A call on `node` ended and freed a slot: wakes the oldest waiter that can use it.
+    pub fn slot_freed(&self, node: &Arc<NodeConn>) {
+        fence(Ordering::SeqCst);
+        if self.waiting.load(Ordering::SeqCst) == 0 {
+            return;
+        }
+        let mut inner = self.lock();
+        let mut i = 0;
+        while i < inner.waiters.len() {
+            if !inner.waiters[i].nodes.iter().any(|n| Arc::ptr_eq(n, node)) {
+                i += 1;
+                continue;
+            }
+            let Some(waiter) = inner.waiters.remove(i) else {
+                break;
+            };
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
+            // A waiter whose call has gone is removed by it before its receiver drops, so a
+            // failed send only happens in a race with that; try the next one.
+            if waiter.wake.send(node.clone()).is_ok() {
+                return;
+            }
+        }
+    }
+
+    /// Wakes every waiter (a new routing table may have raised limits or added nodes).
+    pub fn wake_all(&self) {
+        let mut inner = self.lock();
+        for waiter in inner.waiters.drain(..) {
+            if let Some(node) = waiter.nodes.first() {
+                let _ = waiter.wake.send(node.clone());
+            }
+        }
+        self.waiting.store(0, Ordering::SeqCst);
+    }
+}
+
+/// A waiter's registration: removes it from the queue when its wait ends, and passes on a
+/// wake-up it received but will not use.
+struct Registered<'a> {
+    queue: &'a WaitQueue,
+    ticket: u64,
+    woken: oneshot::Receiver<Arc<NodeConn>>,
+}
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        {
+            let mut inner = self.queue.lock();
+            if let Some(at) = inner.waiters.iter().position(|w| w.ticket == self.ticket) {
+                inner.waiters.remove(at);
+                self.queue.waiting.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+        // Woken, but the wait ended another way (timed out at the same moment, the call was
+        // cancelled, or the re-check found a slot): the freed slot goes to the next in line.
+        if let Ok(node) = self.woken.try_recv() {
+            self.queue.slot_freed(&node);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(id: &str, limit: u32, queue: &Arc<WaitQueue>) -> Arc<NodeConn> {
+        Arc::new(NodeConn::new(id, "127.0.0.1:1", "a", limit, queue.clone()).unwrap())
+    }
+
+    #[tokio::test]
+    async fn a_freed_slot_goes_to_the_oldest_waiter_that_can_use_it() {
+        let queue = Arc::new(WaitQueue::default());
+        let a = node("a", 1, &queue);
+        let b = node("b", 1, &queue);
+        let slot_a = a.try_start_call().unwrap();
+        let slot_b = b.try_start_call().unwrap();
+        let wait = Duration::from_secs(30);
+        // The oldest waiter can only use b; the second can use a or b; the third only a.
+        let q = queue.clone();
+        let (bb, ab, aa) = (vec![b.clone()], vec![a.clone(), b.clone()], vec![a.clone()]);
+        let first = tokio::spawn(async move { q.wait(&mut Place::default(), bb, wait).await });
+        wait_len(&queue, 1).await;
+        let q = queue.clone();
+        let second = tokio::spawn(async move { q.wait(&mut Place::default(), ab, wait).await });
+        wait_len(&queue, 2).await;
+        let q = queue.clone();
+        let third = tokio::spawn(async move { q.wait(&mut Place::default(), aa, wait).await });
+        wait_len(&queue, 3).await;
+        // a frees: the first waiter cannot use it, the second (oldest that can) gets it.
+        drop(slot_a);
+        assert_eq!(second.await.unwrap(), Waited::Woken);
+        assert_eq!(queue.len(), 2);
+        assert!(!first.is_finished() && !third.is_finished());
+        drop(slot_b);
+        assert_eq!(first.await.unwrap(), Waited::Woken);
+        assert_eq!(queue.len(), 1);
+        assert!(!third.is_finished());
+        queue.wake_all();
+        assert_eq!(third.await.unwrap(), Waited::Woken);
+        assert!(queue.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_wait_finds_a_slot_freed_before_it_registered() {
+        let queue = Arc::new(WaitQueue::default());
+        let a = node("a", 1, &queue);
+        // Not full: the re-check after registering returns at once, and leaves no waiter.
+        let got = queue
+            .wait(
+                &mut Place::default(),
+                vec![a.clone()],
+                Duration::from_secs(30),
+            )
+            .await;
+        assert_eq!(got, Waited::Woken);
+        assert!(queue.is_empty());
+    }
+
+    #[tokio::test]
+    async fn waits_time_out_and_the_queue_is_bounded() {
+        let queue = Arc::new(WaitQueue::default());
+        let a = node("a", 1, &queue);
+        let _slot = a.try_start_call().unwrap();
+        let got = queue
+            .wait(
+                &mut Place::default(),
+                vec![a.clone()],
+                Duration::from_millis(10),
+            )
+            .await;
+        assert_eq!(got, Waited::TimedOut);
+        assert!(queue.is_empty());
+        let mut waiting = Vec::new();
+        for _ in 0..MAX_QUEUED_CALLS {
+            let (q, a) = (queue.clone(), a.clone());
+            waiting.push(tokio::spawn(async move {
+                q.wait(&mut Place::default(), vec![a], Duration::from_secs(60))
+                    .await
+            }));
+        }
+        wait_len(&queue, MAX_QUEUED_CALLS).await;
+        let got = queue
+            .wait(
+                &mut Place::default(),
+                vec![a.clone()],
+                Duration::from_secs(60),
+            )
+            .await;
+        assert_eq!(got, Waited::QueueFull);
+        // A call already in line keeps its place when it queues again.
+        let mut place = Place(Some(0));
+        let again = tokio::time::timeout(
+            Duration::from_millis(1),
+            queue.wait(&mut place, vec![a.clone()], Duration::from_secs(60)),
+        )
+        .await;
+        assert!(again.is_err(), "a call with a place must be let back in");
+        for w in waiting {
+            w.abort();
+        }
+    }
+
+    #[tokio::test]
+    async fn a_wake_up_not_used_is_passed_on() {
+        let queue = Arc::new(WaitQueue::default());
+        let a = node("a", 1, &queue);
+        let slot = a.try_start_call().unwrap();
+        let q = queue.clone();
+        let aa = vec![a.clone()];
+        // The first waiter is woken but its call is dropped before it runs again.
+        let first = async move {
+            q.wait(&mut Place::default(), aa, Duration::from_secs(30))
+                .await
+        };
+        let mut first = Box::pin(first);
+        assert!(futures::poll!(first.as_mut()).is_pending());
+        let q = queue.clone();
+        let aa = vec![a.clone()];
+        let second = tokio::spawn(async move {
+            q.wait(&mut Place::default(), aa, Duration::from_secs(30))
+                .await
+        });
+        wait_len(&queue, 2).await;
+        drop(slot);
+        assert_eq!(queue.len(), 1, "one waiter woken");
+        drop(first);
+        assert_eq!(second.await.unwrap(), Waited::Woken);
+        assert!(queue.is_empty());
+    }
+
+    async fn wait_len(queue: &WaitQueue, n: usize) {
+        for _ in 0..10_000 {
+            if queue.len() == n {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+        panic!("queue never reached {n} waiters (has {})", queue.len());
+    }
+}
