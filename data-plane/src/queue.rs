@@ -24,9 +24,11 @@ use tokio::sync::oneshot;
 
 use crate::endpoint::NodeConn;
 
-/// Calls that may wait for a free slot at once; beyond that they are shed at once. A few hundred
-/// absorbs a burst without letting an overload build a queue whose calls would time out anyway.
-pub const MAX_QUEUED_CALLS: usize = 256;
+/// Most calls that may wait at once, whatever their expected wait: a bound on the memory that
+/// queued requests hold (at inference's usual request sizes, tens of kilobytes, a few thousand
+/// calls are some tens of megabytes). The bound that sheds in practice is the expected wait
+/// ([`expected_wait`] against [`MAX_QUEUE_WAIT`]), which scales with how fast the nodes drain.
+pub const MAX_QUEUED_CALLS: usize = 4096;
 
 /// Longest a call waits in the queue in all: a slot that does not free up within half a second
 /// means the model is overloaded, and the caller is better served by a fast RESOURCE_EXHAUSTED
@@ -36,6 +38,33 @@ pub const MAX_QUEUE_WAIT: Duration = Duration::from_millis(500);
 /// A call's place in the queue, kept while it waits again after a wake-up it could not use.
 #[derive(Debug, Default)]
 pub struct Place(Option<u64>);
+
+impl Place {
+    /// Whether the call has queued before (it is then let back in whatever the queue's length).
+    pub fn has_queued(&self) -> bool {
+        self.0.is_some()
+    }
+}
+
+/// How long a call joining a queue of `queued` calls can expect to wait for a slot on nodes
+/// with the given (calls in flight, latency estimate in milliseconds): by Little's law each
+/// node frees slots at in-flight ÷ latency a second, and the call is served once the calls
+/// ahead of it are. `None` when the nodes free nothing (no call in flight, or none that ends:
+/// a hung node's estimate is huge, so it adds next to nothing).
+pub fn expected_wait(
+    queued: usize,
+    nodes: impl IntoIterator<Item = (u32, f64)>,
+) -> Option<Duration> {
+    let per_sec: f64 = nodes
+        .into_iter()
+        .filter(|(_, ms)| ms.is_finite() && *ms > 0.0)
+        .map(|(in_flight, ms)| f64::from(in_flight) * 1e3 / ms)
+        .sum();
+    if per_sec <= 0.0 || !per_sec.is_finite() {
+        return None;
+    }
+    Duration::try_from_secs_f64((queued as f64 + 1.0) / per_sec).ok()
+}
 
 /// How a wait ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -329,6 +358,25 @@ mod tests {
         drop(first);
         assert_eq!(second.await.unwrap(), Waited::Woken);
         assert!(queue.is_empty());
+    }
+
+    #[test]
+    fn the_expected_wait_follows_the_drain_rate() {
+        // Two nodes, 6 calls each, 20 ms: 600 slots a second; 299 ahead: half a second.
+        let w = expected_wait(299, [(6, 20.0), (6, 20.0)]).unwrap();
+        assert!((w.as_secs_f64() - 0.5).abs() < 1e-9, "{w:?}");
+        // A hung node (a minute's estimate) adds next to nothing; a slow one its share.
+        let hung = expected_wait(299, [(6, 20.0), (6, 20.0), (6, 60_000.0)]).unwrap();
+        assert!(hung > Duration::from_millis(499), "{hung:?}");
+        let slow = expected_wait(299, [(6, 20.0), (6, 20.0), (6, 60.0)]).unwrap();
+        assert!(
+            (slow.as_secs_f64() - 300.0 / 700.0).abs() < 1e-9,
+            "{slow:?}"
+        );
+        // Nothing in flight, or nonsense estimates: unknown.
+        assert_eq!(expected_wait(3, [(0, 20.0)]), None);
+        assert_eq!(expected_wait(3, [(4, f64::NAN), (4, 0.0), (4, -1.0)]), None);
+        assert_eq!(expected_wait(3, []), None);
     }
 
     async fn wait_len(queue: &WaitQueue, n: usize) {

@@ -14,7 +14,7 @@ use crate::balance::{self, Candidate, Policy};
 use crate::endpoint::outlier::CONSECUTIVE_FAILURES;
 use crate::endpoint::{InFlight, NodeConn, now_ns};
 use crate::error::RouteError;
-use crate::queue::{MAX_QUEUE_WAIT, Place, WaitQueue, Waited};
+use crate::queue::{MAX_QUEUE_WAIT, Place, WaitQueue, Waited, expected_wait};
 use crate::table::{ModelRoute, RoutedNode, RoutingTable};
 
 /// Most nodes of one region that may be ejected at once, as a share: half, so outlier ejection
@@ -226,6 +226,10 @@ impl RouterState {
     /// to `model` could use (routable, not in `tried`), in line behind the calls that queued
     /// before it ([`crate::queue`]); returns whether it may pick again. `place` keeps the call's
     /// place between waits.
+    ///
+    /// A call joining the queue is shed at once (`false`) when the calls ahead of it would
+    /// take longer than [`MAX_QUEUE_WAIT`] to drain at the rate its nodes finish calls: fast
+    /// shedding, and a queue whose length follows the nodes' speed rather than a fixed count.
     pub async fn wait_for_slot(
         &self,
         table: &RoutingTable,
@@ -246,6 +250,15 @@ impl RouterState {
             .filter(|n| !tried.iter().any(|t| Arc::ptr_eq(t, &n.conn)))
             .map(|n| n.conn.clone())
             .collect();
+        if !place.has_queued() {
+            let now = now_ns();
+            let drain = nodes
+                .iter()
+                .map(|n| (n.in_flight(), n.latency.estimate_ms(now)));
+            if expected_wait(self.queue.len(), drain).is_some_and(|w| w > MAX_QUEUE_WAIT) {
+                return false;
+            }
+        }
         let wait = wait.min(MAX_QUEUE_WAIT);
         self.queue.wait(place, nodes, wait).await == Waited::Woken
     }
