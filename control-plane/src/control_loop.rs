@@ -423,6 +423,13 @@ fn inherited_health(e: &Endpoint) -> NodeHealth {
     NodeHealth {
         state,
         ready_models: e.ready_models.clone(),
+        // The entry's models are the discovered ones when the node declares none.
+        discovered: e
+            .spec
+            .iter()
+            .flat_map(|s| &s.models)
+            .map(|m| m.name.clone())
+            .collect(),
         ..NodeHealth::default()
     }
 }

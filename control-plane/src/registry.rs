@@ -22,7 +22,7 @@ const MAX_NAME_LEN: usize = 128;
 /// that weight arithmetic never overflows or loses precision.
 const MAX_CAPACITY: i64 = 1_000_000;
 
-fn check_name(field: &str, value: &str, required: bool) -> Result<(), Error> {
+pub(crate) fn check_name(field: &str, value: &str, required: bool) -> Result<(), Error> {
     if value.is_empty() {
         return if required {
             Err(Error::InvalidSpec(format!("{field} is required")))
@@ -91,9 +91,7 @@ pub fn validate(spec: &NodeSpec) -> Result<(), Error> {
             spec.capacity
         )));
     }
-    if spec.models.is_empty() {
-        return Err(Error::InvalidSpec("at least one model is required".into()));
-    }
+    // No models: the control plane lists them from the server (`RepositoryIndex`).
     let mut seen = std::collections::HashSet::new();
     for m in &spec.models {
         check_name("model name", &m.name, true)?;
@@ -248,7 +246,7 @@ mod tests {
         assert!(validate(&spec("a/b", "127.0.0.1:1")).is_err());
         let mut s = spec("x", "127.0.0.1:1");
         s.models.clear();
-        assert!(validate(&s).is_err());
+        validate(&s).expect("no models: discovered from the server");
         s.models = vec![spec("x", "y:1").models[0].clone(); 2];
         assert!(validate(&s).is_err());
     }

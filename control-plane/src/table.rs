@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use fulcrum_proto::fulcrum::v1::{Endpoint, HealthState, NodeSpec};
+use fulcrum_proto::fulcrum::v1::{Endpoint, HealthState, Model, NodeSpec};
 
 use crate::health::NodeHealth;
 use crate::load::LoadView;
@@ -63,14 +63,43 @@ fn median(mut v: Vec<f64>) -> Option<f64> {
     Some(v[v.len() / 2])
 }
 
+/// The models a node serves: those it was registered with, or else those its server listed.
+fn model_names<'a>(spec: &'a NodeSpec, h: Option<&'a NodeHealth>) -> impl Iterator<Item = &'a str> {
+    let declared = spec.models.iter().map(|m| m.name.as_str());
+    let discovered = h
+        .filter(|_| spec.models.is_empty())
+        .into_iter()
+        .flat_map(|h| h.discovered.iter().map(String::as_str));
+    declared.chain(discovered)
+}
+
+/// The node's spec as the routers get it: a node registered without models carries those its
+/// server listed (routers know a node's models from its spec only).
+fn with_discovered_models(spec: &NodeSpec, h: Option<&NodeHealth>) -> NodeSpec {
+    let mut spec = spec.clone();
+    if spec.models.is_empty()
+        && let Some(h) = h
+    {
+        spec.models = h
+            .discovered
+            .iter()
+            .map(|name| Model {
+                name: name.clone(),
+                versions: vec![],
+            })
+            .collect();
+    }
+    spec
+}
+
 /// Builds the endpoints (sorted by node id).
 pub fn build(i: &Inputs<'_>) -> Vec<Endpoint> {
     // Median latency of the nodes serving each model: a node's peers are those sharing a model.
     let mut latencies: HashMap<&str, Vec<f64>> = HashMap::new();
     for spec in i.specs {
         if let Some(l) = i.load.get(&spec.id).and_then(|l| l.latency_ms) {
-            for m in &spec.models {
-                latencies.entry(m.name.as_str()).or_default().push(l);
+            for m in model_names(spec, i.health.get(&spec.id)) {
+                latencies.entry(m).or_default().push(l);
             }
         }
     }
@@ -85,10 +114,8 @@ pub fn build(i: &Inputs<'_>) -> Vec<Endpoint> {
         .map(|spec| {
             let h = i.health.get(&spec.id);
             let load = i.load.get(&spec.id);
-            let peer_latency = spec
-                .models
-                .iter()
-                .filter_map(|m| medians.get(m.name.as_str()).copied())
+            let peer_latency = model_names(spec, h)
+                .filter_map(|m| medians.get(m).copied())
                 .reduce(f64::min);
             let latency_ratio = match (load.and_then(|l| l.latency_ms), peer_latency) {
                 (Some(l), Some(p)) if p > 0.0 => Some(l / p),
@@ -141,7 +168,7 @@ pub fn build(i: &Inputs<'_>) -> Vec<Endpoint> {
                 weight = p;
             }
             Endpoint {
-                spec: Some(spec.clone()),
+                spec: Some(with_discovered_models(spec, h)),
                 health: state as i32,
                 weight,
                 ready_models: h.map(|h| h.ready_models.clone()).unwrap_or_default(),
@@ -195,6 +222,40 @@ mod tests {
             previous: &HashMap::new(),
             elapsed: Duration::from_secs(1),
         })
+    }
+
+    #[test]
+    fn a_node_registered_without_models_carries_those_its_server_listed() {
+        let mut bare = spec("d", "a");
+        bare.models.clear();
+        let specs = vec![spec("a1", "a"), bare];
+        let mut health = healthy(&["a1", "d"]);
+        health.get_mut("d").unwrap().discovered = vec!["m".into(), "x".into()];
+        // Declared models win: a node's own list is never replaced.
+        health.get_mut("a1").unwrap().discovered = vec!["other".into()];
+        let load = LoadView::default();
+        let overrides = Overrides::default();
+        let previous = HashMap::new();
+        let endpoints = build(&Inputs {
+            specs: &specs,
+            health: &health,
+            load: &load,
+            overrides: &overrides,
+            previous: &previous,
+            elapsed: Duration::from_secs(1),
+        });
+        let models = |id: &str| -> Vec<String> {
+            let e = endpoints.iter().find(|e| node_id(e) == id).unwrap();
+            e.spec
+                .as_ref()
+                .unwrap()
+                .models
+                .iter()
+                .map(|m| m.name.clone())
+                .collect()
+        };
+        assert_eq!(models("d"), ["m", "x"]);
+        assert_eq!(models("a1"), ["m"]);
     }
 
     #[test]

@@ -13,6 +13,11 @@ pub enum RouteError {
     /// No registered node declares the model.
     #[error("model {0:?} is not served by any registered node")]
     UnknownModel(String),
+    /// A model repository other than the router's one (its routing table) was named.
+    #[error(
+        "unknown model repository {0:?}: a router has one, the models it routes; leave repository_name empty"
+    )]
+    UnknownRepository(String),
     /// Nodes declare the model, but none is healthy (in any region).
     #[error(
         "no healthy node serves model {model:?} (router region {region:?}, routing version {version})"
@@ -52,7 +57,9 @@ impl From<RouteError> for Status {
         let msg = e.to_string();
         match e {
             RouteError::InvalidRequest(_) => Status::invalid_argument(msg),
-            RouteError::UnknownModel(_) => Status::not_found(msg),
+            RouteError::UnknownModel(_) | RouteError::UnknownRepository(_) => {
+                Status::not_found(msg)
+            }
             RouteError::NoHealthyNode { .. } => Status::unavailable(msg),
             RouteError::AllNodesBusy { .. } => Status::resource_exhausted(msg),
             RouteError::DeadlineExceeded { .. } => Status::deadline_exceeded(msg),

@@ -33,6 +33,10 @@ def check_router(url, region):
     check(meta["name"] == "fulcrum", f"{url}: ServerMetadata {meta}")
     mmeta = c.get_model_metadata("echo", as_json=True)
     check(mmeta["name"] == "echo", f"{url}: ModelMetadata {mmeta}")
+    # The model repository index: the models the router routes, and their state.
+    index = c.get_model_repository_index(as_json=True).get("models", [])
+    check([(m["name"], m.get("state")) for m in index] == [("echo", "READY")],
+          f"{url}: RepositoryIndex {index}")
 
     # ModelInfer, raw contents (tritonclient's own encoding), several datatypes at once.
     x = np.arange(12, dtype=np.float32).reshape(3, 4)

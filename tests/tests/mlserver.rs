@@ -138,7 +138,8 @@ async fn tritonclient_through_a_router_to_mlserver_and_node_sims_then_mlserver_d
     let cp = stack::control_plane("memory:").await;
     let mut admin = admin(cp.addr).await;
     let ml = MlServer::start(&["doubler"]).await;
-    register(&mut admin, spec("ml-1", ml.grpc_addr, "a", &["doubler"], 4)).await;
+    // Registered without models: the control plane lists them from MLServer (RepositoryIndex).
+    register(&mut admin, spec("ml-1", ml.grpc_addr, "a", &[], 4)).await;
     let sims = [node_sim("sim-1").await, node_sim("sim-2").await];
     for (i, s) in sims.iter().enumerate() {
         register(

@@ -5,9 +5,10 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use fulcrum_proto::fulcrum::v1::{GetNodeRequest, HealthState};
 use fulcrum_proto::inference::{
-    ModelInferRequest, ModelMetadataRequest, ModelReadyRequest, ServerLiveRequest,
-    ServerMetadataRequest, ServerReadyRequest,
+    ModelInferRequest, ModelMetadataRequest, ModelReadyRequest, RepositoryIndexRequest,
+    ServerLiveRequest, ServerMetadataRequest, ServerReadyRequest,
 };
 use fulcrum_sim::node::{NodeSimConfig, RunningNodeSim, spawn};
 use fulcrum_tests::etcd::Etcd;
@@ -228,4 +229,80 @@ async fn router_answers_the_whole_protocol() {
         }
     }
     assert_eq!((ok, errors), (2, 1));
+}
+
+/// A node registered without models has them listed by its server (`RepositoryIndex`): the
+/// router routes every model the server has, lists them in its own `RepositoryIndex`, and a
+/// server that cannot list its models is unhealthy with a reason that says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn models_of_a_node_registered_without_any_are_listed_from_the_server() {
+    let etcd = Etcd::start().await;
+    let cp = stack::control_plane(&etcd.url()).await;
+    let mut admin = admin(cp.addr).await;
+    let n = spawn(
+        NodeSimConfig {
+            name: "a-1".into(),
+            models: vec!["echo".into(), "resnet".into()],
+            ..Default::default()
+        },
+        "127.0.0.1:0".parse().unwrap(),
+    )
+    .await
+    .expect("start node-sim");
+    register(&mut admin, spec("a-1", n.addr, "a", &[], 4)).await;
+    // The control plane's own address serves gRPC but no inference: it cannot list models.
+    register(&mut admin, spec("a-2", cp.addr, "a", &[], 4)).await;
+    let router = stack::router("a", cp.addr, None).await;
+    wait_ready(router.addr).await;
+    let mut c = oip(router.addr).await;
+    for model in ["echo", "resnet"] {
+        let req = echo_request(model, &[3.0]);
+        let resp = c.model_infer(req.clone()).await.expect(model);
+        assert_echoed(&req, resp.get_ref());
+        assert_eq!(served_by(resp.metadata()).0, "a-1");
+    }
+    let index = c
+        .repository_index(RepositoryIndexRequest {
+            repository_name: String::new(),
+            ready: true,
+        })
+        .await
+        .expect("router's RepositoryIndex")
+        .into_inner();
+    let listed: Vec<(&str, &str)> = index
+        .models
+        .iter()
+        .map(|m| (m.name.as_str(), m.state.as_str()))
+        .collect();
+    assert_eq!(listed, [("echo", "READY"), ("resnet", "READY")]);
+    let unknown_repo = c
+        .repository_index(RepositoryIndexRequest {
+            repository_name: "models".into(),
+            ready: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(unknown_repo.code(), tonic::Code::NotFound);
+    assert!(
+        unknown_repo.message().contains("repository_name"),
+        "{}",
+        unknown_repo.message()
+    );
+    let bad = eventually("a-2 probed", Duration::from_secs(20), || {
+        let mut a = admin.clone();
+        async move {
+            let n = a
+                .get_node(GetNodeRequest { id: "a-2".into() })
+                .await
+                .ok()?
+                .into_inner();
+            (n.endpoint.as_ref()?.health() == HealthState::Unhealthy).then_some(n)
+        }
+    })
+    .await;
+    assert!(
+        bad.last_error.contains("RepositoryIndex"),
+        "the reason names what is missing: {:?}",
+        bad.last_error
+    );
 }

@@ -75,8 +75,10 @@ enum CtlCommand {
         /// Its zone inside the region.
         #[arg(long, default_value = "")]
         zone: String,
-        /// Models it serves, comma-separated; NAME or NAME:VERSION.
-        #[arg(long, value_delimiter = ',', required = true)]
+        /// Models it serves, comma-separated; NAME or NAME:VERSION. Leave it out to have the
+        /// control plane list them from the server (model repository `RepositoryIndex`, which
+        /// Triton and MLServer answer) on every probe.
+        #[arg(long, value_delimiter = ',')]
         models: Vec<String>,
         /// Concurrent calls it is sized for.
         #[arg(long, allow_negative_numbers = true)]

@@ -59,6 +59,10 @@ pub struct NodeHealth {
     pub last_error: String,
     /// Models ready at the last passing probe.
     pub ready_models: Vec<String>,
+    /// The models the server listed at the last probe that could list them, for a node
+    /// registered without models (empty otherwise). Kept while the node fails, so that its
+    /// models stay known (UNAVAILABLE at the routers, not NOT_FOUND).
+    pub discovered: Vec<String>,
 }
 
 impl Default for NodeHealth {
@@ -68,6 +72,7 @@ impl Default for NodeHealth {
             streak: 0,
             last_error: String::new(),
             ready_models: Vec::new(),
+            discovered: Vec::new(),
         }
     }
 }

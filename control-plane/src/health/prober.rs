@@ -2,6 +2,10 @@
 //! `grpc.health.v1.Health/Check` (overall server health), the Open Inference Protocol's
 //! `ServerReady`, and `ModelReady` for each model the node declares.
 //!
+//! A node registered without models has them listed by its server on every probe, with the
+//! model repository extension's `RepositoryIndex` (Triton and MLServer both answer it), so
+//! models loaded or unloaded on the server show up at the routers without a registration.
+//!
 //! A server that does not implement grpc.health.v1 (UNIMPLEMENTED) is judged by the OIP calls
 //! alone, since Triton and MLServer differ in what they expose.
 
@@ -11,7 +15,7 @@ use std::time::Duration;
 
 use fulcrum_proto::fulcrum::v1::NodeSpec;
 use fulcrum_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
-use fulcrum_proto::inference::{ModelReadyRequest, ServerReadyRequest};
+use fulcrum_proto::inference::{ModelReadyRequest, RepositoryIndexRequest, ServerReadyRequest};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tonic::Code;
@@ -21,6 +25,10 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
 use super::{NodeHealth, Observation, Thresholds};
+
+/// Most models taken from one server's `RepositoryIndex`: far more than a server loads at once,
+/// and a bound on what a misbehaving server can make the control plane store and publish.
+const MAX_DISCOVERED_MODELS: usize = 1024;
 
 /// How and how often nodes are probed.
 #[derive(Debug, Clone, Copy)]
@@ -130,16 +138,25 @@ async fn probe_loop(spec: NodeSpec, config: ProbeConfig, health: HealthMap, chan
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
-        let obs = tokio::time::timeout(config.timeout, probe(channel.clone(), &spec))
+        let (obs, discovered) = tokio::time::timeout(config.timeout, probe(channel.clone(), &spec))
             .await
             .unwrap_or_else(|_| {
-                Observation::Fail(format!("probe timed out after {:?}", config.timeout))
+                let why = format!("probe timed out after {:?}", config.timeout);
+                (Observation::Fail(why), None)
             });
         let did_change = {
             let mut map = health.lock().unwrap_or_else(PoisonError::into_inner);
             let entry = map.entry(spec.id.clone()).or_default();
             let before = entry.state;
-            let did_change = entry.observe(obs, config.thresholds);
+            let mut did_change = false;
+            if let Some(models) = discovered
+                && models != entry.discovered
+            {
+                tracing::info!(node = %spec.id, ?models, "models listed by the server");
+                entry.discovered = models;
+                did_change = true;
+            }
+            did_change |= entry.observe(obs, config.thresholds);
             if entry.state != before {
                 tracing::info!(node = %spec.id, from = ?before, to = ?entry.state,
                     error = %entry.last_error, "node health changed");
@@ -152,8 +169,65 @@ async fn probe_loop(spec: NodeSpec, config: ProbeConfig, health: HealthMap, chan
     }
 }
 
-/// One probe of one node.
-async fn probe(channel: Channel, spec: &NodeSpec) -> Observation {
+/// One probe of one node: its verdict, and the models its server listed when it was registered
+/// without any (`None` when it was not, or when they could not be listed).
+async fn probe(channel: Channel, spec: &NodeSpec) -> (Observation, Option<Vec<String>>) {
+    let mut oip = GrpcInferenceServiceClient::new(channel.clone());
+    let discovered = if spec.models.is_empty() {
+        match list_models(&mut oip).await {
+            Ok(models) => Some(models),
+            Err(why) => return (Observation::Fail(why), None),
+        }
+    } else {
+        None
+    };
+    let models: Vec<String> = match &discovered {
+        Some(models) => models.clone(),
+        None => spec.models.iter().map(|m| m.name.clone()).collect(),
+    };
+    let obs = check(channel, oip, &models).await;
+    (obs, discovered)
+}
+
+/// The models a server lists (`RepositoryIndex`), whatever their state, sorted; names that
+/// could not be registered are skipped.
+async fn list_models(oip: &mut GrpcInferenceServiceClient<Channel>) -> Result<Vec<String>, String> {
+    let request = RepositoryIndexRequest {
+        repository_name: String::new(),
+        ready: false,
+    };
+    let index = match oip.repository_index(request).await {
+        Ok(r) => r.into_inner(),
+        Err(s) if s.code() == Code::Unimplemented => {
+            return Err(
+                "registered without models, and the server cannot list them \
+                 (RepositoryIndex is unimplemented): register the node with its models"
+                    .into(),
+            );
+        }
+        Err(s) => return Err(format!("RepositoryIndex: {}", s.message())),
+    };
+    let mut models: Vec<String> = index
+        .models
+        .into_iter()
+        .map(|m| m.name)
+        .filter(|name| crate::registry::check_name("model name", name, true).is_ok())
+        .collect();
+    models.sort();
+    models.dedup();
+    models.truncate(MAX_DISCOVERED_MODELS);
+    if models.is_empty() {
+        return Err("registered without models, and the server lists none".into());
+    }
+    Ok(models)
+}
+
+/// Checks a server's health and the readiness of `models` on it.
+async fn check(
+    channel: Channel,
+    mut oip: GrpcInferenceServiceClient<Channel>,
+    models: &[String],
+) -> Observation {
     let mut health = HealthClient::new(channel.clone());
     match health
         .check(HealthCheckRequest {
@@ -168,27 +242,26 @@ async fn probe(channel: Channel, spec: &NodeSpec) -> Observation {
         Err(s) if s.code() == Code::Unimplemented => {}
         Err(s) => return Observation::Fail(format!("health check: {}", s.message())),
     }
-    let mut oip = GrpcInferenceServiceClient::new(channel);
     match oip.server_ready(ServerReadyRequest {}).await {
         Ok(r) if r.get_ref().ready => {}
         Ok(_) => return Observation::Fail("ServerReady says not ready".into()),
         Err(s) => return Observation::Fail(format!("ServerReady: {}", s.message())),
     }
     let mut ready_models = Vec::new();
-    for m in &spec.models {
+    for name in models {
         let req = ModelReadyRequest {
-            name: m.name.clone(),
+            name: name.clone(),
             version: String::new(),
         };
         if let Ok(r) = oip.model_ready(req).await
             && r.get_ref().ready
         {
-            ready_models.push(m.name.clone());
+            ready_models.push(name.clone());
         }
     }
     if ready_models.is_empty() {
-        Observation::Fail("no declared model is ready".into())
-    } else if ready_models.len() < spec.models.len() {
+        Observation::Fail("no model of the node is ready".into())
+    } else if ready_models.len() < models.len() {
         Observation::Degraded { ready_models }
     } else {
         Observation::Pass { ready_models }

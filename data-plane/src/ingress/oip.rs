@@ -4,7 +4,8 @@
 //! it holds a table with at least one routable node). `ModelReady` and `ModelMetadata` are
 //! asked of a node that serves the model. `ModelInfer` is validated, routed (own region first)
 //! and forwarded; `ModelStreamInfer` opens one upstream stream per model named on the client's
-//! stream and multiplexes the answers back. Every answer from a node carries `x-fulcrum-node`
+//! stream and multiplexes the answers back. `RepositoryIndex` lists the models the router
+//! routes: `READY` when a node is routable for it, `UNAVAILABLE` otherwise. Every answer from a node carries `x-fulcrum-node`
 //! and `x-fulcrum-region`; a unary answer also `x-fulcrum-attempts`.
 
 use std::collections::HashMap;
@@ -16,9 +17,10 @@ use fulcrum_proto::inference::grpc_inference_service_client::GrpcInferenceServic
 use fulcrum_proto::inference::grpc_inference_service_server::GrpcInferenceService;
 use fulcrum_proto::inference::{
     ModelInferRequest, ModelInferResponse, ModelMetadataRequest, ModelMetadataResponse,
-    ModelReadyRequest, ModelReadyResponse, ModelStreamInferResponse, ServerLiveRequest,
-    ServerLiveResponse, ServerMetadataRequest, ServerMetadataResponse, ServerReadyRequest,
-    ServerReadyResponse,
+    ModelReadyRequest, ModelReadyResponse, ModelStreamInferResponse, RepositoryIndexRequest,
+    RepositoryIndexResponse, ServerLiveRequest, ServerLiveResponse, ServerMetadataRequest,
+    ServerMetadataResponse, ServerReadyRequest, ServerReadyResponse,
+    repository_index_response::ModelIndex,
 };
 use futures::Stream;
 use tokio::sync::mpsc;
@@ -113,6 +115,37 @@ impl GrpcInferenceService for OipService {
             }
             other => other,
         }
+    }
+
+    async fn repository_index(
+        &self,
+        request: Request<RepositoryIndexRequest>,
+    ) -> Result<Response<RepositoryIndexResponse>, Status> {
+        let request = request.into_inner();
+        if !request.repository_name.is_empty() {
+            return Err(RouteError::UnknownRepository(request.repository_name).into());
+        }
+        let table = self.state.table.load();
+        let mut models: Vec<ModelIndex> = table
+            .models
+            .iter()
+            .filter(|(_, route)| !request.ready || route.is_routable())
+            .map(|(name, route)| {
+                let ready = route.is_routable();
+                ModelIndex {
+                    name: name.clone(),
+                    version: String::new(),
+                    state: if ready { "READY" } else { "UNAVAILABLE" }.into(),
+                    reason: if ready {
+                        String::new()
+                    } else {
+                        "no healthy node serves it".into()
+                    },
+                }
+            })
+            .collect();
+        models.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(Response::new(RepositoryIndexResponse { models }))
     }
 
     async fn server_metadata(

@@ -13,9 +13,10 @@ use fulcrum_proto::inference::model_infer_response::InferOutputTensor;
 use fulcrum_proto::inference::model_metadata_response::TensorMetadata;
 use fulcrum_proto::inference::{
     ModelInferRequest, ModelInferResponse, ModelMetadataRequest, ModelMetadataResponse,
-    ModelReadyRequest, ModelReadyResponse, ModelStreamInferResponse, ServerLiveRequest,
-    ServerLiveResponse, ServerMetadataRequest, ServerMetadataResponse, ServerReadyRequest,
-    ServerReadyResponse,
+    ModelReadyRequest, ModelReadyResponse, ModelStreamInferResponse, RepositoryIndexRequest,
+    RepositoryIndexResponse, ServerLiveRequest, ServerLiveResponse, ServerMetadataRequest,
+    ServerMetadataResponse, ServerReadyRequest, ServerReadyResponse,
+    repository_index_response::ModelIndex,
 };
 use futures::Stream;
 use prost::bytes::Bytes;
@@ -334,6 +335,35 @@ impl GrpcInferenceService for InferenceService {
     ) -> Result<Response<ModelReadyResponse>, Status> {
         let ready = self.shared.healthy() && self.shared.serves(&request.get_ref().name);
         Ok(Response::new(ModelReadyResponse { ready }))
+    }
+
+    async fn repository_index(
+        &self,
+        request: Request<RepositoryIndexRequest>,
+    ) -> Result<Response<RepositoryIndexResponse>, Status> {
+        let request = request.into_inner();
+        if !request.repository_name.is_empty() {
+            return Err(Status::not_found(format!(
+                "node {} has one model repository; unknown repository {:?}",
+                self.shared.name, request.repository_name
+            )));
+        }
+        let ready = self.shared.healthy();
+        if request.ready && !ready {
+            return Ok(Response::new(RepositoryIndexResponse::default()));
+        }
+        let models = self
+            .shared
+            .models
+            .iter()
+            .map(|name| ModelIndex {
+                name: name.clone(),
+                version: MODEL_VERSION.to_string(),
+                state: if ready { "READY" } else { "UNAVAILABLE" }.to_string(),
+                reason: String::new(),
+            })
+            .collect();
+        Ok(Response::new(RepositoryIndexResponse { models }))
     }
 
     async fn server_metadata(
