@@ -1341,8 +1341,15 @@ def main() -> int:
                          "docs/benchmarks.md with --write-docs)")
     args = ap.parse_args()
     if args.render:
-        res = json.loads(Path(args.render).read_text())
-        print(terminal_report(res))
+        path = Path(args.render)
+        res = json.loads(path.read_text())
+        # results-MODE.json is scenario 1; results-MODE-NAME.json another scenario.
+        by_name = {name: n for n, name in SCENARIO_NAMES.items()}
+        scenario = by_name.get(path.stem.rsplit("-", 1)[-1])
+        if scenario is None:
+            print(terminal_report(res))
+        else:
+            print("\n".join(scenario_module(scenario).terminal(res)))
         if args.write_docs:
             write_doc(res["mode"])
         return 0
