@@ -19,6 +19,7 @@
 //! - [`ingress`]: the services clients call ([`ingress::oip`]) and deadlines.
 //! - [`validate`]: request checks done before forwarding.
 //! - [`limits`]: the inbound message size limit.
+//! - [`metrics`]: Prometheus metrics, read from the router's state at each scrape.
 //! - [`error`]: errors and their gRPC statuses.
 //! - [`shard`]: the serving threads, one single-threaded runtime each.
 //! - [`server`]: assemble and serve a router.
@@ -31,6 +32,7 @@ pub mod error;
 pub mod hedge;
 pub mod ingress;
 pub mod limits;
+pub mod metrics;
 pub mod policy;
 pub mod queue;
 pub mod router;
@@ -40,4 +42,4 @@ pub mod subscriber;
 pub mod table;
 pub mod validate;
 
-pub use server::{RouterConfig, serve};
+pub use server::{RouterConfig, serve, serve_with_metrics};

@@ -72,10 +72,27 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
+    serve_with_metrics(config, listener, None, shutdown).await
+}
+
+/// [`serve`], with Prometheus metrics ([`crate::metrics`]) on `metrics` when given.
+pub async fn serve_with_metrics(
+    config: RouterConfig,
+    listener: TcpListener,
+    metrics: Option<TcpListener>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), tonic::transport::Error> {
     let state = Arc::new(RouterState::new(
         config.region.clone(),
         config.max_message_size,
     ));
+    let metrics = metrics.map(|l| {
+        tokio::spawn(crate::metrics::serve(
+            state.clone(),
+            l,
+            std::future::pending(),
+        ))
+    });
     let subscription = tokio::spawn(subscriber::run(
         SubscriberConfig {
             control: config.control.clone(),
@@ -117,6 +134,9 @@ pub async fn serve(
         serve_sharded(&config, &mut shards, listener, shutdown).await
     };
     subscription.abort();
+    if let Some(m) = metrics {
+        m.abort();
+    }
     result
 }
 

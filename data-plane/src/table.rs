@@ -79,6 +79,8 @@ pub struct ModelState {
     pub share: Arc<AppliedShare>,
     /// Recent latencies, for hedging after p95.
     pub latency: Arc<LatencyWindow>,
+    /// Counters for metrics.
+    pub stats: Arc<crate::metrics::ModelStats>,
 }
 
 impl Default for ModelState {
@@ -87,6 +89,7 @@ impl Default for ModelState {
             budget: Arc::new(TpsBudget::new(RETRY_TTL, RETRY_MIN_PER_SEC, RETRY_PERCENT)),
             share: Arc::new(AppliedShare::new(1.0)),
             latency: Arc::default(),
+            stats: Arc::default(),
         }
     }
 }

@@ -26,6 +26,9 @@ pub(crate) struct RouterArgs {
     /// connections (0: one per core this process may run on).
     #[arg(long, default_value_t = 0)]
     threads: usize,
+    /// Address to serve Prometheus metrics on (`GET /metrics`); none by default.
+    #[arg(long)]
+    metrics_listen: Option<String>,
 }
 
 impl RouterArgs {
@@ -44,7 +47,22 @@ pub(crate) async fn run(args: RouterArgs) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
-    tracing::info!(listen = %args.listen, region = %args.region, control = ?args.control, "router serving");
-    fulcrum_data_plane::serve(args.config(), listener, crate::shutdown_signal()).await?;
+    let metrics = match &args.metrics_listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding {addr} for metrics"))?,
+        ),
+        None => None,
+    };
+    tracing::info!(listen = %args.listen, region = %args.region, control = ?args.control,
+        metrics = ?args.metrics_listen, "router serving");
+    fulcrum_data_plane::serve_with_metrics(
+        args.config(),
+        listener,
+        metrics,
+        crate::shutdown_signal(),
+    )
+    .await?;
     Ok(())
 }

@@ -95,6 +95,9 @@ pub struct NodeConn {
     limit: AtomicU32,
     calls: AtomicU64,
     errors: AtomicU64,
+    /// `calls` and `errors` since the start, for metrics (those two are reset by load reports).
+    calls_total: AtomicU64,
+    errors_total: AtomicU64,
     queue: Arc<WaitQueue>,
 }
 
@@ -130,6 +133,8 @@ impl NodeConn {
             limit: AtomicU32::new(limit),
             calls: AtomicU64::new(0),
             errors: AtomicU64::new(0),
+            calls_total: AtomicU64::new(0),
+            errors_total: AtomicU64::new(0),
             queue,
         })
     }
@@ -226,6 +231,7 @@ impl NodeConn {
         match outcome {
             Outcome::Success => {
                 self.calls.fetch_add(1, Ordering::Relaxed);
+                self.calls_total.fetch_add(1, Ordering::Relaxed);
                 self.latency.observe(elapsed, now);
                 self.outlier.on_success(now / 1_000_000);
                 self.reconnect.succeeded();
@@ -234,6 +240,8 @@ impl NodeConn {
             Outcome::Failure => {
                 self.calls.fetch_add(1, Ordering::Relaxed);
                 self.errors.fetch_add(1, Ordering::Relaxed);
+                self.calls_total.fetch_add(1, Ordering::Relaxed);
+                self.errors_total.fetch_add(1, Ordering::Relaxed);
                 // A failure counts as a call FAILURE_PENALTY times slower than the node's usual:
                 // a node that fails fast must not look fast (p2c would pour calls into it), and
                 // a node that times out is at least as slow as the time it took.
@@ -262,6 +270,14 @@ impl NodeConn {
     /// Whether calls should skip the node now: ejected as an outlier, or in reconnect backoff.
     pub fn is_out(&self, now_ms: u64) -> bool {
         self.outlier.is_ejected(now_ms) || self.reconnect.is_paused(now_ms)
+    }
+
+    /// Attempts and failed attempts since the router started (for metrics).
+    pub fn totals(&self) -> (u64, u64) {
+        (
+            self.calls_total.load(Ordering::Relaxed),
+            self.errors_total.load(Ordering::Relaxed),
+        )
     }
 
     /// Calls and errors since the previous call of this method (for load reports).

@@ -35,6 +35,8 @@ pub struct Outlier {
     consecutive: AtomicU32,
     ejected_until_ms: AtomicU64,
     ejections: AtomicU32,
+    /// Ejections ever (for metrics; `ejections` resets when the node behaves).
+    ejections_total: AtomicU64,
 }
 
 impl Outlier {
@@ -63,6 +65,7 @@ impl Outlier {
 
     /// Ejects the node from `now_ms`; returns for how long.
     pub fn eject(&self, now_ms: u64) -> Duration {
+        self.ejections_total.fetch_add(1, Ordering::Relaxed);
         let n = self.ejections.fetch_add(1, Ordering::Relaxed) + 1;
         let t = ejection_time(n);
         self.ejected_until_ms
@@ -70,6 +73,11 @@ impl Outlier {
         // The streak that caused this ejection is spent.
         self.consecutive.store(0, Ordering::Relaxed);
         t
+    }
+
+    /// Times the node was ejected since the router started.
+    pub fn ejections(&self) -> u64 {
+        self.ejections_total.load(Ordering::Relaxed)
     }
 
     /// Whether the node is ejected at `now_ms`.

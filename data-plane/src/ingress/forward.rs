@@ -136,6 +136,8 @@ where
     let latency = route.state.latency.clone();
     retry_budget.deposit();
 
+    let stats = route.state.stats.clone();
+    let result: Result<Response<T>, Status> = async {
     let mut tried: Vec<Arc<NodeConn>> = Vec::new();
     let mut queued_until: Option<Instant> = None;
     let mut place = Place::default();
@@ -216,6 +218,7 @@ where
                         continue;
                     }
                     return Err(last_failure.unwrap_or_else(|| {
+                        stats.shed();
                         RouteError::AllNodesBusy {
                             model: model.to_owned(),
                         }
@@ -256,6 +259,7 @@ where
                             return Err(last_failure.take().expect("just set"));
                         }
                         tracing::debug!(node = %conn.id, attempt = started_attempts, "retrying on another node");
+                        stats.retried();
                         let pause = backoff(started_attempts, &mut rand::rng())
                             .min(deadline_at.saturating_duration_since(Instant::now()));
                         tokio::time::sleep(pause).await;
@@ -269,6 +273,7 @@ where
                     let remaining = deadline_at.saturating_duration_since(Instant::now());
                     if let Ok(picked) = state.pick(&table, model, &tried, key) {
                         tracing::debug!(node = %picked.node.conn.id, "hedging");
+                        stats.hedged();
                         tried.push(picked.node.conn.clone());
                         started_attempts += 1;
                         running.push(start(picked, remaining));
@@ -285,6 +290,11 @@ where
             }
         }
     }
+    }
+    .await;
+    let code = result.as_ref().map_or_else(Status::code, |_| Code::Ok);
+    stats.answered(code, started.elapsed());
+    result
 }
 
 #[cfg(test)]

@@ -1,0 +1,411 @@
+//! The router's Prometheus metrics, served on their own listener (`fulcrum router
+//! --metrics-listen`) at `GET /metrics` in the text exposition format.
+//!
+//! Everything is read from the router's state at each scrape: the call path only bumps atomics
+//! (per node: calls and errors; per model: answers by status code, retries, hedges, calls shed,
+//! and a latency histogram), so scraping costs the calls nothing.
+//!
+//! | metric | labels | what |
+//! |---|---|---|
+//! | `fulcrum_router_requests_total` | model, code | calls answered, by gRPC status |
+//! | `fulcrum_router_request_duration_seconds` | model | latency of answered calls (histogram) |
+//! | `fulcrum_router_retries_total`, `fulcrum_router_hedges_total` | model | extra attempts |
+//! | `fulcrum_router_shed_total` | model | calls shed by the router (every node full) |
+//! | `fulcrum_router_local_share` | model | share of calls the local region takes now |
+//! | `fulcrum_router_node_in_flight`, `fulcrum_router_node_limit` | node, region | calls in flight from this router, and its limit |
+//! | `fulcrum_router_node_attempts_total`, `fulcrum_router_node_failures_total` | node, region | attempts sent, and failed (the node's fault) |
+//! | `fulcrum_router_node_latency_seconds` | node, region | peak-EWMA latency estimate |
+//! | `fulcrum_router_node_weight` | node, region | the control plane's weight |
+//! | `fulcrum_router_node_ejected`, `fulcrum_router_node_ejections_total` | node, region | outlier ejection |
+//! | `fulcrum_router_queue_waiting` | | calls waiting for a slot |
+//! | `fulcrum_router_routing_version`, `fulcrum_router_routing_stale`, `fulcrum_router_routable_nodes` | | the table held |
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, NoLabelSet};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+
+use crate::endpoint::now_ns;
+use crate::router::RouterState;
+
+/// Upper bounds of the latency histogram's buckets, in seconds: from a millisecond (a cached or
+/// tiny model) to ten seconds (twice the default deadline), roughly ×2.5 apart — the spread of
+/// inference latencies, with enough resolution around the usual tens to hundreds of ms.
+pub const LATENCY_BUCKETS: [f64; 13] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// gRPC status codes 0 (OK) to 16 (UNAUTHENTICATED).
+const CODES: usize = 17;
+
+/// A model's call counters. Why not prometheus-client's own `Family<Counter>`/`Histogram`: their
+/// label lookups take a lock on every call; these are plain atomics, read at scrape time.
+#[derive(Debug)]
+pub struct ModelStats {
+    by_code: [AtomicU64; CODES],
+    retries: AtomicU64,
+    hedges: AtomicU64,
+    shed: AtomicU64,
+    /// Answered calls per latency bucket (not cumulative; the last one is above every bound).
+    buckets: [AtomicU64; LATENCY_BUCKETS.len() + 1],
+    latency_sum_us: AtomicU64,
+}
+
+impl Default for ModelStats {
+    fn default() -> Self {
+        Self {
+            by_code: std::array::from_fn(|_| AtomicU64::new(0)),
+            retries: AtomicU64::new(0),
+            hedges: AtomicU64::new(0),
+            shed: AtomicU64::new(0),
+            buckets: std::array::from_fn(|_| AtomicU64::new(0)),
+            latency_sum_us: AtomicU64::new(0),
+        }
+    }
+}
+
+impl ModelStats {
+    /// A call ended with `code` after `elapsed`.
+    pub fn answered(&self, code: tonic::Code, elapsed: Duration) {
+        let i = (code as usize).min(CODES - 1);
+        self.by_code[i].fetch_add(1, Ordering::Relaxed);
+        let secs = elapsed.as_secs_f64();
+        let bucket = LATENCY_BUCKETS.partition_point(|&b| b < secs);
+        self.buckets[bucket].fetch_add(1, Ordering::Relaxed);
+        let us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
+        self.latency_sum_us.fetch_add(us, Ordering::Relaxed);
+    }
+
+    /// An attempt was retried on another node.
+    pub fn retried(&self) {
+        self.retries.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A hedged attempt was started.
+    pub fn hedged(&self) {
+        self.hedges.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A call was shed because every node was full.
+    pub fn shed(&self) {
+        self.shed.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// The name Prometheus uses for a gRPC status code.
+fn code_name(i: usize) -> &'static str {
+    const NAMES: [&str; CODES] = [
+        "OK",
+        "CANCELLED",
+        "UNKNOWN",
+        "INVALID_ARGUMENT",
+        "DEADLINE_EXCEEDED",
+        "NOT_FOUND",
+        "ALREADY_EXISTS",
+        "PERMISSION_DENIED",
+        "RESOURCE_EXHAUSTED",
+        "FAILED_PRECONDITION",
+        "ABORTED",
+        "OUT_OF_RANGE",
+        "UNIMPLEMENTED",
+        "INTERNAL",
+        "UNAVAILABLE",
+        "DATA_LOSS",
+        "UNAUTHENTICATED",
+    ];
+    NAMES.get(i).copied().unwrap_or("UNKNOWN")
+}
+
+/// Reads a router's state at each scrape.
+#[derive(Debug)]
+struct RouterCollector(Arc<RouterState>);
+
+type Labels = Vec<(&'static str, String)>;
+
+/// Encodes one metric family from `(labels, value)` rows.
+fn family<M: EncodeMetric>(
+    encoder: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    kind: MetricType,
+    rows: impl IntoIterator<Item = (Labels, M)>,
+) -> Result<(), std::fmt::Error> {
+    let mut metric = encoder.encode_descriptor(name, help, None, kind)?;
+    for (labels, value) in rows {
+        if labels.is_empty() {
+            // One sample without labels: `name value`, not `name{} value`.
+            return value.encode(metric);
+        }
+        value.encode(metric.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+impl Collector for RouterCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let state = &self.0;
+        let table = state.table.load();
+        let now = now_ns();
+        let now_ms = now / 1_000_000;
+        let e = &mut encoder;
+        let gauge = |v: f64| ConstGauge::new(v);
+        let counter = |v: u64| ConstCounter::new(v);
+        family(
+            e,
+            "fulcrum_router_routing_version",
+            "Version of the routing table the router holds (0: none yet)",
+            MetricType::Gauge,
+            [(vec![], gauge(table.version as f64))],
+        )?;
+        family(
+            e,
+            "fulcrum_router_routing_stale",
+            "1 when the control plane said the table may be out of date",
+            MetricType::Gauge,
+            [(vec![], gauge(f64::from(u8::from(table.stale))))],
+        )?;
+        family(
+            e,
+            "fulcrum_router_routable_nodes",
+            "Nodes the control plane routes to",
+            MetricType::Gauge,
+            [(vec![], gauge(table.routable_nodes as f64))],
+        )?;
+        family(
+            e,
+            "fulcrum_router_queue_waiting",
+            "Calls waiting for a free slot",
+            MetricType::Gauge,
+            [(vec![], gauge(state.queue.len() as f64))],
+        )?;
+
+        let mut models: Vec<_> = table.models.iter().collect();
+        models.sort_by(|a, b| a.0.cmp(b.0));
+        let model = |m: &str| vec![("model", m.to_owned())];
+        family(
+            e,
+            "fulcrum_router_requests",
+            "Calls answered, by gRPC status code",
+            MetricType::Counter,
+            models.iter().flat_map(|(m, r)| {
+                let stats = &r.state.stats;
+                (0..CODES).filter_map(move |i| {
+                    let n = stats.by_code[i].load(Ordering::Relaxed);
+                    (n > 0).then(|| {
+                        let labels = vec![("model", (*m).clone()), ("code", code_name(i).into())];
+                        (labels, counter(n))
+                    })
+                })
+            }),
+        )?;
+        for (name, help, read) in [
+            (
+                "fulcrum_router_retries",
+                "Attempts retried on another node",
+                (|s: &ModelStats| s.retries.load(Ordering::Relaxed)) as fn(&ModelStats) -> u64,
+            ),
+            (
+                "fulcrum_router_hedges",
+                "Hedged attempts started",
+                |s: &ModelStats| s.hedges.load(Ordering::Relaxed),
+            ),
+            (
+                "fulcrum_router_shed",
+                "Calls shed by the router because every node was at its limit",
+                |s: &ModelStats| s.shed.load(Ordering::Relaxed),
+            ),
+        ] {
+            family(
+                e,
+                name,
+                help,
+                MetricType::Counter,
+                models
+                    .iter()
+                    .map(|(m, r)| (model(m), counter(read(&r.state.stats)))),
+            )?;
+        }
+        family(
+            e,
+            "fulcrum_router_local_share",
+            "Share of the model's calls its local region takes now",
+            MetricType::Gauge,
+            models
+                .iter()
+                .map(|(m, r)| (model(m), gauge(r.state.share.get().0))),
+        )?;
+        let mut histogram = e.encode_descriptor(
+            "fulcrum_router_request_duration_seconds",
+            "Latency of answered calls, from arrival to answer",
+            None,
+            MetricType::Histogram,
+        )?;
+        for (m, r) in &models {
+            let stats = &r.state.stats;
+            let counts: Vec<u64> = stats
+                .buckets
+                .iter()
+                .map(|b| b.load(Ordering::Relaxed))
+                .collect();
+            // Per-bucket counts: the encoder makes them cumulative, and writes f64::MAX as +Inf.
+            let buckets: Vec<(f64, u64)> = counts
+                .iter()
+                .enumerate()
+                .map(|(i, &c)| (LATENCY_BUCKETS.get(i).copied().unwrap_or(f64::MAX), c))
+                .collect();
+            let count = counts.iter().sum();
+            let sum = stats.latency_sum_us.load(Ordering::Relaxed) as f64 / 1e6;
+            let labels = model(m);
+            histogram
+                .encode_family(&labels)?
+                .encode_histogram::<NoLabelSet>(sum, count, &buckets, None)?;
+        }
+
+        let mut nodes: Vec<_> = table.nodes.values().collect();
+        nodes.sort_by(|a, b| a.id.cmp(&b.id));
+        let weights: std::collections::HashMap<&str, f64> = table
+            .source
+            .endpoints
+            .iter()
+            .filter_map(|e| Some((e.spec.as_ref()?.id.as_str(), e.weight)))
+            .collect();
+        let node = |n: &crate::endpoint::NodeConn| {
+            vec![("node", n.id.clone()), ("region", n.region.clone())]
+        };
+        family(
+            e,
+            "fulcrum_router_node_in_flight",
+            "Calls in flight from this router to the node",
+            MetricType::Gauge,
+            nodes
+                .iter()
+                .map(|n| (node(n), gauge(f64::from(n.in_flight())))),
+        )?;
+        family(
+            e,
+            "fulcrum_router_node_limit",
+            "The router's concurrency limit for the node (0: none)",
+            MetricType::Gauge,
+            nodes.iter().map(|n| (node(n), gauge(f64::from(n.limit())))),
+        )?;
+        family(
+            e,
+            "fulcrum_router_node_attempts",
+            "Attempts sent to the node",
+            MetricType::Counter,
+            nodes.iter().map(|n| (node(n), counter(n.totals().0))),
+        )?;
+        family(
+            e,
+            "fulcrum_router_node_failures",
+            "Attempts that failed through the node's fault (unavailable, overloaded, timed out)",
+            MetricType::Counter,
+            nodes.iter().map(|n| (node(n), counter(n.totals().1))),
+        )?;
+        family(
+            e,
+            "fulcrum_router_node_latency_seconds",
+            "The node's peak-EWMA latency estimate",
+            MetricType::Gauge,
+            nodes
+                .iter()
+                .map(|n| (node(n), gauge(n.latency.estimate_ms(now) / 1e3))),
+        )?;
+        family(
+            e,
+            "fulcrum_router_node_weight",
+            "The control plane's weight for the node",
+            MetricType::Gauge,
+            nodes.iter().map(|n| {
+                let w = weights.get(n.id.as_str()).copied().unwrap_or(0.0);
+                (node(n), gauge(w))
+            }),
+        )?;
+        family(
+            e,
+            "fulcrum_router_node_ejected",
+            "1 while the node is ejected as an outlier or paused after a refused connection",
+            MetricType::Gauge,
+            nodes
+                .iter()
+                .map(|n| (node(n), gauge(f64::from(u8::from(n.is_out(now_ms)))))),
+        )?;
+        family(
+            e,
+            "fulcrum_router_node_ejections",
+            "Times the node was ejected as an outlier",
+            MetricType::Counter,
+            nodes
+                .iter()
+                .map(|n| (node(n), counter(n.outlier.ejections()))),
+        )?;
+        Ok(())
+    }
+}
+
+/// The router's metrics in Prometheus' text format.
+pub fn render(state: &Arc<RouterState>) -> String {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(RouterCollector(state.clone())));
+    let mut out = String::new();
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &registry) {
+        // Only a formatting error of `String`'s writer, which cannot fail.
+        let _ = writeln!(out, "# encoding failed: {e}");
+    }
+    out
+}
+
+/// Serves `GET /metrics` on `listener` until `shutdown` completes.
+pub async fn serve(
+    state: Arc<RouterState>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let state = state.clone();
+            async move {
+                (
+                    [(
+                        http::header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4; charset=utf-8",
+                    )],
+                    render(&state),
+                )
+            }
+        }),
+    );
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latencies_fall_in_their_buckets_and_codes_are_counted() {
+        let s = ModelStats::default();
+        s.answered(tonic::Code::Ok, Duration::from_micros(800));
+        s.answered(tonic::Code::Ok, Duration::from_millis(30));
+        s.answered(tonic::Code::Unavailable, Duration::from_secs(20));
+        let count = |i: usize| s.buckets[i].load(Ordering::Relaxed);
+        assert_eq!(count(0), 1, "0.8 ms is under the 1 ms bound");
+        assert_eq!(count(5), 1, "30 ms is under the 50 ms bound");
+        assert_eq!(count(LATENCY_BUCKETS.len()), 1, "20 s is above every bound");
+        assert_eq!(s.by_code[0].load(Ordering::Relaxed), 2);
+        assert_eq!(s.by_code[14].load(Ordering::Relaxed), 1);
+        assert_eq!(code_name(14), "UNAVAILABLE");
+        assert_eq!(code_name(99), "UNKNOWN");
+    }
+}

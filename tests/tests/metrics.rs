@@ -1,0 +1,121 @@
+//! The router's Prometheus metrics over real HTTP: after calls through the router, a scrape
+//! shows them per model and per node, in the text format Prometheus reads.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use fulcrum_data_plane::RouterConfig;
+use fulcrum_sim::node::{NodeSimConfig, spawn};
+use fulcrum_tests::eventually;
+use fulcrum_tests::infer::echo_request;
+use fulcrum_tests::stack::{self, Running, admin, oip, register, spec, wait_ready};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// `GET path` over HTTP/1.1; returns the status line and the body.
+async fn get(addr: SocketAddr, path: &str) -> (String, String) {
+    let mut s = TcpStream::connect(addr).await.expect("connect to metrics");
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).await.unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").expect("an HTTP answer");
+    (
+        head.lines().next().unwrap_or("").to_owned(),
+        body.to_owned(),
+    )
+}
+
+/// The value of the sample whose name and labels start with `prefix`.
+fn sample(body: &str, prefix: &str) -> Option<f64> {
+    body.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scrape_shows_calls_per_model_and_per_node() {
+    let cp = stack::control_plane("memory:").await;
+    let mut admin = admin(cp.addr).await;
+    let node = spawn(
+        NodeSimConfig {
+            name: "a-1".into(),
+            ..Default::default()
+        },
+        "127.0.0.1:0".parse().unwrap(),
+    )
+    .await
+    .unwrap();
+    register(&mut admin, spec("a-1", node.addr, "a", &["echo"], 4)).await;
+    let metrics = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let metrics_addr = metrics.local_addr().unwrap();
+    let config = RouterConfig::new("a", vec![cp.addr.to_string()]);
+    let router = Running::spawn(move |listener, stopped| async move {
+        let shutdown = async move {
+            let _ = stopped.await;
+        };
+        fulcrum_data_plane::serve_with_metrics(config, listener, Some(metrics), shutdown)
+            .await
+            .expect("router");
+    })
+    .await;
+    wait_ready(router.addr).await;
+    let mut c = oip(router.addr).await;
+    for _ in 0..5 {
+        c.model_infer(echo_request("echo", &[1.0]))
+            .await
+            .expect("call");
+    }
+    let unknown = c.model_infer(echo_request("nope", &[1.0])).await;
+    assert!(unknown.is_err());
+
+    let (status, body) = get(metrics_addr, "/metrics").await;
+    assert!(status.contains("200"), "{status}");
+    // Unknown models are refused before any model's counters: five OK calls of echo.
+    let ok = sample(
+        &body,
+        r#"fulcrum_router_requests_total{model="echo",code="OK"}"#,
+    );
+    assert_eq!(ok, Some(5.0), "{body}");
+    let attempts = sample(
+        &body,
+        r#"fulcrum_router_node_attempts_total{node="a-1",region="a"}"#,
+    );
+    assert!(attempts.is_some_and(|n| n >= 5.0), "{body}");
+    let count = sample(
+        &body,
+        r#"fulcrum_router_request_duration_seconds_count{model="echo"}"#,
+    );
+    assert_eq!(count, Some(5.0), "{body}");
+    let inf = sample(
+        &body,
+        r#"fulcrum_router_request_duration_seconds_bucket{le="+Inf",model="echo"}"#,
+    )
+    .or_else(|| {
+        sample(
+            &body,
+            r#"fulcrum_router_request_duration_seconds_bucket{model="echo",le="+Inf"}"#,
+        )
+    });
+    assert_eq!(inf, Some(5.0), "{body}");
+    let version = sample(&body, "fulcrum_router_routing_version ");
+    assert!(version.is_some_and(|v| v > 0.0), "{body}");
+    assert_eq!(sample(&body, "fulcrum_router_queue_waiting "), Some(0.0));
+
+    // Anything else is not found; a node that fails shows in its failure counter.
+    let (status, _) = get(metrics_addr, "/nope").await;
+    assert!(status.contains("404"), "{status}");
+    node.stop().await;
+    eventually("a failure counted", Duration::from_secs(20), || async {
+        let mut c = c.clone();
+        let _ = c.model_infer(echo_request("echo", &[1.0])).await;
+        let (_, body) = get(metrics_addr, "/metrics").await;
+        sample(
+            &body,
+            r#"fulcrum_router_node_failures_total{node="a-1",region="a"}"#,
+        )
+        .filter(|&n| n >= 1.0)
+    })
+    .await;
+}
