@@ -68,12 +68,26 @@ fn eventually(what: &str, mut check: impl FnMut() -> bool) {
 /// and base + 201) are free now: below Linux's ephemeral range (32768 and up, where other
 /// programs' outgoing connections take ports at random), away from the default 7000 so that a
 /// developer's own `fulcrum up` does not collide, and probed rather than assumed.
+/// `GET path` from 127.0.0.1:`port` over HTTP/1.1; the whole answer.
+fn http_get(port: u16, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
 fn free_base() -> u16 {
     let free = |port: u16| std::net::TcpListener::bind(("127.0.0.1", port)).is_ok();
     let start = (std::process::id() % 40) as u16;
     for k in 0..40 {
         let base = 20_000 + ((start + k) % 40) * 300;
-        let ports = (0..3).chain(101..111).chain(201..211);
+        let ports = (0..3).chain(11..13).chain(101..111).chain(201..211);
         if ports.map(|p| base + p).all(free) {
             return base;
         }
@@ -140,6 +154,12 @@ fn up_serves_both_regions_and_fails_over_on_drain() {
     eventually("router b serves from region b only", || {
         regions(&load(&router_b)) == (vec!["b".to_string()], true)
     });
+    // Each router's metrics count the calls just made.
+    let metrics = http_get(base + 11, "/metrics");
+    assert!(
+        metrics.contains("fulcrum_router_requests_total{model=\"echo\",code=\"OK\"}"),
+        "{metrics}"
+    );
 
     for id in ["a-1", "a-2", "a-3"] {
         fulcrum(&["ctl", "--control", &control, "drain", id]);

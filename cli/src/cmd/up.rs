@@ -62,6 +62,10 @@ async fn bind(port: u16, what: &str) -> anyhow::Result<TcpListener> {
     })
 }
 
+/// A router's metrics port, above its own: routers take base + 1 and + 2, so their metrics
+/// base + 11 and + 12, clear of the nodes (base + 101 on).
+const METRICS_OFFSET: u16 = 10;
+
 pub(crate) async fn run(args: UpArgs) -> anyhow::Result<()> {
     let base = args.base_port;
     if base > u16::MAX - 200 - args.nodes_per_region {
@@ -129,9 +133,15 @@ pub(crate) async fn run(args: UpArgs) -> anyhow::Result<()> {
     for (r, region) in REGIONS.iter().enumerate() {
         let port = base + 1 + r as u16;
         let listener = bind(port, &format!("router {region}")).await?;
+        let metrics = bind(port + METRICS_OFFSET, &format!("router {region}'s metrics")).await?;
         let mut config = RouterConfig::new(*region, vec![addr(base)]);
         config.router_id = format!("router-{region}");
-        tasks.spawn(fulcrum_data_plane::serve(config, listener, stopped()));
+        tasks.spawn(fulcrum_data_plane::serve_with_metrics(
+            config,
+            listener,
+            Some(metrics),
+            stopped(),
+        ));
     }
 
     // Register the nodes as an operator would, through the admin API.
@@ -193,8 +203,9 @@ pub(crate) async fn run(args: UpArgs) -> anyhow::Result<()> {
             .map(|s| format!("{} {}", s.id, s.address))
             .collect();
         println!(
-            "  router {region}       {}    Open Inference Protocol (gRPC)",
-            addr(base + 1 + r as u16)
+            "  router {region}       {}    Open Inference Protocol (gRPC); metrics http://{}/metrics",
+            addr(base + 1 + r as u16),
+            addr(base + 1 + r as u16 + METRICS_OFFSET)
         );
         println!("  nodes {region}        {}", nodes.join(", "));
     }
