@@ -18,6 +18,7 @@
 //! - [`publisher`]: follow the table in the store and serve `Subscribe` streams.
 //! - [`self_registration`]: nodes registering themselves with a lease, and their load reports.
 //! - [`admin`]: operator RPCs, and [`auth`]: who may call them.
+//! - [`metrics`]: Prometheus metrics, read from the replica's state at each scrape.
 //! - [`error`]: errors and their gRPC statuses.
 //! - [`server`]: assemble and serve a replica.
 
@@ -30,6 +31,7 @@ pub mod error;
 pub mod health;
 pub mod keys;
 pub mod load;
+pub mod metrics;
 pub mod overrides;
 pub mod policies;
 pub mod publisher;
@@ -41,4 +43,4 @@ pub mod table;
 pub mod weights;
 
 pub use error::Error;
-pub use server::{AdminAuth, ControlPlaneConfig, serve};
+pub use server::{AdminAuth, ControlPlaneConfig, serve, serve_with_metrics};

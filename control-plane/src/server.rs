@@ -73,6 +73,17 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
+    serve_with_metrics(config, store, listener, None, shutdown).await
+}
+
+/// [`serve`], with Prometheus metrics ([`crate::metrics`]) on `metrics` when given.
+pub async fn serve_with_metrics(
+    config: ControlPlaneConfig,
+    store: SharedStore,
+    listener: TcpListener,
+    metrics: Option<TcpListener>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), tonic::transport::Error> {
     let changed = Arc::new(Notify::new());
     let prober = Arc::new(Prober::new(config.probe, changed.clone()));
     let load = Arc::new(LoadAggregator::default());
@@ -124,6 +135,17 @@ pub async fn serve(
         drop(registrations);
     };
 
+    let _metrics = metrics.map(|l| {
+        let state = crate::metrics::ReplicaState {
+            publisher: publisher.clone(),
+            is_leader: is_leader.clone(),
+        };
+        AbortOnDrop(tokio::spawn(async move {
+            if let Err(e) = crate::metrics::serve(state, l).await {
+                tracing::error!(error = %e, "metrics server failed");
+            }
+        }))
+    });
     let admin = AdminService::new(
         store,
         prober,

@@ -1,9 +1,10 @@
-//! The router's Prometheus metrics over real HTTP: after calls through the router, a scrape
-//! shows them per model and per node, in the text format Prometheus reads.
+//! Prometheus metrics over real HTTP: after calls through a router, its scrape shows them per
+//! model and per node; the control plane's shows the leader, the table and its routers.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use fulcrum_control_plane::{AdminAuth, ControlPlaneConfig};
 use fulcrum_data_plane::RouterConfig;
 use fulcrum_sim::node::{NodeSimConfig, spawn};
 use fulcrum_tests::eventually;
@@ -34,9 +35,27 @@ fn sample(body: &str, prefix: &str) -> Option<f64> {
         .and_then(|v| v.parse().ok())
 }
 
+/// A control plane on the in-memory store serving metrics on `metrics`.
+async fn control_plane(metrics: TcpListener) -> Running {
+    let store = fulcrum_control_plane::store::open("memory:").await.unwrap();
+    Running::spawn(move |listener, stopped| async move {
+        let mut config = ControlPlaneConfig::new("cp-metrics", AdminAuth::Loopback(None));
+        config.probe = stack::fast_probes();
+        let shutdown = async move {
+            let _ = stopped.await;
+        };
+        fulcrum_control_plane::serve_with_metrics(config, store, listener, Some(metrics), shutdown)
+            .await
+            .expect("control plane");
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scrape_shows_calls_per_model_and_per_node() {
-    let cp = stack::control_plane("memory:").await;
+    let cp_metrics = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let cp_metrics_addr = cp_metrics.local_addr().unwrap();
+    let cp = control_plane(cp_metrics).await;
     let mut admin = admin(cp.addr).await;
     let node = spawn(
         NodeSimConfig {
@@ -102,6 +121,35 @@ async fn a_scrape_shows_calls_per_model_and_per_node() {
     let version = sample(&body, "fulcrum_router_routing_version ");
     assert!(version.is_some_and(|v| v > 0.0), "{body}");
     assert_eq!(sample(&body, "fulcrum_router_queue_waiting "), Some(0.0));
+
+    // The control plane: the one replica leads, serves the router, and counts the node healthy.
+    let (status, cp_body) = get(cp_metrics_addr, "/metrics").await;
+    assert!(status.contains("200"), "{status}");
+    assert_eq!(
+        sample(&cp_body, "fulcrum_control_leader "),
+        Some(1.0),
+        "{cp_body}"
+    );
+    assert_eq!(
+        sample(&cp_body, "fulcrum_control_routers "),
+        Some(1.0),
+        "{cp_body}"
+    );
+    assert_eq!(
+        sample(&cp_body, r#"fulcrum_control_nodes{health="healthy"}"#),
+        Some(1.0),
+        "{cp_body}"
+    );
+    let weight = sample(
+        &cp_body,
+        r#"fulcrum_control_node_weight{node="a-1",region="a"}"#,
+    );
+    assert!(weight.is_some_and(|w| w > 0.0), "{cp_body}");
+    assert!(
+        sample(&cp_body, "fulcrum_control_routing_version ")
+            .is_some_and(|v| v >= version.unwrap_or(0.0)),
+        "{cp_body}"
+    );
 
     // Anything else is not found; a node that fails shows in its failure counter.
     let (status, _) = get(metrics_addr, "/nope").await;

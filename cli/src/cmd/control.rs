@@ -14,6 +14,9 @@ pub(crate) struct ControlArgs {
     /// Address to serve the routing stream and the admin API on.
     #[arg(long, default_value = "127.0.0.1:7000")]
     listen: String,
+    /// Address to serve Prometheus metrics on (`GET /metrics`); none by default.
+    #[arg(long)]
+    metrics_listen: Option<String>,
     /// Store: etcd://host:port[,host:port…] (production) or embedded:PATH (one machine).
     #[arg(
         long,
@@ -89,7 +92,23 @@ pub(crate) async fn run(args: ControlArgs) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
-    tracing::info!(listen = %args.listen, store = %args.store, "control plane serving");
-    fulcrum_control_plane::serve(config, store, listener, crate::shutdown_signal()).await?;
+    let metrics = match &args.metrics_listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding {addr} for metrics"))?,
+        ),
+        None => None,
+    };
+    tracing::info!(listen = %args.listen, store = %args.store, metrics = ?args.metrics_listen,
+        "control plane serving");
+    fulcrum_control_plane::serve_with_metrics(
+        config,
+        store,
+        listener,
+        metrics,
+        crate::shutdown_signal(),
+    )
+    .await?;
     Ok(())
 }

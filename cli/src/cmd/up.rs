@@ -62,8 +62,9 @@ async fn bind(port: u16, what: &str) -> anyhow::Result<TcpListener> {
     })
 }
 
-/// A router's metrics port, above its own: routers take base + 1 and + 2, so their metrics
-/// base + 11 and + 12, clear of the nodes (base + 101 on).
+/// Metrics ports are ten above their server's: the control plane (base) has its metrics on
+/// base + 10, routers (base + 1 and + 2) on base + 11 and + 12, clear of the nodes (base + 101
+/// on).
 const METRICS_OFFSET: u16 = 10;
 
 pub(crate) async fn run(args: UpArgs) -> anyhow::Result<()> {
@@ -86,6 +87,7 @@ pub(crate) async fn run(args: UpArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("opening the embedded store at {}", store_path.display()))?;
     let control = bind(base, "the control plane").await?;
+    let control_metrics = bind(base + METRICS_OFFSET, "the control plane's metrics").await?;
     // One machine: the admin API trusts loopback, so `fulcrum ctl` works with no flags.
     let mut config = ControlPlaneConfig::new("control-up", AdminAuth::Loopback(None));
     config.probe = ProbeConfig {
@@ -93,10 +95,11 @@ pub(crate) async fn run(args: UpArgs) -> anyhow::Result<()> {
         timeout: UP_PROBE_INTERVAL,
         thresholds: Thresholds::default(),
     };
-    tasks.spawn(fulcrum_control_plane::serve(
+    tasks.spawn(fulcrum_control_plane::serve_with_metrics(
         config,
         store,
         control,
+        Some(control_metrics),
         stopped(),
     ));
 
@@ -193,8 +196,9 @@ pub(crate) async fn run(args: UpArgs) -> anyhow::Result<()> {
     );
     println!();
     println!(
-        "  control plane  {}    admin API + routing stream",
-        addr(base)
+        "  control plane  {}    admin API + routing stream; metrics http://{}/metrics",
+        addr(base),
+        addr(base + METRICS_OFFSET)
     );
     for (r, region) in REGIONS.iter().enumerate() {
         let nodes: Vec<String> = specs

@@ -1,0 +1,189 @@
+//! A replica's Prometheus metrics, served on their own listener (`fulcrum control
+//! --metrics-listen`) at `GET /metrics`, read from the replica's state at each scrape.
+//!
+//! | metric | labels | what |
+//! |---|---|---|
+//! | `fulcrum_control_leader` | | 1 on the replica that computes and writes the table |
+//! | `fulcrum_control_routing_version`, `fulcrum_control_routing_stale` | | the table this replica serves |
+//! | `fulcrum_control_nodes` | health | nodes in the table, by health state |
+//! | `fulcrum_control_node_weight` | node, region | the weight routers get |
+//! | `fulcrum_control_routers` | | routers subscribed to this replica |
+//! | `fulcrum_control_router_lag` | router, region | versions between the table and the router's newest ACK |
+//! | `fulcrum_control_router_nacks_total` | router, region | versions the router rejected |
+
+use std::fmt::Write as _;
+
+use fulcrum_proto::fulcrum::v1::HealthState;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::publisher::Publisher;
+
+/// What a replica's metrics are read from.
+#[derive(Debug, Clone)]
+pub struct ReplicaState {
+    /// The table this replica serves, and its routers.
+    pub publisher: Publisher,
+    /// Whether this replica leads.
+    pub is_leader: watch::Receiver<bool>,
+}
+
+#[derive(Debug)]
+struct ReplicaCollector(ReplicaState);
+
+type Labels = Vec<(&'static str, String)>;
+
+/// Encodes one metric family from `(labels, value)` rows; a row without labels is written as a
+/// bare sample.
+fn family<M: EncodeMetric>(
+    encoder: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    kind: MetricType,
+    rows: impl IntoIterator<Item = (Labels, M)>,
+) -> Result<(), std::fmt::Error> {
+    let mut metric = encoder.encode_descriptor(name, help, None, kind)?;
+    for (labels, value) in rows {
+        if labels.is_empty() {
+            return value.encode(metric);
+        }
+        value.encode(metric.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+impl Collector for ReplicaCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let e = &mut encoder;
+        let gauge = |v: f64| ConstGauge::new(v);
+        let leader = *self.0.is_leader.borrow();
+        family(
+            e,
+            "fulcrum_control_leader",
+            "1 on the replica that computes and writes the routing table",
+            MetricType::Gauge,
+            [(vec![], gauge(f64::from(u8::from(leader))))],
+        )?;
+        let table = self.0.publisher.current();
+        let version = table.as_ref().map_or(0, |t| t.version);
+        family(
+            e,
+            "fulcrum_control_routing_version",
+            "Version of the routing table this replica serves (0: none yet)",
+            MetricType::Gauge,
+            [(vec![], gauge(version as f64))],
+        )?;
+        let stale = table.as_ref().is_some_and(|t| t.stale);
+        family(
+            e,
+            "fulcrum_control_routing_stale",
+            "1 while the store is unreachable and the table may be out of date",
+            MetricType::Gauge,
+            [(vec![], gauge(f64::from(u8::from(stale))))],
+        )?;
+        let endpoints = table
+            .as_ref()
+            .map(|t| t.endpoints.as_slice())
+            .unwrap_or(&[]);
+        let states = [
+            HealthState::Unspecified,
+            HealthState::Healthy,
+            HealthState::Degraded,
+            HealthState::Unhealthy,
+            HealthState::Draining,
+            HealthState::Cordoned,
+        ];
+        family(
+            e,
+            "fulcrum_control_nodes",
+            "Nodes in the routing table, by health state",
+            MetricType::Gauge,
+            states.iter().map(|s| {
+                let n = endpoints.iter().filter(|e| e.health() == *s).count();
+                let name = s.as_str_name().trim_start_matches("HEALTH_STATE_");
+                (vec![("health", name.to_lowercase())], gauge(n as f64))
+            }),
+        )?;
+        family(
+            e,
+            "fulcrum_control_node_weight",
+            "The weight routers get for the node",
+            MetricType::Gauge,
+            endpoints.iter().filter_map(|e| {
+                let s = e.spec.as_ref()?;
+                let labels = vec![("node", s.id.clone()), ("region", s.region.clone())];
+                Some((labels, gauge(e.weight)))
+            }),
+        )?;
+        let mut routers = self.0.publisher.routers();
+        routers.sort_by(|a, b| a.id.cmp(&b.id));
+        family(
+            e,
+            "fulcrum_control_routers",
+            "Routers subscribed to this replica",
+            MetricType::Gauge,
+            [(vec![], gauge(routers.len() as f64))],
+        )?;
+        let router = |r: &crate::publisher::RouterInfo| {
+            vec![("router", r.id.clone()), ("region", r.region.clone())]
+        };
+        family(
+            e,
+            "fulcrum_control_router_lag",
+            "Versions between the table this replica serves and the router's newest ACK",
+            MetricType::Gauge,
+            routers.iter().map(|r| {
+                let lag = version.saturating_sub(r.acked_version);
+                (router(r), gauge(lag as f64))
+            }),
+        )?;
+        family(
+            e,
+            "fulcrum_control_router_nacks",
+            "Routing versions the router rejected",
+            MetricType::Counter,
+            routers
+                .iter()
+                .map(|r| (router(r), ConstCounter::new(r.nacks))),
+        )?;
+        Ok(())
+    }
+}
+
+/// The replica's metrics in Prometheus' text format.
+pub fn render(state: &ReplicaState) -> String {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(ReplicaCollector(state.clone())));
+    let mut out = String::new();
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &registry) {
+        // Only a formatting error of `String`'s writer, which cannot fail.
+        let _ = writeln!(out, "# encoding failed: {e}");
+    }
+    out
+}
+
+/// Serves `GET /metrics` on `listener` until the task is aborted.
+pub async fn serve(state: ReplicaState, listener: TcpListener) -> std::io::Result<()> {
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let state = state.clone();
+            async move {
+                (
+                    [(
+                        http::header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4; charset=utf-8",
+                    )],
+                    render(&state),
+                )
+            }
+        }),
+    );
+    axum::serve(listener, app).await
+}
