@@ -27,6 +27,45 @@ async fn get(addr: SocketAddr, path: &str) -> (String, String) {
     )
 }
 
+/// The metric families a scrape declares (`# TYPE name kind`), counters with their `_total`.
+fn families(body: &str) -> std::collections::BTreeSet<String> {
+    body.lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| {
+            let (name, kind) = l.split_once(' ')?;
+            Some(if kind == "counter" {
+                format!("{name}_total")
+            } else {
+                name.to_owned()
+            })
+        })
+        .collect()
+}
+
+/// Every `fulcrum_*` metric name in a file of `deploy/`, without histogram suffixes.
+fn referenced(path: &str) -> std::collections::BTreeSet<String> {
+    let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(path);
+    let text = std::fs::read_to_string(&file).expect("read a deploy file");
+    let mut names = std::collections::BTreeSet::new();
+    let mut rest = text.as_str();
+    while let Some(at) = rest.find("fulcrum_") {
+        let tail = &rest[at..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        let name = &tail[..end];
+        let base = ["_bucket", "_count", "_sum"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s))
+            .unwrap_or(name);
+        names.insert(base.to_owned());
+        rest = &tail[end..];
+    }
+    names
+}
+
 /// The value of the sample whose name and labels start with `prefix`.
 fn sample(body: &str, prefix: &str) -> Option<f64> {
     body.lines()
@@ -150,6 +189,21 @@ async fn a_scrape_shows_calls_per_model_and_per_node() {
             .is_some_and(|v| v >= version.unwrap_or(0.0)),
         "{cp_body}"
     );
+
+    // The alerting rules and the dashboard in deploy/ name only metrics that exist.
+    let exported = &families(&body) | &families(&cp_body);
+    for file in [
+        "deploy/prometheus/fulcrum-rules.yml",
+        "deploy/grafana/fulcrum-dashboard.json",
+    ] {
+        let names = referenced(file);
+        assert!(names.len() > 5, "{file}: {names:?}");
+        let missing: Vec<_> = names.difference(&exported).collect();
+        assert!(
+            missing.is_empty(),
+            "{file} names metrics nobody exports: {missing:?}"
+        );
+    }
 
     // Anything else is not found; a node that fails shows in its failure counter.
     let (status, _) = get(metrics_addr, "/nope").await;
