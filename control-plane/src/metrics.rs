@@ -11,15 +11,13 @@
 //! | `fulcrum_control_router_lag` | router, region | versions between the table and the router's newest ACK |
 //! | `fulcrum_control_router_nacks_total` | router, region | versions the router rejected |
 
-use std::fmt::Write as _;
-
 use fulcrum_proto::fulcrum::v1::HealthState;
+use fulcrum_telemetry::family;
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::encoding::DescriptorEncoder;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
-use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -34,29 +32,8 @@ pub struct ReplicaState {
     pub is_leader: watch::Receiver<bool>,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct ReplicaCollector(ReplicaState);
-
-type Labels = Vec<(&'static str, String)>;
-
-/// Encodes one metric family from `(labels, value)` rows; a row without labels is written as a
-/// bare sample.
-fn family<M: EncodeMetric>(
-    encoder: &mut DescriptorEncoder<'_>,
-    name: &str,
-    help: &str,
-    kind: MetricType,
-    rows: impl IntoIterator<Item = (Labels, M)>,
-) -> Result<(), std::fmt::Error> {
-    let mut metric = encoder.encode_descriptor(name, help, None, kind)?;
-    for (labels, value) in rows {
-        if labels.is_empty() {
-            return value.encode(metric);
-        }
-        value.encode(metric.encode_family(&labels)?)?;
-    }
-    Ok(())
-}
 
 impl Collector for ReplicaCollector {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
@@ -158,32 +135,10 @@ impl Collector for ReplicaCollector {
 
 /// The replica's metrics in Prometheus' text format.
 pub fn render(state: &ReplicaState) -> String {
-    let mut registry = Registry::default();
-    registry.register_collector(Box::new(ReplicaCollector(state.clone())));
-    let mut out = String::new();
-    if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &registry) {
-        // Only a formatting error of `String`'s writer, which cannot fail.
-        let _ = writeln!(out, "# encoding failed: {e}");
-    }
-    out
+    fulcrum_telemetry::render(&ReplicaCollector(state.clone()))
 }
 
-/// Serves `GET /metrics` on `listener` until the task is aborted.
+/// Serves `GET /metrics` on `listener` until the task is dropped.
 pub async fn serve(state: ReplicaState, listener: TcpListener) -> std::io::Result<()> {
-    let app = axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move || {
-            let state = state.clone();
-            async move {
-                (
-                    [(
-                        http::header::CONTENT_TYPE,
-                        "text/plain; version=0.0.4; charset=utf-8",
-                    )],
-                    render(&state),
-                )
-            }
-        }),
-    );
-    axum::serve(listener, app).await
+    fulcrum_telemetry::serve(ReplicaCollector(state), listener).await
 }

@@ -20,17 +20,16 @@
 //! | `fulcrum_router_queue_waiting` | | calls waiting for a slot |
 //! | `fulcrum_router_routing_version`, `fulcrum_router_routing_stale`, `fulcrum_router_routable_nodes` | | the table held |
 
-use std::fmt::Write as _;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use fulcrum_telemetry::family;
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, NoLabelSet};
+use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
-use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 
 use crate::endpoint::now_ns;
@@ -125,29 +124,8 @@ fn code_name(i: usize) -> &'static str {
 }
 
 /// Reads a router's state at each scrape.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct RouterCollector(Arc<RouterState>);
-
-type Labels = Vec<(&'static str, String)>;
-
-/// Encodes one metric family from `(labels, value)` rows.
-fn family<M: EncodeMetric>(
-    encoder: &mut DescriptorEncoder<'_>,
-    name: &str,
-    help: &str,
-    kind: MetricType,
-    rows: impl IntoIterator<Item = (Labels, M)>,
-) -> Result<(), std::fmt::Error> {
-    let mut metric = encoder.encode_descriptor(name, help, None, kind)?;
-    for (labels, value) in rows {
-        if labels.is_empty() {
-            // One sample without labels: `name value`, not `name{} value`.
-            return value.encode(metric);
-        }
-        value.encode(metric.encode_family(&labels)?)?;
-    }
-    Ok(())
-}
 
 impl Collector for RouterCollector {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
@@ -353,40 +331,12 @@ impl Collector for RouterCollector {
 
 /// The router's metrics in Prometheus' text format.
 pub fn render(state: &Arc<RouterState>) -> String {
-    let mut registry = Registry::default();
-    registry.register_collector(Box::new(RouterCollector(state.clone())));
-    let mut out = String::new();
-    if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &registry) {
-        // Only a formatting error of `String`'s writer, which cannot fail.
-        let _ = writeln!(out, "# encoding failed: {e}");
-    }
-    out
+    fulcrum_telemetry::render(&RouterCollector(state.clone()))
 }
 
-/// Serves `GET /metrics` on `listener` until `shutdown` completes.
-pub async fn serve(
-    state: Arc<RouterState>,
-    listener: TcpListener,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    let app = axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move || {
-            let state = state.clone();
-            async move {
-                (
-                    [(
-                        http::header::CONTENT_TYPE,
-                        "text/plain; version=0.0.4; charset=utf-8",
-                    )],
-                    render(&state),
-                )
-            }
-        }),
-    );
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
+/// Serves `GET /metrics` on `listener` until the task is dropped.
+pub async fn serve(state: Arc<RouterState>, listener: TcpListener) -> std::io::Result<()> {
+    fulcrum_telemetry::serve(RouterCollector(state), listener).await
 }
 
 #[cfg(test)]

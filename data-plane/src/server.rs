@@ -87,11 +87,12 @@ pub async fn serve_with_metrics(
         config.max_message_size,
     ));
     let metrics = metrics.map(|l| {
-        tokio::spawn(crate::metrics::serve(
-            state.clone(),
-            l,
-            std::future::pending(),
-        ))
+        let state = state.clone();
+        tokio::spawn(async move {
+            if let Err(e) = crate::metrics::serve(state, l).await {
+                tracing::error!(error = %e, "metrics server failed");
+            }
+        })
     });
     let subscription = tokio::spawn(subscriber::run(
         SubscriberConfig {
