@@ -132,10 +132,16 @@ async fn invalid_registrations_are_refused_and_store_nothing() {
             Code::InvalidArgument,
             "capacity",
         ),
+        // No models is valid (the server lists them); a malformed one is not.
         (
-            spec("n-2", addr, "a", &[], 4),
+            spec("n-2", addr, "a", &["bad model"], 4),
             Code::InvalidArgument,
-            "model",
+            "model name",
+        ),
+        (
+            spec("n-2", addr, "a", &["echo", "echo"], 4),
+            Code::InvalidArgument,
+            "listed twice",
         ),
         (no_region, Code::InvalidArgument, "region"),
         (
