@@ -18,6 +18,7 @@ use crate::limits::{DEFAULT_MAX_MESSAGE_SIZE, MaxMessageSizeLayer};
 use crate::router::RouterState;
 use crate::shard::{self, Shard};
 use crate::subscriber::{self, SubscriberConfig};
+use crate::table::LoadView;
 
 /// How long a stopping router lets calls in flight finish after it stops accepting new ones:
 /// ten seconds covers the default five-second deadline twice over, so a call that started just
@@ -39,6 +40,9 @@ pub struct RouterConfig {
     pub shutdown_grace: std::time::Duration,
     /// Serving threads ([`crate::shard`]); 0: one per core the process may run on.
     pub threads: usize,
+    /// Whether the weights follow the control plane's global load view or only the node's
+    /// capacity ([`LoadView`]).
+    pub load_view: LoadView,
 }
 
 impl RouterConfig {
@@ -52,6 +56,7 @@ impl RouterConfig {
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
             shutdown_grace: SHUTDOWN_GRACE,
             threads: 0,
+            load_view: LoadView::Global,
         }
     }
 }
@@ -80,6 +85,7 @@ pub async fn serve(
         SubscriberConfig {
             control: config.control.clone(),
             router_id: config.router_id.clone(),
+            load_view: config.load_view,
         },
         state.clone(),
     ));

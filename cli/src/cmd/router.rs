@@ -3,6 +3,7 @@
 use anyhow::Context;
 use clap::Args;
 use fulcrum_data_plane::RouterConfig;
+use fulcrum_data_plane::table::LoadView;
 
 /// Flags of `fulcrum router`.
 #[derive(Debug, Args)]
@@ -26,6 +27,12 @@ pub(crate) struct RouterArgs {
     /// connections (0: one per core this process may run on).
     #[arg(long, default_value_t = 0)]
     threads: usize,
+    /// Where node weights come from: `global`, the control plane's weights (capacity and
+    /// health folded with the load every router reports); `local`, each node's capacity (the
+    /// router balances on its own calls in flight and latency only; unhealthy, drained and
+    /// cordoned nodes still get nothing).
+    #[arg(long, default_value = "global")]
+    load_view: LoadView,
 }
 
 impl RouterArgs {
@@ -33,6 +40,7 @@ impl RouterArgs {
         let mut c = RouterConfig::new(self.region.clone(), self.control.clone());
         c.max_message_size = self.max_message_size;
         c.threads = self.threads;
+        c.load_view = self.load_view;
         if let Some(id) = &self.id {
             c.router_id = id.clone();
         }
@@ -44,7 +52,8 @@ pub(crate) async fn run(args: RouterArgs) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
-    tracing::info!(listen = %args.listen, region = %args.region, control = ?args.control, "router serving");
+    tracing::info!(listen = %args.listen, region = %args.region, control = ?args.control,
+        load_view = %args.load_view, "router serving");
     fulcrum_data_plane::serve(args.config(), listener, crate::shutdown_signal()).await?;
     Ok(())
 }
