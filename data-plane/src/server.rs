@@ -43,6 +43,8 @@ pub struct RouterConfig {
     /// Whether the weights follow the control plane's global load view or only the node's
     /// capacity ([`LoadView`]).
     pub load_view: LoadView,
+    /// The token presented to the control plane on the routing stream (its --stream-token).
+    pub stream_token: Option<String>,
 }
 
 impl RouterConfig {
@@ -57,6 +59,7 @@ impl RouterConfig {
             shutdown_grace: SHUTDOWN_GRACE,
             threads: 0,
             load_view: LoadView::Global,
+            stream_token: None,
         }
     }
 }
@@ -86,6 +89,7 @@ pub async fn serve(
             control: config.control.clone(),
             router_id: config.router_id.clone(),
             load_view: config.load_view,
+            token: config.stream_token.clone(),
         },
         state.clone(),
     ));

@@ -53,6 +53,9 @@ pub struct SubscriberConfig {
     pub router_id: String,
     /// Where the table's weights come from (the router still reports its load either way).
     pub load_view: LoadView,
+    /// The control plane's stream token, sent as `authorization: Bearer <token>` (none: the
+    /// control plane must trust this router's address, loopback).
+    pub token: Option<String>,
 }
 
 /// Follows the control plane forever, applying updates to `state`.
@@ -99,8 +102,15 @@ async fn session(
         known_version: state.table.load().version,
     })))
     .await?;
+    let mut request = tonic::Request::new(ReceiverStream::new(rx));
+    if let Some(token) = &config.token {
+        let value = format!("Bearer {token}")
+            .parse()
+            .map_err(|_| "the stream token is not a valid header value (visible ASCII only)")?;
+        request.metadata_mut().insert("authorization", value);
+    }
     let mut updates = RoutingClient::new(channel)
-        .subscribe(ReceiverStream::new(rx))
+        .subscribe(request)
         .await?
         .into_inner();
     tracing::info!(control = %addr, "subscribed to the control plane");

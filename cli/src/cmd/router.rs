@@ -33,6 +33,10 @@ pub(crate) struct RouterArgs {
     /// cordoned nodes still get nothing).
     #[arg(long, default_value = "global")]
     load_view: LoadView,
+    /// Token presented to the control plane on the routing stream (the control plane's
+    /// --stream-token); not needed when the control plane trusts this machine (loopback).
+    #[arg(long, env = "FULCRUM_STREAM_TOKEN", hide_env_values = true, value_parser = crate::cmd::token)]
+    stream_token: Option<String>,
 }
 
 impl RouterArgs {
@@ -41,6 +45,7 @@ impl RouterArgs {
         c.max_message_size = self.max_message_size;
         c.threads = self.threads;
         c.load_view = self.load_view;
+        c.stream_token = self.stream_token.clone();
         if let Some(id) = &self.id {
             c.router_id = id.clone();
         }
