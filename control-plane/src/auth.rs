@@ -22,9 +22,12 @@ fn presented<T>(request: &Request<T>) -> Option<&str> {
         .and_then(|v| v.strip_prefix("Bearer "))
 }
 
-/// Whether the request comes from this machine (the loopback interface).
+/// Whether the request comes from this machine (the loopback interface). An IPv4 client of a
+/// dual-stack listener (`[::]`) shows as `::ffff:127.0.0.1`, which is loopback too.
 fn from_loopback<T>(request: &Request<T>) -> bool {
-    request.remote_addr().is_some_and(|a| a.ip().is_loopback())
+    request
+        .remote_addr()
+        .is_some_and(|a| a.ip().to_canonical().is_loopback())
 }
 
 /// Checks every admin call against the replica's [`AdminAuth`].
@@ -181,6 +184,8 @@ mod tests {
         assert!(i.call(from("127.0.0.1", None)).is_ok());
         assert!(i.call(from("127.0.0.53", None)).is_ok());
         assert!(i.call(from("::1", None)).is_ok());
+        assert!(i.call(from("::ffff:127.0.0.1", None)).is_ok());
+        assert!(refused(&mut i, from("::ffff:10.0.0.7", None)).contains("own machine only"));
         let m = refused(&mut i, from("10.0.0.7", None));
         assert!(
             m.contains("own machine only") && m.contains("--stream-token"),
