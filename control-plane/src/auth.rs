@@ -1,9 +1,34 @@
-//! Admin API credentials: a bearer token, or (for one-machine setups) callers on loopback.
+//! Credentials: a bearer token, or (for one-machine setups) callers on loopback.
+//!
+//! Two credentials, checked by two interceptors before any message of a call is read: the
+//! operators' one for the admin API ([`AdminInterceptor`], [`AdminAuth`]), and the one routers
+//! and nodes present on their streams, `Routing.Subscribe` and `Registration.Register`
+//! ([`StreamInterceptor`], [`StreamAuth`]). They are separate so that a router's or a node's
+//! credential, which sits on every router and model server, cannot drain nodes or change
+//! policies. A refused call ends with UNAUTHENTICATED before its handler runs: nothing it
+//! carried reaches the store.
 
 use tonic::service::Interceptor;
 use tonic::{Request, Status};
 
-use crate::server::AdminAuth;
+use crate::server::{AdminAuth, StreamAuth};
+
+/// The bearer token a request presents, if any.
+fn presented<T>(request: &Request<T>) -> Option<&str> {
+    request
+        .metadata()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+}
+
+/// Whether the request comes from this machine (the loopback interface). An IPv4 client of a
+/// dual-stack listener (`[::]`) shows as `::ffff:127.0.0.1`, which is loopback too.
+fn from_loopback<T>(request: &Request<T>) -> bool {
+    request
+        .remote_addr()
+        .is_some_and(|a| a.ip().to_canonical().is_loopback())
+}
 
 /// Checks every admin call against the replica's [`AdminAuth`].
 #[derive(Debug, Clone)]
@@ -30,15 +55,10 @@ impl Interceptor for AdminInterceptor {
             AdminAuth::Token(t) => (Some(t.as_str()), false),
             AdminAuth::Loopback(t) => (t.as_deref(), true),
         };
-        if loopback_ok && request.remote_addr().is_some_and(|a| a.ip().is_loopback()) {
+        if loopback_ok && from_loopback(&request) {
             return Ok(request);
         }
-        let presented = request
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        match (token, presented) {
+        match (token, presented(&request)) {
             (Some(want), Some(got)) if same(want.as_bytes(), got.as_bytes()) => Ok(request),
             (Some(_), Some(_)) => Err(Status::unauthenticated("wrong admin credential")),
             (_, None) => Err(Status::unauthenticated(
@@ -47,6 +67,47 @@ impl Interceptor for AdminInterceptor {
             )),
             (None, Some(_)) => Err(Status::unauthenticated(
                 "this control plane accepts admin calls from loopback only",
+            )),
+        }
+    }
+}
+
+/// Checks every call on the routers' and nodes' streams against the replica's [`StreamAuth`].
+#[derive(Debug, Clone)]
+pub struct StreamInterceptor {
+    auth: StreamAuth,
+}
+
+impl StreamInterceptor {
+    /// An interceptor enforcing `auth`.
+    pub fn new(auth: StreamAuth) -> Self {
+        Self { auth }
+    }
+}
+
+impl Interceptor for StreamInterceptor {
+    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+        let (token, loopback_ok) = match &self.auth {
+            StreamAuth::Token(t) => (Some(t.as_str()), false),
+            StreamAuth::Loopback(t) => (t.as_deref(), true),
+        };
+        if loopback_ok && from_loopback(&request) {
+            return Ok(request);
+        }
+        match (token, presented(&request)) {
+            (Some(want), Some(got)) if same(want.as_bytes(), got.as_bytes()) => Ok(request),
+            (Some(_), Some(_)) => Err(Status::unauthenticated(
+                "wrong stream credential: routers and nodes must present the control plane's \
+                 stream token (its --stream-token)",
+            )),
+            (Some(_), None) => Err(Status::unauthenticated(
+                "routers and nodes need a credential: send `authorization: Bearer <token>` \
+                 (fulcrum router --stream-token, fulcrum node-sim --stream-token, or \
+                 FULCRUM_STREAM_TOKEN)",
+            )),
+            (None, _) => Err(Status::unauthenticated(
+                "this control plane has no stream token and accepts routers and nodes from \
+                 its own machine only: start it with --stream-token (or FULCRUM_STREAM_TOKEN)",
             )),
         }
     }
@@ -78,5 +139,66 @@ mod tests {
         let mut l = AdminInterceptor::new(AdminAuth::Loopback(None));
         assert!(l.call(req(None)).is_err());
         assert!(same(b"abc", b"abc") && !same(b"abc", b"abd") && !same(b"ab", b"abc"));
+    }
+
+    /// A request from `ip` (as tonic's TCP server records it), presenting `token` if given.
+    fn from(ip: &str, token: Option<&str>) -> Request<()> {
+        let mut r = req(token);
+        let addr = std::net::SocketAddr::new(ip.parse().unwrap(), 40000);
+        r.extensions_mut()
+            .insert(tonic::transport::server::TcpConnectInfo {
+                local_addr: None,
+                remote_addr: Some(addr),
+            });
+        r
+    }
+
+    fn refused(i: &mut StreamInterceptor, r: Request<()>) -> String {
+        let e = i.call(r).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unauthenticated);
+        e.message().to_string()
+    }
+
+    #[test]
+    fn stream_tokens_bind_everyone_including_loopback() {
+        let mut i = StreamInterceptor::new(StreamAuth::Token("t0ken".into()));
+        assert!(i.call(from("10.0.0.7", Some("t0ken"))).is_ok());
+        assert!(i.call(from("127.0.0.1", Some("t0ken"))).is_ok());
+        assert!(
+            refused(&mut i, from("10.0.0.7", Some("nope"))).contains("wrong stream credential")
+        );
+        assert!(refused(&mut i, from("127.0.0.1", None)).contains("need a credential"));
+        assert!(refused(&mut i, from("10.0.0.7", None)).contains("FULCRUM_STREAM_TOKEN"));
+        // Not the admin scheme's prefix, not a token.
+        let mut basic = from("10.0.0.7", None);
+        basic
+            .metadata_mut()
+            .insert("authorization", "Basic t0ken".parse().unwrap());
+        assert!(refused(&mut i, basic).contains("need a credential"));
+    }
+
+    #[test]
+    fn without_a_stream_token_only_loopback_is_trusted() {
+        let mut i = StreamInterceptor::new(StreamAuth::default());
+        assert_eq!(StreamAuth::default(), StreamAuth::Loopback(None));
+        assert!(i.call(from("127.0.0.1", None)).is_ok());
+        assert!(i.call(from("127.0.0.53", None)).is_ok());
+        assert!(i.call(from("::1", None)).is_ok());
+        assert!(i.call(from("::ffff:127.0.0.1", None)).is_ok());
+        assert!(refused(&mut i, from("::ffff:10.0.0.7", None)).contains("own machine only"));
+        let m = refused(&mut i, from("10.0.0.7", None));
+        assert!(
+            m.contains("own machine only") && m.contains("--stream-token"),
+            "{m}"
+        );
+        assert!(refused(&mut i, from("10.0.0.7", Some("guess"))).contains("own machine only"));
+        // No address known: not loopback.
+        assert!(refused(&mut i, req(None)).contains("own machine only"));
+        // With a token as well, others may present it.
+        let mut both = StreamInterceptor::new(StreamAuth::Loopback(Some("t0ken".into())));
+        assert!(both.call(from("127.0.0.1", None)).is_ok());
+        assert!(both.call(from("10.0.0.7", Some("t0ken"))).is_ok());
+        assert!(refused(&mut both, from("10.0.0.7", Some("x"))).contains("wrong"));
+        assert!(refused(&mut both, from("10.0.0.7", None)).contains("need a credential"));
     }
 }

@@ -17,7 +17,8 @@
 //! - [`control_loop`]: recompute and write the table when anything changes.
 //! - [`publisher`]: follow the table in the store and serve `Subscribe` streams.
 //! - [`self_registration`]: nodes registering themselves with a lease, and their load reports.
-//! - [`admin`]: operator RPCs, and [`auth`]: who may call them.
+//! - [`admin`]: operator RPCs, and [`auth`]: who may call them and who may open the routers'
+//!   and nodes' streams.
 //! - [`metrics`]: Prometheus metrics, read from the replica's state at each scrape.
 //! - [`error`]: errors and their gRPC statuses.
 //! - [`server`]: assemble and serve a replica.
@@ -43,4 +44,4 @@ pub mod table;
 pub mod weights;
 
 pub use error::Error;
-pub use server::{AdminAuth, ControlPlaneConfig, serve, serve_with_metrics};
+pub use server::{AdminAuth, ControlPlaneConfig, StreamAuth, serve, serve_with_metrics};

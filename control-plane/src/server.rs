@@ -35,6 +35,25 @@ pub enum AdminAuth {
     Loopback(Option<String>),
 }
 
+/// Who may open the routers' and nodes' streams (`Routing.Subscribe`,
+/// `Registration.Register`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StreamAuth {
+    /// Routers and nodes must present `authorization: Bearer <token>`, wherever they are.
+    Token(String),
+    /// Routers and nodes on the loopback interface need no credential; with a token, others
+    /// may present it. Without one (the default: a replica given no stream token), only this
+    /// machine's routers and nodes get in, so `fulcrum up` works with no flags and nothing
+    /// from the network can register a node or read the routing table.
+    Loopback(Option<String>),
+}
+
+impl Default for StreamAuth {
+    fn default() -> Self {
+        StreamAuth::Loopback(None)
+    }
+}
+
 /// Settings of one replica.
 #[derive(Debug, Clone)]
 pub struct ControlPlaneConfig {
@@ -46,6 +65,8 @@ pub struct ControlPlaneConfig {
     pub leader_ttl: std::time::Duration,
     /// Admin API credentials.
     pub admin_auth: AdminAuth,
+    /// Routers' and nodes' credentials (default: loopback only).
+    pub stream_auth: StreamAuth,
     /// Lease TTL of self-registered nodes (whole seconds).
     pub registration_ttl: std::time::Duration,
 }
@@ -58,6 +79,7 @@ impl ControlPlaneConfig {
             probe: ProbeConfig::default(),
             leader_ttl: DEFAULT_LEADER_TTL,
             admin_auth,
+            stream_auth: StreamAuth::default(),
             registration_ttl: crate::self_registration::DEFAULT_TTL,
         }
     }
@@ -121,7 +143,8 @@ pub async fn serve_with_metrics(
         .set_serving::<RegistrationServer<RegistrationService>>()
         .await;
 
-    // Nodes register themselves without the admin credential (they have none yet).
+    // Nodes register themselves with the stream credential, as routers subscribe, not with the
+    // operators' admin one.
     let (registration, registrations) = RegistrationService::new(
         store.clone(),
         config.registration_ttl,
@@ -156,11 +179,15 @@ pub async fn serve_with_metrics(
     )
     .with_node_reports(reports);
     let auth = crate::auth::AdminInterceptor::new(config.admin_auth.clone());
+    let streams = crate::auth::StreamInterceptor::new(config.stream_auth.clone());
     tonic::transport::Server::builder()
         .add_service(health_service)
-        .add_service(RoutingServer::new(RoutingService::new(publisher)))
+        .add_service(RoutingServer::with_interceptor(
+            RoutingService::new(publisher),
+            streams.clone(),
+        ))
         .add_service(AdminServer::with_interceptor(admin, auth))
-        .add_service(RegistrationServer::new(registration))
+        .add_service(RegistrationServer::with_interceptor(registration, streams))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await
 }

@@ -18,6 +18,7 @@ use crate::limits::{DEFAULT_MAX_MESSAGE_SIZE, MaxMessageSizeLayer};
 use crate::router::RouterState;
 use crate::shard::{self, Shard};
 use crate::subscriber::{self, SubscriberConfig};
+use crate::table::LoadView;
 
 /// How long a stopping router lets calls in flight finish after it stops accepting new ones:
 /// ten seconds covers the default five-second deadline twice over, so a call that started just
@@ -39,6 +40,11 @@ pub struct RouterConfig {
     pub shutdown_grace: std::time::Duration,
     /// Serving threads ([`crate::shard`]); 0: one per core the process may run on.
     pub threads: usize,
+    /// Whether the weights follow the control plane's global load view or only the node's
+    /// capacity ([`LoadView`]).
+    pub load_view: LoadView,
+    /// The token presented to the control plane on the routing stream (its --stream-token).
+    pub stream_token: Option<String>,
 }
 
 impl RouterConfig {
@@ -52,6 +58,8 @@ impl RouterConfig {
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
             shutdown_grace: SHUTDOWN_GRACE,
             threads: 0,
+            load_view: LoadView::Global,
+            stream_token: None,
         }
     }
 }
@@ -98,6 +106,8 @@ pub async fn serve_with_metrics(
         SubscriberConfig {
             control: config.control.clone(),
             router_id: config.router_id.clone(),
+            load_view: config.load_view,
+            token: config.stream_token.clone(),
         },
         state.clone(),
     ));

@@ -18,7 +18,7 @@ use tonic::transport::Endpoint;
 
 use crate::endpoint::now_ns;
 use crate::router::RouterState;
-use crate::table::{RoutingTable, merge};
+use crate::table::{LoadView, RoutingTable, merge};
 
 /// First reconnect delay: quick enough that a replica restart costs the router well under a
 /// second of staleness.
@@ -51,6 +51,11 @@ pub struct SubscriberConfig {
     pub control: Vec<String>,
     /// This router's id, unique per process.
     pub router_id: String,
+    /// Where the table's weights come from (the router still reports its load either way).
+    pub load_view: LoadView,
+    /// The control plane's stream token, sent as `authorization: Bearer <token>` (none: the
+    /// control plane must trust this router's address, loopback).
+    pub token: Option<String>,
 }
 
 /// Follows the control plane forever, applying updates to `state`.
@@ -97,8 +102,15 @@ async fn session(
         known_version: state.table.load().version,
     })))
     .await?;
+    let mut request = tonic::Request::new(ReceiverStream::new(rx));
+    if let Some(token) = &config.token {
+        let value = format!("Bearer {token}")
+            .parse()
+            .map_err(|_| "the stream token is not a valid header value (visible ASCII only)")?;
+        request.metadata_mut().insert("authorization", value);
+    }
     let mut updates = RoutingClient::new(channel)
-        .subscribe(ReceiverStream::new(rx))
+        .subscribe(request)
         .await?
         .into_inner();
     tracing::info!(control = %addr, "subscribed to the control plane");
@@ -117,7 +129,7 @@ async fn session(
         if update.heartbeat {
             continue;
         }
-        let reply = match apply(&update, state) {
+        let reply = match apply_in_view(&update, state, config.load_view) {
             Ok(held) => router_message::Message::Ack(Ack { version: held }),
             Err(reason) => {
                 tracing::warn!(version = update.version, %reason, "rejected a routing update");
@@ -185,6 +197,15 @@ async fn report_load(tx: mpsc::Sender<RouterMessage>, state: Arc<RouterState>) {
 /// update older than the table held — a replica whose watch lags behind the one the router
 /// left — is ignored, not rejected: rejecting would only bring the same old snapshot again.
 pub fn apply(update: &RoutingUpdate, state: &RouterState) -> Result<u64, String> {
+    apply_in_view(update, state, LoadView::Global)
+}
+
+/// [`apply`], with the weights of `view`.
+pub fn apply_in_view(
+    update: &RoutingUpdate,
+    state: &RouterState,
+    view: LoadView,
+) -> Result<u64, String> {
     let current = state.table.load();
     if update.version < current.version {
         tracing::debug!(
@@ -204,7 +225,7 @@ pub fn apply(update: &RoutingUpdate, state: &RouterState) -> Result<u64, String>
         merged = merge(&current.source, update)?;
         &merged
     };
-    let table = RoutingTable::build(full, &state.region, &current, &state.queue)?;
+    let table = RoutingTable::build_in_view(full, &state.region, view, &current, &state.queue)?;
     tracing::debug!(
         version = table.version,
         routable = table.routable_nodes,

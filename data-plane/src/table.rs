@@ -4,6 +4,11 @@
 //! What must outlive a table is carried from one to the next: each node's pooled
 //! [`NodeConn`] (connection, in-flight calls, latency, outlier state) while its address is
 //! unchanged, and each model's retry budget, spill share and latency window.
+//!
+//! Where a node's weight comes from is the router's [`LoadView`]: the control plane's weight
+//! (capacity folded with the load every router reports: the global view, the default), or the
+//! node's registered capacity alone (the local view: the router balances on its own in-flight
+//! calls and latency only). Either way a node the control plane does not route to weighs zero.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -27,12 +32,69 @@ const RETRY_PERCENT: f32 = 0.2;
 const RETRY_MIN_PER_SEC: u32 = 10;
 const RETRY_TTL: Duration = Duration::from_secs(10);
 
+/// Which view of the fleet's load a router's weights follow (`fulcrum router --load-view`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LoadView {
+    /// The control plane's weights: capacity, health and the load all routers report (their
+    /// calls in flight, latency and errors per node, and what nodes say of themselves), damped.
+    #[default]
+    Global,
+    /// The node's registered capacity instead of the control plane's weight: the router
+    /// balances on what it sees itself (its own calls in flight and latency per node). A node
+    /// the control plane does not route to (unhealthy, drained, cordoned, weight 0) still gets
+    /// no calls; an operator's weight override and the halved weight of a degraded node are
+    /// not applied (an override of 0 still takes the node out). For comparing the two views (benchmark scenario 5), and for a router that
+    /// should not follow load it cannot see.
+    Local,
+}
+
+impl LoadView {
+    /// The weight a routable node gets in this view, from the control plane's `weight` and the
+    /// node's registered `capacity`. A node registered without a capacity (which the control
+    /// plane refuses) keeps the control plane's weight.
+    pub fn weight(self, weight: f64, capacity: i64) -> f64 {
+        match self {
+            LoadView::Local if capacity > 0 => capacity as f64,
+            _ => weight,
+        }
+    }
+
+    /// The flag's spelling: `global` or `local`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LoadView::Global => "global",
+            LoadView::Local => "local",
+        }
+    }
+}
+
+impl std::str::FromStr for LoadView {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "global" => Ok(LoadView::Global),
+            "local" => Ok(LoadView::Local),
+            other => Err(format!(
+                "unknown load view {other:?}: expected `global` or `local`"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for LoadView {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// A node in one table: its pooled connection plus what this table says about it.
 #[derive(Debug, Clone)]
 pub struct RoutedNode {
     /// The pooled connection.
     pub conn: Arc<NodeConn>,
-    /// Control-plane weight (0 when not routable).
+    /// Weight in the router's [`LoadView`]: the control plane's, or the capacity (0 when not
+    /// routable either way).
     pub weight: f64,
     /// The node's registered capacity.
     pub capacity: f64,
@@ -147,10 +209,22 @@ fn routable(e: &NodeEndpoint) -> bool {
 
 impl RoutingTable {
     /// Builds a table from a snapshot update, seen from `region`, carrying over `previous`'s
-    /// connections and model state. Errors (the router NACKs) when an endpoint is malformed.
+    /// connections and model state, with the control plane's weights ([`LoadView::Global`]).
+    /// Errors (the router NACKs) when an endpoint is malformed.
     pub fn build(
         update: &RoutingUpdate,
         region: &str,
+        previous: &RoutingTable,
+        queue: &Arc<WaitQueue>,
+    ) -> Result<Self, String> {
+        Self::build_in_view(update, region, LoadView::Global, previous, queue)
+    }
+
+    /// [`RoutingTable::build`], with the weights of `view`.
+    pub fn build_in_view(
+        update: &RoutingUpdate,
+        region: &str,
+        view: LoadView,
         previous: &RoutingTable,
         queue: &Arc<WaitQueue>,
     ) -> Result<Self, String> {
@@ -199,7 +273,11 @@ impl RoutingTable {
                 let (local, remote) = lists.entry(m.name.clone()).or_default();
                 let node = RoutedNode {
                     conn: conn.clone(),
-                    weight: if node_routable { e.weight } else { 0.0 },
+                    weight: if node_routable {
+                        view.weight(e.weight, spec.capacity)
+                    } else {
+                        0.0
+                    },
                     capacity: spec.capacity.max(0) as f64,
                     // A node serves a model when the control plane saw it ready there.
                     routable: node_routable && e.ready_models.iter().any(|r| r == &m.name),
@@ -403,6 +481,96 @@ mod tests {
         assert_eq!(
             t.models["echo"].settings.timeout,
             Duration::from_millis(1234)
+        );
+    }
+
+    #[tokio::test]
+    async fn the_local_view_weighs_routable_nodes_by_capacity_and_the_rest_zero() {
+        // The control plane's weight (load-derived) differs from the capacity on purpose.
+        let busy = NodeEndpoint {
+            weight: 0.7,
+            ..ep("a1", "a", HealthState::Healthy, true)
+        };
+        let mut big = ep("a2", "a", HealthState::Healthy, true);
+        big.weight = 3.5;
+        big.spec.as_mut().unwrap().capacity = 8;
+        let update = RoutingUpdate {
+            version: 3,
+            snapshot: true,
+            endpoints: vec![
+                busy,
+                big,
+                ep("a3", "a", HealthState::Unhealthy, false),
+                ep("a4", "a", HealthState::Draining, true),
+                // Healthy, but the control plane gives it no weight (an override of 0).
+                NodeEndpoint {
+                    weight: 0.0,
+                    ..ep("a5", "a", HealthState::Healthy, true)
+                },
+                // Degraded: the control plane halves its weight.
+                NodeEndpoint {
+                    weight: 1.0,
+                    ..ep("b1", "b", HealthState::Degraded, true)
+                },
+            ],
+            ..Default::default()
+        };
+        let weights = |view: LoadView| -> Vec<(String, f64, bool)> {
+            let t = RoutingTable::build_in_view(
+                &update,
+                "a",
+                view,
+                &RoutingTable::default(),
+                &Arc::default(),
+            )
+            .unwrap();
+            let echo = &t.models["echo"];
+            echo.local
+                .iter()
+                .chain(&echo.remote)
+                .map(|n| (n.conn.id.clone(), n.weight, n.routable))
+                .collect()
+        };
+        let w = |id: &str, weight: f64, routable: bool| (id.to_string(), weight, routable);
+        assert_eq!(
+            weights(LoadView::Global),
+            vec![
+                w("a1", 0.7, true),
+                w("a2", 3.5, true),
+                w("a3", 0.0, false),
+                w("a4", 0.0, false),
+                w("a5", 0.0, false),
+                w("b1", 1.0, true),
+            ]
+        );
+        assert_eq!(
+            weights(LoadView::Local),
+            vec![
+                w("a1", 2.0, true),
+                w("a2", 8.0, true),
+                w("a3", 0.0, false),
+                w("a4", 0.0, false),
+                w("a5", 0.0, false),
+                w("b1", 2.0, true),
+            ]
+        );
+        // `build` is the global view.
+        let t = build(&update, &RoutingTable::default());
+        assert_eq!(t.models["echo"].local[0].weight, 0.7);
+    }
+
+    #[test]
+    fn load_views_parse_from_their_names_only() {
+        assert_eq!("global".parse(), Ok(LoadView::Global));
+        assert_eq!("local".parse(), Ok(LoadView::Local));
+        assert_eq!(LoadView::default(), LoadView::Global);
+        for v in [LoadView::Global, LoadView::Local] {
+            assert_eq!(v.to_string().parse(), Ok(v));
+        }
+        let err = "Local".parse::<LoadView>().unwrap_err();
+        assert!(
+            err.contains("\"Local\"") && err.contains("`global` or `local`"),
+            "{err}"
         );
     }
 

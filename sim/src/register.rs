@@ -71,6 +71,11 @@ pub struct RegisterConfig {
     pub spec: NodeSpec,
     /// Time between two load reports.
     pub report_interval: Duration,
+    /// The control plane's stream token, sent as `authorization: Bearer <token>` (none: the
+    /// control plane must trust the node's address, loopback). A refused token
+    /// (UNAUTHENTICATED) is retried like a broken stream: the control plane's token may be
+    /// about to change.
+    pub token: Option<String>,
 }
 
 impl RegisterConfig {
@@ -80,6 +85,7 @@ impl RegisterConfig {
             control,
             spec,
             report_interval: REPORT_INTERVAL,
+            token: None,
         }
     }
 }
@@ -286,13 +292,29 @@ async fn session(
     };
     // The channel is new and has room.
     let _ = tx.try_send(spec);
+    let mut request = tonic::Request::new(ReceiverStream::new(rx));
+    if let Some(token) = &config.token {
+        match format!("Bearer {token}").parse() {
+            Ok(value) => {
+                request.metadata_mut().insert("authorization", value);
+            }
+            Err(_) => {
+                return ended(
+                    tonic::Status::invalid_argument(
+                        "the stream token is not a valid header value (visible ASCII only)",
+                    ),
+                    false,
+                );
+            }
+        }
+    }
     let open = async {
         let channel = endpoint
             .connect()
             .await
             .map_err(|e| tonic::Status::unavailable(format!("cannot connect: {e}")))?;
         let mut inbound = RegistrationClient::new(channel)
-            .register(ReceiverStream::new(rx))
+            .register(request)
             .await?
             .into_inner();
         let accepted = inbound.message().await?.ok_or_else(|| {

@@ -140,11 +140,24 @@ pub async fn router_following(
     control: &[SocketAddr],
     max_message_size: Option<usize>,
 ) -> Running {
+    router_configured(region, control, move |c| {
+        if let Some(m) = max_message_size {
+            c.max_message_size = m;
+        }
+    })
+    .await
+}
+
+/// Starts a router for `region` following `control`, with whatever `configure` changes in its
+/// configuration.
+pub async fn router_configured(
+    region: &str,
+    control: &[SocketAddr],
+    configure: impl FnOnce(&mut RouterConfig),
+) -> Running {
     let control = control.iter().map(ToString::to_string).collect();
     let mut config = RouterConfig::new(region, control);
-    if let Some(m) = max_message_size {
-        config.max_message_size = m;
-    }
+    configure(&mut config);
     Running::spawn(move |listener, stopped| async move {
         let shutdown = async move {
             let _ = stopped.await;

@@ -6,7 +6,7 @@ use anyhow::Context;
 use clap::Args;
 use fulcrum_control_plane::health::Thresholds;
 use fulcrum_control_plane::health::prober::ProbeConfig;
-use fulcrum_control_plane::{AdminAuth, ControlPlaneConfig};
+use fulcrum_control_plane::{AdminAuth, ControlPlaneConfig, StreamAuth};
 
 /// Flags of `fulcrum control`.
 #[derive(Debug, Args)]
@@ -48,6 +48,14 @@ pub(crate) struct ControlArgs {
     /// Accept admin calls from loopback without a token (one-machine setups).
     #[arg(long)]
     admin_trust_loopback: bool,
+    /// Bearer token routers (`Routing.Subscribe`) and self-registering nodes
+    /// (`Registration.Register`) must present. Without it, only routers and nodes on this
+    /// machine (loopback) are accepted.
+    #[arg(long, env = "FULCRUM_STREAM_TOKEN", hide_env_values = true, value_parser = crate::cmd::token)]
+    stream_token: Option<String>,
+    /// With --stream-token, still accept routers and nodes on loopback without it.
+    #[arg(long)]
+    stream_trust_loopback: bool,
     /// Lease TTL of self-registered nodes (whole seconds): how soon a node that falls silent,
     /// or whose replica dies, leaves the registry.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
@@ -64,6 +72,11 @@ impl ControlArgs {
                  or --admin-trust-loopback to accept admin calls from this machine only"
             ),
         };
+        let token = self.stream_token.clone().filter(|t| !t.is_empty());
+        let stream_auth = match (token, self.stream_trust_loopback) {
+            (Some(t), false) => StreamAuth::Token(t),
+            (t, _) => StreamAuth::Loopback(t),
+        };
         Ok(ControlPlaneConfig {
             replica_id: self
                 .id
@@ -71,6 +84,7 @@ impl ControlArgs {
                 .unwrap_or_else(|| format!("control-{}", self.listen)),
             leader_ttl: self.leader_ttl,
             admin_auth,
+            stream_auth,
             registration_ttl: self.registration_ttl,
             probe: ProbeConfig {
                 interval: self.probe_interval,
@@ -86,6 +100,11 @@ impl ControlArgs {
 
 pub(crate) async fn run(args: ControlArgs) -> anyhow::Result<()> {
     let config = args.config()?;
+    if matches!(config.stream_auth, StreamAuth::Loopback(None)) {
+        tracing::info!(
+            "no --stream-token: routers and nodes are accepted from this machine (loopback) only"
+        );
+    }
     let store = fulcrum_control_plane::store::open(&args.store)
         .await
         .with_context(|| format!("opening store {}", args.store))?;

@@ -45,6 +45,10 @@ pub(crate) struct LoadArgs {
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
+    /// With --json, include the latency histogram (`latency_histogram`: `[latency_us, calls]`
+    /// pairs), to merge the reports of several generators into exact percentiles.
+    #[arg(long, requires = "json")]
+    histogram: bool,
 }
 
 pub(crate) async fn run(args: LoadArgs) -> anyhow::Result<()> {
@@ -64,7 +68,10 @@ pub(crate) async fn run(args: LoadArgs) -> anyhow::Result<()> {
         },
         timeline: args.timeline,
     };
-    let report = load::run(config).await?;
+    let mut report = load::run(config).await?;
+    if !args.histogram {
+        report.latency_histogram.clear();
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

@@ -6,3 +6,29 @@ pub(crate) mod load;
 pub(crate) mod node_sim;
 pub(crate) mod router;
 pub(crate) mod up;
+
+/// A bearer token from a flag or the environment: one or more visible ASCII characters, since
+/// it travels in an HTTP/2 header (`authorization: Bearer <token>`); anything else could never
+/// be presented, so it is refused at start rather than on every connection.
+pub(crate) fn token(s: &str) -> Result<String, String> {
+    if s.is_empty() {
+        return Err("the token is empty".into());
+    }
+    if let Some(c) = s.chars().find(|c| !c.is_ascii_graphic()) {
+        return Err(format!(
+            "the token holds {c:?}: only visible ASCII characters can travel in a header"
+        ));
+    }
+    Ok(s.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn tokens_are_visible_ascii() {
+        assert_eq!(super::token("s3cr3t-_.~+/="), Ok("s3cr3t-_.~+/=".into()));
+        assert!(super::token("").unwrap_err().contains("empty"));
+        assert!(super::token("two words").unwrap_err().contains("' '"));
+        assert!(super::token("naïve").unwrap_err().contains("'ï'"));
+    }
+}

@@ -60,6 +60,15 @@ pub(crate) struct NodeSimArgs {
     /// which must then be a specific one, not 0.0.0.0).
     #[arg(long, requires = "register", value_name = "HOST:PORT")]
     advertise: Option<String>,
+    /// Token presented to the control plane when registering (its --stream-token); not needed
+    /// when the control plane trusts this machine (loopback). Unused without --register.
+    #[arg(
+        long,
+        env = "FULCRUM_STREAM_TOKEN",
+        hide_env_values = true,
+        value_parser = crate::cmd::token
+    )]
+    stream_token: Option<String>,
     /// Label to register with, KEY=VALUE (repeatable).
     #[arg(long = "label", requires = "register", value_name = "KEY=VALUE")]
     labels: Vec<String>,
@@ -130,10 +139,9 @@ pub(crate) async fn run(args: NodeSimArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let spec = args.spec(listener.local_addr()?)?;
-    let mut registrar = Registrar::spawn(
-        RegisterConfig::new(args.register.clone(), spec),
-        sim.controls(),
-    );
+    let mut register = RegisterConfig::new(args.register.clone(), spec);
+    register.token = args.stream_token.clone();
+    let mut registrar = Registrar::spawn(register, sim.controls());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let mut server = tokio::spawn(sim.serve(listener, async {
         let _ = stopped.await;

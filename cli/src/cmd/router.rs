@@ -3,6 +3,7 @@
 use anyhow::Context;
 use clap::Args;
 use fulcrum_data_plane::RouterConfig;
+use fulcrum_data_plane::table::LoadView;
 
 /// Flags of `fulcrum router`.
 #[derive(Debug, Args)]
@@ -29,6 +30,16 @@ pub(crate) struct RouterArgs {
     /// Address to serve Prometheus metrics on (`GET /metrics`); none by default.
     #[arg(long)]
     metrics_listen: Option<String>,
+    /// Where node weights come from: `global`, the control plane's weights (capacity and
+    /// health folded with the load every router reports); `local`, each node's capacity (the
+    /// router balances on its own calls in flight and latency only; unhealthy, drained and
+    /// cordoned nodes still get nothing).
+    #[arg(long, default_value = "global")]
+    load_view: LoadView,
+    /// Token presented to the control plane on the routing stream (the control plane's
+    /// --stream-token); not needed when the control plane trusts this machine (loopback).
+    #[arg(long, env = "FULCRUM_STREAM_TOKEN", hide_env_values = true, value_parser = crate::cmd::token)]
+    stream_token: Option<String>,
 }
 
 impl RouterArgs {
@@ -36,6 +47,8 @@ impl RouterArgs {
         let mut c = RouterConfig::new(self.region.clone(), self.control.clone());
         c.max_message_size = self.max_message_size;
         c.threads = self.threads;
+        c.load_view = self.load_view;
+        c.stream_token = self.stream_token.clone();
         if let Some(id) = &self.id {
             c.router_id = id.clone();
         }
@@ -56,7 +69,7 @@ pub(crate) async fn run(args: RouterArgs) -> anyhow::Result<()> {
         None => None,
     };
     tracing::info!(listen = %args.listen, region = %args.region, control = ?args.control,
-        metrics = ?args.metrics_listen, "router serving");
+        load_view = %args.load_view, metrics = ?args.metrics_listen, "router serving");
     fulcrum_data_plane::serve_with_metrics(
         args.config(),
         listener,

@@ -67,6 +67,12 @@ pub struct LoadReport {
     pub achieved_rps: f64,
     /// Latency of the successful calls.
     pub latency: LatencySummary,
+    /// The latency histogram itself, as `[latency_us, calls]` pairs (each bucket's highest
+    /// equivalent value, ascending; empty buckets left out), so that the reports of several
+    /// generators can be merged into exact percentiles of all their calls. Left out of the JSON
+    /// when empty; `fulcrum load` fills it only when asked (`--histogram`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub latency_histogram: Vec<[u64; 2]>,
     /// How late the generator sent calls relative to their schedule, over all sent calls. This
     /// delay is included in `latency`; when it is not small against `latency`, the generator
     /// (or the machine it runs on) is a bottleneck.
@@ -291,6 +297,11 @@ impl Tally {
                 0.0
             },
             latency,
+            latency_histogram: self
+                .latency
+                .iter_recorded()
+                .map(|v| [v.value_iterated_to(), v.count_at_value()])
+                .collect(),
             send_lag: LatencySummary::default(),
             nodes: self.nodes,
             regions: self.regions,
@@ -519,7 +530,16 @@ mod tests {
         assert_eq!(r.timeline[2].t_ms, 200);
         assert_eq!(r.timeline[2].failed, 1);
         assert_eq!(r.timeline[2].ok["b"], 1);
+        // The histogram: every successful call once, in ascending buckets, within the
+        // histogram's precision of what was recorded.
+        let h = &r.latency_histogram;
+        assert_eq!(h.iter().map(|[_, n]| n).sum::<u64>(), r.ok);
+        assert!(h.windows(2).all(|w| w[0][0] < w[1][0]), "{h:?}");
+        assert_eq!(h.len(), 5, "{h:?}");
+        assert!((1000..=1001).contains(&h[0][0]), "{h:?}");
+        assert!(h[4][0] >= MAX_LATENCY_US, "{h:?}");
         let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["latency_histogram"][0][1], 1);
         assert_eq!(json["errors"]["UNAVAILABLE"], 1);
         assert_eq!(json["error_samples"]["UNAVAILABLE"], "node x is down");
         assert_eq!(json["timeline"][2]["failed"], 1);
