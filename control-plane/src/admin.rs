@@ -170,7 +170,12 @@ impl Admin for AdminService {
         let nodes = self.status_of(specs).await?;
         Ok(Response::new(ListNodesResponse {
             nodes,
-            routing_version: self.publisher.current().map_or(0, |t| t.version),
+            routing_version: self
+                .publisher
+                .tables()
+                .borrow()
+                .as_ref()
+                .map_or(0, |t| t.version),
         }))
     }
 
@@ -237,7 +242,7 @@ impl Admin for AdminService {
         &self,
         _: Request<GetStatusRequest>,
     ) -> Result<Response<ControlStatus>, Status> {
-        let table = self.publisher.current();
+        let table = self.publisher.tables().borrow().clone();
         // The leader's name comes from the store; unknown (not an error) when it is unreachable.
         let leader_id = self
             .store

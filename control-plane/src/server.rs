@@ -7,7 +7,6 @@ use std::sync::Arc;
 use fulcrum_proto::fulcrum::v1::SelfReport;
 use fulcrum_proto::fulcrum::v1::admin_server::AdminServer;
 use fulcrum_proto::fulcrum::v1::registration_server::RegistrationServer;
-use fulcrum_proto::fulcrum::v1::routing_server::RoutingServer;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -16,9 +15,10 @@ use crate::admin::AdminService;
 use crate::control_loop;
 use crate::health::prober::{ProbeConfig, Prober};
 use crate::load::{self, LoadAggregator};
-use crate::publisher::{Publisher, RoutingService};
+use crate::publisher::Publisher;
 use crate::self_registration::{NodeReports, RegistrationService};
 use crate::store::{AbortOnDrop, SharedStore};
+use crate::subscribe::RoutingService;
 
 /// Leader lease TTL: a replica that dies (or is cut off from the store) loses the leadership
 /// within three seconds, so a new leader is elected within the TTL plus a second; shorter would
@@ -100,9 +100,7 @@ pub async fn serve(
     )));
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter
-        .set_serving::<RoutingServer<RoutingService>>()
-        .await;
+    health_reporter.set_serving::<RoutingService>().await;
     health_reporter
         .set_serving::<AdminServer<AdminService>>()
         .await;
@@ -136,7 +134,7 @@ pub async fn serve(
     let auth = crate::auth::AdminInterceptor::new(config.admin_auth.clone());
     tonic::transport::Server::builder()
         .add_service(health_service)
-        .add_service(RoutingServer::new(RoutingService::new(publisher)))
+        .add_service(RoutingService::new(publisher))
         .add_service(AdminServer::with_interceptor(admin, auth))
         .add_service(RegistrationServer::new(registration))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
