@@ -5,7 +5,7 @@
 //! A server that does not implement grpc.health.v1 (UNIMPLEMENTED) is judged by the OIP calls
 //! alone, since Triton and MLServer differ in what they expose.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -48,6 +48,9 @@ impl Default for ProbeConfig {
 
 type HealthMap = Arc<Mutex<HashMap<String, NodeHealth>>>;
 
+/// Nodes whose routable state changed since the control loop last asked.
+type Changed = Arc<Mutex<HashSet<String>>>;
+
 /// Runs the probe tasks and holds their results.
 #[derive(Debug)]
 pub struct Prober {
@@ -55,6 +58,7 @@ pub struct Prober {
     health: HealthMap,
     tasks: Mutex<HashMap<String, (NodeSpec, JoinHandle<()>)>>,
     changed: Arc<Notify>,
+    changed_ids: Changed,
 }
 
 impl Prober {
@@ -65,38 +69,92 @@ impl Prober {
             health: Arc::default(),
             tasks: Mutex::default(),
             changed,
+            changed_ids: Changed::default(),
         }
     }
 
     /// Probes exactly the nodes in `specs`: starts tasks for new (or changed) nodes and stops
     /// those of nodes that are gone.
     pub fn sync(&self, specs: &[NodeSpec]) {
-        let mut tasks = self.tasks.lock().unwrap_or_else(PoisonError::into_inner);
-        let wanted: HashMap<&str, &NodeSpec> = specs.iter().map(|s| (s.id.as_str(), s)).collect();
-        tasks.retain(|id, (spec, handle)| {
-            let keep = wanted
-                .get(id.as_str())
-                .is_some_and(|w| w.address == spec.address && w.models == spec.models);
-            if !keep {
+        let wanted: HashSet<&str> = specs.iter().map(|s| s.id.as_str()).collect();
+        let gone: Vec<String> = self
+            .lock_tasks()
+            .keys()
+            .filter(|id| !wanted.contains(id.as_str()))
+            .cloned()
+            .collect();
+        self.remove(&gone);
+        self.upsert(specs);
+    }
+
+    fn lock_tasks(&self) -> std::sync::MutexGuard<'_, HashMap<String, (NodeSpec, JoinHandle<()>)>> {
+        self.tasks.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Stops probing the nodes `ids` and forgets their health.
+    pub fn remove(&self, ids: &[String]) {
+        let mut tasks = self.lock_tasks();
+        let mut health = self.health.lock().unwrap_or_else(PoisonError::into_inner);
+        for id in ids {
+            if let Some((_, handle)) = tasks.remove(id) {
                 handle.abort();
-                self.health
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .remove(id);
             }
-            keep
-        });
+            health.remove(id);
+        }
+    }
+
+    /// Probes the nodes in `specs`: starts a task for each new node, and restarts that of a
+    /// node whose address or models changed (forgetting its health).
+    pub fn upsert(&self, specs: &[NodeSpec]) {
+        let mut tasks = self.lock_tasks();
+        let mut start: Vec<&NodeSpec> = Vec::new();
         for spec in specs {
-            if !tasks.contains_key(&spec.id) {
-                let handle = tokio::spawn(probe_loop(
-                    spec.clone(),
-                    self.config,
-                    self.health.clone(),
-                    self.changed.clone(),
-                ));
-                tasks.insert(spec.id.clone(), (spec.clone(), handle));
+            match tasks.get(&spec.id) {
+                Some((s, _)) if s.address == spec.address && s.models == spec.models => {}
+                Some(_) => {
+                    if let Some((_, handle)) = tasks.remove(&spec.id) {
+                        handle.abort();
+                    }
+                    self.health
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .remove(&spec.id);
+                    start.push(spec);
+                }
+                None => start.push(spec),
             }
         }
+        for spec in start {
+            let handle = tokio::spawn(probe_loop(
+                spec.clone(),
+                self.config,
+                Probed {
+                    health: self.health.clone(),
+                    changed: self.changed.clone(),
+                    changed_ids: self.changed_ids.clone(),
+                },
+            ));
+            tasks.insert(spec.id.clone(), (spec.clone(), handle));
+        }
+    }
+
+    /// The nodes whose routable state (health, ready models) changed since the last call.
+    pub fn take_changed(&self) -> HashSet<String> {
+        std::mem::take(
+            &mut *self
+                .changed_ids
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        )
+    }
+
+    /// What is known of one node.
+    pub fn get(&self, id: &str) -> Option<NodeHealth> {
+        self.health
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(id)
+            .cloned()
     }
 
     /// What is known of every probed node.
@@ -117,7 +175,14 @@ impl Drop for Prober {
     }
 }
 
-async fn probe_loop(spec: NodeSpec, config: ProbeConfig, health: HealthMap, changed: Arc<Notify>) {
+/// Where a probe task reports.
+struct Probed {
+    health: HealthMap,
+    changed: Arc<Notify>,
+    changed_ids: Changed,
+}
+
+async fn probe_loop(spec: NodeSpec, config: ProbeConfig, to: Probed) {
     let channel = match Endpoint::from_shared(format!("http://{}", spec.address)) {
         Ok(e) => e.connect_timeout(config.timeout).connect_lazy(),
         Err(e) => {
@@ -136,7 +201,7 @@ async fn probe_loop(spec: NodeSpec, config: ProbeConfig, health: HealthMap, chan
                 Observation::Fail(format!("probe timed out after {:?}", config.timeout))
             });
         let did_change = {
-            let mut map = health.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut map = to.health.lock().unwrap_or_else(PoisonError::into_inner);
             let entry = map.entry(spec.id.clone()).or_default();
             let before = entry.state;
             let did_change = entry.observe(obs, config.thresholds);
@@ -147,7 +212,11 @@ async fn probe_loop(spec: NodeSpec, config: ProbeConfig, health: HealthMap, chan
             did_change
         };
         if did_change {
-            changed.notify_one();
+            to.changed_ids
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(spec.id.clone());
+            to.changed.notify_one();
         }
     }
 }
