@@ -21,10 +21,14 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
 /// Connect timeout: loopback or in-region etcd connects in well under a second.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// HTTP/2 keep-alive so a silently dead etcd member is noticed (and its watch broken) within
-/// seconds rather than at the next TCP timeout.
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(2);
-const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(2);
+/// HTTP/2 keep-alive so a silently dead etcd member is noticed (and its watches broken) within
+/// seconds rather than at the next TCP timeout. Not more often than every 5 s: etcd refuses
+/// pings closer than its `--grpc-keepalive-min-time` (5 s by default) and, after three, closes
+/// the connection (GOAWAY `too_many_pings`), breaking every watch on it. Ten seconds keeps well
+/// clear of that; requests have their own timeout, and the leader lease its own renewals.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// How long a keep-alive ping may go unanswered before the connection counts as dead.
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A store backed by etcd.
 #[derive(Clone)]
@@ -88,7 +92,9 @@ fn connect_options() -> ConnectOptions {
         .with_timeout(REQUEST_TIMEOUT)
         .with_connect_timeout(CONNECT_TIMEOUT)
         .with_keep_alive(KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT)
-        .with_keep_alive_while_idle(true)
+        // Pings only while a call or watch is open: etcd refuses pings on an idle connection
+        // (it does not permit them without streams) and closes the connection after a few.
+        .with_keep_alive_while_idle(false)
 }
 
 impl EtcdStore {
