@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Fulcrum's benchmark suite against its peers: overhead (scenario 1, this file), routing
-quality (scenario 2, quality.py) and data-center failover (scenario 3, failover.py).
+quality (scenario 2, quality.py), data-center failover (scenario 3, failover.py) and
+control-plane scale (scenario 4, cp_scale.py: Fulcrum alone, against its targets).
 
 Started by bench/run.sh, which installs the peers and builds `fulcrum` first. Everything runs on
 127.0.0.1 and every load loop is bounded in count and time. The suite
@@ -1042,7 +1043,7 @@ def markdown(res: dict) -> str:
         "## Running it",
         "",
         "```sh",
-        "./bench/run.sh                  # every scenario, full (about 40 minutes); rewrites "
+        "./bench/run.sh                  # every scenario, full (about 50 minutes); rewrites "
         "this page",
         "./bench/run.sh --scenarios 2    # one scenario (its section of this page is rewritten; "
         "the others stay from their last full run)",
@@ -1333,9 +1334,9 @@ def main() -> int:
                     help="wait at most this long for the machine to be quiet before starting "
                          "(default: 0 quick, 180 full)")
     ap.add_argument("--keep-temp", action="store_true", help="keep the temporary directory")
-    ap.add_argument("--scenarios", default="1,2,3",
-                    help="comma-separated scenarios to run (default 1,2,3): 1 overhead, "
-                         "2 routing quality, 3 data-center failover")
+    ap.add_argument("--scenarios", default="1,2,3,4",
+                    help="comma-separated scenarios to run (default 1,2,3,4): 1 overhead, "
+                         "2 routing quality, 3 data-center failover, 4 control-plane scale")
     ap.add_argument("--render", metavar="RESULTS_JSON",
                     help="run nothing: print the tables of saved results (and rewrite "
                          "docs/benchmarks.md with --write-docs)")
@@ -1349,8 +1350,9 @@ def main() -> int:
     # Processes start in the run's temporary directory: paths must not be relative.
     args.fulcrum = str(Path(args.fulcrum).resolve())
     scenarios = {int(x) for x in args.scenarios.split(",") if x.strip()}
-    if not scenarios <= {1, 2, 3}:
-        print(f"unknown scenario in {args.scenarios!r}: there are 1, 2 and 3", file=sys.stderr)
+    if not scenarios <= {1, 2, 3, 4}:
+        print(f"unknown scenario in {args.scenarios!r}: there are 1, 2, 3 and 4",
+              file=sys.stderr)
         return 2
     if args.envoy is None:
         py = PEERS / "venv" / "bin" / "python"
@@ -1478,10 +1480,10 @@ def main() -> int:
     return 0
 
 
-# Scenarios 2 and 3 live in their own modules, imported when run (they import this one).
-SCENARIO_NAMES = {2: "quality", 3: "failover"}
+# Scenarios 2, 3 and 4 live in their own modules, imported when run (they import this one).
+SCENARIO_NAMES = {2: "quality", 3: "failover", 4: "cp_scale"}
 # Upper bounds of their durations, in seconds, for the run's alarm.
-SCENARIO_LIMIT_S = {"quick": {2: 600, 3: 600}, "full": {2: 2400, 3: 1800}}
+SCENARIO_LIMIT_S = {"quick": {2: 600, 3: 600, 4: 900}, "full": {2: 2400, 3: 1800, 4: 2400}}
 
 
 def scenario_module(n: int):
