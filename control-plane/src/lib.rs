@@ -15,7 +15,9 @@
 //! - [`policies`]: per-model routing policies.
 //! - [`table`]: specs + health + overrides → the routing table.
 //! - [`control_loop`]: recompute and write the table when anything changes.
-//! - [`publisher`]: follow the table in the store and serve `Subscribe` streams.
+//! - [`publisher`]: follow the table in the store, as versions with their deltas, each
+//!   encoded once.
+//! - [`subscribe`]: the `Subscribe` RPC, every stream sending the shared encoded versions.
 //! - [`self_registration`]: nodes registering themselves with a lease, and their load reports.
 //! - [`admin`]: operator RPCs, and [`auth`]: who may call them and who may open the routers'
 //!   and nodes' streams.
@@ -40,6 +42,7 @@ pub mod registry;
 pub mod self_registration;
 pub mod server;
 pub mod store;
+pub mod subscribe;
 pub mod table;
 pub mod weights;
 

@@ -183,12 +183,6 @@ impl LoadAggregator {
     }
 }
 
-fn now_unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 /// Encodes a replica's view and its nodes' own reports for the store: calls and errors per
 /// second are rounded to whole calls per second (the weights do not need more).
 pub fn encode(view: &LoadView, self_reports: Vec<SelfReport>) -> Vec<u8> {
@@ -231,34 +225,58 @@ pub async fn publish(
 /// The global view: the sum of every replica's fresh view in the store.
 pub async fn global(store: &dyn Store) -> Result<LoadView, Error> {
     let (kvs, _) = store.list(keys::LOAD).await?;
-    let now = now_unix_ms();
+    let reports: Vec<LoadReport> = kvs
+        .iter()
+        .filter_map(|kv| decode(&kv.key, &kv.value))
+        .collect();
+    Ok(merge(reports.iter(), now_unix_ms()))
+}
+
+/// A replica's stored sum; `None` (logged) when it does not decode.
+pub fn decode(key: &str, value: &[u8]) -> Option<LoadReport> {
+    LoadReport::decode(value)
+        .inspect_err(|_| tracing::warn!(key = %key, "ignoring an undecodable load report"))
+        .ok()
+}
+
+/// The current Unix time in milliseconds, as [`merge`] takes it.
+pub fn now_unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The sum of the replicas' stored sums that are fresh at `now` (Unix milliseconds).
+pub fn merge<'a>(reports: impl IntoIterator<Item = &'a LoadReport>, now: u64) -> LoadView {
     let mut view = LoadView::new();
-    for kv in kvs {
-        let Ok(report) = LoadReport::decode(kv.value.as_slice()) else {
-            tracing::warn!(key = %kv.key, "ignoring an undecodable load report");
-            continue;
-        };
+    for report in reports {
         if now.saturating_sub(report.at_unix_ms) > REPLICA_SUM_TTL.as_millis() as u64 {
             continue;
         }
-        for n in report.nodes {
-            view.entry(n.node_id).or_default().add(&NodeLoadSummary {
+        for n in &report.nodes {
+            let summary = NodeLoadSummary {
                 in_flight: n.in_flight,
                 calls_per_sec: n.calls as f64,
                 errors_per_sec: n.errors as f64,
                 latency_ms: (n.calls > 0 && n.latency_ewma_ms > 0.0).then_some(n.latency_ewma_ms),
                 reported: None,
-            });
+            };
+            match view.get_mut(&n.node_id) {
+                Some(v) => v.add(&summary),
+                None => {
+                    view.insert(n.node_id.clone(), summary);
+                }
+            }
         }
         // A node reports through one replica at a time; while it moves, two may hold a report:
         // the newest wins.
-        for r in report.self_reports {
-            let Some(own) = r.report else { continue };
+        for r in &report.self_reports {
+            let Some(own) = &r.report else { continue };
             let at = report.at_unix_ms.saturating_sub(r.age_ms);
             if now.saturating_sub(at) > SELF_REPORT_TTL.as_millis() as u64 {
                 continue;
             }
-            let entry = view.entry(r.node_id).or_default();
+            let entry = view.entry(r.node_id.clone()).or_default();
             if entry
                 .reported
                 .as_ref()
@@ -273,7 +291,7 @@ pub async fn global(store: &dyn Store) -> Result<LoadView, Error> {
             }
         }
     }
-    Ok(view)
+    view
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@
 //! - region (`/fulcrum/v1/overrides/region/<region>`): the region is evacuated, every node in it
 //!   gets weight zero and routers send its calls to the other region (a manual failover).
 //!
-//! All of them are read in one range read per control-loop pass. A node's overrides go with the
+//! The leader follows them with a watch ([`Overrides::apply`]). A node's overrides go with the
 //! node: `ctl deregister` clears them, and the leader removes those of nodes that left the
 //! registry any other way (a self-registered node whose lease expired or was revoked).
 
@@ -40,32 +40,74 @@ pub struct Overrides {
     pub evacuated: HashSet<String>,
 }
 
+/// What an override key is about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Subject {
+    /// A node (drain, cordon, weight).
+    Node(String),
+    /// A region (evacuation).
+    Region(String),
+}
+
+impl Overrides {
+    /// Applies the write (`Some(value)`) or delete (`None`) of the override at `key`; what it
+    /// is about, when the key is an override's.
+    pub fn apply(&mut self, key: &str, value: Option<&[u8]>) -> Option<Subject> {
+        let rest = key.strip_prefix(keys::OVERRIDES)?;
+        if let Some(id) = rest.strip_prefix(DRAIN) {
+            toggle_in(&mut self.drained, id, value.is_some());
+        } else if let Some(id) = rest.strip_prefix(CORDON) {
+            toggle_in(&mut self.cordoned, id, value.is_some());
+        } else if let Some(id) = rest.strip_prefix(WEIGHT) {
+            let w = value.and_then(|v| {
+                let w = std::str::from_utf8(v)
+                    .ok()
+                    .and_then(|s| s.parse::<f64>().ok())
+                    .filter(|w| w.is_finite() && (0.0..=MAX_WEIGHT).contains(w));
+                if w.is_none() {
+                    tracing::error!(key = %key, "ignoring an unreadable weight override");
+                }
+                w
+            });
+            match w {
+                Some(w) => self.weights.insert(id.to_owned(), w),
+                None => self.weights.remove(id),
+            };
+        } else if let Some(region) = rest.strip_prefix(REGION) {
+            toggle_in(&mut self.evacuated, region, value.is_some());
+            return Some(Subject::Region(region.to_owned()));
+        } else {
+            return None;
+        }
+        let id = [DRAIN, CORDON, WEIGHT]
+            .iter()
+            .find_map(|kind| rest.strip_prefix(kind))?;
+        Some(Subject::Node(id.to_owned()))
+    }
+}
+
+fn toggle_in(set: &mut HashSet<String>, name: &str, on: bool) {
+    if on {
+        set.insert(name.to_owned());
+    } else {
+        set.remove(name);
+    }
+}
+
+/// The node a drain, cordon or weight override key is about.
+pub fn node_of(key: &str) -> Option<&str> {
+    let rest = key.strip_prefix(keys::OVERRIDES)?;
+    [DRAIN, CORDON, WEIGHT]
+        .iter()
+        .find_map(|kind| rest.strip_prefix(kind))
+}
+
 /// Reads every override.
 pub async fn load(store: &dyn Store) -> Result<Overrides, Error> {
     let (kvs, _) = store.list(keys::OVERRIDES).await?;
     let mut o = Overrides::default();
     for kv in kvs {
-        let Some(rest) = kv.key.strip_prefix(keys::OVERRIDES) else {
-            continue;
-        };
-        if let Some(id) = rest.strip_prefix(DRAIN) {
-            o.drained.insert(id.to_owned());
-        } else if let Some(id) = rest.strip_prefix(CORDON) {
-            o.cordoned.insert(id.to_owned());
-        } else if let Some(id) = rest.strip_prefix(WEIGHT) {
-            let w = std::str::from_utf8(&kv.value)
-                .ok()
-                .and_then(|s| s.parse::<f64>().ok())
-                .filter(|w| w.is_finite() && (0.0..=MAX_WEIGHT).contains(w));
-            match w {
-                Some(w) => {
-                    o.weights.insert(id.to_owned(), w);
-                }
-                None => tracing::error!(key = %kv.key, "ignoring an unreadable weight override"),
-            }
-        } else if let Some(region) = rest.strip_prefix(REGION) {
-            o.evacuated.insert(region.to_owned());
-        }
+        o.apply(&kv.key, Some(&kv.value));
     }
     Ok(o)
 }
@@ -156,24 +198,25 @@ pub async fn remove_orphans(
     read_at: i64,
 ) -> Result<usize, Error> {
     let (kvs, _) = store.list(keys::OVERRIDES).await?;
+    let found = kvs.iter().map(|kv| (kv.key.as_str(), kv.mod_revision));
+    remove_orphans_of(store, found, |id| registered.contains(id), read_at).await
+}
+
+/// [`remove_orphans`] over overrides already listed: `(key, mod_revision)` pairs.
+pub async fn remove_orphans_of<'a>(
+    store: &dyn Store,
+    overrides: impl IntoIterator<Item = (&'a str, i64)>,
+    registered: impl Fn(&str) -> bool,
+    read_at: i64,
+) -> Result<usize, Error> {
+    let orphans: Vec<(&str, i64)> = overrides
+        .into_iter()
+        .filter(|(key, rev)| node_of(key).is_some_and(|id| !registered(id)) && *rev <= read_at)
+        .collect();
     let mut removed = 0;
-    for kv in kvs {
-        let Some(rest) = kv.key.strip_prefix(keys::OVERRIDES) else {
-            continue;
-        };
-        let id = [DRAIN, CORDON, WEIGHT]
-            .iter()
-            .find_map(|kind| rest.strip_prefix(kind));
-        let Some(id) = id else { continue };
-        if registered.contains(id) || kv.mod_revision > read_at {
-            continue;
-        }
-        if store
-            .compare_and_delete(&kv.key, kv.mod_revision)
-            .await?
-            .is_some()
-        {
-            tracing::info!(node = %id, key = %kv.key, "removed the override of a node that left");
+    for (key, rev) in orphans {
+        if store.compare_and_delete(key, rev).await?.is_some() {
+            tracing::info!(key = %key, "removed the override of a node that left");
             removed += 1;
         }
     }
@@ -216,6 +259,35 @@ mod tests {
         clear_node(&s, "n").await.unwrap();
         set_region(&s, "a", false).await.unwrap();
         assert_eq!(load(&s).await.unwrap(), Overrides::default());
+    }
+
+    #[test]
+    fn applying_writes_and_deletes_says_what_they_concern() {
+        let mut o = Overrides::default();
+        let k = |kind: &str, name: &str| key(kind, name);
+        assert_eq!(
+            o.apply(&k(WEIGHT, "n"), Some(b"2.5")),
+            Some(Subject::Node("n".into()))
+        );
+        assert_eq!(o.weights["n"], 2.5);
+        assert_eq!(
+            o.apply(&k(WEIGHT, "n"), Some(b"lots")),
+            Some(Subject::Node("n".into()))
+        );
+        assert!(o.weights.is_empty(), "an unreadable weight counts as none");
+        o.apply(&k(DRAIN, "n"), Some(b"1"));
+        assert!(o.drained.contains("n"));
+        o.apply(&k(DRAIN, "n"), None);
+        assert!(o.drained.is_empty());
+        assert_eq!(
+            o.apply(&k(REGION, "b"), Some(b"1")),
+            Some(Subject::Region("b".into()))
+        );
+        assert!(o.evacuated.contains("b"));
+        assert_eq!(o.apply(&k("other/", "x"), Some(b"1")), None);
+        assert_eq!(o.apply("/elsewhere/x", Some(b"1")), None);
+        assert_eq!(node_of(&k(CORDON, "m")), Some("m"));
+        assert_eq!(node_of(&k(REGION, "b")), None);
     }
 
     #[tokio::test]

@@ -16,22 +16,19 @@
 //! never holds up the others and never makes memory grow: when it is ready for the next update
 //! it gets the newest one (as a snapshot if it missed a version), skipping those it missed.
 //! Heartbeats keep an idle stream provably alive.
+//!
+//! Each version's updates are encoded once, for every stream (see [`crate::subscribe`]): the
+//! delta when the version is published, the snapshot when a router first needs it.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::pin::Pin;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
-use fulcrum_proto::fulcrum::v1::routing_server::Routing;
-use fulcrum_proto::fulcrum::v1::{
-    Endpoint, ModelPolicy, RouterMessage, RoutingCommit, RoutingUpdate, router_message,
-};
-use futures::Stream;
+use bytes::{BufMut, Bytes, BytesMut};
+use fulcrum_proto::fulcrum::v1::{Endpoint, ModelPolicy, RoutingCommit, RoutingUpdate};
 use prost::Message;
-use tokio::sync::{Notify, mpsc, watch};
+use tokio::sync::watch;
 use tokio_stream::StreamExt;
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status, Streaming};
 
 use crate::keys;
 use crate::load::LoadAggregator;
@@ -40,10 +37,6 @@ use crate::store::{SharedStore, WatchEvent};
 /// Pause before re-reading the store after the watch broke: short enough that routers see a
 /// recovered store within a second, long enough not to hammer a store that is down.
 const REWATCH_BACKOFF: Duration = Duration::from_millis(500);
-
-/// Updates queued per router stream beyond the one being sent. One is enough: the watch channel
-/// already coalesces, this only lets the next send start while the previous is on the wire.
-const STREAM_BUFFER: usize = 1;
 
 /// A heartbeat goes out on a stream that carried nothing for this long. Routers treat a stream
 /// silent for three intervals as dead and move to another replica, so a hung replica costs a
@@ -72,13 +65,137 @@ pub struct Published {
     policies: Vec<ModelPolicy>,
     /// The table.
     entries: Arc<Entries>,
-    /// The whole table as an update, built when a router (or an operator) first needs it.
+    /// The whole table as an update, built when an operator first asks for it.
     snapshot: OnceLock<Arc<RoutingUpdate>>,
+    /// The whole table as an encoded gRPC message, built when a router first needs it and
+    /// shared by every stream that sends it.
+    snapshot_frame: OnceLock<Bytes>,
     /// The change from `delta.base_version`, when there was a previous table.
     pub delta: Option<RoutingUpdate>,
+    /// `delta` encoded, once for every stream.
+    delta_frame: Option<Bytes>,
+    /// A heartbeat at this version, encoded.
+    heartbeat_frame: Bytes,
+}
+
+/// Field number of `RoutingUpdate.endpoints` (routing.proto): the snapshot's endpoints are
+/// encoded straight from the shared entries under it, without building a copy of the table.
+const ENDPOINTS_FIELD: u32 = 3;
+
+/// A gRPC message: the uncompressed flag, the length, and `body` (which `encode` writes,
+/// `len` bytes).
+fn grpc_frame(len: usize, encode: impl FnOnce(&mut BytesMut)) -> Bytes {
+    let mut buf = BytesMut::with_capacity(5 + len);
+    buf.put_u8(0);
+    // A message of 4 GiB or more cannot be framed; no routing table comes near (10,000 nodes
+    // are about a megabyte), and a router would refuse it anyway.
+    buf.put_u32(u32::try_from(len).unwrap_or(u32::MAX));
+    encode(&mut buf);
+    buf.freeze()
+}
+
+/// `message` as a gRPC message.
+fn encode_frame(message: &RoutingUpdate) -> Bytes {
+    grpc_frame(message.encoded_len(), |buf| message.encode_raw(buf))
+}
+
+/// A heartbeat for a router of a replica that has no table yet.
+pub(crate) fn empty_heartbeat() -> Bytes {
+    encode_frame(&RoutingUpdate {
+        heartbeat: true,
+        ..RoutingUpdate::default()
+    })
+}
+
+/// What a router gets next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    /// The version's delta.
+    Delta,
+    /// The whole table.
+    Snapshot,
+}
+
+/// What to send a router holding `held` (told last that the table was `held_stale`): nothing
+/// when it is current, the delta when it holds the delta's base, a snapshot otherwise
+/// (including when it claims a version from the future, and when only the stale flag changed).
+pub(crate) fn plan(held: u64, held_stale: bool, p: &Published) -> Option<Kind> {
+    if held == p.version && held_stale == p.stale {
+        return None;
+    }
+    match &p.delta {
+        Some(d) if d.base_version == held && held != 0 && held_stale == p.stale => {
+            Some(Kind::Delta)
+        }
+        _ => Some(Kind::Snapshot),
+    }
 }
 
 impl Published {
+    fn new(
+        version: u64,
+        stale: bool,
+        policies: Vec<ModelPolicy>,
+        entries: Arc<Entries>,
+        delta: Option<RoutingUpdate>,
+    ) -> Self {
+        Self {
+            delta_frame: delta.as_ref().map(encode_frame),
+            heartbeat_frame: encode_frame(&RoutingUpdate {
+                version,
+                heartbeat: true,
+                ..RoutingUpdate::default()
+            }),
+            version,
+            stale,
+            policies,
+            entries,
+            snapshot: OnceLock::new(),
+            snapshot_frame: OnceLock::new(),
+            delta,
+        }
+    }
+
+    /// The whole table as an encoded snapshot update (built once, then shared).
+    pub(crate) fn snapshot_frame(&self) -> Bytes {
+        self.snapshot_frame
+            .get_or_init(|| {
+                let head = RoutingUpdate {
+                    version: self.version,
+                    snapshot: true,
+                    stale: self.stale,
+                    policies: self.policies.clone(),
+                    ..RoutingUpdate::default()
+                };
+                let len = head.encoded_len()
+                    + self
+                        .entries
+                        .values()
+                        .map(|e| {
+                            prost::encoding::message::encoded_len(ENDPOINTS_FIELD, &*e.endpoint)
+                        })
+                        .sum::<usize>();
+                // Fields may come in any order in protobuf; repeated ones keep theirs.
+                grpc_frame(len, |buf| {
+                    head.encode_raw(buf);
+                    for e in self.entries.values() {
+                        prost::encoding::message::encode(ENDPOINTS_FIELD, &*e.endpoint, buf);
+                    }
+                })
+            })
+            .clone()
+    }
+
+    /// The delta, encoded.
+    pub(crate) fn delta_frame(&self) -> Option<&Bytes> {
+        self.delta_frame.as_ref()
+    }
+
+    /// A heartbeat at this version, encoded.
+    pub(crate) fn heartbeat_frame(&self) -> Bytes {
+        self.heartbeat_frame.clone()
+    }
+
     /// The whole table as a snapshot update.
     pub fn snapshot(&self) -> Arc<RoutingUpdate> {
         self.snapshot
@@ -175,8 +292,10 @@ type Table = Option<Arc<Published>>;
 #[derive(Debug, Clone)]
 pub struct Publisher {
     table: watch::Receiver<Table>,
-    routers: Arc<Mutex<HashMap<String, RouterInfo>>>,
-    load: Arc<LoadAggregator>,
+    /// The routers subscribed to this replica, by id.
+    pub(crate) routers: Arc<Mutex<HashMap<String, RouterInfo>>>,
+    /// Where their load reports go.
+    pub(crate) load: Arc<LoadAggregator>,
 }
 
 impl Publisher {
@@ -239,14 +358,13 @@ fn publish(
                 "the routing table read does not have as many nodes as its commit says"
             );
         }
-        *current = Some(Arc::new(Published {
+        *current = Some(Arc::new(Published::new(
             version,
-            stale: false,
-            policies: commit.policies.clone(),
-            entries: Arc::new(entries.clone()),
-            snapshot: OnceLock::new(),
+            false,
+            commit.policies.clone(),
+            Arc::new(entries.clone()),
             delta,
-        }));
+        )));
         true
     });
     if published {
@@ -258,14 +376,13 @@ fn mark_stale(tx: &watch::Sender<Table>, stale: bool) {
     tx.send_if_modified(|current| match current {
         Some(p) if p.stale != stale => {
             // The flag alone changes; routers get it as a snapshot.
-            *current = Some(Arc::new(Published {
-                version: p.version,
+            *current = Some(Arc::new(Published::new(
+                p.version,
                 stale,
-                policies: p.policies.clone(),
-                entries: p.entries.clone(),
-                snapshot: OnceLock::new(),
-                delta: None,
-            }));
+                p.policies.clone(),
+                p.entries.clone(),
+                None,
+            )));
             true
         }
         _ => false,
@@ -379,147 +496,6 @@ async fn follow(store: SharedStore, tx: watch::Sender<Table>) {
     }
 }
 
-/// The `fulcrum.v1.Routing` service.
-#[derive(Debug, Clone)]
-pub struct RoutingService {
-    publisher: Publisher,
-}
-
-impl RoutingService {
-    /// Serves the tables `publisher` follows.
-    pub fn new(publisher: Publisher) -> Self {
-        Self { publisher }
-    }
-}
-
-type UpdateStream = Pin<Box<dyn Stream<Item = Result<RoutingUpdate, Status>> + Send>>;
-
-/// What to send a router holding `held`: nothing when it is current, the delta when it holds
-/// the delta's base, a snapshot otherwise (including when it claims a version from the future).
-fn update_for(held: u64, p: &Published) -> Option<RoutingUpdate> {
-    if held == p.version {
-        return None;
-    }
-    match &p.delta {
-        Some(d) if d.base_version == held && held != 0 => Some(d.clone()),
-        _ => Some((*p.snapshot()).clone()),
-    }
-}
-
-#[tonic::async_trait]
-impl Routing for RoutingService {
-    type SubscribeStream = UpdateStream;
-
-    async fn subscribe(
-        &self,
-        request: Request<Streaming<RouterMessage>>,
-    ) -> Result<Response<Self::SubscribeStream>, Status> {
-        let mut inbound = request.into_inner();
-        let hello = match inbound.message().await? {
-            Some(RouterMessage {
-                message: Some(router_message::Message::Hello(h)),
-            }) => h,
-            _ => {
-                return Err(Status::invalid_argument(
-                    "the first message on a Subscribe stream must be a RouterHello",
-                ));
-            }
-        };
-        if hello.router_id.is_empty() {
-            return Err(Status::invalid_argument(
-                "RouterHello.router_id is required",
-            ));
-        }
-        tracing::info!(router = %hello.router_id, region = %hello.region,
-            known_version = hello.known_version, "router subscribed");
-        let routers = self.publisher.routers.clone();
-        let load = self.publisher.load.clone();
-        routers
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(
-                hello.router_id.clone(),
-                RouterInfo {
-                    id: hello.router_id.clone(),
-                    region: hello.region.clone(),
-                    acked_version: 0,
-                    nacks: 0,
-                },
-            );
-
-        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-        let mut table = self.publisher.table.clone();
-        let router_id = hello.router_id.clone();
-        // A NACK makes the next update a snapshot.
-        let resync = Arc::new(Notify::new());
-        let resync_rx = resync.clone();
-        let mut held = hello.known_version;
-        // Outbound: what the router needs now, then each newer version, with heartbeats between.
-        let sender = tokio::spawn(async move {
-            table.mark_changed();
-            loop {
-                let next = tokio::select! {
-                    changed = table.changed() => {
-                        if changed.is_err() {
-                            return;
-                        }
-                        let p = table.borrow_and_update().clone();
-                        p.and_then(|p| update_for(held, &p).map(|u| (u, p.version)))
-                    }
-                    () = resync_rx.notified() => {
-                        held = 0;
-                        let p = table.borrow().clone();
-                        p.map(|p| ((*p.snapshot()).clone(), p.version))
-                    }
-                    () = tokio::time::sleep(HEARTBEAT_INTERVAL) => {
-                        let version = table.borrow().as_ref().map_or(0, |p| p.version);
-                        Some((RoutingUpdate { version, heartbeat: true, ..Default::default() }, version))
-                    }
-                };
-                let Some((update, version)) = next else {
-                    continue;
-                };
-                if !update.heartbeat {
-                    held = version;
-                }
-                if tx.send(Ok(update)).await.is_err() {
-                    return;
-                }
-            }
-        });
-        // Inbound: ACKs, NACKs and load reports, until the router hangs up.
-        tokio::spawn(async move {
-            while let Ok(Some(msg)) = inbound.message().await {
-                let mut routers = routers.lock().unwrap_or_else(PoisonError::into_inner);
-                let Some(info) = routers.get_mut(&router_id) else {
-                    continue;
-                };
-                match msg.message {
-                    Some(router_message::Message::Ack(a)) => {
-                        info.acked_version = info.acked_version.max(a.version)
-                    }
-                    Some(router_message::Message::Nack(n)) => {
-                        info.nacks += 1;
-                        tracing::warn!(router = %router_id, version = n.version,
-                            reason = %n.reason, "router rejected a routing update; sending a snapshot");
-                        resync.notify_one();
-                    }
-                    Some(router_message::Message::Load(report)) => load.record(&router_id, report),
-                    Some(router_message::Message::Hello(_)) | None => {}
-                }
-            }
-            sender.abort();
-            load.forget(&router_id);
-            routers
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .remove(&router_id);
-            tracing::info!(router = %router_id, "router unsubscribed");
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -550,14 +526,15 @@ mod tests {
     }
 
     fn published(version: u64, eps: Vec<Endpoint>) -> Published {
-        Published {
-            version,
-            stale: false,
-            policies: vec![],
-            entries: Arc::new(entries(eps)),
-            snapshot: OnceLock::new(),
-            delta: None,
-        }
+        Published::new(version, false, vec![], Arc::new(entries(eps)), None)
+    }
+
+    /// Decodes a gRPC frame, checking its prefix.
+    fn unframe(frame: &Bytes) -> RoutingUpdate {
+        assert_eq!(frame[0], 0, "compressed flag");
+        let len = u32::from_be_bytes(frame[1..5].try_into().unwrap()) as usize;
+        assert_eq!(len, frame.len() - 5, "length prefix");
+        RoutingUpdate::decode(&frame[5..]).unwrap()
     }
 
     fn commit(n: usize) -> RoutingCommit {
@@ -620,25 +597,58 @@ mod tests {
     fn what_each_router_gets() {
         let a = published(5, vec![ep("x", 1.0)]);
         let b = entries(vec![ep("x", 2.0)]);
-        let mut p = published(9, vec![ep("x", 2.0)]);
-        p.delta = Some(delta(&a, &b, ["x".to_string()].iter(), &[], 9));
-        assert!(update_for(9, &p).is_none(), "a current router gets nothing");
-        assert!(
-            !update_for(5, &p).unwrap().snapshot,
-            "the base holder gets the delta"
+        let d = delta(&a, &b, ["x".to_string()].iter(), &[], 9);
+        let p = Published::new(9, false, vec![], Arc::new(b), Some(d));
+        assert_eq!(plan(9, false, &p), None, "a current router gets nothing");
+        assert_eq!(plan(5, false, &p), Some(Kind::Delta), "the base holder");
+        assert_eq!(plan(3, false, &p), Some(Kind::Snapshot), "an older router");
+        assert_eq!(plan(0, false, &p), Some(Kind::Snapshot), "a new router");
+        assert_eq!(
+            plan(u64::MAX, false, &p),
+            Some(Kind::Snapshot),
+            "the future"
         );
-        assert!(
-            update_for(3, &p).unwrap().snapshot,
-            "an older router gets a snapshot"
+        assert_eq!(plan(9, true, &p), Some(Kind::Snapshot), "no longer stale");
+        assert_eq!(plan(5, true, &p), Some(Kind::Snapshot), "stale base");
+    }
+
+    #[test]
+    fn frames_are_the_updates_encoded() {
+        let policy = ModelPolicy {
+            model: "m".into(),
+            ..Default::default()
+        };
+        let a = published(5, vec![ep("x", 1.0), ep("z", 1.0)]);
+        let b = entries(vec![ep("w", 4.0), ep("x", 2.0), ep("y", 3.0)]);
+        let touched: Vec<String> = ["w", "x", "y", "z"].map(String::from).into();
+        let d = delta(&a, &b, touched.iter(), std::slice::from_ref(&policy), 9);
+        let p = Published::new(9, true, vec![policy.clone()], Arc::new(b), Some(d.clone()));
+        assert_eq!(unframe(p.delta_frame().unwrap()), d);
+        let snapshot = unframe(&p.snapshot_frame());
+        assert_eq!(
+            snapshot,
+            *p.snapshot(),
+            "the frame and the decoded snapshot agree"
         );
-        assert!(
-            update_for(0, &p).unwrap().snapshot,
-            "a new router gets a snapshot"
+        assert_eq!(
+            snapshot,
+            RoutingUpdate {
+                version: 9,
+                snapshot: true,
+                endpoints: vec![ep("w", 4.0), ep("x", 2.0), ep("y", 3.0)],
+                stale: true,
+                policies: vec![policy],
+                ..Default::default()
+            }
         );
-        assert!(
-            update_for(u64::MAX, &p).unwrap().snapshot,
-            "a version from the future too"
+        assert_eq!(
+            p.snapshot_frame().as_ptr(),
+            p.snapshot_frame().as_ptr(),
+            "encoded once, shared"
         );
+        let hb = unframe(&p.heartbeat_frame());
+        assert!(hb.heartbeat && hb.version == 9 && hb.endpoints.is_empty());
+        assert!(unframe(&empty_heartbeat()).heartbeat);
     }
 
     fn kv(key: &str, value: Vec<u8>, rev: i64) -> crate::store::KeyValue {

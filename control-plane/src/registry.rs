@@ -179,14 +179,28 @@ pub async fn list_at(store: &dyn Store) -> Result<(Vec<NodeSpec>, i64), Error> {
     Ok((specs, revision))
 }
 
+/// Every registered node, sorted by id, and whether it registered itself (its record is held
+/// by a lease).
+pub async fn list_leased(store: &dyn Store) -> Result<Vec<(NodeSpec, bool)>, Error> {
+    let (kvs, _) = store.list(keys::NODES).await?;
+    kvs.iter()
+        .map(|kv| Ok((decode(&kv.key, &kv.value)?, kv.lease != 0)))
+        .collect()
+}
+
 /// One node's spec.
 pub async fn get(store: &dyn Store, id: &str) -> Result<NodeSpec, Error> {
+    Ok(get_leased(store, id).await?.0)
+}
+
+/// One node's spec, and whether it registered itself (its record is held by a lease).
+pub async fn get_leased(store: &dyn Store, id: &str) -> Result<(NodeSpec, bool), Error> {
     let key = keys::node(id);
     let kv = store
         .get(&key)
         .await?
         .ok_or_else(|| Error::NodeNotFound(id.to_owned()))?;
-    decode(&key, &kv.value)
+    Ok((decode(&key, &kv.value)?, kv.lease != 0))
 }
 
 #[cfg(test)]

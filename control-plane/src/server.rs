@@ -7,7 +7,6 @@ use std::sync::Arc;
 use fulcrum_proto::fulcrum::v1::SelfReport;
 use fulcrum_proto::fulcrum::v1::admin_server::AdminServer;
 use fulcrum_proto::fulcrum::v1::registration_server::RegistrationServer;
-use fulcrum_proto::fulcrum::v1::routing_server::RoutingServer;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -16,9 +15,10 @@ use crate::admin::AdminService;
 use crate::control_loop;
 use crate::health::prober::{ProbeConfig, Prober};
 use crate::load::{self, LoadAggregator};
-use crate::publisher::{Publisher, RoutingService};
+use crate::publisher::Publisher;
 use crate::self_registration::{NodeReports, RegistrationService};
 use crate::store::{AbortOnDrop, SharedStore};
+use crate::subscribe::RoutingService;
 
 /// Leader lease TTL: a replica that dies (or is cut off from the store) loses the leadership
 /// within three seconds, so a new leader is elected within the TTL plus a second; shorter would
@@ -133,9 +133,7 @@ pub async fn serve_with_metrics(
     )));
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter
-        .set_serving::<RoutingServer<RoutingService>>()
-        .await;
+    health_reporter.set_serving::<RoutingService>().await;
     health_reporter
         .set_serving::<AdminServer<AdminService>>()
         .await;
@@ -182,7 +180,9 @@ pub async fn serve_with_metrics(
     let streams = crate::auth::StreamInterceptor::new(config.stream_auth.clone());
     tonic::transport::Server::builder()
         .add_service(health_service)
-        .add_service(RoutingServer::with_interceptor(
+        // The routing stream is served by a hand-written service (pre-encoded updates shared by
+        // every stream); the stream credential wraps it like a generated server's interceptor.
+        .add_service(tonic::service::interceptor::InterceptedService::new(
             RoutingService::new(publisher),
             streams.clone(),
         ))

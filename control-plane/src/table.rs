@@ -13,7 +13,7 @@ use std::time::Duration;
 use fulcrum_proto::fulcrum::v1::{Endpoint, HealthState, Model, NodeSpec};
 
 use crate::health::NodeHealth;
-use crate::load::LoadView;
+use crate::load::{LoadView, NodeLoadSummary};
 use crate::overrides::Overrides;
 use crate::weights::{self, Signals};
 
@@ -92,87 +92,136 @@ fn with_discovered_models(spec: &NodeSpec, h: Option<&NodeHealth>) -> NodeSpec {
     spec
 }
 
-/// Builds the endpoints (sorted by node id).
-pub fn build(i: &Inputs<'_>) -> Vec<Endpoint> {
-    // Median latency of the nodes serving each model: a node's peers are those sharing a model.
+/// Median latency of the nodes serving each model, by model name: a node's peers are those
+/// sharing a model with it. (Nodes registered without models count toward no median: their
+/// models are known only from probes.)
+pub fn peer_medians<'a>(
+    specs: impl IntoIterator<Item = &'a NodeSpec>,
+    load: &LoadView,
+) -> HashMap<String, f64> {
     let mut latencies: HashMap<&str, Vec<f64>> = HashMap::new();
-    for spec in i.specs {
-        if let Some(l) = i.load.get(&spec.id).and_then(|l| l.latency_ms) {
-            for m in model_names(spec, i.health.get(&spec.id)) {
-                latencies.entry(m).or_default().push(l);
+    for spec in specs {
+        if let Some(l) = load.get(&spec.id).and_then(|l| l.latency_ms) {
+            for m in &spec.models {
+                latencies.entry(m.name.as_str()).or_default().push(l);
             }
         }
     }
-    let medians: HashMap<&str, f64> = latencies
+    latencies
         .into_iter()
-        .filter_map(|(m, v)| Some((m, median(v)?)))
-        .collect();
+        .filter_map(|(m, v)| Some((m.to_owned(), median(v)?)))
+        .collect()
+}
 
+/// Everything one node's entry depends on.
+#[derive(Debug, Clone, Copy)]
+pub struct NodeInputs<'a> {
+    /// The node.
+    pub spec: &'a NodeSpec,
+    /// Its probe results, if probed.
+    pub health: Option<&'a NodeHealth>,
+    /// Operator overrides.
+    pub overrides: &'a Overrides,
+    /// Its live load, if reported.
+    pub load: Option<&'a NodeLoadSummary>,
+    /// Median latency per model ([`peer_medians`]).
+    pub medians: &'a HashMap<String, f64>,
+    /// Its weight in the previous table, if it was in it.
+    pub previous: Option<f64>,
+    /// Time since that weight was set.
+    pub elapsed: Duration,
+}
+
+/// One node's entry, and whether it is settled: whether computing it again later with the same
+/// inputs gives the same entry. An unsettled weight is still moving toward its target (damping)
+/// and must be computed again.
+pub fn endpoint(i: &NodeInputs<'_>) -> (Endpoint, bool) {
+    let spec = i.spec;
+    let h = i.health;
+    let load = i.load;
+    let peer_latency = model_names(spec, h)
+        .filter_map(|m| i.medians.get(m).copied())
+        .reduce(f64::min);
+    let latency_ratio = match (load.and_then(|l| l.latency_ms), peer_latency) {
+        (Some(l), Some(p)) if p > 0.0 => Some(l / p),
+        _ => None,
+    };
+    let error_ratio = load
+        .filter(|l| l.calls_per_sec >= MIN_CALLS_FOR_ERRORS)
+        .map_or(0.0, |l| l.error_ratio());
+    let mut state = h.map_or(HealthState::Unspecified, |h| h.state);
+    if state == HealthState::Healthy
+        && (error_ratio > DEGRADED_ERROR_RATIO
+            || latency_ratio.is_some_and(|r| r > DEGRADED_LATENCY_RATIO))
+    {
+        state = HealthState::Degraded;
+    }
+    if i.overrides.cordoned.contains(&spec.id) {
+        state = HealthState::Cordoned;
+    }
+    if i.overrides.drained.contains(&spec.id) {
+        state = HealthState::Draining;
+    }
+    let capacity = spec.capacity.max(0) as f64;
+    let signals = Signals {
+        capacity,
+        state,
+        utilization: load.map(|l| l.utilization(capacity)),
+        latency_ratio,
+        error_ratio,
+        override_weight: i.overrides.weights.get(&spec.id).copied(),
+    };
+    let target = if i.overrides.evacuated.contains(&spec.region) {
+        0.0
+    } else {
+        weights::target(&signals)
+    };
+    let previous = i.previous;
+    // An operator's weight is a decision, not a signal: it applies at once, exactly.
+    // Damping guards against the fleet chasing its own load, which an override is not.
+    let overridden = signals.override_weight.is_some();
+    let mut weight = if overridden {
+        target
+    } else {
+        weights::damp(previous, target, i.elapsed)
+    };
+    if let Some(p) = previous
+        && !overridden
+        && weight > 0.0
+        && (weight - p).abs() <= WEIGHT_HYSTERESIS * p
+    {
+        weight = p;
+    }
+    // Settled: at the target, or within the hysteresis of it (where it stays however long
+    // it waits).
+    let settled =
+        weight == target || (weight > 0.0 && (target - weight).abs() <= WEIGHT_HYSTERESIS * weight);
+    let endpoint = Endpoint {
+        spec: Some(with_discovered_models(spec, h)),
+        health: state as i32,
+        weight,
+        ready_models: h.map(|h| h.ready_models.clone()).unwrap_or_default(),
+    };
+    (endpoint, settled)
+}
+
+/// Builds the endpoints (sorted by node id).
+pub fn build(i: &Inputs<'_>) -> Vec<Endpoint> {
+    let medians = peer_medians(i.specs, i.load);
     let mut endpoints: Vec<Endpoint> = i
         .specs
         .iter()
         .map(|spec| {
-            let h = i.health.get(&spec.id);
-            let load = i.load.get(&spec.id);
-            let peer_latency = model_names(spec, h)
-                .filter_map(|m| medians.get(m).copied())
-                .reduce(f64::min);
-            let latency_ratio = match (load.and_then(|l| l.latency_ms), peer_latency) {
-                (Some(l), Some(p)) if p > 0.0 => Some(l / p),
-                _ => None,
-            };
-            let error_ratio = load
-                .filter(|l| l.calls_per_sec >= MIN_CALLS_FOR_ERRORS)
-                .map_or(0.0, |l| l.error_ratio());
-            let mut state = h.map_or(HealthState::Unspecified, |h| h.state);
-            if state == HealthState::Healthy
-                && (error_ratio > DEGRADED_ERROR_RATIO
-                    || latency_ratio.is_some_and(|r| r > DEGRADED_LATENCY_RATIO))
-            {
-                state = HealthState::Degraded;
-            }
-            if i.overrides.cordoned.contains(&spec.id) {
-                state = HealthState::Cordoned;
-            }
-            if i.overrides.drained.contains(&spec.id) {
-                state = HealthState::Draining;
-            }
-            let capacity = spec.capacity.max(0) as f64;
-            let signals = Signals {
-                capacity,
-                state,
-                utilization: load.map(|l| l.utilization(capacity)),
-                latency_ratio,
-                error_ratio,
-                override_weight: i.overrides.weights.get(&spec.id).copied(),
-            };
-            let target = if i.overrides.evacuated.contains(&spec.region) {
-                0.0
-            } else {
-                weights::target(&signals)
-            };
-            let previous = i.previous.get(&spec.id).copied();
-            // An operator's weight is a decision, not a signal: it applies at once, exactly.
-            // Damping guards against the fleet chasing its own load, which an override is not.
-            let overridden = signals.override_weight.is_some();
-            let mut weight = if overridden {
-                target
-            } else {
-                weights::damp(previous, target, i.elapsed)
-            };
-            if let Some(p) = previous
-                && !overridden
-                && weight > 0.0
-                && (weight - p).abs() <= WEIGHT_HYSTERESIS * p
-            {
-                weight = p;
-            }
-            Endpoint {
-                spec: Some(with_discovered_models(spec, h)),
-                health: state as i32,
-                weight,
-                ready_models: h.map(|h| h.ready_models.clone()).unwrap_or_default(),
-            }
+            endpoint(&NodeInputs {
+                spec,
+                health: i.health.get(&spec.id),
+                overrides: i.overrides,
+                load: i.load.get(&spec.id),
+                medians: &medians,
+                previous: i.previous.get(&spec.id).copied(),
+                elapsed: i.elapsed,
+            })
+            .0
         })
         .collect();
     endpoints.sort_by(|a, b| node_id(a).cmp(node_id(b)));
@@ -182,7 +231,6 @@ pub fn build(i: &Inputs<'_>) -> Vec<Endpoint> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::load::NodeLoadSummary;
     use fulcrum_proto::fulcrum::v1::Model;
 
     fn spec(id: &str, region: &str) -> NodeSpec {

@@ -184,3 +184,26 @@ async fn a_stream_without_hello_is_refused() {
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_routing_method_is_unimplemented() {
+    let cp = stack::control_plane("memory:").await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", cp.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let path = http::uri::PathAndQuery::from_static("/fulcrum.v1.Routing/Nope");
+    let err = grpc
+        .unary::<_, Ack, _>(
+            tonic::Request::new(Ack { version: 1 }),
+            path,
+            tonic_prost::ProstCodec::<Ack, Ack>::default(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unimplemented, "{err:?}");
+    assert!(err.message().contains("Nope"), "{}", err.message());
+}

@@ -406,6 +406,8 @@ async fn main() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let routed_after = started.elapsed();
+    // Memory before any router: the registry, the table, the prober and its connections.
+    let rss_before_routers = memory(args.control_pid, "VmRSS:")?;
     eprintln!(
         "all {} nodes routed after {:.1} s",
         args.nodes,
@@ -468,8 +470,14 @@ async fn main() -> anyhow::Result<()> {
     let mut incomplete = 0usize;
     let window = Window::start(args.control_pid, &store).await?;
     for round in 0..args.changes {
-        let node = node_id((round * 7919 + 13) % args.nodes);
-        let old_weight = lock(&table).get(&node).copied().unwrap_or(0.0);
+        // A routable node (a change to an unroutable one's override publishes nothing).
+        let (node, old_weight) = {
+            let t = lock(&table);
+            (0..args.nodes)
+                .map(|k| node_id((round * 7919 + 13 + k) % args.nodes))
+                .find_map(|id| t.get(&id).copied().filter(|w| *w > 0.0).map(|w| (id, w)))
+                .context("no routable node to change")?
+        };
         // Half of it, and never the weight it has (a change must change something).
         let weight = (old_weight / 2.0).max(0.5);
         let target = Target {
@@ -545,6 +553,7 @@ async fn main() -> anyhow::Result<()> {
             "rss_bytes": memory(args.control_pid, "VmRSS:")?,
             "peak_rss_bytes": memory(args.control_pid, "VmHWM:")?,
             "peak_rss_after_connect_bytes": peak_after_connect,
+            "rss_before_routers_bytes": rss_before_routers,
         },
         "total_s": started.elapsed().as_secs_f64(),
     });

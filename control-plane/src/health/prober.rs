@@ -8,8 +8,13 @@
 //!
 //! A server that does not implement grpc.health.v1 (UNIMPLEMENTED) is judged by the OIP calls
 //! alone, since Triton and MLServer differ in what they expose.
+//!
+//! When many probe tasks start at once (a new leader, a bulk registration), their first probes
+//! are spread over one interval instead of all firing together: 10,000 nodes would otherwise
+//! be 30,000 calls in the same instant, every interval. A new leader loses nothing meanwhile:
+//! nodes not probed yet keep the health the stored table gives them.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -56,6 +61,22 @@ impl Default for ProbeConfig {
 
 type HealthMap = Arc<Mutex<HashMap<String, NodeHealth>>>;
 
+/// Probe tasks that may start probing at once. Beyond this many in one go, first probes are
+/// spread evenly over the interval. A hundred nodes are three hundred small calls; a handful
+/// of nodes registered together (every test, `fulcrum up`) is probed at once.
+const FIRST_PROBE_BURST: usize = 100;
+
+/// Probes at most this far apart share one connection, kept open between them; probes further
+/// apart each open a connection and close it when done. An idle HTTP/2 connection holds some
+/// tens of kilobytes at each end (read and write buffers, header tables, its tasks): at 10,000
+/// nodes probed every 10 s (the setting for that scale), kept connections would be hundreds of
+/// megabytes of the control plane's memory, to save one handshake (a round trip in the region)
+/// per node every 10 s. At the default interval (1 s) the connection is kept.
+const KEEP_CONNECTION_UP_TO: Duration = Duration::from_secs(2);
+
+/// Nodes whose routable state changed since the control loop last asked.
+type Changed = Arc<Mutex<HashSet<String>>>;
+
 /// Runs the probe tasks and holds their results.
 #[derive(Debug)]
 pub struct Prober {
@@ -63,6 +84,7 @@ pub struct Prober {
     health: HealthMap,
     tasks: Mutex<HashMap<String, (NodeSpec, JoinHandle<()>)>>,
     changed: Arc<Notify>,
+    changed_ids: Changed,
 }
 
 impl Prober {
@@ -73,38 +95,96 @@ impl Prober {
             health: Arc::default(),
             tasks: Mutex::default(),
             changed,
+            changed_ids: Changed::default(),
         }
     }
 
     /// Probes exactly the nodes in `specs`: starts tasks for new (or changed) nodes and stops
     /// those of nodes that are gone.
     pub fn sync(&self, specs: &[NodeSpec]) {
-        let mut tasks = self.tasks.lock().unwrap_or_else(PoisonError::into_inner);
-        let wanted: HashMap<&str, &NodeSpec> = specs.iter().map(|s| (s.id.as_str(), s)).collect();
-        tasks.retain(|id, (spec, handle)| {
-            let keep = wanted
-                .get(id.as_str())
-                .is_some_and(|w| w.address == spec.address && w.models == spec.models);
-            if !keep {
+        let wanted: HashSet<&str> = specs.iter().map(|s| s.id.as_str()).collect();
+        let gone: Vec<String> = self
+            .lock_tasks()
+            .keys()
+            .filter(|id| !wanted.contains(id.as_str()))
+            .cloned()
+            .collect();
+        self.remove(&gone);
+        self.upsert(specs);
+    }
+
+    fn lock_tasks(&self) -> std::sync::MutexGuard<'_, HashMap<String, (NodeSpec, JoinHandle<()>)>> {
+        self.tasks.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Stops probing the nodes `ids` and forgets their health.
+    pub fn remove(&self, ids: &[String]) {
+        let mut tasks = self.lock_tasks();
+        let mut health = self.health.lock().unwrap_or_else(PoisonError::into_inner);
+        for id in ids {
+            if let Some((_, handle)) = tasks.remove(id) {
                 handle.abort();
-                self.health
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .remove(id);
             }
-            keep
-        });
+            health.remove(id);
+        }
+    }
+
+    /// Probes the nodes in `specs`: starts a task for each new node, and restarts that of a
+    /// node whose address or models changed (forgetting its health). First probes of more than
+    /// [`FIRST_PROBE_BURST`] new tasks are spread over one interval.
+    pub fn upsert(&self, specs: &[NodeSpec]) {
+        let mut tasks = self.lock_tasks();
+        let mut start: Vec<&NodeSpec> = Vec::new();
         for spec in specs {
-            if !tasks.contains_key(&spec.id) {
-                let handle = tokio::spawn(probe_loop(
-                    spec.clone(),
-                    self.config,
-                    self.health.clone(),
-                    self.changed.clone(),
-                ));
-                tasks.insert(spec.id.clone(), (spec.clone(), handle));
+            match tasks.get(&spec.id) {
+                Some((s, _)) if s.address == spec.address && s.models == spec.models => {}
+                Some(_) => {
+                    if let Some((_, handle)) = tasks.remove(&spec.id) {
+                        handle.abort();
+                    }
+                    self.health
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .remove(&spec.id);
+                    start.push(spec);
+                }
+                None => start.push(spec),
             }
         }
+        let n = start.len();
+        for (i, spec) in start.into_iter().enumerate() {
+            let first_in = first_probe_delay(i, n, self.config.interval);
+            let handle = tokio::spawn(probe_loop(
+                spec.clone(),
+                self.config,
+                first_in,
+                Probed {
+                    health: self.health.clone(),
+                    changed: self.changed.clone(),
+                    changed_ids: self.changed_ids.clone(),
+                },
+            ));
+            tasks.insert(spec.id.clone(), (spec.clone(), handle));
+        }
+    }
+
+    /// The nodes whose routable state (health, ready models) changed since the last call.
+    pub fn take_changed(&self) -> HashSet<String> {
+        std::mem::take(
+            &mut *self
+                .changed_ids
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        )
+    }
+
+    /// What is known of one node.
+    pub fn get(&self, id: &str) -> Option<NodeHealth> {
+        self.health
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(id)
+            .cloned()
     }
 
     /// What is known of every probed node.
@@ -125,27 +205,48 @@ impl Drop for Prober {
     }
 }
 
-async fn probe_loop(spec: NodeSpec, config: ProbeConfig, health: HealthMap, changed: Arc<Notify>) {
-    let channel = match Endpoint::from_shared(format!("http://{}", spec.address)) {
-        Ok(e) => e.connect_timeout(config.timeout).connect_lazy(),
+/// When the `i`-th of `n` probe tasks started together probes first: at once for a burst of
+/// at most [`FIRST_PROBE_BURST`], otherwise evenly spread over one `interval`.
+fn first_probe_delay(i: usize, n: usize, interval: Duration) -> Duration {
+    if n > FIRST_PROBE_BURST {
+        interval.mul_f64(i as f64 / n as f64)
+    } else {
+        Duration::ZERO
+    }
+}
+
+/// Where a probe task reports.
+struct Probed {
+    health: HealthMap,
+    changed: Arc<Notify>,
+    changed_ids: Changed,
+}
+
+async fn probe_loop(spec: NodeSpec, config: ProbeConfig, first_in: Duration, to: Probed) {
+    let endpoint = match Endpoint::from_shared(format!("http://{}", spec.address)) {
+        Ok(e) => e.connect_timeout(config.timeout),
         Err(e) => {
             // Unreachable in practice: addresses are validated at registration.
             tracing::error!(node = %spec.id, error = %e, "cannot probe: bad address");
             return;
         }
     };
+    let kept = (config.interval <= KEEP_CONNECTION_UP_TO).then(|| endpoint.connect_lazy());
+    tokio::time::sleep(first_in).await;
     let mut ticker = tokio::time::interval(config.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
-        let (obs, discovered) = tokio::time::timeout(config.timeout, probe(channel.clone(), &spec))
+        // A connection of its own, closed when the probe is done, unless probes are close.
+        let channel = kept.clone().unwrap_or_else(|| endpoint.connect_lazy());
+        let (obs, discovered) = tokio::time::timeout(config.timeout, probe(channel, &spec))
             .await
             .unwrap_or_else(|_| {
                 let why = format!("probe timed out after {:?}", config.timeout);
                 (Observation::Fail(why), None)
             });
         let did_change = {
-            let mut map = health.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut map = to.health.lock().unwrap_or_else(PoisonError::into_inner);
             let entry = map.entry(spec.id.clone()).or_default();
             let before = entry.state;
             let mut did_change = false;
@@ -164,7 +265,11 @@ async fn probe_loop(spec: NodeSpec, config: ProbeConfig, health: HealthMap, chan
             did_change
         };
         if did_change {
-            changed.notify_one();
+            to.changed_ids
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(spec.id.clone());
+            to.changed.notify_one();
         }
     }
 }
@@ -265,5 +370,33 @@ async fn check(
         Observation::Degraded { ready_models }
     } else {
         Observation::Pass { ready_models }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn many_first_probes_are_spread_over_the_interval() {
+        let interval = Duration::from_secs(10);
+        assert!(
+            (0..FIRST_PROBE_BURST)
+                .all(|i| first_probe_delay(i, FIRST_PROBE_BURST, interval) == Duration::ZERO),
+            "a small batch is probed at once"
+        );
+        let n = 10_000;
+        let delays: Vec<Duration> = (0..n).map(|i| first_probe_delay(i, n, interval)).collect();
+        assert!(delays.iter().all(|d| *d < interval));
+        // At most two first probes in any millisecond (10,000 over 10 s is one per millisecond).
+        let mut per_ms = HashMap::new();
+        for d in &delays {
+            *per_ms.entry(d.as_millis()).or_insert(0) += 1;
+        }
+        assert!(per_ms.values().all(|c| *c <= 2), "a burst of first probes");
+        assert!(
+            delays[n - 1] > interval.mul_f64(0.99),
+            "not spread over the interval"
+        );
     }
 }

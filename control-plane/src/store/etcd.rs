@@ -10,8 +10,7 @@ use etcd_client::{
 use futures::StreamExt;
 
 use super::{
-    AbortOnDrop, Fence, KeyValue, Leadership, MAX_TXN_OPS, Op, Store, StoreError, WatchEvent,
-    WatchStream,
+    Fence, KeyValue, Leadership, MAX_TXN_OPS, Op, Store, StoreError, WatchEvent, WatchStream,
 };
 
 /// Per-request timeout. etcd answers in milliseconds when healthy; three seconds rides out a
@@ -22,15 +21,21 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
 /// Connect timeout: loopback or in-region etcd connects in well under a second.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// HTTP/2 keep-alive so a silently dead etcd member is noticed (and its watch broken) within
-/// seconds rather than at the next TCP timeout.
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(2);
-const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(2);
+/// HTTP/2 keep-alive so a silently dead etcd member is noticed (and its watches broken) within
+/// seconds rather than at the next TCP timeout. Not more often than every 5 s: etcd refuses
+/// pings closer than its `--grpc-keepalive-min-time` (5 s by default) and, after three, closes
+/// the connection (GOAWAY `too_many_pings`), breaking every watch on it. Ten seconds keeps well
+/// clear of that; requests have their own timeout, and the leader lease its own renewals.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// How long a keep-alive ping may go unanswered before the connection counts as dead.
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A store backed by etcd.
 #[derive(Clone)]
 pub struct EtcdStore {
     client: Client,
+    /// The cluster's endpoints, for the leader lease's own connection.
+    endpoints: Vec<String>,
 }
 
 impl std::fmt::Debug for EtcdStore {
@@ -82,19 +87,83 @@ fn ttl_seconds(ttl: Duration) -> i64 {
     i64::try_from(secs.max(1)).unwrap_or(i64::MAX)
 }
 
+fn connect_options() -> ConnectOptions {
+    ConnectOptions::new()
+        .with_timeout(REQUEST_TIMEOUT)
+        .with_connect_timeout(CONNECT_TIMEOUT)
+        .with_keep_alive(KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT)
+        // Pings only while a call or watch is open: etcd refuses pings on an idle connection
+        // (it does not permit them without streams) and closes the connection after a few.
+        .with_keep_alive_while_idle(false)
+}
+
 impl EtcdStore {
     /// Connects to the etcd cluster at `endpoints` (`http://host:port`).
     pub async fn connect(endpoints: &[String]) -> Result<Self, StoreError> {
-        let options = ConnectOptions::new()
-            .with_timeout(REQUEST_TIMEOUT)
-            .with_connect_timeout(CONNECT_TIMEOUT)
-            .with_keep_alive(KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT)
-            .with_keep_alive_while_idle(true);
-        let client = Client::connect(endpoints, Some(options))
+        let client = Client::connect(endpoints, Some(connect_options()))
             .await
             .map_err(unavailable)?;
-        Ok(Self { client })
+        Ok(Self {
+            client,
+            endpoints: endpoints.to_vec(),
+        })
     }
+}
+
+/// Keeps the leader lease alive on its own thread, runtime and connection: renewals must not
+/// wait behind the replica's other work (a pass of the control loop, thousands of probe tasks
+/// and router streams in the runtime's queues) nor behind large reads and watch events on the
+/// shared connection, or a busy leader loses its lease and the leadership flaps. Sets `lost`
+/// when a renewal fails or goes unanswered; stops when the returned guard is dropped.
+fn keep_lease_alive(
+    endpoints: Vec<String>,
+    lease: i64,
+    ttl: Duration,
+    lost: tokio::sync::watch::Sender<bool>,
+) -> Result<LeaseKeeper, StoreError> {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| StoreError::Unavailable(format!("cannot start the lease runtime: {e}")))?;
+    std::thread::Builder::new()
+        .name("fulcrum-leader-lease".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                let renew = async {
+                    let client = Client::connect(&endpoints, Some(connect_options())).await?;
+                    let (mut keeper, mut responses) =
+                        client.lease_client().keep_alive(lease).await?;
+                    // A renewal every third of the TTL survives two lost ones.
+                    let mut ticker = tokio::time::interval(ttl / 3);
+                    loop {
+                        ticker.tick().await;
+                        keeper.keep_alive().await?;
+                        match tokio::time::timeout(REQUEST_TIMEOUT, responses.message()).await {
+                            Ok(Ok(Some(r))) if r.ttl() > 0 => {}
+                            _ => return Ok::<(), etcd_client::Error>(()),
+                        }
+                    }
+                };
+                tokio::select! {
+                    // The guard was dropped: the leadership is given up.
+                    _ = stopped => return,
+                    r = renew => {
+                        if let Err(e) = r {
+                            tracing::warn!(error = %e, "leader lease keep-alive failed");
+                        }
+                    }
+                }
+                let _ = lost.send(true);
+            });
+        })
+        .map_err(|e| StoreError::Unavailable(format!("cannot start the lease thread: {e}")))?;
+    Ok(LeaseKeeper { _stop: stop })
+}
+
+/// Keeps the leader lease's keep-alive thread running; dropping it stops the thread.
+struct LeaseKeeper {
+    _stop: tokio::sync::oneshot::Sender<()>,
 }
 
 impl EtcdStore {
@@ -238,29 +307,13 @@ impl Store for EtcdStore {
             .map_err(unavailable)?
             .id();
         let (lost_tx, lost) = tokio::sync::watch::channel(false);
-        // Keep the lease alive from now on (also while campaigning): a keep-alive every third
-        // of the TTL survives two lost ones.
-        let mut lease_client = self.client.lease_client();
-        let keepalive = tokio::spawn(async move {
-            let result: Result<(), etcd_client::Error> = async {
-                let (mut keeper, mut responses) = lease_client.keep_alive(lease).await?;
-                let mut ticker = tokio::time::interval(Duration::from_secs(ttl_secs as u64) / 3);
-                loop {
-                    ticker.tick().await;
-                    keeper.keep_alive().await?;
-                    match tokio::time::timeout(REQUEST_TIMEOUT, responses.message()).await {
-                        Ok(Ok(Some(r))) if r.ttl() > 0 => {}
-                        _ => return Ok(()),
-                    }
-                }
-            }
-            .await;
-            if let Err(e) = result {
-                tracing::warn!(error = %e, "leader lease keep-alive failed");
-            }
-            let _ = lost_tx.send(true);
-        });
-        let hold = AbortOnDrop(keepalive);
+        // Keep the lease alive from now on (also while campaigning).
+        let hold = keep_lease_alive(
+            self.endpoints.clone(),
+            lease,
+            Duration::from_secs(ttl_secs as u64),
+            lost_tx,
+        )?;
         let mut lost_while_campaigning = lost.clone();
         let mut election = self.client.election_client();
         let elected = tokio::select! {

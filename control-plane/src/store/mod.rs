@@ -4,6 +4,8 @@
 //! - [`etcd`]: the production backend, a real etcd cluster (`--store etcd://host:port,...`).
 //! - [`embedded`]: an in-process store persisted to a local file, for one machine (`fulcrum up`).
 //!
+//! [`mirror`] keeps a prefix in memory from a watch, for readers that follow it.
+//!
 //! Everything the control plane keeps (node specs, operator overrides, the routing table) goes
 //! through [`Store`], so both backends behave the same: every write returns the store's new
 //! revision, revisions only grow, and a compare-and-put is the one primitive for "create only if
@@ -18,6 +20,7 @@
 
 pub mod embedded;
 pub mod etcd;
+pub mod mirror;
 
 use std::pin::Pin;
 use std::sync::Arc;
