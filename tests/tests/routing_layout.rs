@@ -23,6 +23,10 @@ use tokio_stream::wrappers::ReceiverStream;
 /// several.
 const FLEET: usize = 300;
 
+/// How long the large fleet may take to settle, and a weight change to reach the router: far
+/// beyond the seconds it takes, so only a stall fails (the suite runs on shared machines).
+const SETTLE_DEADLINE: Duration = Duration::from_secs(300);
+
 fn msg(m: router_message::Message) -> RouterMessage {
     RouterMessage { message: Some(m) }
 }
@@ -136,17 +140,26 @@ async fn a_large_fleet_is_stored_per_node_and_its_changes_arrive_as_whole_deltas
     // Wait until the whole fleet is healthy, routed and settled: weights ramp up (damped) from
     // zero to the capacity, 4, and stop being republished once within 5 % of it (the last step
     // from 3.85 is below 5 % of 3.85).
-    loop {
-        let t = router.table.as_ref().unwrap();
-        if t.endpoints.len() == FLEET
-            && t.endpoints
-                .iter()
-                .all(|e| e.health() == HealthState::Healthy && e.weight >= 3.85)
-        {
-            break;
+    // A deadline, not a timing goal: a fleet that never settles fails here, with a message,
+    // instead of hanging the suite (it settles in seconds; minutes only on a starved machine).
+    let settled = tokio::time::timeout(SETTLE_DEADLINE, async {
+        loop {
+            let t = router.table.as_ref().unwrap();
+            if t.endpoints.len() == FLEET
+                && t.endpoints
+                    .iter()
+                    .all(|e| e.health() == HealthState::Healthy && e.weight >= 3.85)
+            {
+                break;
+            }
+            router.next().await;
         }
-        router.next().await;
-    }
+    })
+    .await;
+    assert!(
+        settled.is_ok(),
+        "the fleet was not healthy and settled within {SETTLE_DEADLINE:?}"
+    );
 
     // The layout: one key per node, a commit marker, no pending marker, no single-key table.
     let (entries, _) = store.list(keys::ROUTING_NODES).await.unwrap();
@@ -162,16 +175,23 @@ async fn a_large_fleet_is_stored_per_node_and_its_changes_arrive_as_whole_deltas
     })
     .await
     .unwrap();
-    while router.weight(&id(7)).unwrap() > 1.0 * 1.06 {
-        let u = router.next().await;
-        assert!(!u.snapshot, "a current router got a snapshot");
-        let ids: Vec<&str> = u
-            .endpoints
-            .iter()
-            .map(|e| e.spec.as_ref().unwrap().id.as_str())
-            .collect();
-        assert_eq!(ids, [id(7)], "a delta carried more than the changed node");
-    }
+    let changed = tokio::time::timeout(SETTLE_DEADLINE, async {
+        while router.weight(&id(7)).unwrap() > 1.0 * 1.06 {
+            let u = router.next().await;
+            assert!(!u.snapshot, "a current router got a snapshot");
+            let ids: Vec<&str> = u
+                .endpoints
+                .iter()
+                .map(|e| e.spec.as_ref().unwrap().id.as_str())
+                .collect();
+            assert_eq!(ids, [id(7)], "a delta carried more than the changed node");
+        }
+    })
+    .await;
+    assert!(
+        changed.is_ok(),
+        "the weight override did not reach the router within {SETTLE_DEADLINE:?}"
+    );
 
     // The whole region evacuated: every weight drops to zero in one batch of several
     // transactions, which the router receives as one delta.
