@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 
 import oracle
-from quality import commands_block, machine_load, merge_counts
+from quality import commands_block, machine_load, merge_counts, ms, ratio
 from suite import (Procs, busy_seconds, children_cpu_seconds, cpu_ns, free_port, log,
                    run_until_ok)
 
@@ -373,16 +373,6 @@ def summarize(runs: dict[str, list[dict]], jsq: dict) -> dict:
 
 
 # -- reporting ---------------------------------------------------------------------------------
-
-def ms(us: float | None) -> str:
-    return "–" if us is None else f"{us / 1e3:.1f} ms"
-
-
-def ratio(a: float | None, b: float | None) -> str:
-    if not a or not b:
-        return "–"
-    return f"{a / b:.2f}×"
-
 
 def tables(res: dict) -> list[str]:
     lines = []
