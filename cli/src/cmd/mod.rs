@@ -10,6 +10,20 @@ pub(crate) mod up;
 /// A bearer token from a flag or the environment: one or more visible ASCII characters, since
 /// it travels in an HTTP/2 header (`authorization: Bearer <token>`); anything else could never
 /// be presented, so it is refused at start rather than on every connection.
+/// Binds the metrics listener of `--metrics-listen`, when given.
+pub(crate) async fn bind_metrics(
+    addr: Option<&str>,
+) -> anyhow::Result<Option<tokio::net::TcpListener>> {
+    use anyhow::Context as _;
+    let Some(addr) = addr else {
+        return Ok(None);
+    };
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {addr} for metrics"))?;
+    Ok(Some(listener))
+}
+
 pub(crate) fn token(s: &str) -> Result<String, String> {
     if s.is_empty() {
         return Err("the token is empty".into());

@@ -60,14 +60,7 @@ pub(crate) async fn run(args: RouterArgs) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
-    let metrics = match &args.metrics_listen {
-        Some(addr) => Some(
-            tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("binding {addr} for metrics"))?,
-        ),
-        None => None,
-    };
+    let metrics = crate::cmd::bind_metrics(args.metrics_listen.as_deref()).await?;
     tracing::info!(listen = %args.listen, region = %args.region, control = ?args.control,
         load_view = %args.load_view, metrics = ?args.metrics_listen, "router serving");
     fulcrum_data_plane::serve_with_metrics(
