@@ -115,6 +115,17 @@ impl WaitQueue {
         self.len() == 0
     }
 
+    /// Calls waiting now that compete with a call for `nodes`: the most waiting for any one of
+    /// them. Calls for another model whose nodes these are not do not count (they wait for
+    /// other slots); calls that share only some nodes count once, not once per node.
+    pub fn waiting_for(&self, nodes: &[Arc<NodeConn>]) -> usize {
+        nodes
+            .iter()
+            .map(|n| n.waiting.load(Ordering::Relaxed) as usize)
+            .max()
+            .unwrap_or(0)
+    }
+
     /// Waits up to `timeout` for a slot on one of `nodes`, keeping the call's `place` in line.
     pub async fn wait(
         &self,
@@ -138,6 +149,7 @@ impl WaitQueue {
             });
             let at = inner.waiters.partition_point(|w| w.ticket < ticket);
             let nodes = nodes.clone();
+            count(&nodes, true);
             inner.waiters.insert(
                 at,
                 Waiter {
@@ -186,6 +198,7 @@ impl WaitQueue {
                 break;
             };
             self.waiting.fetch_sub(1, Ordering::SeqCst);
+            count(&waiter.nodes, false);
             // A waiter whose call has gone is removed by it before its receiver drops, so a
             // failed send only happens in a race with that; try the next one.
             if waiter.wake.send(node.clone()).is_ok() {
@@ -198,11 +211,24 @@ impl WaitQueue {
     pub fn wake_all(&self) {
         let mut inner = self.lock();
         for waiter in inner.waiters.drain(..) {
+            count(&waiter.nodes, false);
             if let Some(node) = waiter.nodes.first() {
                 let _ = waiter.wake.send(node.clone());
             }
         }
         self.waiting.store(0, Ordering::SeqCst);
+    }
+}
+
+/// Counts a waiter in (`true`) or out of the waiting count of each node it can use; called
+/// under the queue's lock, so a node's count is exact whenever the lock is free.
+fn count(nodes: &[Arc<NodeConn>], join: bool) {
+    for n in nodes {
+        if join {
+            n.waiting.fetch_add(1, Ordering::Relaxed);
+        } else {
+            n.waiting.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -219,7 +245,9 @@ impl Drop for Registered<'_> {
         {
             let mut inner = self.queue.lock();
             if let Some(at) = inner.waiters.iter().position(|w| w.ticket == self.ticket) {
-                inner.waiters.remove(at);
+                if let Some(waiter) = inner.waiters.remove(at) {
+                    count(&waiter.nodes, false);
+                }
                 self.queue.waiting.fetch_sub(1, Ordering::SeqCst);
             }
         }
@@ -259,17 +287,26 @@ mod tests {
         let third = tokio::spawn(async move { q.wait(&mut Place::default(), aa, wait).await });
         wait_len(&queue, 3).await;
         // a frees: the first waiter cannot use it, the second (oldest that can) gets it.
+        // Competitors: two waiters can use a, two can use b; the three never all compete.
+        let (just_a, just_b) = ([a.clone()], [b.clone()]);
+        assert_eq!(queue.waiting_for(&just_a), 2);
+        assert_eq!(queue.waiting_for(&just_b), 2);
+        assert_eq!(queue.waiting_for(&[a.clone(), b.clone()]), 2);
         drop(slot_a);
         assert_eq!(second.await.unwrap(), Waited::Woken);
         assert_eq!(queue.len(), 2);
+        assert_eq!(queue.waiting_for(&just_a), 1);
+        assert_eq!(queue.waiting_for(&just_b), 1);
         assert!(!first.is_finished() && !third.is_finished());
         drop(slot_b);
         assert_eq!(first.await.unwrap(), Waited::Woken);
         assert_eq!(queue.len(), 1);
+        assert_eq!(queue.waiting_for(&just_b), 0);
         assert!(!third.is_finished());
         queue.wake_all();
         assert_eq!(third.await.unwrap(), Waited::Woken);
         assert!(queue.is_empty());
+        assert_eq!(queue.waiting_for(&just_a), 0);
     }
 
     #[tokio::test]
@@ -302,6 +339,11 @@ mod tests {
             .await;
         assert_eq!(got, Waited::TimedOut);
         assert!(queue.is_empty());
+        assert_eq!(
+            queue.waiting_for(std::slice::from_ref(&a)),
+            0,
+            "a timed-out call leaves the count"
+        );
         let mut waiting = Vec::new();
         for _ in 0..MAX_QUEUED_CALLS {
             let (q, a) = (queue.clone(), a.clone());

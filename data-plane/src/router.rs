@@ -227,9 +227,10 @@ impl RouterState {
     /// before it ([`crate::queue`]); returns whether it may pick again. `place` keeps the call's
     /// place between waits.
     ///
-    /// A call joining the queue is shed at once (`false`) when the calls ahead of it would
-    /// take longer than [`MAX_QUEUE_WAIT`] to drain at the rate its nodes finish calls: fast
-    /// shedding, and a queue whose length follows the nodes' speed rather than a fixed count.
+    /// A call joining the queue is shed at once (`false`) when the calls ahead of it (those
+    /// waiting for any of its nodes) would take longer than [`MAX_QUEUE_WAIT`] to drain at the
+    /// rate its nodes finish calls: fast shedding, and a queue whose length follows the nodes'
+    /// speed rather than a fixed count.
     pub async fn wait_for_slot(
         &self,
         table: &RoutingTable,
@@ -252,10 +253,18 @@ impl RouterState {
             .collect();
         if !place.has_queued() {
             let now = now_ns();
-            let drain = nodes
-                .iter()
-                .map(|n| (n.in_flight(), n.latency.estimate_ms(now)));
-            if expected_wait(self.queue.len(), drain).is_some_and(|w| w > MAX_QUEUE_WAIT) {
+            // How fast slots free up: each node's mean slot hold time (its peak latency
+            // estimate before any call has ended there).
+            let drain = nodes.iter().map(|n| {
+                let hold = n.hold.mean_ms();
+                (
+                    n.in_flight(),
+                    hold.unwrap_or_else(|| n.latency.estimate_ms(now)),
+                )
+            });
+            if expected_wait(self.queue.waiting_for(&nodes), drain)
+                .is_some_and(|w| w > MAX_QUEUE_WAIT)
+            {
                 return false;
             }
         }

@@ -1,10 +1,12 @@
 //! A node as the router holds it across routing tables: its pooled connection, the calls in
 //! flight to it, its latency estimate, its outlier state and its concurrency limit.
 //!
-//! - [`peak_ewma`]: the latency estimate.
+//! - [`peak_ewma`]: the latency estimate that ranks nodes.
+//! - [`hold_time`]: the mean time a call holds a slot (how fast the node frees slots).
 //! - [`outlier`]: consecutive-failure ejection.
 //! - [`reconnect`]: backoff after a failed connection.
 
+pub mod hold_time;
 pub mod outlier;
 pub mod peak_ewma;
 pub mod reconnect;
@@ -17,6 +19,7 @@ use tokio::time::Instant;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::{Channel, Endpoint};
 
+use hold_time::HoldTime;
 use outlier::Outlier;
 use peak_ewma::PeakEwma;
 use rand::Rng;
@@ -87,6 +90,8 @@ pub struct NodeConn {
     per_shard: OnceLock<Box<[ShardSlot]>>,
     /// Latency estimate.
     pub latency: PeakEwma,
+    /// Mean time a call holds a slot.
+    pub hold: HoldTime,
     /// Outlier state.
     pub outlier: Outlier,
     /// Reconnect backoff.
@@ -98,6 +103,8 @@ pub struct NodeConn {
     /// `calls` and `errors` since the start, for metrics (those two are reset by load reports).
     calls_total: AtomicU64,
     errors_total: AtomicU64,
+    /// Calls in the wait queue that could use this node (kept by [`WaitQueue`]).
+    pub(crate) waiting: AtomicU32,
     queue: Arc<WaitQueue>,
 }
 
@@ -127,6 +134,7 @@ impl NodeConn {
             shared: OnceLock::new(),
             per_shard: OnceLock::new(),
             latency: PeakEwma::new(now_ns()),
+            hold: HoldTime::default(),
             outlier: Outlier::default(),
             reconnect: Reconnect::default(),
             in_flight: AtomicU32::new(0),
@@ -135,6 +143,7 @@ impl NodeConn {
             errors: AtomicU64::new(0),
             calls_total: AtomicU64::new(0),
             errors_total: AtomicU64::new(0),
+            waiting: AtomicU32::new(0),
             queue,
         })
     }
@@ -228,6 +237,7 @@ impl NodeConn {
     /// failure (0 otherwise).
     pub fn record(&self, outcome: Outcome, elapsed: Duration) -> u32 {
         let now = now_ns();
+        self.hold.observe(elapsed);
         match outcome {
             Outcome::Success => {
                 self.calls.fetch_add(1, Ordering::Relaxed);
