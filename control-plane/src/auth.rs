@@ -7,6 +7,10 @@
 //! credential, which sits on every router and model server, cannot drain nodes or change
 //! policies. A refused call ends with UNAUTHENTICATED before its handler runs: nothing it
 //! carried reaches the store.
+//!
+//! Either credential may be several tokens, comma-separated (`new,old`): a replica accepts any
+//! of them, so a token is rotated without a moment in which routers, nodes or operators holding
+//! the old one are refused (operations.md, "Rotating a token"). Clients present one token.
 
 use tonic::service::Interceptor;
 use tonic::{Request, Status};
@@ -49,6 +53,15 @@ fn same(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// Whether `got` is one of the comma-separated tokens of `accepted`. Every token is compared,
+/// whichever matches, so the time taken does not tell which one (or whether any) did.
+fn accepts(accepted: &str, got: &str) -> bool {
+    accepted
+        .split(',')
+        .filter(|t| !t.is_empty())
+        .fold(false, |ok, t| ok | same(t.as_bytes(), got.as_bytes()))
+}
+
 impl Interceptor for AdminInterceptor {
     fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
         let (token, loopback_ok) = match &self.auth {
@@ -59,7 +72,7 @@ impl Interceptor for AdminInterceptor {
             return Ok(request);
         }
         match (token, presented(&request)) {
-            (Some(want), Some(got)) if same(want.as_bytes(), got.as_bytes()) => Ok(request),
+            (Some(want), Some(got)) if accepts(want, got) => Ok(request),
             (Some(_), Some(_)) => Err(Status::unauthenticated("wrong admin credential")),
             (_, None) => Err(Status::unauthenticated(
                 "admin calls need a credential: send `authorization: Bearer <token>` \
@@ -95,7 +108,7 @@ impl Interceptor for StreamInterceptor {
             return Ok(request);
         }
         match (token, presented(&request)) {
-            (Some(want), Some(got)) if same(want.as_bytes(), got.as_bytes()) => Ok(request),
+            (Some(want), Some(got)) if accepts(want, got) => Ok(request),
             (Some(_), Some(_)) => Err(Status::unauthenticated(
                 "wrong stream credential: routers and nodes must present the control plane's \
                  stream token (its --stream-token)",
@@ -139,6 +152,23 @@ mod tests {
         let mut l = AdminInterceptor::new(AdminAuth::Loopback(None));
         assert!(l.call(req(None)).is_err());
         assert!(same(b"abc", b"abc") && !same(b"abc", b"abd") && !same(b"ab", b"abc"));
+    }
+
+    #[test]
+    fn during_a_rotation_either_token_is_accepted() {
+        let mut admin = AdminInterceptor::new(AdminAuth::Token("n3w,0ld".into()));
+        assert!(admin.call(req(Some("n3w"))).is_ok());
+        assert!(admin.call(req(Some("0ld"))).is_ok());
+        // The list itself, a part of a token, or an empty token is none of them.
+        for wrong in ["n3w,0ld", "n3", "", "other"] {
+            let e = admin.call(req(Some(wrong))).unwrap_err();
+            assert_eq!(e.code(), tonic::Code::Unauthenticated, "{wrong:?}");
+        }
+        let mut streams = StreamInterceptor::new(StreamAuth::Token("n3w,0ld".into()));
+        assert!(streams.call(from("10.0.0.7", Some("0ld"))).is_ok());
+        assert!(streams.call(from("10.0.0.7", Some("n3w"))).is_ok());
+        assert!(refused(&mut streams, from("10.0.0.7", Some("x"))).contains("wrong"));
+        assert!(accepts("a,,b", "b") && !accepts("a,,b", "") && !accepts("", ""));
     }
 
     /// A request from `ip` (as tonic's TCP server records it), presenting `token` if given.

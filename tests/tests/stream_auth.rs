@@ -271,3 +271,32 @@ async fn nodes_register_only_with_the_stream_token() {
     drop(refused);
     registrar.stop().await.expect("goodbye");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn during_a_rotation_routers_with_either_token_subscribe() {
+    let etcd = Etcd::start().await;
+    // `--stream-token n3w,0ld`: the new token first, the old one still accepted.
+    let cp = stack::control_plane_configured(
+        "127.0.0.1:0".parse().unwrap(),
+        &etcd.url(),
+        AdminAuth::Loopback(None),
+        |c| c.stream_auth = StreamAuth::Token("n3w-t0ken,0ld-t0ken".into()),
+    )
+    .await;
+    for (id, token) in [("old", "0ld-t0ken"), ("new", "n3w-t0ken")] {
+        let first = subscribe(&cp, id, Some(token)).await.expect(id);
+        assert!(first.snapshot, "{id}: {first:?}");
+    }
+    // The list is not itself a token, nor is anything else.
+    for (id, token) in [("list", "n3w-t0ken,0ld-t0ken"), ("other", "0ld")] {
+        assert_refused(
+            subscribe(&cp, id, Some(token)).await,
+            "wrong stream credential",
+        );
+    }
+    let listed = routers_listed(&cp).await;
+    assert!(
+        !listed.iter().any(|r| r == "list" || r == "other"),
+        "a refused router is listed: {listed:?}"
+    );
+}

@@ -42,16 +42,18 @@ pub(crate) struct ControlArgs {
     /// Leader lease TTL: how soon another replica takes over when this one dies.
     #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
     leader_ttl: Duration,
-    /// Bearer token admin calls must present.
-    #[arg(long, env = "FULCRUM_ADMIN_TOKEN", hide_env_values = true)]
+    /// Bearer token admin calls must present; several, comma-separated, are all accepted (to
+    /// rotate: `new,old`, then `new` once every operator has it).
+    #[arg(long, env = "FULCRUM_ADMIN_TOKEN", hide_env_values = true, value_parser = crate::cmd::accepted_tokens)]
     admin_token: Option<String>,
     /// Accept admin calls from loopback without a token (one-machine setups).
     #[arg(long)]
     admin_trust_loopback: bool,
     /// Bearer token routers (`Routing.Subscribe`) and self-registering nodes
     /// (`Registration.Register`) must present. Without it, only routers and nodes on this
-    /// machine (loopback) are accepted.
-    #[arg(long, env = "FULCRUM_STREAM_TOKEN", hide_env_values = true, value_parser = crate::cmd::token)]
+    /// machine (loopback) are accepted. Several, comma-separated, are all accepted (to rotate:
+    /// `new,old`, then `new` once every router and node has it).
+    #[arg(long, env = "FULCRUM_STREAM_TOKEN", hide_env_values = true, value_parser = crate::cmd::accepted_tokens)]
     stream_token: Option<String>,
     /// With --stream-token, still accept routers and nodes on loopback without it.
     #[arg(long)]

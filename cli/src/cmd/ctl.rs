@@ -26,12 +26,14 @@ pub(crate) struct CtlArgs {
         env = "FULCRUM_CONTROL"
     )]
     control: String,
-    /// Admin bearer token (not needed against `fulcrum up`, which trusts loopback).
+    /// Admin bearer token (not needed against `fulcrum up`, which trusts loopback). Of a
+    /// comma-separated list (a rotation's `new,old`), the first is presented.
     #[arg(
         long,
         global = true,
         env = "FULCRUM_ADMIN_TOKEN",
-        hide_env_values = true
+        hide_env_values = true,
+        value_parser = crate::cmd::presented_token
     )]
     token: Option<String>,
     #[command(subcommand)]

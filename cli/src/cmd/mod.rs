@@ -24,6 +24,24 @@ pub(crate) async fn bind_metrics(
     Ok(Some(listener))
 }
 
+/// A credential a control plane accepts: one token, or several comma-separated during a
+/// rotation (`new,old`: either is accepted).
+pub(crate) fn accepted_tokens(s: &str) -> Result<String, String> {
+    let tokens = s
+        .split(',')
+        .map(token)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{e} (tokens are separated by commas)"))?;
+    Ok(tokens.join(","))
+}
+
+/// The token a client presents: the first of a comma-separated list, so one value (`new,old`)
+/// can be given to control planes and to their clients alike during a rotation.
+pub(crate) fn presented_token(s: &str) -> Result<String, String> {
+    let first = s.split(',').next().unwrap_or_default();
+    token(first).map_err(|e| format!("{e} (the first of the comma-separated tokens is presented)"))
+}
+
 pub(crate) fn token(s: &str) -> Result<String, String> {
     if s.is_empty() {
         return Err("the token is empty".into());
@@ -44,5 +62,24 @@ mod tests {
         assert!(super::token("").unwrap_err().contains("empty"));
         assert!(super::token("two words").unwrap_err().contains("' '"));
         assert!(super::token("naïve").unwrap_err().contains("'ï'"));
+    }
+
+    #[test]
+    fn rotations_list_tokens_and_clients_present_the_first() {
+        assert_eq!(super::accepted_tokens("n3w,0ld"), Ok("n3w,0ld".into()));
+        assert_eq!(super::accepted_tokens("only"), Ok("only".into()));
+        assert!(
+            super::accepted_tokens("n3w,")
+                .unwrap_err()
+                .contains("empty")
+        );
+        assert!(super::accepted_tokens("a,b c").unwrap_err().contains("' '"));
+        assert_eq!(super::presented_token("n3w,0ld"), Ok("n3w".into()));
+        assert_eq!(super::presented_token("only"), Ok("only".into()));
+        assert!(
+            super::presented_token(",0ld")
+                .unwrap_err()
+                .contains("empty")
+        );
     }
 }

@@ -61,12 +61,13 @@ pub(crate) struct NodeSimArgs {
     #[arg(long, requires = "register", value_name = "HOST:PORT")]
     advertise: Option<String>,
     /// Token presented to the control plane when registering (its --stream-token); not needed
-    /// when the control plane trusts this machine (loopback). Unused without --register.
+    /// when the control plane trusts this machine (loopback). Unused without --register. Of a
+    /// comma-separated list (a rotation's `new,old`), the first is presented.
     #[arg(
         long,
         env = "FULCRUM_STREAM_TOKEN",
         hide_env_values = true,
-        value_parser = crate::cmd::token
+        value_parser = crate::cmd::presented_token
     )]
     stream_token: Option<String>,
     /// Label to register with, KEY=VALUE (repeatable).

@@ -37,8 +37,9 @@ pub(crate) struct RouterArgs {
     #[arg(long, default_value = "global")]
     load_view: LoadView,
     /// Token presented to the control plane on the routing stream (the control plane's
-    /// --stream-token); not needed when the control plane trusts this machine (loopback).
-    #[arg(long, env = "FULCRUM_STREAM_TOKEN", hide_env_values = true, value_parser = crate::cmd::token)]
+    /// --stream-token); not needed when the control plane trusts this machine (loopback). Of a
+    /// comma-separated list (a rotation's `new,old`), the first is presented.
+    #[arg(long, env = "FULCRUM_STREAM_TOKEN", hide_env_values = true, value_parser = crate::cmd::presented_token)]
     stream_token: Option<String>,
 }
 
