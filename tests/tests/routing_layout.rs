@@ -137,9 +137,9 @@ async fn a_large_fleet_is_stored_per_node_and_its_changes_arrive_as_whole_deltas
     let mut router = Router::subscribe(cp.addr).await;
     let first = router.next().await;
     assert!(first.snapshot, "the first update is a snapshot");
-    // Wait until the whole fleet is healthy, routed and settled: weights ramp up (damped) from
-    // zero to the capacity, 4, and stop being republished once within 5 % of it (the last step
-    // from 3.85 is below 5 % of 3.85).
+    // Wait until the whole fleet is healthy, routed and settled: each node's first weight after
+    // zero (unprobed) is its target, the capacity, 4, at once (see `weights::damp`); 3.85 is
+    // within the 5 % hysteresis of it, in case load moved it a little.
     // A deadline, not a timing goal: a fleet that never settles fails here, with a message,
     // instead of hanging the suite (it settles in seconds; minutes only on a starved machine).
     let settled = tokio::time::timeout(SETTLE_DEADLINE, async {
