@@ -39,6 +39,7 @@ use crate::load::LoadView;
 use crate::overrides::{Overrides, Subject};
 use crate::store::mirror::Mirror;
 use crate::store::{Fence, Leadership, MAX_TXN_OPS, Op, SharedStore, StoreError};
+use crate::table::LoadSignals;
 use crate::{keys, load, overrides, registry, table};
 
 /// What the store holds (as far as the leader knows): each node's entry and the policies.
@@ -287,7 +288,8 @@ impl Inputs {
         if !load.keys.is_empty() || (due && (!self.reports.is_empty() || !self.load.is_empty())) {
             let merged = load::merge(self.reports.values(), load::now_unix_ms());
             for (id, l) in &merged {
-                if self.load.get(id) != Some(l) {
+                // Only a change the node's entry depends on makes it worth computing again.
+                if LoadSignals::of(self.load.get(id)) != LoadSignals::of(Some(l)) {
                     dirty.insert(id.clone());
                 }
             }
@@ -671,6 +673,15 @@ async fn reconcile(
     let txns = batch(last, &changes, &inputs.policies);
     let computed_in = pass_started.elapsed();
     if txns.is_empty() {
+        // Passes over many nodes that change nothing (load sums moving within the hysteresis)
+        // are what a change may queue behind: their cost shows at debug level.
+        if dirty.len() >= 100 {
+            tracing::debug!(
+                computed = dirty.len(),
+                computed_ms = computed_in.as_secs_f64() * 1e3,
+                "pass wrote nothing"
+            );
+        }
         return Ok(Written::Nothing);
     }
     let count = txns.len();

@@ -294,9 +294,21 @@ fn memory(pid: u32, field: &str) -> anyhow::Result<u64> {
     Ok(kib * 1024)
 }
 
-/// The store's current revision.
+/// The store's current revision. Tried three times: a read that times out on a busy machine
+/// must not lose a run's measurements.
 async fn revision(store: &EtcdStore) -> anyhow::Result<i64> {
-    Ok(store.list("/fulcrum-bench/none/").await?.1)
+    let mut tries = 0;
+    loop {
+        match store.list("/fulcrum-bench/none/").await {
+            Ok((_, rev)) => return Ok(rev),
+            Err(e) if tries < 2 => {
+                tries += 1;
+                eprintln!("reading etcd's revision: {e}; trying again");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 /// CPU time of the whole machine (/proc/stat's first line: user, nice, system, irq, softirq,
@@ -382,24 +394,45 @@ fn quantiles(h: &Histogram<u64>) -> serde_json::Value {
     })
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    // 1. Probe targets, on a runtime and thread of their own: on the routers' runtime, the
+    // probes' answers waited behind a thousand router tasks (a wave of snapshots to decode),
+    // the control plane's probes timed out and healthy nodes flapped, which is the driver
+    // failing, not the control plane. The kernel shares the cores between this thread and the
+    // routers' workers instead.
+    let sims_runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("bench-sims")
+        .enable_all()
+        .build()?;
+    let sims: Vec<RunningNodeSim> = sims_runtime.block_on(async {
+        let mut sims = Vec::new();
+        for i in 0..args.sims.max(1) {
+            let config = NodeSimConfig {
+                name: format!("bench-sim-{i}"),
+                ..NodeSimConfig::default()
+            };
+            sims.push(fulcrum_sim::node::spawn(config, "127.0.0.1:0".parse()?).await?);
+        }
+        anyhow::Ok(sims)
+    })?;
+    let addrs: Vec<String> = sims.iter().map(|s| s.addr.to_string()).collect();
+    let result = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(run(args, addrs));
+    drop(sims);
+    drop(sims_runtime);
+    result
+}
+
+async fn run(args: Args, addrs: Vec<String>) -> anyhow::Result<()> {
     let started = Instant::now();
     let store = EtcdStore::connect(&[format!("http://{}", args.etcd)])
         .await
         .context("connecting to etcd")?;
 
-    // 1. Probe targets and the registry.
-    let mut sims: Vec<RunningNodeSim> = Vec::new();
-    for i in 0..args.sims.max(1) {
-        let config = NodeSimConfig {
-            name: format!("bench-sim-{i}"),
-            ..NodeSimConfig::default()
-        };
-        sims.push(fulcrum_sim::node::spawn(config, "127.0.0.1:0".parse()?).await?);
-    }
-    let addrs: Vec<String> = sims.iter().map(|s| s.addr.to_string()).collect();
     let specs: Vec<NodeSpec> = (0..args.nodes)
         .map(|i| NodeSpec {
             id: node_id(i),
@@ -546,6 +579,7 @@ async fn main() -> anyhow::Result<()> {
             old_weight,
             started: Instant::now(),
         };
+        let round_start = lock(&shared.samples).len();
         *lock(&shared.target) = Some(target);
         // A refused change (the control plane lost its store) is counted, not fatal: the run
         // still reports what it measured.
@@ -563,10 +597,17 @@ async fn main() -> anyhow::Result<()> {
         }
         let deadline = Instant::now() + Duration::from_secs(args.change_timeout_secs);
         let samples = loop {
-            let n = lock(&shared.samples)
-                .iter()
-                .filter(|(r, _)| *r == round)
-                .count();
+            // Cheap while waiting (samples added since the round began: a late one of an
+            // earlier round would count too), exact once that reaches every router; the
+            // driver's CPU is taken from the same cores as the control plane's.
+            let n = {
+                let s = lock(&shared.samples);
+                if s.len() - round_start >= args.routers || Instant::now() > deadline {
+                    s[round_start..].iter().filter(|(r, _)| *r == round).count()
+                } else {
+                    0
+                }
+            };
             if n >= args.routers || Instant::now() > deadline {
                 break n;
             }
@@ -633,6 +674,5 @@ async fn main() -> anyhow::Result<()> {
         std::fs::write(out, &text).with_context(|| format!("writing {}", out.display()))?;
     }
     println!("{text}");
-    drop(sims);
     Ok(())
 }
