@@ -13,7 +13,7 @@ Run by suite.py (`./bench/run.sh --scenarios 4`, which saves
 `bench/.peers/results-<mode>-cp_scale.json` and rewrites this scenario's section of
 docs/benchmarks.md), or alone:
 
-    python3 bench/cp_scale.py                  # the full scenario (about 5 minutes)
+    python3 bench/cp_scale.py                  # the full scenario (about 2 minutes on an idle machine)
     python3 bench/cp_scale.py --quick          # 2,000 nodes, 200 routers, 20 changes
     python3 bench/cp_scale.py --render FILE    # print the markdown of a saved result
 
