@@ -13,7 +13,7 @@ Run by suite.py (`./bench/run.sh --scenarios 4`, which saves
 `bench/.peers/results-<mode>-cp_scale.json` and rewrites this scenario's section of
 docs/benchmarks.md), or alone:
 
-    python3 bench/cp_scale.py                  # the full scenario (about 5 minutes)
+    python3 bench/cp_scale.py                  # the full scenario (about 2 minutes on an idle machine)
     python3 bench/cp_scale.py --quick          # 2,000 nodes, 200 routers, 20 changes
     python3 bench/cp_scale.py --render FILE    # print the markdown of a saved result
 
@@ -125,6 +125,7 @@ def run_scale(procs: Procs, fulcrum: str, driver: str, params: dict, tmp: Path,
             f"--control=127.0.0.1:{control}",
             f"--etcd=127.0.0.1:{client}",
             f"--control-pid={cp.pid}",
+            f"--etcd-pid={etcd.pid}",
             f"--nodes={params['nodes']}",
             f"--routers={params['routers']}",
             f"--changes={params['changes']}",
@@ -200,10 +201,33 @@ def rows(r: dict) -> list[tuple[str, str, str, str]]:
         ("weight change → ACK per router, p50 / p99",
          f"{per['p50_ms']:.1f} / {per['p99_ms']:.1f} ms" if per["count"] else "not measured",
          "", ""),
+    ]
+    first = r["changes"].get("change_to_ack_at_first_router")
+    spread = r["changes"].get("first_to_last_router")
+    if first and first["count"]:
+        out += [
+            ("of which: change → ACK at the first router, p50 / p99 (admin call, etcd, control "
+             "loop, etcd, publisher, one stream)",
+             f"{first['p50_ms']:.1f} / {first['p99_ms']:.1f} ms", "", ""),
+            ("of which: first → last router's ACK, p50 / p99 (fan-out to every stream, and "
+             "the driver reading them all)",
+             f"{spread['p50_ms']:.1f} / {spread['p99_ms']:.1f} ms", "", ""),
+        ]
+    out += [
         ("control-plane CPU, steady state", f"{st['cpu_cores']:.2f} cores",
          f"≤ {TARGET_CORES:.0f} core", verdict(st["cpu_cores"] <= TARGET_CORES)),
         ("control-plane CPU, during the changes",
          f"{r['changes']['window']['cpu_cores']:.2f} cores", "", ""),
+    ]
+    w = r["changes"]["window"]
+    if "driver_cpu_cores" in w:
+        etcd = w.get("etcd_cpu_cores")
+        out.append((
+            "during the changes, CPU of the driver / etcd / everything else on the machine",
+            f"{w['driver_cpu_cores']:.2f} / "
+            + (f"{etcd:.2f}" if etcd is not None else "?")
+            + f" / {w['others_cpu_cores']:.2f} cores", "", ""))
+    out += [
         ("control-plane RSS, steady state (peak)",
          f"{mib(st['rss_bytes'])} ({mib(cp['peak_rss_bytes'])})", "≤ 1 GiB",
          verdict(cp["peak_rss_bytes"] <= TARGET_RSS_BYTES)),

@@ -38,7 +38,8 @@ use crate::health::prober::Prober;
 use crate::load::LoadView;
 use crate::overrides::{Overrides, Subject};
 use crate::store::mirror::Mirror;
-use crate::store::{Fence, Leadership, MAX_TXN_OPS, Op, SharedStore};
+use crate::store::{Fence, Leadership, MAX_TXN_OPS, Op, SharedStore, StoreError};
+use crate::table::LoadSignals;
 use crate::{keys, load, overrides, registry, table};
 
 /// What the store holds (as far as the leader knows): each node's entry and the policies.
@@ -287,7 +288,8 @@ impl Inputs {
         if !load.keys.is_empty() || (due && (!self.reports.is_empty() || !self.load.is_empty())) {
             let merged = load::merge(self.reports.values(), load::now_unix_ms());
             for (id, l) in &merged {
-                if self.load.get(id) != Some(l) {
+                // Only a change the node's entry depends on makes it worth computing again.
+                if LoadSignals::of(self.load.get(id)) != LoadSignals::of(Some(l)) {
                     dirty.insert(id.clone());
                 }
             }
@@ -339,6 +341,8 @@ struct Leading {
     unsettled: BTreeSet<String>,
     /// Compute every node on the next pass (the first, or after the table was read again).
     full: bool,
+    /// Transactions sent by the last pass (retries included), for the pacer.
+    sent: usize,
 }
 /// Leads until the leadership is lost.
 async fn lead(
@@ -356,6 +360,7 @@ async fn lead(
         since: now,
         unsettled: BTreeSet::new(),
         full: true,
+        sent: 0,
     };
     let mut pacer = Pacer::new(now);
     // The end of the last batch (long ago: the first pass may write at once).
@@ -395,7 +400,7 @@ async fn lead(
                 _ = lost.wait_for(|l| *l) => return,
             }
         }
-        match reconcile(
+        let written = reconcile(
             store,
             prober,
             &follow,
@@ -404,13 +409,14 @@ async fn lead(
             &mut last,
             &mut leading,
         )
-        .await
-        {
-            Ok(Written::Batch { txns }) => {
-                let now = Instant::now();
-                batch_end = Some(now);
-                pacer.spend(now, txns);
-            }
+        .await;
+        // Every transaction sent is charged, those of a failed batch and the retries too.
+        let sent = std::mem::take(&mut leading.sent);
+        if sent > 0 {
+            pacer.spend(Instant::now(), sent);
+        }
+        match written {
+            Ok(Written::Batch) => batch_end = Some(Instant::now()),
             Ok(Written::Nothing) => {}
             Ok(Written::Fenced) => {
                 tracing::warn!("a fenced write was refused: another replica leads");
@@ -441,8 +447,8 @@ async fn lead(
 
 /// What one pass of the loop did.
 enum Written {
-    /// Wrote a batch of `txns` transactions.
-    Batch { txns: usize },
+    /// Wrote a batch.
+    Batch,
     /// Nothing changed.
     Nothing,
     /// The write was refused: this replica no longer leads.
@@ -667,12 +673,21 @@ async fn reconcile(
     let txns = batch(last, &changes, &inputs.policies);
     let computed_in = pass_started.elapsed();
     if txns.is_empty() {
+        // Passes over many nodes that change nothing (load sums moving within the hysteresis)
+        // are what a change may queue behind: their cost shows at debug level.
+        if dirty.len() >= 100 {
+            tracing::debug!(
+                computed = dirty.len(),
+                computed_ms = computed_in.as_secs_f64() * 1e3,
+                "pass wrote nothing"
+            );
+        }
         return Ok(Written::Nothing);
     }
     let count = txns.len();
     let mut version = 0;
     for (i, ops) in txns.into_iter().enumerate() {
-        match store.txn_fenced(fence, ops).await? {
+        match write_txn(store, fence, ops, &mut leading.sent).await? {
             Some(rev) => version = rev,
             // Refused: another replica leads. It reads what this one wrote before and
             // rewrites what it must; the batch was never committed.
@@ -717,12 +732,53 @@ async fn reconcile(
         pass_ms = pass_started.elapsed().as_secs_f64() * 1e3,
         "routing table written"
     );
-    Ok(Written::Batch { txns: count })
+    Ok(Written::Batch)
+}
+
+/// Most times one transaction of a batch is sent before the batch is given up. A transaction
+/// that times out (etcd slow, not down: a starved machine, a long fsync) usually lands at the
+/// next try; giving the whole batch up instead means reading the table again and writing every
+/// difference in a new batch, which on a slow etcd fails again the same way, for minutes, while
+/// nothing is committed. Three tries ride out a few seconds of a slow store; a store that is
+/// down fails the batch within about ten seconds (three request timeouts and two pauses), and
+/// the loop keeps the last table as before.
+const TXN_ATTEMPTS: u32 = 3;
+
+/// Pause before sending a transaction again: long enough not to add to a store that is
+/// struggling, short against the request timeout (3 s) that made it fail.
+const TXN_RETRY_PAUSE: Duration = Duration::from_millis(250);
+
+/// Sends one transaction of a batch, fenced, trying again (the same operations) after a store
+/// error up to [`TXN_ATTEMPTS`] times; counts every send in `sent` (the pacer charges them).
+///
+/// Sending it again is safe: every operation is a put or a delete of a value this batch
+/// decided, so a transaction that landed although its answer was lost lands the same state
+/// again, and the fence still refuses it once another replica leads.
+async fn write_txn(
+    store: &SharedStore,
+    fence: &Fence,
+    ops: Vec<Op>,
+    sent: &mut usize,
+) -> Result<Option<i64>, Error> {
+    let mut attempt = 1;
+    loop {
+        *sent += 1;
+        match store.txn_fenced(fence, ops.clone()).await {
+            Ok(r) => return Ok(r),
+            Err(e @ StoreError::Unavailable(_)) if attempt < TXN_ATTEMPTS => {
+                tracing::info!(error = %e, attempt, "a transaction of the routing table failed; sending it again");
+                attempt += 1;
+                tokio::time::sleep(TXN_RETRY_PAUSE).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::{KeyValue, WatchStream};
     use fulcrum_proto::fulcrum::v1::NodeSpec;
 
     fn table(n: usize, weight: f64) -> Table {
@@ -841,6 +897,191 @@ mod tests {
             .map(|op| key(op).to_owned())
             .collect();
         assert_eq!(keys[0], keys::LEGACY_ROUTING);
+    }
+
+    /// An in-memory store whose next `failures` transactions fail as if they timed out, after
+    /// landing when `land` (the answer was lost, not the write).
+    #[derive(Debug)]
+    struct Flaky {
+        inner: crate::store::embedded::EmbeddedStore,
+        failures: std::sync::atomic::AtomicU32,
+        land: bool,
+    }
+
+    #[async_trait::async_trait]
+    impl crate::store::Store for Flaky {
+        async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
+            self.inner.get(key).await
+        }
+        async fn list(&self, prefix: &str) -> Result<(Vec<KeyValue>, i64), StoreError> {
+            self.inner.list(prefix).await
+        }
+        async fn put(&self, key: &str, value: Vec<u8>) -> Result<i64, StoreError> {
+            self.inner.put(key, value).await
+        }
+        async fn compare_and_put(
+            &self,
+            key: &str,
+            expected: i64,
+            value: Vec<u8>,
+        ) -> Result<Option<i64>, StoreError> {
+            self.inner.compare_and_put(key, expected, value).await
+        }
+        async fn delete(&self, key: &str) -> Result<Option<i64>, StoreError> {
+            self.inner.delete(key).await
+        }
+        async fn compare_and_delete(
+            &self,
+            key: &str,
+            expected: i64,
+        ) -> Result<Option<i64>, StoreError> {
+            self.inner.compare_and_delete(key, expected).await
+        }
+        async fn watch(&self, prefix: &str, after: i64) -> Result<WatchStream, StoreError> {
+            self.inner.watch(prefix, after).await
+        }
+        async fn campaign(
+            &self,
+            name: &str,
+            who: &str,
+            ttl: Duration,
+        ) -> Result<Leadership, StoreError> {
+            self.inner.campaign(name, who, ttl).await
+        }
+        async fn resign(&self, leadership: Leadership) -> Result<(), StoreError> {
+            self.inner.resign(leadership).await
+        }
+        async fn put_fenced(
+            &self,
+            fence: &Fence,
+            key: &str,
+            value: Vec<u8>,
+        ) -> Result<Option<i64>, StoreError> {
+            self.inner.put_fenced(fence, key, value).await
+        }
+        async fn txn_fenced(&self, fence: &Fence, ops: Vec<Op>) -> Result<Option<i64>, StoreError> {
+            use std::sync::atomic::Ordering;
+            let fail = self
+                .failures
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok();
+            if !fail {
+                return self.inner.txn_fenced(fence, ops).await;
+            }
+            if self.land {
+                self.inner.txn_fenced(fence, ops).await?;
+            }
+            Err(StoreError::Unavailable("request timed out".into()))
+        }
+        async fn leader(&self, name: &str) -> Result<Option<String>, StoreError> {
+            self.inner.leader(name).await
+        }
+        async fn grant_lease(&self, ttl: Duration) -> Result<i64, StoreError> {
+            self.inner.grant_lease(ttl).await
+        }
+        async fn keep_alive(&self, lease: i64) -> Result<bool, StoreError> {
+            self.inner.keep_alive(lease).await
+        }
+        async fn revoke_lease(&self, lease: i64) -> Result<(), StoreError> {
+            self.inner.revoke_lease(lease).await
+        }
+        async fn put_with_lease(
+            &self,
+            key: &str,
+            value: Vec<u8>,
+            lease: i64,
+        ) -> Result<i64, StoreError> {
+            self.inner.put_with_lease(key, value, lease).await
+        }
+        async fn compare_and_put_with_lease(
+            &self,
+            key: &str,
+            expected: i64,
+            value: Vec<u8>,
+            lease: i64,
+        ) -> Result<Option<i64>, StoreError> {
+            self.inner
+                .compare_and_put_with_lease(key, expected, value, lease)
+                .await
+        }
+    }
+
+    fn flaky(failures: u32, land: bool) -> Arc<Flaky> {
+        Arc::new(Flaky {
+            inner: crate::store::embedded::EmbeddedStore::in_memory(),
+            failures: failures.into(),
+            land,
+        })
+    }
+
+    fn put(key: &str) -> Vec<Op> {
+        vec![Op::Put {
+            key: key.to_owned(),
+            value: b"v".to_vec(),
+        }]
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_transaction_is_sent_again_not_the_whole_batch() {
+        for land in [false, true] {
+            let f = flaky(TXN_ATTEMPTS - 1, land);
+            let store: SharedStore = f.clone();
+            let l = store
+                .campaign(ELECTION, "r", Duration::from_secs(3))
+                .await
+                .unwrap();
+            let mut sent = 0;
+            let rev = write_txn(&store, &l.fence, put("/k"), &mut sent)
+                .await
+                .unwrap();
+            assert!(
+                rev.is_some(),
+                "written at the last attempt (landed before: {land})"
+            );
+            assert_eq!(sent, TXN_ATTEMPTS as usize, "every attempt is charged");
+            assert!(store.get("/k").await.unwrap().is_some());
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_transaction_failing_every_attempt_fails_the_batch() {
+        let store: SharedStore = flaky(TXN_ATTEMPTS, false);
+        let l = store
+            .campaign(ELECTION, "r", Duration::from_secs(3))
+            .await
+            .unwrap();
+        let mut sent = 0;
+        let r = write_txn(&store, &l.fence, put("/k"), &mut sent).await;
+        assert!(
+            matches!(r, Err(Error::Store(StoreError::Unavailable(_)))),
+            "{r:?}"
+        );
+        assert_eq!(sent, TXN_ATTEMPTS as usize);
+        assert!(store.get("/k").await.unwrap().is_none(), "nothing written");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_retry_after_the_leadership_is_lost_is_refused_by_the_fence() {
+        // The first attempt fails; by the second, this replica no longer leads.
+        let f = flaky(1, false);
+        let store: SharedStore = f.clone();
+        let l = store
+            .campaign(ELECTION, "r", Duration::from_secs(3))
+            .await
+            .unwrap();
+        let fence = l.fence.clone();
+        store.resign(l).await.unwrap();
+        let _successor = store
+            .campaign(ELECTION, "s", Duration::from_secs(3))
+            .await
+            .unwrap();
+        let mut sent = 0;
+        let r = write_txn(&store, &fence, put("/k"), &mut sent)
+            .await
+            .unwrap();
+        assert_eq!(r, None, "fenced");
+        assert_eq!(sent, 2);
+        assert!(store.get("/k").await.unwrap().is_none());
     }
 
     #[test]

@@ -14,11 +14,16 @@
 //! touched. A router that holds the previous version gets the delta; any other gets a snapshot.
 //! Fan-out goes through a `tokio::sync::watch` holding only the newest version, so a slow router
 //! never holds up the others and never makes memory grow: when it is ready for the next update
-//! it gets the newest one (as a snapshot if it missed a version), skipping those it missed.
+//! it gets the newest one, skipping those it missed.
 //! Heartbeats keep an idle stream provably alive.
 //!
+//! A router that skipped versions (it was busy while several were published) gets a delta from
+//! the version it holds, as long as that is one of the last [`HISTORY_VERSIONS`] (each version
+//! keeps the ids the versions since changed), and a snapshot only beyond that.
+//!
 //! Each version's updates are encoded once, for every stream (see [`crate::subscribe`]): the
-//! delta when the version is published, the snapshot when a router first needs it.
+//! delta when the version is published, a delta from an older version or the snapshot when a
+//! router first needs it.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
@@ -74,8 +79,65 @@ pub struct Published {
     pub delta: Option<RoutingUpdate>,
     /// `delta` encoded, once for every stream.
     delta_frame: Option<Bytes>,
+    /// The versions before `delta`'s base a router may hold and still get a delta.
+    history: Arc<History>,
+    /// Deltas from those versions, encoded when a router first needs one, shared by the
+    /// streams that need the same.
+    older_deltas: Mutex<Vec<(u64, Bytes)>>,
     /// A heartbeat at this version, encoded.
     heartbeat_frame: Bytes,
+}
+
+/// Versions back a router may be and still get a delta rather than a snapshot. A router that
+/// was busy for a moment (a burst of versions: a flapping region, a rolling restart) skips to
+/// the newest version; with deltas only from the version just before, every such router got
+/// the whole table, at 10,000 nodes a megabyte and more to send and for it to decode, which
+/// made it fall further behind, and the replica send more snapshots (scenario 4 of
+/// docs/benchmarks.md). 64 versions is a few seconds of the busiest table there.
+const HISTORY_VERSIONS: usize = 64;
+
+/// Most node ids the history of a version holds, over all its versions: beyond that, a delta
+/// would be as large as the table (a fleet rewritten), and keeping them would cost more than
+/// the snapshots it saves.
+const HISTORY_IDS: usize = 16_384;
+
+/// Recent versions, oldest first, each with the ids its successor changed: a router holding
+/// one of them needs the current entries of the ids from there on.
+#[derive(Debug, Default)]
+struct History {
+    versions: std::collections::VecDeque<(u64, Arc<[String]>)>,
+    ids: usize,
+}
+
+impl History {
+    /// This history followed by `version`, whose successor changed `ids`, trimmed to the bounds.
+    fn then(&self, version: u64, ids: Arc<[String]>) -> Self {
+        let mut versions = self.versions.clone();
+        let mut total = self.ids + ids.len();
+        versions.push_back((version, ids));
+        while versions.len() > HISTORY_VERSIONS || total > HISTORY_IDS {
+            match versions.pop_front() {
+                Some((_, gone)) => total -= gone.len(),
+                None => break,
+            }
+        }
+        Self {
+            versions,
+            ids: total,
+        }
+    }
+
+    /// The ids changed since `version`, if it is in the history.
+    fn since(&self, version: u64) -> Option<BTreeSet<&str>> {
+        let at = self.versions.iter().position(|(v, _)| *v == version)?;
+        Some(
+            self.versions
+                .iter()
+                .skip(at)
+                .flat_map(|(_, ids)| ids.iter().map(String::as_str))
+                .collect(),
+        )
+    }
 }
 
 /// Field number of `RoutingUpdate.endpoints` (routing.proto): the snapshot's endpoints are
@@ -112,6 +174,8 @@ pub(crate) fn empty_heartbeat() -> Bytes {
 pub(crate) enum Kind {
     /// The version's delta.
     Delta,
+    /// A delta from an older version the router holds, still in the version's history.
+    OlderDelta,
     /// The whole table.
     Snapshot,
 }
@@ -127,6 +191,13 @@ pub(crate) fn plan(held: u64, held_stale: bool, p: &Published) -> Option<Kind> {
         Some(d) if d.base_version == held && held != 0 && held_stale == p.stale => {
             Some(Kind::Delta)
         }
+        Some(_)
+            if held != 0
+                && held_stale == p.stale
+                && p.history.versions.iter().any(|(v, _)| *v == held) =>
+        {
+            Some(Kind::OlderDelta)
+        }
         _ => Some(Kind::Snapshot),
     }
 }
@@ -138,9 +209,12 @@ impl Published {
         policies: Vec<ModelPolicy>,
         entries: Arc<Entries>,
         delta: Option<RoutingUpdate>,
+        history: Arc<History>,
     ) -> Self {
         Self {
             delta_frame: delta.as_ref().map(encode_frame),
+            history,
+            older_deltas: Mutex::default(),
             heartbeat_frame: encode_frame(&RoutingUpdate {
                 version,
                 heartbeat: true,
@@ -189,6 +263,46 @@ impl Published {
     /// The delta, encoded.
     pub(crate) fn delta_frame(&self) -> Option<&Bytes> {
         self.delta_frame.as_ref()
+    }
+
+    /// The delta from `held`, an older version in the history, encoded (once for every stream
+    /// that holds `held`); `None` when `held` is not in the history.
+    pub(crate) fn older_delta_frame(&self, held: u64) -> Option<Bytes> {
+        let mut cache = self
+            .older_deltas
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some((_, f)) = cache.iter().find(|(v, _)| *v == held) {
+            return Some(f.clone());
+        }
+        let frame = encode_frame(&self.older_delta(held)?);
+        cache.push((held, frame.clone()));
+        Some(frame)
+    }
+
+    /// The delta from `held`, an older version in the history: the current entry of every
+    /// node changed since, and those of them that are gone.
+    fn older_delta(&self, held: u64) -> Option<RoutingUpdate> {
+        let mut endpoints = Vec::new();
+        let mut removed = Vec::new();
+        for id in self.history.since(held)? {
+            match self.entries.get(id) {
+                Some(e) => endpoints.push((*e.endpoint).clone()),
+                // Possibly a node the router never had (added and removed since): removing
+                // an id it does not hold changes nothing.
+                None => removed.push(id.to_owned()),
+            }
+        }
+        Some(RoutingUpdate {
+            version: self.version,
+            snapshot: false,
+            endpoints,
+            removed,
+            stale: self.stale,
+            policies: self.policies.clone(),
+            heartbeat: false,
+            base_version: held,
+        })
     }
 
     /// A heartbeat at this version, encoded.
@@ -350,6 +464,19 @@ fn publish(
         let delta = current
             .as_ref()
             .map(|p| delta(p, entries, touched.iter(), &commit.policies, version));
+        // A router at the previous version, or one in its history, can get a delta.
+        let history = match (current.as_ref(), delta.as_ref()) {
+            (Some(p), Some(d)) if !p.stale => {
+                let ids: Arc<[String]> = d
+                    .endpoints
+                    .iter()
+                    .map(|e| crate::table::node_id(e).to_owned())
+                    .chain(d.removed.iter().cloned())
+                    .collect();
+                Arc::new(p.history.then(p.version, ids))
+            }
+            _ => Arc::default(),
+        };
         if commit.endpoints != entries.len() as u64 {
             tracing::error!(
                 version,
@@ -364,6 +491,7 @@ fn publish(
             commit.policies.clone(),
             Arc::new(entries.clone()),
             delta,
+            history,
         )));
         true
     });
@@ -382,6 +510,7 @@ fn mark_stale(tx: &watch::Sender<Table>, stale: bool) {
                 p.policies.clone(),
                 p.entries.clone(),
                 None,
+                Arc::default(),
             )));
             true
         }
@@ -526,7 +655,14 @@ mod tests {
     }
 
     fn published(version: u64, eps: Vec<Endpoint>) -> Published {
-        Published::new(version, false, vec![], Arc::new(entries(eps)), None)
+        Published::new(
+            version,
+            false,
+            vec![],
+            Arc::new(entries(eps)),
+            None,
+            Arc::default(),
+        )
     }
 
     /// Decodes a gRPC frame, checking its prefix.
@@ -598,7 +734,7 @@ mod tests {
         let a = published(5, vec![ep("x", 1.0)]);
         let b = entries(vec![ep("x", 2.0)]);
         let d = delta(&a, &b, ["x".to_string()].iter(), &[], 9);
-        let p = Published::new(9, false, vec![], Arc::new(b), Some(d));
+        let p = Published::new(9, false, vec![], Arc::new(b), Some(d), Arc::default());
         assert_eq!(plan(9, false, &p), None, "a current router gets nothing");
         assert_eq!(plan(5, false, &p), Some(Kind::Delta), "the base holder");
         assert_eq!(plan(3, false, &p), Some(Kind::Snapshot), "an older router");
@@ -613,6 +749,81 @@ mod tests {
     }
 
     #[test]
+    fn a_router_versions_behind_gets_a_delta_from_the_version_it_holds() {
+        let (tx, rx) = watch::channel(None);
+        let mut e = entries(vec![ep("x", 1.0), ep("y", 1.0), ep("z", 1.0)]);
+        let mut touched = BTreeSet::new();
+        publish(&tx, &e, &mut touched, commit(3), 5);
+        let at = |id: &str, w: f64, rev: u64| Entry {
+            revision: rev,
+            endpoint: Arc::new(ep(id, w)),
+        };
+        // 7: x changes; 9: z goes, w comes; 11: y changes.
+        e.insert("x".into(), at("x", 2.0, 7));
+        touched.insert("x".into());
+        publish(&tx, &e, &mut touched, commit(3), 7);
+        e.remove("z");
+        e.insert("w".into(), at("w", 4.0, 9));
+        touched.extend(["z".to_string(), "w".to_string()]);
+        publish(&tx, &e, &mut touched, commit(3), 9);
+        e.insert("y".into(), at("y", 3.0, 11));
+        touched.insert("y".into());
+        publish(&tx, &e, &mut touched, commit(3), 11);
+        let p = rx.borrow().clone().unwrap();
+
+        assert_eq!(plan(9, false, &p), Some(Kind::Delta));
+        assert_eq!(
+            plan(5, false, &p),
+            Some(Kind::OlderDelta),
+            "three versions behind"
+        );
+        assert_eq!(plan(7, false, &p), Some(Kind::OlderDelta));
+        assert_eq!(plan(6, false, &p), Some(Kind::Snapshot), "never a version");
+        assert_eq!(plan(5, true, &p), Some(Kind::Snapshot), "stale base");
+        assert_eq!(plan(0, false, &p), Some(Kind::Snapshot));
+
+        let d = unframe(&p.older_delta_frame(5).unwrap());
+        assert_eq!((d.base_version, d.version, d.snapshot), (5, 11, false));
+        let ids: Vec<_> = d.endpoints.iter().map(crate::table::node_id).collect();
+        assert_eq!(
+            ids,
+            ["w", "x", "y"],
+            "every node changed since 5, as it is now"
+        );
+        assert_eq!(d.removed, ["z"]);
+        let d = unframe(&p.older_delta_frame(7).unwrap());
+        let ids: Vec<_> = d.endpoints.iter().map(crate::table::node_id).collect();
+        assert_eq!(
+            (ids, d.removed.clone()),
+            (vec!["w", "y"], vec!["z".to_string()])
+        );
+        assert_eq!(
+            p.older_delta_frame(7).unwrap().as_ptr(),
+            p.older_delta_frame(7).unwrap().as_ptr(),
+            "encoded once, shared"
+        );
+        assert!(p.older_delta_frame(6).is_none());
+    }
+
+    #[test]
+    fn the_history_is_bounded() {
+        let mut h = History::default();
+        for v in 0..(HISTORY_VERSIONS as u64 + 10) {
+            h = h.then(v, Arc::from(vec!["a".to_string()]));
+        }
+        assert_eq!(h.versions.len(), HISTORY_VERSIONS);
+        assert!(h.since(0).is_none(), "the oldest versions are forgotten");
+        assert!(h.since(HISTORY_VERSIONS as u64 + 9).is_some());
+        let big: Arc<[String]> = (0..HISTORY_IDS).map(|i| i.to_string()).collect();
+        let h = h.then(1000, big);
+        assert_eq!(
+            (h.versions.len(), h.ids),
+            (1, HISTORY_IDS),
+            "older versions give way to a large one"
+        );
+    }
+
+    #[test]
     fn frames_are_the_updates_encoded() {
         let policy = ModelPolicy {
             model: "m".into(),
@@ -622,7 +833,14 @@ mod tests {
         let b = entries(vec![ep("w", 4.0), ep("x", 2.0), ep("y", 3.0)]);
         let touched: Vec<String> = ["w", "x", "y", "z"].map(String::from).into();
         let d = delta(&a, &b, touched.iter(), std::slice::from_ref(&policy), 9);
-        let p = Published::new(9, true, vec![policy.clone()], Arc::new(b), Some(d.clone()));
+        let p = Published::new(
+            9,
+            true,
+            vec![policy.clone()],
+            Arc::new(b),
+            Some(d.clone()),
+            Arc::default(),
+        );
         assert_eq!(unframe(p.delta_frame().unwrap()), d);
         let snapshot = unframe(&p.snapshot_frame());
         assert_eq!(

@@ -243,6 +243,9 @@ async fn subscribe(
 fn frame_for(held: u64, held_stale: bool, p: &Published) -> Option<Bytes> {
     match plan(held, held_stale, p)? {
         Kind::Delta => p.delta_frame().cloned(),
+        Kind::OlderDelta => p
+            .older_delta_frame(held)
+            .or_else(|| Some(p.snapshot_frame())),
         Kind::Snapshot => Some(p.snapshot_frame()),
     }
 }

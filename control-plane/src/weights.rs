@@ -12,8 +12,9 @@
 //! Target weight = capacity × health factor × headroom factor × latency factor × error factor,
 //! or the operator's override; zero for a node that must get no calls (unhealthy, draining,
 //! cordoned, never probed, its region evacuated) — and that zero applies at once, undamped. So
-//! does an operator's override (see `table.rs`): it is a decision, not a signal the fleet could
-//! chase.
+//! does a node's first weight after zero (it got no calls: there is no load to chase; see
+//! [`damp`]), and an operator's override (see `table.rs`): it is a decision, not a signal the
+//! fleet could chase.
 
 use std::time::Duration;
 
@@ -121,8 +122,16 @@ pub fn target(s: &Signals) -> f64 {
 
 /// Moves the published weight from `previous` toward `target` over `elapsed`. A node seen for
 /// the first time gets its target; a target of zero applies at once.
+///
+/// So does a node's first weight after zero (a node registered before its first probe, or back
+/// from unhealthy, draining or cordoned): damping keeps the fleet from chasing its own load,
+/// and a node that got no calls carries no load to chase; its target is its capacity and
+/// health alone, like a node seen for the first time. Each router's per-call choice (in-flight
+/// calls × latency) keeps a node that just came back from being swamped meanwhile. Ramping up
+/// from zero instead would cost its traffic share for about ten seconds per node, and at 10,000
+/// nodes some 100,000 table writes to bring a fleet up, not 10,000.
 pub fn damp(previous: Option<f64>, target: f64, elapsed: Duration) -> f64 {
-    let Some(prev) = previous.filter(|p| p.is_finite() && *p >= 0.0) else {
+    let Some(prev) = previous.filter(|p| p.is_finite() && *p > 0.0) else {
         return target;
     };
     if target <= 0.0 {
@@ -182,6 +191,15 @@ mod tests {
                 prop_assert!((next - prev).abs() <= bound + 1e-9);
             }
         }
+    }
+
+    #[test]
+    fn a_first_weight_after_zero_is_the_target_at_once() {
+        // Registered before its first probe (weight 0), then healthy: no ramp from zero.
+        assert_eq!(damp(Some(0.0), 8.0, Duration::from_millis(1)), 8.0);
+        assert_eq!(damp(None, 8.0, Duration::ZERO), 8.0);
+        // From any weight above zero, a rise is still damped.
+        assert!(damp(Some(0.5), 8.0, Duration::from_millis(100)) < 1.0);
     }
 
     #[test]

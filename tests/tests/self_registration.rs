@@ -471,8 +471,9 @@ async fn a_node_reporting_itself_busy_gets_a_lower_weight() {
             .and_then(|n| n.endpoint.as_ref())
             .map_or(0.0, |e| e.weight)
     };
-    // Weights ramp up from zero (the nodes were unprobed at first), damped: wait until the idle
-    // node has its whole capacity (4); the busy one must settle near the headroom floor's share
+    // Weights start at their targets once the nodes are probed (they were unprobed, weight 0,
+    // at first) and then move with the load, damped: wait until the idle node has its whole
+    // capacity (4); the busy one must settle near the headroom floor's share
     // (4 × (0.2 + 0.8 × 0.05) ≈ 0.96).
     eventually(
         "the idle node at full weight, the busy one at a quarter of it",

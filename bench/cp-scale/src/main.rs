@@ -58,6 +58,9 @@ struct Args {
     /// The control plane's process id (its CPU and memory are read from /proc).
     #[arg(long)]
     control_pid: u32,
+    /// etcd's process id, if known: its CPU is reported too (it shares the machine).
+    #[arg(long)]
+    etcd_pid: Option<u32>,
     /// Registered nodes.
     #[arg(long, default_value_t = 10_000)]
     nodes: usize,
@@ -291,34 +294,88 @@ fn memory(pid: u32, field: &str) -> anyhow::Result<u64> {
     Ok(kib * 1024)
 }
 
-/// The store's current revision.
+/// The store's current revision. Tried three times: a read that times out on a busy machine
+/// must not lose a run's measurements.
 async fn revision(store: &EtcdStore) -> anyhow::Result<i64> {
-    Ok(store.list("/fulcrum-bench/none/").await?.1)
+    let mut tries = 0;
+    loop {
+        match store.list("/fulcrum-bench/none/").await {
+            Ok((_, rev)) => return Ok(rev),
+            Err(e) if tries < 2 => {
+                tries += 1;
+                eprintln!("reading etcd's revision: {e}; trying again");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
-/// CPU share, RSS and etcd revisions over a window.
+/// CPU time of the whole machine (/proc/stat's first line: user, nice, system, irq, softirq,
+/// steal; not idle nor iowait), for the share the other processes took.
+fn machine_busy() -> anyhow::Result<Duration> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let line = stat.lines().next().context("empty /proc/stat")?;
+    let f: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(str::parse)
+        .collect::<Result<_, _>>()?;
+    // user nice system idle iowait irq softirq steal ...
+    let busy: u64 = f
+        .iter()
+        .take(8)
+        .enumerate()
+        .filter(|(i, _)| *i != 3 && *i != 4)
+        .map(|(_, v)| v)
+        .sum();
+    Ok(Duration::from_millis(busy * 10))
+}
+
+/// CPU share, RSS and etcd revisions over a window; the driver's own CPU, etcd's and the
+/// whole machine's beside the control plane's, to tell whose cores the control plane shared.
 struct Window {
     cpu: Duration,
+    driver_cpu: Duration,
+    etcd_cpu: Option<Duration>,
+    machine: Duration,
     rev: i64,
     at: Instant,
 }
 
 impl Window {
-    async fn start(pid: u32, store: &EtcdStore) -> anyhow::Result<Self> {
+    async fn start(pid: u32, etcd_pid: Option<u32>, store: &EtcdStore) -> anyhow::Result<Self> {
         Ok(Self {
             cpu: cpu_time(pid)?,
+            driver_cpu: cpu_time(std::process::id())?,
+            etcd_cpu: etcd_pid.map(cpu_time).transpose()?,
+            machine: machine_busy()?,
             rev: revision(store).await?,
             at: Instant::now(),
         })
     }
 
-    async fn end(self, pid: u32, store: &EtcdStore) -> anyhow::Result<serde_json::Value> {
+    async fn end(
+        self,
+        pid: u32,
+        etcd_pid: Option<u32>,
+        store: &EtcdStore,
+    ) -> anyhow::Result<serde_json::Value> {
         let secs = self.at.elapsed().as_secs_f64();
         let cpu = (cpu_time(pid)? - self.cpu).as_secs_f64();
+        let driver = (cpu_time(std::process::id())? - self.driver_cpu).as_secs_f64();
+        let etcd = match (etcd_pid, self.etcd_cpu) {
+            (Some(p), Some(before)) => Some((cpu_time(p)? - before).as_secs_f64() / secs),
+            _ => None,
+        };
+        let machine = (machine_busy()? - self.machine).as_secs_f64();
         let revs = revision(store).await? - self.rev;
         Ok(json!({
             "seconds": secs,
             "cpu_cores": cpu / secs,
+            "driver_cpu_cores": driver / secs,
+            "etcd_cpu_cores": etcd,
+            "others_cpu_cores": ((machine - cpu - driver) / secs - etcd.unwrap_or(0.0)).max(0.0),
             "etcd_writes_per_sec": revs as f64 / secs,
             "etcd_revisions": revs,
             "rss_bytes": memory(pid, "VmRSS:")?,
@@ -337,24 +394,45 @@ fn quantiles(h: &Histogram<u64>) -> serde_json::Value {
     })
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    // 1. Probe targets, on a runtime and thread of their own: on the routers' runtime, the
+    // probes' answers waited behind a thousand router tasks (a wave of snapshots to decode),
+    // the control plane's probes timed out and healthy nodes flapped, which is the driver
+    // failing, not the control plane. The kernel shares the cores between this thread and the
+    // routers' workers instead.
+    let sims_runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("bench-sims")
+        .enable_all()
+        .build()?;
+    let sims: Vec<RunningNodeSim> = sims_runtime.block_on(async {
+        let mut sims = Vec::new();
+        for i in 0..args.sims.max(1) {
+            let config = NodeSimConfig {
+                name: format!("bench-sim-{i}"),
+                ..NodeSimConfig::default()
+            };
+            sims.push(fulcrum_sim::node::spawn(config, "127.0.0.1:0".parse()?).await?);
+        }
+        anyhow::Ok(sims)
+    })?;
+    let addrs: Vec<String> = sims.iter().map(|s| s.addr.to_string()).collect();
+    let result = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(run(args, addrs));
+    drop(sims);
+    drop(sims_runtime);
+    result
+}
+
+async fn run(args: Args, addrs: Vec<String>) -> anyhow::Result<()> {
     let started = Instant::now();
     let store = EtcdStore::connect(&[format!("http://{}", args.etcd)])
         .await
         .context("connecting to etcd")?;
 
-    // 1. Probe targets and the registry.
-    let mut sims: Vec<RunningNodeSim> = Vec::new();
-    for i in 0..args.sims.max(1) {
-        let config = NodeSimConfig {
-            name: format!("bench-sim-{i}"),
-            ..NodeSimConfig::default()
-        };
-        sims.push(fulcrum_sim::node::spawn(config, "127.0.0.1:0".parse()?).await?);
-    }
-    let addrs: Vec<String> = sims.iter().map(|s| s.addr.to_string()).collect();
     let specs: Vec<NodeSpec> = (0..args.nodes)
         .map(|i| NodeSpec {
             id: node_id(i),
@@ -389,6 +467,8 @@ async fn main() -> anyhow::Result<()> {
     let observed = Arc::new(AtomicU64::new(0));
     let observer = tokio::spawn(observe(args.control, table.clone(), observed.clone()));
     let deadline = Instant::now() + Duration::from_secs(args.setup_timeout_secs);
+    // Progress every 15 s: what a setup that does not finish got to.
+    let mut progress_at = Instant::now();
     loop {
         let (n, routed) = {
             let t = lock(&table);
@@ -396,6 +476,14 @@ async fn main() -> anyhow::Result<()> {
         };
         if n == args.nodes && routed == args.nodes {
             break;
+        }
+        if progress_at.elapsed() >= Duration::from_secs(15) {
+            progress_at = Instant::now();
+            eprintln!(
+                "{:.0} s: {routed} of {n} nodes in the table routed (version {})",
+                started.elapsed().as_secs_f64(),
+                observed.load(Ordering::Relaxed)
+            );
         }
         if observer.is_finished() || Instant::now() > deadline {
             bail!(
@@ -457,9 +545,9 @@ async fn main() -> anyhow::Result<()> {
     // 4. Steady state.
     tokio::time::sleep(Duration::from_secs(args.settle_secs)).await;
     let versions_before = observed.load(Ordering::Relaxed);
-    let window = Window::start(args.control_pid, &store).await?;
+    let window = Window::start(args.control_pid, args.etcd_pid, &store).await?;
     tokio::time::sleep(Duration::from_secs(args.steady_secs)).await;
-    let mut steady = window.end(args.control_pid, &store).await?;
+    let mut steady = window.end(args.control_pid, args.etcd_pid, &store).await?;
     steady["observer_version_moved"] = json!(observed.load(Ordering::Relaxed) != versions_before);
     eprintln!("steady state: {steady}");
 
@@ -467,8 +555,13 @@ async fn main() -> anyhow::Result<()> {
     let mut admin = AdminClient::new(connect(args.control).await?);
     let mut per_change = Histogram::<u64>::new(3)?;
     let mut per_router = Histogram::<u64>::new(3)?;
+    // Per change, the first router's ACK (the pipeline: admin call, etcd, control loop, etcd,
+    // publisher, one stream) and the spread from the first to the last (the fan-out to every
+    // stream, and the driver reading them all).
+    let mut first_router = Histogram::<u64>::new(3)?;
+    let mut spread = Histogram::<u64>::new(3)?;
     let mut incomplete = 0usize;
-    let window = Window::start(args.control_pid, &store).await?;
+    let window = Window::start(args.control_pid, args.etcd_pid, &store).await?;
     for round in 0..args.changes {
         // A routable node (a change to an unroutable one's override publishes nothing).
         let (node, old_weight) = {
@@ -486,6 +579,7 @@ async fn main() -> anyhow::Result<()> {
             old_weight,
             started: Instant::now(),
         };
+        let round_start = lock(&shared.samples).len();
         *lock(&shared.target) = Some(target);
         // A refused change (the control plane lost its store) is counted, not fatal: the run
         // still reports what it measured.
@@ -503,19 +597,28 @@ async fn main() -> anyhow::Result<()> {
         }
         let deadline = Instant::now() + Duration::from_secs(args.change_timeout_secs);
         let samples = loop {
-            let n = lock(&shared.samples)
-                .iter()
-                .filter(|(r, _)| *r == round)
-                .count();
+            // Cheap while waiting (samples added since the round began: a late one of an
+            // earlier round would count too), exact once that reaches every router; the
+            // driver's CPU is taken from the same cores as the control plane's.
+            let n = {
+                let s = lock(&shared.samples);
+                if s.len() - round_start >= args.routers || Instant::now() > deadline {
+                    s[round_start..].iter().filter(|(r, _)| *r == round).count()
+                } else {
+                    0
+                }
+            };
             if n >= args.routers || Instant::now() > deadline {
                 break n;
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         };
         let mut worst = Duration::ZERO;
+        let mut best = Duration::MAX;
         for (_, d) in lock(&shared.samples).iter().filter(|(r, _)| *r == round) {
             per_router.record(d.as_micros() as u64)?;
             worst = worst.max(*d);
+            best = best.min(*d);
         }
         if samples < args.routers {
             incomplete += 1;
@@ -525,10 +628,12 @@ async fn main() -> anyhow::Result<()> {
             );
         } else {
             per_change.record(worst.as_micros() as u64)?;
+            first_router.record(best.as_micros() as u64)?;
+            spread.record((worst - best).as_micros() as u64)?;
         }
         tokio::time::sleep(Duration::from_millis(args.pause_ms)).await;
     }
-    let changing = window.end(args.control_pid, &store).await?;
+    let changing = window.end(args.control_pid, args.etcd_pid, &store).await?;
 
     let result = json!({
         "nodes": args.nodes,
@@ -545,6 +650,8 @@ async fn main() -> anyhow::Result<()> {
             "incomplete": incomplete,
             "change_to_ack_at_every_router": quantiles(&per_change),
             "change_to_ack_per_router": quantiles(&per_router),
+            "change_to_ack_at_first_router": quantiles(&first_router),
+            "first_to_last_router": quantiles(&spread),
             "window": changing,
         },
         "routers_updates": shared.updates.load(Ordering::Relaxed),
@@ -567,6 +674,5 @@ async fn main() -> anyhow::Result<()> {
         std::fs::write(out, &text).with_context(|| format!("writing {}", out.display()))?;
     }
     println!("{text}");
-    drop(sims);
     Ok(())
 }
