@@ -9,7 +9,8 @@
 //! - [`balance`]: pure node selection: policies ([`balance::p2c`], [`balance::least_request`],
 //!   [`balance::round_robin`], [`balance::ring`]) and regions ([`balance::locality`]).
 //! - [`endpoint`]: a node's pooled connection, in-flight calls, latency ([`endpoint::peak_ewma`])
-//!   and outlier ejection ([`endpoint::outlier`]).
+//!   and outlier ejection ([`endpoint::outlier`]); `ModelInfer` goes to nodes on the router's
+//!   own HTTP/2 client ([`endpoint::unary`]).
 //! - [`table`]: the immutable routing table.
 //! - [`policy`]: per-model settings from the control plane.
 //! - [`router`]: shared router state and the pick (spill-over, limits, ejection cap).

@@ -5,25 +5,32 @@
 //! - [`hold_time`]: the mean time a call holds a slot (how fast the node frees slots).
 //! - [`outlier`]: consecutive-failure ejection.
 //! - [`reconnect`]: backoff after a failed connection.
+//! - [`unary`]: unary calls on the router's own HTTP/2 client (the `ModelInfer` hot path).
 
 pub mod hold_time;
 pub mod outlier;
 pub mod peak_ewma;
 pub mod reconnect;
+pub mod unary;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use bytes::Bytes;
+use http::HeaderMap;
+use http::uri::PathAndQuery;
 use tokio::time::Instant;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::{Channel, Endpoint};
+use tonic::{Response, Status};
 
 use hold_time::HoldTime;
 use outlier::Outlier;
 use peak_ewma::PeakEwma;
 use rand::Rng;
 use reconnect::Reconnect;
+use unary::{Target, UnaryConn};
 
 use crate::queue::WaitQueue;
 
@@ -61,13 +68,15 @@ pub enum Outcome {
     Cancelled,
 }
 
-/// One serving thread's connection to a node.
+/// One serving thread's connections to a node.
 #[derive(Debug, Default)]
 struct ShardSlot {
-    /// The connection, once made.
+    /// The `Channel` (streams, the other RPCs), once made.
     channel: OnceLock<Channel>,
     /// Whether a background connect is under way (one at a time).
     connecting: AtomicBool,
+    /// The connection for unary calls ([`unary`]).
+    unary: UnaryConn,
 }
 
 /// A pooled node connection, shared by every table that contains the node.
@@ -83,8 +92,12 @@ pub struct NodeConn {
     pub(crate) tags: (Option<MetadataValue<Ascii>>, Option<MetadataValue<Ascii>>),
     /// How to connect to the node.
     endpoint: Endpoint,
+    /// Where the node is, for the unary client.
+    target: Target,
     /// The connection used outside the router's serving threads (tests, tools).
     shared: OnceLock<Channel>,
+    /// The unary connection used outside the router's serving threads.
+    shared_unary: UnaryConn,
     /// One connection per serving thread ([`crate::shard`]), made by that thread on its first
     /// call, so that a call and its connection's tasks run on the same thread.
     per_shard: OnceLock<Box<[ShardSlot]>>,
@@ -125,13 +138,21 @@ impl NodeConn {
             .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
             .keep_alive_timeout(KEEPALIVE_TIMEOUT)
             .keep_alive_while_idle(true);
+        let authority = address
+            .parse()
+            .map_err(|e| format!("node {id}: bad address {address:?}: {e}"))?;
         Ok(Self {
             id: id.to_owned(),
             address: address.to_owned(),
             region: region.to_owned(),
             tags: (id.parse().ok(), region.parse().ok()),
             endpoint,
+            target: Target {
+                address: address.to_owned(),
+                authority,
+            },
             shared: OnceLock::new(),
+            shared_unary: UnaryConn::default(),
             per_shard: OnceLock::new(),
             latency: PeakEwma::new(now_ns()),
             hold: HoldTime::default(),
@@ -164,13 +185,40 @@ impl NodeConn {
         }
     }
 
-    /// On a serving thread without a connection to the node yet: connects in the background
+    /// Sends a unary call to the node on the calling thread's [`unary`] connection: `message`
+    /// (one encoded protobuf message) to `path` with `headers` (the caller's metadata,
+    /// `grpc-timeout` included); the answer is a message of at most `max_response` bytes, as
+    /// the node encoded it.
+    pub async fn unary(
+        &self,
+        path: PathAndQuery,
+        headers: HeaderMap,
+        message: Bytes,
+        max_response: usize,
+    ) -> Result<Response<Bytes>, Status> {
+        let conn = match self.shard_slot() {
+            Some(slot) => &slot.unary,
+            None => &self.shared_unary,
+        };
+        conn.call(&self.target, path, headers, message, max_response)
+            .await
+    }
+
+    /// On a serving thread without connections to the node yet: connects in the background
     /// (the call that would have connected is then spared the wait, and the node's latency
     /// estimate the connect time). A failure changes nothing: the first call connects lazily.
     pub fn preconnect(self: &Arc<Self>) {
         let Some(slot) = self.shard_slot() else {
             return;
         };
+        if !slot.unary.is_ready() {
+            let node = self.clone();
+            tokio::spawn(async move {
+                if let Some(slot) = node.shard_slot() {
+                    slot.unary.preconnect(&node.target).await;
+                }
+            });
+        }
         if slot.channel.get().is_some() || slot.connecting.swap(true, Ordering::AcqRel) {
             return;
         }

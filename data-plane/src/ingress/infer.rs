@@ -7,7 +7,8 @@
 //! the request is decoded once, from a reference-counted copy of its bytes (tensor data in
 //! `raw_input_contents` is not copied), and those same bytes go to the node, on the first
 //! attempt as on any retry or hedge (a clone is a reference count); the answer is passed back
-//! undecoded. A message unknown fields added stays intact on the way, too.
+//! undecoded. A message unknown fields added stays intact on the way, too. The call goes to the
+//! node on the router's own HTTP/2 client ([`crate::endpoint::unary`]), not tonic's `Channel`.
 //!
 //! [`OipRoutes`] serves this path for `ModelInfer` and hands every other OIP method to the
 //! generated service ([`super::oip::OipService`]).
@@ -21,7 +22,6 @@ use bytes::{Buf, BufMut, Bytes};
 use fulcrum_proto::inference::ModelInferRequest;
 use fulcrum_proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
 use prost::Message;
-use tonic::GrpcMethod;
 use tonic::body::Body;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::server::{NamedService, UnaryService};
@@ -61,19 +61,6 @@ impl Encoder for BytesEncoder {
     }
 }
 
-/// Takes a message as bytes, undecoded (no copy: the bytes are split off the receive buffer).
-#[derive(Debug, Default)]
-struct BytesDecoder;
-
-impl Decoder for BytesDecoder {
-    type Item = Bytes;
-    type Error = Status;
-
-    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Bytes>, Status> {
-        Ok(Some(src.copy_to_bytes(src.remaining())))
-    }
-}
-
 /// Takes a `ModelInferRequest` as bytes and decodes it from them.
 #[derive(Debug, Default)]
 struct RequestDecoder;
@@ -110,25 +97,6 @@ impl Codec for ServerCodec {
     }
 }
 
-/// The router's side towards nodes: bytes both ways.
-#[derive(Debug, Default, Clone, Copy)]
-struct ClientCodec;
-
-impl Codec for ClientCodec {
-    type Encode = Bytes;
-    type Decode = Bytes;
-    type Encoder = BytesEncoder;
-    type Decoder = BytesDecoder;
-
-    fn encoder(&mut self) -> BytesEncoder {
-        BytesEncoder
-    }
-
-    fn decoder(&mut self) -> BytesDecoder {
-        BytesDecoder
-    }
-}
-
 /// Validates, routes and forwards one `ModelInfer` call.
 pub async fn model_infer(
     state: &RouterState,
@@ -138,20 +106,13 @@ pub async fn model_infer(
     validate::check_infer_request(&raw.message).map_err(RouteError::InvalidRequest)?;
     let model = raw.message.model_name;
     let max_size = state.max_message_size;
-    forward::unary(state, &model, &metadata, raw.bytes, |node, mut request| {
-        let mut grpc = tonic::client::Grpc::new(node.conn.channel())
-            .max_decoding_message_size(max_size)
-            .max_encoding_message_size(max_size);
+    forward::unary(state, &model, &metadata, raw.bytes, |node, request| {
+        let (metadata, _, message) = request.into_parts();
+        let path = http::uri::PathAndQuery::from_static(MODEL_INFER_PATH);
         async move {
-            grpc.ready()
+            node.conn
+                .unary(path, metadata.into_headers(), message, max_size)
                 .await
-                .map_err(|e| Status::unknown(format!("Service was not ready: {e}")))?;
-            request.extensions_mut().insert(GrpcMethod::new(
-                "inference.GRPCInferenceService",
-                "ModelInfer",
-            ));
-            let path = http::uri::PathAndQuery::from_static(MODEL_INFER_PATH);
-            grpc.unary(request, path, ClientCodec).await
         }
     })
     .await

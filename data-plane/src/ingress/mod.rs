@@ -12,7 +12,7 @@
 pub mod deadline;
 pub mod forward;
 pub mod infer;
-mod node_status;
+pub(crate) mod node_status;
 pub mod oip;
 pub mod passthrough;
 mod stream_dialect;

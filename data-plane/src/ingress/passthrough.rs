@@ -86,7 +86,7 @@ async fn try_forward(
     match channel.call(req.map(Body::new)).await {
         Ok(resp) => {
             // A trailers-only error answer carries its status in the headers.
-            let outcome = Status::from_header_map(resp.headers())
+            let outcome = super::node_status::from_headers(resp.headers())
                 .filter(|s| s.code() != tonic::Code::Ok)
                 .map_or(Outcome::Success, |s| outcome_of(&s));
             let streak = node.record(outcome, started.elapsed());
