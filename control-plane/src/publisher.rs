@@ -306,6 +306,38 @@ impl Published {
     }
 
     /// A heartbeat at this version, encoded.
+    /// A table of nodes `ids` (weight 1) at `version`, with no delta or history: a router
+    /// that does not hold `version` gets a snapshot of it.
+    #[cfg(test)]
+    pub(crate) fn for_test(version: u64, ids: &[&str]) -> Self {
+        let entries = ids
+            .iter()
+            .map(|id| {
+                let endpoint = Endpoint {
+                    spec: Some(fulcrum_proto::fulcrum::v1::NodeSpec {
+                        id: (*id).into(),
+                        ..Default::default()
+                    }),
+                    weight: 1.0,
+                    ..Default::default()
+                };
+                let entry = Entry {
+                    revision: 1,
+                    endpoint: Arc::new(endpoint),
+                };
+                ((*id).to_string(), entry)
+            })
+            .collect();
+        Self::new(
+            version,
+            false,
+            vec![],
+            Arc::new(entries),
+            None,
+            Arc::default(),
+        )
+    }
+
     pub(crate) fn heartbeat_frame(&self) -> Bytes {
         self.heartbeat_frame.clone()
     }

@@ -7,7 +7,13 @@
 //! five-byte prefix and the protobuf bytes), when the version is published ([`Published`]), and
 //! every stream sends the same reference-counted bytes: the response body hands them to HTTP/2
 //! as they are, without a copy. What a stream holds beyond the shared bytes is its position
-//! (the version it sent) and one update queued; a slow router skips to the newest version.
+//! (the version it sent); a slow router skips to the newest version.
+//!
+//! The response body reads the publisher's watch channel itself ([`UpdateBody`]): HTTP/2 asks
+//! it for the next frame when the stream has room, and it answers with what the router needs
+//! at that moment. A task per stream feeding the body through a channel (as before) cost a
+//! thousand extra task wake-ups per version at a thousand routers, the larger part of a
+//! version's fan-out time, and a queued frame could be one version behind.
 //!
 //! The service is written against `tonic::server` directly (the generated `RoutingServer` would
 //! encode each message itself): requests are decoded with tonic's streaming decoder, the
@@ -15,14 +21,16 @@
 
 use std::convert::Infallible;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, PoisonError};
 use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes};
 use fulcrum_proto::fulcrum::v1::{RouterMessage, router_message};
+use futures::task::AtomicWaker;
 use http_body::Frame;
 use prost::Message;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::watch;
 use tonic::Status;
 use tonic::body::Body;
 use tonic::codec::{DecodeBuf, Decoder, Streaming};
@@ -32,11 +40,6 @@ use crate::publisher::{HEARTBEAT_INTERVAL, Kind, Published, Publisher, RouterInf
 
 /// The RPC's path.
 pub const SUBSCRIBE_PATH: &str = "/fulcrum.v1.Routing/Subscribe";
-
-/// Updates queued per router stream beyond the one being sent. One is enough: the publisher's
-/// watch channel already coalesces versions, this only lets the next send start while the
-/// previous is on the wire.
-const STREAM_BUFFER: usize = 1;
 
 /// Largest message accepted from a router: tonic's default (4 MiB). A load report covering
 /// 10,000 nodes is about 300 KB.
@@ -58,10 +61,91 @@ impl Decoder for RouterMessageDecoder {
     }
 }
 
-/// The response body: the frames a stream's sender queues, then the `grpc-status` trailer.
+/// What the task reading a router's messages tells its response body.
+#[derive(Debug, Default)]
+struct StreamControl {
+    /// The router NACKed a version: send it a snapshot next.
+    resync: AtomicBool,
+    /// The router hung up: end the response.
+    closed: AtomicBool,
+    /// The body's waker, woken when either flag is set.
+    waker: AtomicWaker,
+}
+
+impl StreamControl {
+    fn raise(&self, flag: &AtomicBool) {
+        flag.store(true, Ordering::Release);
+        self.waker.wake();
+    }
+}
+
+/// The publisher's tables, as a stream follows them.
+type Tables = watch::Receiver<Option<Arc<Published>>>;
+
+/// Waits for the next version: owns the receiver while it waits and hands it back with the
+/// result (a future borrowing a receiver kept in the body would make the body
+/// self-referential).
+type NextVersion =
+    Pin<Box<dyn Future<Output = (Result<(), watch::error::RecvError>, Tables)> + Send>>;
+
+fn next_version(mut table: Tables) -> NextVersion {
+    Box::pin(async move { (table.changed().await, table) })
+}
+
+/// The response body of one router's stream: what the router needs whenever HTTP/2 has room
+/// for it (the newest version, a snapshot after a NACK, a heartbeat after a quiet
+/// [`HEARTBEAT_INTERVAL`]), then the `grpc-status` trailer when the router hangs up or the
+/// replica shuts down.
 struct UpdateBody {
-    frames: mpsc::Receiver<Bytes>,
+    /// The next change of the table.
+    changed: NextVersion,
+    /// The table now (for snapshots and heartbeats between changes).
+    current: Tables,
+    control: Arc<StreamControl>,
+    heartbeat: Pin<Box<tokio::time::Sleep>>,
+    /// The version the router was last sent, and whether it was marked stale.
+    held: u64,
+    held_stale: bool,
     done: bool,
+}
+
+impl UpdateBody {
+    fn new(mut table: Tables, known_version: u64, control: Arc<StreamControl>) -> Self {
+        // The router needs the current table (or a delta to it) at once.
+        table.mark_changed();
+        Self {
+            current: table.clone(),
+            changed: next_version(table),
+            control,
+            heartbeat: Box::pin(tokio::time::sleep(HEARTBEAT_INTERVAL)),
+            held: known_version,
+            held_stale: false,
+            done: false,
+        }
+    }
+
+    /// Records that `frame` (carrying `version`, unless a heartbeat) goes out now.
+    fn sending(
+        &mut self,
+        frame: Bytes,
+        version: Option<&Published>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        if let Some(p) = version {
+            self.held = p.version;
+            self.held_stale = p.stale;
+        }
+        self.heartbeat
+            .as_mut()
+            .reset(tokio::time::Instant::now() + HEARTBEAT_INTERVAL);
+        Poll::Ready(Some(Ok(Frame::data(frame))))
+    }
+
+    fn end(&mut self) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        self.done = true;
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert(Status::GRPC_STATUS, http::HeaderValue::from_static("0"));
+        Poll::Ready(Some(Ok(Frame::trailers(trailers))))
+    }
 }
 
 impl http_body::Body for UpdateBody {
@@ -72,20 +156,42 @@ impl http_body::Body for UpdateBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
-        if self.done {
+        let this = &mut *self;
+        if this.done {
             return Poll::Ready(None);
         }
-        match self.frames.poll_recv(cx) {
-            Poll::Ready(Some(bytes)) => Poll::Ready(Some(Ok(Frame::data(bytes)))),
-            // The sender stopped (the replica is shutting down): end the stream cleanly.
-            Poll::Ready(None) => {
-                self.done = true;
-                let mut trailers = http::HeaderMap::new();
-                trailers.insert(Status::GRPC_STATUS, http::HeaderValue::from_static("0"));
-                Poll::Ready(Some(Ok(Frame::trailers(trailers))))
-            }
-            Poll::Pending => Poll::Pending,
+        this.control.waker.register(cx.waker());
+        if this.control.closed.load(Ordering::Acquire) {
+            return this.end();
         }
+        if this.control.resync.swap(false, Ordering::AcqRel) {
+            let p = this.current.borrow().clone();
+            if let Some(p) = p {
+                return this.sending(p.snapshot_frame(), Some(&p));
+            }
+        }
+        // Newer versions, until one has something for this router.
+        while let Poll::Ready((changed, mut table)) = this.changed.as_mut().poll(cx) {
+            if changed.is_err() {
+                // The publisher is gone: the replica is shutting down.
+                return this.end();
+            }
+            let p = table.borrow_and_update().clone();
+            this.changed = next_version(table);
+            if let Some(p) = p
+                && let Some(frame) = frame_for(this.held, this.held_stale, &p)
+            {
+                return this.sending(frame, Some(&p));
+            }
+        }
+        if this.heartbeat.as_mut().poll(cx).is_ready() {
+            let frame = match this.current.borrow().as_ref() {
+                Some(p) => p.heartbeat_frame(),
+                None => crate::publisher::empty_heartbeat(),
+            };
+            return this.sending(frame, None);
+        }
+        Poll::Pending
     }
 
     fn is_end_stream(&self) -> bool {
@@ -184,16 +290,9 @@ async fn subscribe(
             },
         );
 
-    let (tx, rx) = mpsc::channel(STREAM_BUFFER);
     let router_id = hello.router_id.clone();
-    // A NACK makes the next update a snapshot.
-    let resync = Arc::new(Notify::new());
-    let sender = tokio::spawn(send_updates(
-        publisher.tables(),
-        hello.known_version,
-        resync.clone(),
-        tx,
-    ));
+    let control = Arc::new(StreamControl::default());
+    let body = UpdateBody::new(publisher.tables(), hello.known_version, control.clone());
     // Inbound: ACKs, NACKs and load reports, until the router hangs up.
     tokio::spawn(async move {
         while let Ok(Some(msg)) = inbound.message().await {
@@ -215,12 +314,12 @@ async fn subscribe(
                     }
                     tracing::warn!(router = %router_id, version = n.version,
                         reason = %n.reason, "router rejected a routing update; sending a snapshot");
-                    resync.notify_one();
+                    control.raise(&control.resync);
                 }
                 Some(router_message::Message::Hello(_)) | None => {}
             }
         }
-        sender.abort();
+        control.raise(&control.closed);
         load.forget(&router_id);
         routers
             .lock()
@@ -228,10 +327,7 @@ async fn subscribe(
             .remove(&router_id);
         tracing::info!(router = %router_id, "router unsubscribed");
     });
-    let mut response = http::Response::new(Body::new(UpdateBody {
-        frames: rx,
-        done: false,
-    }));
+    let mut response = http::Response::new(Body::new(body));
     response.headers_mut().insert(
         http::header::CONTENT_TYPE,
         tonic::metadata::GRPC_CONTENT_TYPE,
@@ -250,47 +346,133 @@ fn frame_for(held: u64, held_stale: bool, p: &Published) -> Option<Bytes> {
     }
 }
 
-/// Outbound: what the router needs now, then each newer version, with heartbeats between.
-/// Ends when the router hangs up (the body, and with it `tx`, is dropped).
-async fn send_updates(
-    mut table: tokio::sync::watch::Receiver<Option<Arc<Published>>>,
-    known_version: u64,
-    resync: Arc<Notify>,
-    tx: mpsc::Sender<Bytes>,
-) {
-    let mut held = known_version;
-    let mut held_stale = false;
-    table.mark_changed();
-    loop {
-        let next = tokio::select! {
-            changed = table.changed() => {
-                if changed.is_err() {
-                    return;
-                }
-                let p = table.borrow_and_update().clone();
-                p.and_then(|p| frame_for(held, held_stale, &p).map(|f| (f, Some(p))))
-            }
-            () = resync.notified() => {
-                let p = table.borrow().clone();
-                p.map(|p| (p.snapshot_frame(), Some(p)))
-            }
-            () = tokio::time::sleep(HEARTBEAT_INTERVAL) => {
-                let p = table.borrow().clone();
-                Some(match p {
-                    Some(p) => (p.heartbeat_frame(), None),
-                    None => (crate::publisher::empty_heartbeat(), None),
-                })
-            }
-        };
-        let Some((frame, version)) = next else {
-            continue;
-        };
-        if let Some(p) = version {
-            held = p.version;
-            held_stale = p.stale;
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fulcrum_proto::fulcrum::v1::RoutingUpdate;
+    use futures::FutureExt as _;
+    use http_body::Body as _;
+
+    type Polled = Option<Result<Frame<Bytes>, Status>>;
+
+    /// The body's next frame if it has one now.
+    fn next_now(body: &mut UpdateBody) -> Option<Polled> {
+        std::future::poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx)).now_or_never()
+    }
+
+    async fn next(body: &mut UpdateBody) -> Polled {
+        std::future::poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx)).await
+    }
+
+    fn update(polled: Polled) -> RoutingUpdate {
+        let data = polled
+            .expect("a frame")
+            .expect("not an error")
+            .into_data()
+            .expect("a data frame");
+        RoutingUpdate::decode(&data[5..]).expect("a RoutingUpdate")
+    }
+
+    fn table(version: u64) -> (watch::Sender<Option<Arc<Published>>>, Tables) {
+        watch::channel(Some(Arc::new(Published::for_test(version, &["a", "b"]))))
+    }
+
+    fn publish(tx: &watch::Sender<Option<Arc<Published>>>, version: u64) {
+        tx.send_replace(Some(Arc::new(Published::for_test(version, &["a", "b"]))));
+    }
+
+    #[tokio::test]
+    async fn a_new_router_gets_a_snapshot_then_nothing_until_a_change() {
+        let (tx, rx) = table(7);
+        let mut body = UpdateBody::new(rx, 0, Arc::default());
+        let first = update(next_now(&mut body).expect("the table at once"));
+        assert!(first.snapshot);
+        assert_eq!((first.version, first.endpoints.len()), (7, 2));
+        assert!(next_now(&mut body).is_none(), "nothing new to send");
+        publish(&tx, 8);
+        assert_eq!(update(next_now(&mut body).expect("the change")).version, 8);
+    }
+
+    #[tokio::test]
+    async fn a_router_holding_the_version_gets_nothing() {
+        let (_tx, rx) = table(7);
+        let mut body = UpdateBody::new(rx, 7, Arc::default());
+        assert!(next_now(&mut body).is_none());
+    }
+
+    #[tokio::test]
+    async fn a_slow_router_skips_to_the_newest_version() {
+        let (tx, rx) = table(1);
+        let mut body = UpdateBody::new(rx, 0, Arc::default());
+        assert_eq!(update(next_now(&mut body).unwrap()).version, 1);
+        // Three versions while HTTP/2 had no room to ask for a frame.
+        for v in 2..=4 {
+            publish(&tx, v);
         }
-        if tx.send(frame).await.is_err() {
-            return;
-        }
+        assert_eq!(update(next_now(&mut body).unwrap()).version, 4);
+        assert!(
+            next_now(&mut body).is_none(),
+            "versions 2 and 3 are never sent"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_nack_brings_a_snapshot_of_the_current_version() {
+        let (_tx, rx) = table(3);
+        let control = Arc::new(StreamControl::default());
+        let mut body = UpdateBody::new(rx, 0, control.clone());
+        update(next_now(&mut body).unwrap());
+        control.raise(&control.resync);
+        let again = update(next_now(&mut body).expect("a snapshot after the NACK"));
+        assert!(again.snapshot);
+        assert_eq!(again.version, 3);
+        assert!(next_now(&mut body).is_none());
+    }
+
+    #[tokio::test]
+    async fn the_stream_ends_with_ok_when_the_router_hangs_up_or_the_publisher_stops() {
+        let (_tx, rx) = table(3);
+        let control = Arc::new(StreamControl::default());
+        let mut body = UpdateBody::new(rx, 3, control.clone());
+        let waiting = tokio::spawn(async move {
+            let trailers = next(&mut body)
+                .await
+                .unwrap()
+                .unwrap()
+                .into_trailers()
+                .unwrap();
+            assert_eq!(trailers.get(Status::GRPC_STATUS).unwrap(), "0");
+            assert!(body.is_end_stream());
+            assert!(next(&mut body).await.is_none());
+        });
+        tokio::task::yield_now().await;
+        // Raising the flag wakes the waiting body.
+        control.raise(&control.closed);
+        waiting.await.unwrap();
+
+        let (tx, rx) = table(3);
+        let mut body = UpdateBody::new(rx, 3, Arc::default());
+        drop(tx);
+        let trailers = next(&mut body)
+            .await
+            .unwrap()
+            .unwrap()
+            .into_trailers()
+            .unwrap();
+        assert_eq!(trailers.get(Status::GRPC_STATUS).unwrap(), "0");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_quiet_stream_carries_heartbeats() {
+        let (_tx, rx) = table(5);
+        let mut body = UpdateBody::new(rx, 5, Arc::default());
+        let started = tokio::time::Instant::now();
+        let beat = update(next(&mut body).await);
+        assert!(beat.heartbeat);
+        assert_eq!(beat.version, 5);
+        assert!(started.elapsed() >= HEARTBEAT_INTERVAL);
+        let beat = update(next(&mut body).await);
+        assert!(beat.heartbeat);
+        assert!(started.elapsed() >= 2 * HEARTBEAT_INTERVAL);
     }
 }

@@ -1,11 +1,13 @@
 //! Node health: a pure state machine fed by probe results ([`NodeHealth::observe`]), and the
-//! active prober that produces them ([`prober`]).
+//! active prober that produces them ([`prober`], which calls nodes through `probe_conn`, a
+//! minimal gRPC client on `h2`).
 //!
 //! Thresholds follow the usual load-balancer rule (Envoy, Kubernetes, HAProxy): a node becomes
 //! healthy after `healthy_after` consecutive passes and unhealthy after `unhealthy_after`
 //! consecutive failures, so one lost probe does not flap routing. A node never probed yet takes
 //! the state of its first result, so a new node serves (or is known dead) after one probe.
 
+mod probe_conn;
 pub mod prober;
 
 use fulcrum_proto::fulcrum::v1::HealthState;

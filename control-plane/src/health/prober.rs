@@ -19,16 +19,17 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use fulcrum_proto::fulcrum::v1::NodeSpec;
-use fulcrum_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
-use fulcrum_proto::inference::{ModelReadyRequest, RepositoryIndexRequest, ServerReadyRequest};
+use fulcrum_proto::inference::{
+    ModelReadyRequest, ModelReadyResponse, RepositoryIndexRequest, RepositoryIndexResponse,
+    ServerReadyRequest, ServerReadyResponse,
+};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tonic::Code;
-use tonic::transport::{Channel, Endpoint};
-use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
-use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
 
+use super::probe_conn::ProbeConn;
 use super::{NodeHealth, Observation, Thresholds};
 
 /// Most models taken from one server's `RepositoryIndex`: far more than a server loads at once,
@@ -222,24 +223,31 @@ struct Probed {
     changed_ids: Changed,
 }
 
+/// Probes one node every interval until aborted.
 async fn probe_loop(spec: NodeSpec, config: ProbeConfig, first_in: Duration, to: Probed) {
-    let endpoint = match Endpoint::from_shared(format!("http://{}", spec.address)) {
-        Ok(e) => e.connect_timeout(config.timeout),
-        Err(e) => {
-            // Unreachable in practice: addresses are validated at registration.
-            tracing::error!(node = %spec.id, error = %e, "cannot probe: bad address");
-            return;
-        }
-    };
-    let kept = (config.interval <= KEEP_CONNECTION_UP_TO).then(|| endpoint.connect_lazy());
+    let keep = config.interval <= KEEP_CONNECTION_UP_TO;
+    let mut kept: Option<ProbeConn> = None;
     tokio::time::sleep(first_in).await;
     let mut ticker = tokio::time::interval(config.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
-        // A connection of its own, closed when the probe is done, unless probes are close.
-        let channel = kept.clone().unwrap_or_else(|| endpoint.connect_lazy());
-        let (obs, discovered) = tokio::time::timeout(config.timeout, probe(channel, &spec))
+        let attempt = async {
+            // A connection of its own, closed when the probe is done, unless probes are close.
+            let conn = match kept.take() {
+                Some(conn) if conn.usable().await => conn,
+                _ => match ProbeConn::connect(&spec.address).await {
+                    Ok(conn) => conn,
+                    Err(why) => return (Observation::Fail(why), None),
+                },
+            };
+            let verdict = probe(&conn, &spec).await;
+            if keep {
+                kept = Some(conn);
+            }
+            verdict
+        };
+        let (obs, discovered) = tokio::time::timeout(config.timeout, attempt)
             .await
             .unwrap_or_else(|_| {
                 let why = format!("probe timed out after {:?}", config.timeout);
@@ -276,10 +284,9 @@ async fn probe_loop(spec: NodeSpec, config: ProbeConfig, first_in: Duration, to:
 
 /// One probe of one node: its verdict, and the models its server listed when it was registered
 /// without any (`None` when it was not, or when they could not be listed).
-async fn probe(channel: Channel, spec: &NodeSpec) -> (Observation, Option<Vec<String>>) {
-    let mut oip = GrpcInferenceServiceClient::new(channel.clone());
+async fn probe(conn: &ProbeConn, spec: &NodeSpec) -> (Observation, Option<Vec<String>>) {
     let discovered = if spec.models.is_empty() {
-        match list_models(&mut oip).await {
+        match list_models(conn).await {
             Ok(models) => Some(models),
             Err(why) => return (Observation::Fail(why), None),
         }
@@ -290,19 +297,24 @@ async fn probe(channel: Channel, spec: &NodeSpec) -> (Observation, Option<Vec<St
         Some(models) => models.clone(),
         None => spec.models.iter().map(|m| m.name.clone()).collect(),
     };
-    let obs = check(channel, oip, &models).await;
+    let obs = check(conn, &models).await;
     (obs, discovered)
 }
 
+const HEALTH_CHECK: &str = "/grpc.health.v1.Health/Check";
+const REPOSITORY_INDEX: &str = "/inference.GRPCInferenceService/RepositoryIndex";
+const SERVER_READY: &str = "/inference.GRPCInferenceService/ServerReady";
+const MODEL_READY: &str = "/inference.GRPCInferenceService/ModelReady";
+
 /// The models a server lists (`RepositoryIndex`), whatever their state, sorted; names that
 /// could not be registered are skipped.
-async fn list_models(oip: &mut GrpcInferenceServiceClient<Channel>) -> Result<Vec<String>, String> {
+async fn list_models(conn: &ProbeConn) -> Result<Vec<String>, String> {
     let request = RepositoryIndexRequest {
         repository_name: String::new(),
         ready: false,
     };
-    let index = match oip.repository_index(request).await {
-        Ok(r) => r.into_inner(),
+    let index: RepositoryIndexResponse = match conn.unary(REPOSITORY_INDEX, &request).await {
+        Ok(r) => r,
         Err(s) if s.code() == Code::Unimplemented => {
             return Err(
                 "registered without models, and the server cannot list them \
@@ -327,42 +339,57 @@ async fn list_models(oip: &mut GrpcInferenceServiceClient<Channel>) -> Result<Ve
     Ok(models)
 }
 
-/// Checks a server's health and the readiness of `models` on it.
-async fn check(
-    channel: Channel,
-    mut oip: GrpcInferenceServiceClient<Channel>,
-    models: &[String],
-) -> Observation {
-    let mut health = HealthClient::new(channel.clone());
-    match health
-        .check(HealthCheckRequest {
-            service: String::new(),
-        })
-        .await
-    {
-        Ok(r) if r.get_ref().status() == ServingStatus::Serving => {}
+/// Model readiness calls in flight at once within one probe. The calls of a probe go out
+/// together (one round trip instead of one per call, and HTTP/2 puts them in the same
+/// writes), but a server listing hundreds of models should not get hundreds of streams at
+/// once from every probe: servers cap concurrent streams per connection (often at 100).
+const MODEL_CHECKS_AT_ONCE: usize = 16;
+
+/// Checks a server's health and the readiness of `models` on it. The calls are made
+/// concurrently on the probe's connection; the verdict reads them in a fixed order (health,
+/// then `ServerReady`, then the models), so it is what asking one after the other would give.
+async fn check(conn: &ProbeConn, models: &[String]) -> Observation {
+    use futures::StreamExt as _;
+
+    let overall = HealthCheckRequest {
+        service: String::new(),
+    };
+    let health = conn.unary::<_, HealthCheckResponse>(HEALTH_CHECK, &overall);
+    let server_ready = conn.unary::<_, ServerReadyResponse>(SERVER_READY, &ServerReadyRequest {});
+    // Owned names and connection handles: a stream of futures borrowing them is not `Send` for
+    // every lifetime (the probe task is spawned), a known limit of the compiler's reasoning
+    // about closures.
+    let shared = conn.clone();
+    let models_ready = futures::stream::iter(models.iter().cloned().map(move |name| {
+        let conn = shared.clone();
+        async move {
+            let req = ModelReadyRequest {
+                name,
+                version: String::new(),
+            };
+            match conn.unary::<_, ModelReadyResponse>(MODEL_READY, &req).await {
+                Ok(r) if r.ready => Some(req.name),
+                _ => None,
+            }
+        }
+    }))
+    .buffered(MODEL_CHECKS_AT_ONCE)
+    .filter_map(std::future::ready)
+    .collect::<Vec<String>>();
+    let (health, server_ready, ready_models) = futures::join!(health, server_ready, models_ready);
+
+    match health {
+        Ok(r) if r.status() == ServingStatus::Serving => {}
         Ok(r) => {
-            return Observation::Fail(format!("grpc.health.v1 says {:?}", r.get_ref().status()));
+            return Observation::Fail(format!("grpc.health.v1 says {:?}", r.status()));
         }
         Err(s) if s.code() == Code::Unimplemented => {}
         Err(s) => return Observation::Fail(format!("health check: {}", s.message())),
     }
-    match oip.server_ready(ServerReadyRequest {}).await {
-        Ok(r) if r.get_ref().ready => {}
+    match server_ready {
+        Ok(r) if r.ready => {}
         Ok(_) => return Observation::Fail("ServerReady says not ready".into()),
         Err(s) => return Observation::Fail(format!("ServerReady: {}", s.message())),
-    }
-    let mut ready_models = Vec::new();
-    for name in models {
-        let req = ModelReadyRequest {
-            name: name.clone(),
-            version: String::new(),
-        };
-        if let Ok(r) = oip.model_ready(req).await
-            && r.get_ref().ready
-        {
-            ready_models.push(name.clone());
-        }
     }
     if ready_models.is_empty() {
         Observation::Fail("no model of the node is ready".into())
@@ -376,6 +403,85 @@ async fn check(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn spec(address: &str, models: &[&str]) -> NodeSpec {
+        NodeSpec {
+            id: "n1".into(),
+            address: address.into(),
+            models: models
+                .iter()
+                .map(|m| fulcrum_proto::fulcrum::v1::Model {
+                    name: (*m).into(),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    async fn probe_once(spec: &NodeSpec) -> (Observation, Option<Vec<String>>) {
+        match ProbeConn::connect(&spec.address).await {
+            Ok(conn) => probe(&conn, spec).await,
+            Err(why) => (Observation::Fail(why), None),
+        }
+    }
+
+    /// A probe against a real gRPC server (the node simulator: tonic, grpc.health.v1, OIP).
+    #[tokio::test]
+    async fn probes_read_health_readiness_and_models_from_a_real_server() {
+        let config = fulcrum_sim::node::NodeSimConfig {
+            models: vec!["echo".into(), "other".into()],
+            ..Default::default()
+        };
+        let sim = fulcrum_sim::node::spawn(config, "127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        let address = sim.url().trim_start_matches("http://").to_string();
+
+        let all = probe_once(&spec(&address, &["echo", "other"])).await;
+        assert!(
+            matches!(&all, (Observation::Pass { ready_models }, None) if ready_models == &["echo", "other"]),
+            "{all:?}"
+        );
+        // A declared model the server does not have: degraded, serving the others.
+        let some = probe_once(&spec(&address, &["echo", "missing"])).await;
+        assert!(
+            matches!(&some, (Observation::Degraded { ready_models }, None) if ready_models == &["echo"]),
+            "{some:?}"
+        );
+        let none = probe_once(&spec(&address, &["missing"])).await;
+        assert!(matches!(none, (Observation::Fail(_), None)), "{none:?}");
+        // No models declared: the server lists them.
+        let listed = probe_once(&spec(&address, &[])).await;
+        assert!(
+            matches!(&listed, (Observation::Pass { .. }, Some(m)) if m == &["echo", "other"]),
+            "{listed:?}"
+        );
+        // Many models at once: more than are asked concurrently.
+        let many: Vec<String> = (0..MODEL_CHECKS_AT_ONCE * 3)
+            .map(|i| format!("m{i}"))
+            .collect();
+        let mut names: Vec<&str> = many.iter().map(String::as_str).collect();
+        names.push("echo");
+        let one_of_many = probe_once(&spec(&address, &names)).await;
+        assert!(
+            matches!(&one_of_many, (Observation::Degraded { ready_models }, None) if ready_models == &["echo"]),
+            "{one_of_many:?}"
+        );
+
+        sim.controls().set_healthy(false).await;
+        let sick = probe_once(&spec(&address, &["echo"])).await;
+        assert!(
+            matches!(&sick, (Observation::Fail(why), None) if why.contains("grpc.health.v1 says")),
+            "{sick:?}"
+        );
+        sim.stop().await;
+        let gone = probe_once(&spec(&address, &["echo"])).await;
+        assert!(
+            matches!(&gone, (Observation::Fail(why), None) if why.starts_with("cannot connect")),
+            "{gone:?}"
+        );
+    }
 
     #[test]
     fn many_first_probes_are_spread_over_the_interval() {
