@@ -71,7 +71,7 @@ where
 
 /// Where the parser is in the gRPC framing: reading a 5-byte header, or skipping a message body.
 #[derive(Debug)]
-struct FrameScanner {
+pub(crate) struct FrameScanner {
     limit: usize,
     header: [u8; 5],
     header_len: usize,
@@ -79,7 +79,8 @@ struct FrameScanner {
 }
 
 impl FrameScanner {
-    fn new(limit: usize) -> Self {
+    /// A scanner refusing messages over `limit` bytes.
+    pub(crate) fn new(limit: usize) -> Self {
         Self {
             limit,
             header: [0; 5],
@@ -89,7 +90,7 @@ impl FrameScanner {
     }
 
     /// Scans one chunk of the body; errors when a header announces an oversized message.
-    fn scan(&mut self, mut chunk: &[u8]) -> Result<(), Status> {
+    pub(crate) fn scan(&mut self, mut chunk: &[u8]) -> Result<(), Status> {
         while !chunk.is_empty() {
             if self.body_left > 0 {
                 let n = self.body_left.min(chunk.len());
