@@ -19,9 +19,10 @@
 //! as it streams, trailers) is written back with HTTP/2 flow control, as hyper did.
 //!
 //! What this keeps of the server it replaces:
-//! - hyper's HTTP/2 settings, which tonic used (windows, frame size, header list size,
-//!   concurrent streams, reset-stream limits, send buffer); no keep-alive pings (tonic's server
-//!   sends none unless told to); HTTP/2 only; TCP_NODELAY is set where connections are accepted;
+//! - the HTTP/2 settings the router had through tonic (hyper's windows, frame size, header list
+//!   size and send buffer; no limit on concurrent streams, as tonic set none); no keep-alive
+//!   pings (tonic's server sends none unless told to); HTTP/2 only; TCP_NODELAY is set where
+//!   connections are accepted;
 //! - the caller's `grpc-timeout` as a backstop on every call: a call not answered by then is
 //!   ended with CANCELLED "Timeout expired", as tonic's server did (`ModelInfer` answers
 //!   DEADLINE_EXCEEDED itself a little earlier, see [`super::deadline`]);
@@ -79,12 +80,10 @@ const MAX_FRAME_SIZE: u32 = 16 * 1024;
 /// hundred bytes, this only bounds a broken or hostile client.
 const MAX_HEADER_LIST_SIZE: u32 = 16 * 1024;
 
-/// Calls a client may have open at once on one connection: hyper's server default. A client
-/// wanting more waits for a stream on its side (or opens another connection).
-const MAX_CONCURRENT_STREAMS: u32 = 200;
-
 /// Streams a client may make the router reset for protocol errors before the connection is
-/// closed: hyper's server default, against clients abusing resets.
+/// closed: hyper's server default, against clients abusing resets ("MadeYouReset"). (tonic
+/// passed hyper no value, which left this unbounded; bounding it changes nothing for a client
+/// that follows the protocol.)
 const MAX_LOCAL_ERROR_RESET_STREAMS: usize = 1024;
 
 /// Bytes queued per stream beyond what the client's window lets out: hyper's server default.
@@ -170,7 +169,6 @@ async fn serve_connection(tcp: TcpStream, services: Services, mut stop: watch::R
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME_SIZE)
         .max_header_list_size(MAX_HEADER_LIST_SIZE)
-        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
         .max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESET_STREAMS))
         .max_send_buffer_size(MAX_SEND_BUFFER_SIZE);
     let mut conn = tokio::select! {
