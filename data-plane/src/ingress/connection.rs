@@ -903,6 +903,30 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_connection_may_have_more_calls_open_than_hypers_default() {
+        // tonic set no limit on concurrent streams; 300 is over hyper's default of 200.
+        let (addr, _stop, _task) = server().await;
+        let mut c = client(addr).await;
+        let mut open = Vec::new();
+        for _ in 0..300 {
+            // Opening a stream waits while the server's limit is reached: a deadline, not a
+            // hang, says it was.
+            c = tokio::time::timeout(Duration::from_secs(10), c.ready())
+                .await
+                .expect("the server limits concurrent streams")
+                .unwrap();
+            let (response, stream) = c
+                .send_request(request(MODEL_INFER_PATH, GRPC), false)
+                .unwrap();
+            open.push((response, stream));
+        }
+        for (response, mut stream) in open {
+            stream.send_data(framed(&infer_request("m")), true).unwrap();
+            assert_eq!(read(response).await.status().0, Code::NotFound);
+        }
+    }
+
+    #[tokio::test]
     async fn stopping_finishes_the_calls_in_flight_then_returns() {
         let (addr, stop, task) = server().await;
         let mut c = client(addr).await;
