@@ -17,7 +17,9 @@
 //! - [`queue`]: the wait queue of calls that found every node full.
 //! - [`hedge`]: latency windows for hedging.
 //! - [`subscriber`]: following the control plane's routing stream.
-//! - [`ingress`]: the services clients call ([`ingress::oip`]) and deadlines.
+//! - [`ingress`]: the services clients call ([`ingress::oip`]), deadlines, and the router's
+//!   own HTTP/2 server (`ingress::connection`: `ModelInfer` answered on `h2` directly, every
+//!   other call through tonic's routes).
 //! - [`validate`]: request checks done before forwarding.
 //! - [`limits`]: the inbound message size limit.
 //! - [`metrics`]: Prometheus metrics, read from the router's state at each scrape.

@@ -1,9 +1,11 @@
 //! The inbound message size limit, answered the way gRPC says: RESOURCE_EXHAUSTED.
 //!
-//! tonic's own limit answers OUT_OF_RANGE, and only for services it decodes. This layer reads
-//! the 5-byte gRPC frame headers as the request body streams by and fails the body with
-//! RESOURCE_EXHAUSTED as soon as a header announces a message over the limit, before any of it
-//! is buffered. It never decodes or copies the data, so it also guards the pass-through.
+//! tonic's own limit answers OUT_OF_RANGE, and only for services it decodes. The router's
+//! server (`ingress::connection`) reads the 5-byte gRPC frame headers as a request body
+//! streams by ([`LimitedBody`], or the scanner directly on the `ModelInfer` path) and fails the
+//! call with RESOURCE_EXHAUSTED as soon as a header announces a message over the limit, before
+//! any of it is buffered. It never decodes or copies the data, so it also guards the
+//! pass-through.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -11,67 +13,15 @@ use std::task::{Context, Poll};
 use bytes::{Buf, Bytes};
 use http_body::{Body as HttpBody, Frame};
 use tonic::Status;
-use tonic::body::Body;
-use tower::{Layer, Service};
 
 /// Largest inbound message accepted by default. Tensors of a few megabytes are common
 /// (images, long token sequences); 64 MiB admits large batches while still bounding what one
 /// call can make the router hold.
 pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 64 << 20;
 
-/// A layer that caps the size of every inbound gRPC message.
-#[derive(Debug, Clone, Copy)]
-pub struct MaxMessageSizeLayer {
-    limit: usize,
-}
-
-impl MaxMessageSizeLayer {
-    /// Caps messages at `limit` bytes (the encoded, possibly compressed, size on the wire).
-    pub fn new(limit: usize) -> Self {
-        Self { limit }
-    }
-}
-
-impl<S> Layer<S> for MaxMessageSizeLayer {
-    type Service = MaxMessageSize<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        MaxMessageSize {
-            inner,
-            limit: self.limit,
-        }
-    }
-}
-
-/// The service [`MaxMessageSizeLayer`] builds.
-#[derive(Debug, Clone)]
-pub struct MaxMessageSize<S> {
-    inner: S,
-    limit: usize,
-}
-
-impl<S> Service<http::Request<Body>> for MaxMessageSize<S>
-where
-    S: Service<http::Request<Body>>,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = S::Future;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: http::Request<Body>) -> Self::Future {
-        let limit = self.limit;
-        self.inner
-            .call(req.map(|body| Body::new(LimitedBody::new(body, limit))))
-    }
-}
-
 /// Where the parser is in the gRPC framing: reading a 5-byte header, or skipping a message body.
 #[derive(Debug)]
-struct FrameScanner {
+pub(crate) struct FrameScanner {
     limit: usize,
     header: [u8; 5],
     header_len: usize,
@@ -79,7 +29,8 @@ struct FrameScanner {
 }
 
 impl FrameScanner {
-    fn new(limit: usize) -> Self {
+    /// A scanner refusing messages over `limit` bytes.
+    pub(crate) fn new(limit: usize) -> Self {
         Self {
             limit,
             header: [0; 5],
@@ -89,7 +40,7 @@ impl FrameScanner {
     }
 
     /// Scans one chunk of the body; errors when a header announces an oversized message.
-    fn scan(&mut self, mut chunk: &[u8]) -> Result<(), Status> {
+    pub(crate) fn scan(&mut self, mut chunk: &[u8]) -> Result<(), Status> {
         while !chunk.is_empty() {
             if self.body_left > 0 {
                 let n = self.body_left.min(chunk.len());

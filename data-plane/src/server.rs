@@ -12,9 +12,10 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::pb::health_server::{Health, HealthServer};
 
+use crate::ingress::connection::{self, Services};
 use crate::ingress::infer::OipRoutes;
 use crate::ingress::oip::OipService;
-use crate::limits::{DEFAULT_MAX_MESSAGE_SIZE, MaxMessageSizeLayer};
+use crate::limits::DEFAULT_MAX_MESSAGE_SIZE;
 use crate::router::RouterState;
 use crate::shard::{self, Shard};
 use crate::subscriber::{self, SubscriberConfig};
@@ -122,11 +123,10 @@ pub async fn serve_with_metrics(
     let mut shards = Vec::with_capacity(threads);
     for index in 0..threads {
         let (state, health) = (state.clone(), health_service.clone());
-        let max = config.max_message_size;
         let started = Shard::start(index, threads, move |conns, stop| {
             tokio::spawn(preconnect(state.clone()));
             let incoming = UnboundedReceiverStream::new(conns).map(TcpStream::from_std);
-            serve_connections(state, health, max, incoming, async move {
+            serve_connections(state, health, incoming, async move {
                 let _ = stop.await;
             })
         });
@@ -251,7 +251,7 @@ async fn serve_inline<H: Health>(
     // TCP_NODELAY, as in `serve_sharded`. (tonic's `Server::tcp_nodelay` applies only to
     // listeners tonic binds itself, not to an incoming stream like this one.)
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    let server = serve_connections(state, health, config.max_message_size, incoming, signal);
+    let server = serve_connections(state, health, incoming, signal);
     let grace = config.shutdown_grace;
     tokio::select! {
         r = server => r,
@@ -270,33 +270,42 @@ async fn serve_inline<H: Health>(
 
 /// Serves the router's services (OIP, health, pass-through for everything else) on the
 /// connections `incoming` yields, until `signal` completes and the calls in flight finish.
+///
+/// The HTTP/2 server is the router's own ([`crate::ingress::connection`]): `ModelInfer` is
+/// answered on it directly; every other call goes to these routes.
 async fn serve_connections<H: Health, I>(
     state: Arc<RouterState>,
     health: HealthServer<H>,
-    max_message_size: usize,
     incoming: I,
     signal: impl Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error>
 where
     I: Stream<Item = std::io::Result<TcpStream>>,
 {
+    connection::serve(services(state, health), incoming, signal).await;
+    Ok(())
+}
+
+/// What the router serves: `ModelInfer` on the server's direct path, and routes for the rest
+/// (health, the other OIP methods, pass-through by model header for any other call).
+pub(crate) fn services<H: Health>(state: Arc<RouterState>, health: HealthServer<H>) -> Services {
     let oip = OipRoutes::new(state.clone());
     // Everything the router does not serve itself is passed through by model header.
-    let passthrough = tower::service_fn(move |req: http::Request<axum::body::Body>| {
+    let passthrough = {
         let state = state.clone();
-        async move {
-            Ok::<_, std::convert::Infallible>(
-                crate::ingress::passthrough::forward(state, req).await,
-            )
-        }
-    });
+        tower::service_fn(move |req: http::Request<axum::body::Body>| {
+            let state = state.clone();
+            async move {
+                Ok::<_, std::convert::Infallible>(
+                    crate::ingress::passthrough::forward(state, req).await,
+                )
+            }
+        })
+    };
     let routes = tonic::service::Routes::new(health)
         .add_service(oip)
         .into_axum_router()
         .fallback_service(passthrough);
-    tonic::transport::Server::builder()
-        .layer(MaxMessageSizeLayer::new(max_message_size))
-        .add_routes(routes.into())
-        .serve_with_incoming_shutdown(incoming, signal)
-        .await
+    // The server applies the inbound size limit (`state.max_message_size`) to every call.
+    Services::new(state, routes.into())
 }

@@ -514,12 +514,22 @@ pub(crate) struct GrpcFrame {
 }
 
 impl GrpcFrame {
-    fn new(len: u32, message: Bytes) -> Self {
+    /// `message` behind its prefix (`len` is its length).
+    pub(crate) fn new(len: u32, message: Bytes) -> Self {
         let l = len.to_be_bytes();
         Self {
             prefix: [0, l[0], l[1], l[2], l[3]],
             at: 0,
             message,
+        }
+    }
+
+    /// Bytes sent as they are (already framed, or part of a body relayed as it streams).
+    pub(crate) fn raw(bytes: Bytes) -> Self {
+        Self {
+            prefix: [0; 5],
+            at: 5,
+            message: bytes,
         }
     }
 }

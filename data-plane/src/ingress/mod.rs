@@ -2,6 +2,8 @@
 //!
 //! - [`oip`]: `inference.GRPCInferenceService`, the Open Inference Protocol v2, including
 //!   Triton's bidirectional `ModelStreamInfer`.
+//! - `connection`: the router's HTTP/2 server: a client connection and its calls on one
+//!   task, `ModelInfer` answered on `h2` directly, every other call handed to the routes.
 //! - [`infer`]: `ModelInfer` forwarded as the client's bytes, answered with the node's.
 //! - [`forward`]: one unary call's attempts, retries, hedging and deadline.
 //! - [`passthrough`]: any other gRPC API, forwarded undecoded by the `x-fulcrum-model` header.
@@ -9,6 +11,7 @@
 //! - `node_status`: a failed call to a node as the caller sees it.
 //! - `stream_dialect`: a node's `ModelStreamInfer` answers in Triton's or MLServer's form.
 
+pub(crate) mod connection;
 pub mod deadline;
 pub mod forward;
 pub mod infer;
