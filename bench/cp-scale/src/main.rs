@@ -27,6 +27,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use bytes::{BufMut, Bytes, BytesMut};
 use clap::Parser;
 use fulcrum_control_plane::registry;
 use fulcrum_control_plane::store::Store;
@@ -40,7 +41,9 @@ use fulcrum_proto::fulcrum::v1::{
 use fulcrum_sim::node::{NodeSimConfig, RunningNodeSim};
 use futures::StreamExt;
 use hdrhistogram::Histogram;
+use prost::Message;
 use serde_json::json;
+use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
@@ -193,7 +196,29 @@ fn carries(u: &RoutingUpdate, t: &Target) -> bool {
         .any(|e| e.spec.as_ref().is_some_and(|s| s.id == t.node) && e.weight != t.old_weight)
 }
 
-/// One simulated router.
+/// A gRPC message as sent on a stream: the five-byte prefix (not compressed, length), then the
+/// message.
+fn grpc_frame(m: &RouterMessage) -> Bytes {
+    let mut b = BytesMut::with_capacity(5 + m.encoded_len());
+    b.put_u8(0);
+    b.put_u32(u32::try_from(m.encoded_len()).unwrap_or(u32::MAX));
+    // Infallible: the buffer has room for the whole message.
+    let _ = m.encode(&mut b);
+    b.freeze()
+}
+
+/// The streams' and the connection's receive windows: hyper's client defaults, as tonic's
+/// `Channel` (which the routers use) has them.
+const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
+const CONNECTION_WINDOW: u32 = 5 * 1024 * 1024;
+
+/// One simulated router: one connection and one `Subscribe` stream, driven from this one task
+/// with the `h2` crate. Why not tonic's client, as the real router uses: a thousand of them
+/// share this process and two cores with the control plane, and through a `Channel` each
+/// version cost four task wake-ups per router here (connection, decoder, outbound channel,
+/// request-body pipe) where a real router, on a machine of its own, spends them in parallel
+/// with the others. This keeps a router's work per version to what it must do — read the
+/// frame, decode the update, write the ACK — so the figure is mostly the control plane's.
 async fn router(
     i: usize,
     control: SocketAddr,
@@ -202,26 +227,46 @@ async fn router(
     first: oneshot::Sender<()>,
     mut stop: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    let mut client =
-        RoutingClient::new(connect(control).await?).max_decoding_message_size(MAX_MESSAGE);
-    let (tx, rx) = mpsc::channel(16);
-    tx.send(msg(router_message::Message::Hello(RouterHello {
-        router_id: format!("bench-r{i:04}"),
-        region: "a".into(),
-        known_version: 0,
-    })))
-    .await?;
-    let mut updates = client
-        .subscribe(ReceiverStream::new(rx))
-        .await?
-        .into_inner();
+    let tcp = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(control))
+        .await
+        .context("connect timed out")??;
+    tcp.set_nodelay(true)?;
+    let (send, connection) = h2::client::Builder::new()
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .handshake::<_, Bytes>(tcp)
+        .await?;
+    let mut connection = std::pin::pin!(connection);
+    let request = http::Request::post(format!("http://{control}/fulcrum.v1.Routing/Subscribe"))
+        .header(http::header::CONTENT_TYPE, "application/grpc")
+        .header(http::header::TE, "trailers")
+        .body(())?;
+    let mut send = send.ready().await?;
+    let (response, mut out) = send.send_request(request, false)?;
+    out.send_data(
+        grpc_frame(&msg(router_message::Message::Hello(RouterHello {
+            router_id: format!("bench-r{i:04}"),
+            region: "a".into(),
+            known_version: 0,
+        }))),
+        false,
+    )?;
+    let response = tokio::select! {
+        r = response => r?,
+        r = &mut connection => bail!("router {i}: connection ended before the answer: {r:?}"),
+    };
+    if let Some(status) = response.headers().get("grpc-status") {
+        bail!("router {i}: Subscribe refused (grpc-status {status:?})");
+    }
+    let mut body = response.into_body();
+    let mut pending = BytesMut::new();
     let mut first = Some(first);
     let mut seen_round = usize::MAX;
     // Routers report every 500 ms.
     let mut report = tokio::time::interval(Duration::from_millis(500));
     report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // A steady load: one call in flight and ten calls a second on each of its nodes, 10 ms each.
-    let load = LoadReport {
+    let load = grpc_frame(&msg(router_message::Message::Load(LoadReport {
         nodes: load_ids
             .iter()
             .map(|id| NodeLoad {
@@ -235,35 +280,57 @@ async fn router(
             .collect(),
         at_unix_ms: 0,
         self_reports: vec![],
-    };
+    })));
     loop {
-        tokio::select! {
+        let chunk = tokio::select! {
             _ = stop.changed() => return Ok(()),
+            r = &mut connection => bail!("router {i}: connection ended: {r:?}"),
             _ = report.tick() => {
-                // Dropped, not queued, when the stream is backed up, as a router does.
-                let _ = tx.try_send(msg(router_message::Message::Load(load.clone())));
+                // Queued in h2's send buffer: the control plane reads reports as they come.
+                out.send_data(load.clone(), false)?;
+                continue;
             }
-            m = updates.message() => {
-                let Some(u) = m? else { bail!("router {i}: stream ended") };
-                if u.heartbeat {
-                    continue;
-                }
-                shared.updates.fetch_add(1, Ordering::Relaxed);
-                if u.snapshot {
-                    shared.snapshots.fetch_add(1, Ordering::Relaxed);
-                }
-                let target = lock(&shared.target).clone();
-                tx.send(msg(router_message::Message::Ack(Ack { version: u.version }))).await?;
-                if let Some(t) = target
-                    && t.round != seen_round
-                    && carries(&u, &t)
-                {
-                    seen_round = t.round;
-                    lock(&shared.samples).push((t.round, t.started.elapsed()));
-                }
-                if let Some(f) = first.take() {
-                    let _ = f.send(());
-                }
+            chunk = body.data() => chunk,
+        };
+        let Some(chunk) = chunk else {
+            bail!("router {i}: stream ended")
+        };
+        let chunk = chunk?;
+        let _ = body.flow_control().release_capacity(chunk.len());
+        pending.extend_from_slice(&chunk);
+        while pending.len() >= 5 {
+            let len = u32::from_be_bytes([pending[1], pending[2], pending[3], pending[4]]) as usize;
+            if len > MAX_MESSAGE {
+                bail!("router {i}: a {len} byte update");
+            }
+            if pending.len() < 5 + len {
+                break;
+            }
+            let frame = pending.split_to(5 + len);
+            let u = RoutingUpdate::decode(&frame[5..])?;
+            if u.heartbeat {
+                continue;
+            }
+            shared.updates.fetch_add(1, Ordering::Relaxed);
+            if u.snapshot {
+                shared.snapshots.fetch_add(1, Ordering::Relaxed);
+            }
+            let target = lock(&shared.target).clone();
+            out.send_data(
+                grpc_frame(&msg(router_message::Message::Ack(Ack {
+                    version: u.version,
+                }))),
+                false,
+            )?;
+            if let Some(t) = target
+                && t.round != seen_round
+                && carries(&u, &t)
+            {
+                seen_round = t.round;
+                lock(&shared.samples).push((t.round, t.started.elapsed()));
+            }
+            if let Some(f) = first.take() {
+                let _ = f.send(());
             }
         }
     }
