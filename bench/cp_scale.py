@@ -279,10 +279,12 @@ def markdown(r: dict, show=None) -> list[str]:
         head,
         "",
         f"One control-plane replica on etcd, {r['nodes']:,} registered nodes, {r['routers']:,} "
-        "subscribed routers (simulated streams in one driver process, each on its own "
-        "connection, ACKing every version and reporting load on 10 nodes every 500 ms). Probe "
+        "subscribed routers (simulated streams in one driver process, each one task on its "
+        "own HTTP/2 connection, ACKing every version and reporting load on 10 nodes every "
+        "500 ms). Probe "
         f"interval {p.get('probe_interval', r.get('probe_interval', '?'))}; the nodes' probes "
-        f"are answered by {r.get('sims', 16)} simulated servers. A change is one weight "
+        f"are answered by {r.get('sims', 16)} simulated servers"
+        + ". A change is one weight "
         "override through the admin API (`fulcrum ctl weight`), timed from the call to the "
         "ACK, by every router, of the first version carrying it; the steady-state window is "
         "30 s after 10 s of settling. " + ETCD_NOTE.get(r.get("etcd_data", ""), "")
