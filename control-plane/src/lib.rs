@@ -9,7 +9,8 @@
 //! - [`keys`]: the store keyspace.
 //! - [`registry`]: validating and storing node specs.
 //! - [`overrides`]: operator overrides: drain, cordon, weight, region evacuation.
-//! - [`health`]: the health state machine and the active [`health::prober`].
+//! - [`health`]: the health state machine and the active [`health::prober`] (which calls nodes
+//!   through `health::probe_conn`, a minimal gRPC client on `h2`, one kept connection per node).
 //! - [`load`]: live load from the routers' reports, summed over routers and replicas.
 //! - [`weights`]: the weight function, and its damping.
 //! - [`policies`]: per-model routing policies.
