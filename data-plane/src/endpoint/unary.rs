@@ -111,7 +111,7 @@ fn connect_status(e: Arc<ConnectError>) -> Status {
 
 /// The status of a call that `h2` failed (the stream or the connection broke), with the error
 /// as its source: tonic's mapping of HTTP/2 errors, as the `Channel` gave them.
-fn h2_status(e: h2::Error) -> Status {
+pub(crate) fn h2_status(e: h2::Error) -> Status {
     Status::from_error(Box::new(e))
 }
 
@@ -418,10 +418,10 @@ fn status_from_http(status: http::StatusCode) -> Status {
     )
 }
 
-/// The body of an answer as it arrives: usually one chunk (kept as it is, no copy), else
-/// gathered.
+/// A gRPC body as it arrives (a node's answer here, a client's request in
+/// `ingress::connection`): usually one chunk (kept as it is, no copy), else gathered.
 #[derive(Default)]
-enum Received {
+pub(crate) enum Received {
     #[default]
     Nothing,
     One(Bytes),
@@ -429,7 +429,7 @@ enum Received {
 }
 
 impl Received {
-    fn push(&mut self, chunk: Bytes) {
+    pub(crate) fn push(&mut self, chunk: Bytes) {
         *self = match std::mem::take(self) {
             Received::Nothing => Received::One(chunk),
             Received::One(first) => {
@@ -443,6 +443,15 @@ impl Received {
                 Received::Many(all)
             }
         };
+    }
+
+    /// Everything received, as one buffer (empty if nothing was).
+    pub(crate) fn into_bytes(self) -> Bytes {
+        match self {
+            Received::Nothing => Bytes::new(),
+            Received::One(b) => b,
+            Received::Many(b) => b.freeze(),
+        }
     }
 
     fn bytes(&self) -> &[u8] {

@@ -44,7 +44,7 @@ use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use fulcrum_proto::inference::ModelInferRequest;
 use futures::stream::{FuturesUnordered, Stream, StreamExt};
 use h2::server::SendResponse;
@@ -62,7 +62,7 @@ use tower::ServiceExt;
 
 use super::deadline;
 use super::infer::{self, MODEL_INFER_PATH, RawInferRequest};
-use crate::endpoint::unary::GrpcFrame;
+use crate::endpoint::unary::{GrpcFrame, Received, h2_status};
 use crate::limits::{FrameScanner, LimitedBody};
 use crate::router::RouterState;
 
@@ -334,75 +334,39 @@ async fn read_unary(
         received.push(chunk);
     }
     let trailers = body.trailers().await.map_err(h2_status)?;
-    Ok((received.first_message()?, trailers))
+    Ok((first_message(received)?, trailers))
 }
 
-/// The status of a stream or connection that `h2` failed, as tonic maps it.
-fn h2_status(e: h2::Error) -> Status {
-    Status::from_error(Box::new(e))
-}
-
-/// A request body as it arrives: usually one chunk (kept as it is, no copy), else gathered.
-#[derive(Default)]
-enum Received {
-    #[default]
-    Nothing,
-    One(Bytes),
-    Many(BytesMut),
-}
-
-impl Received {
-    fn push(&mut self, chunk: Bytes) {
-        *self = match std::mem::take(self) {
-            Received::Nothing => Received::One(chunk),
-            Received::One(first) => {
-                let mut all = BytesMut::with_capacity(first.len() + chunk.len());
-                all.extend_from_slice(&first);
-                all.extend_from_slice(&chunk);
-                Received::Many(all)
-            }
-            Received::Many(mut all) => {
-                all.extend_from_slice(&chunk);
-                Received::Many(all)
-            }
-        };
+/// The first message of a request body, with tonic's statuses for a body that holds none
+/// (anything after it is ignored: a unary request has one).
+fn first_message(received: Received) -> Result<Bytes, Status> {
+    let all = received.into_bytes();
+    if all.is_empty() {
+        return Err(Status::internal("Missing request message."));
     }
-
-    /// The first message, with tonic's statuses for a body that holds none (anything after
-    /// it is ignored: a unary request has one).
-    fn first_message(self) -> Result<Bytes, Status> {
-        let all = match self {
-            Received::Nothing => return Err(Status::internal("Missing request message.")),
-            Received::One(b) => b,
-            Received::Many(b) => b.freeze(),
-        };
-        if all.is_empty() {
-            return Err(Status::internal("Missing request message."));
-        }
-        if all.len() < 5 {
-            return Err(Status::internal("Unexpected EOF decoding stream."));
-        }
-        match all[0] {
-            0 => {}
-            1 => {
-                return Err(Status::internal(
-                    "protocol error: received message with compressed-flag but no grpc-encoding \
+    if all.len() < 5 {
+        return Err(Status::internal("Unexpected EOF decoding stream."));
+    }
+    match all[0] {
+        0 => {}
+        1 => {
+            return Err(Status::internal(
+                "protocol error: received message with compressed-flag but no grpc-encoding \
                      was specified",
-                ));
-            }
-            f => {
-                return Err(Status::internal(format!(
-                    "protocol error: received message with invalid compression flag: {f} (valid \
+            ));
+        }
+        f => {
+            return Err(Status::internal(format!(
+                "protocol error: received message with invalid compression flag: {f} (valid \
                      flags are 0 and 1), while sending request"
-                )));
-            }
+            )));
         }
-        let len = u32::from_be_bytes([all[1], all[2], all[3], all[4]]) as usize;
-        if all.len() - 5 < len {
-            return Err(Status::internal("Unexpected EOF decoding stream."));
-        }
-        Ok(all.slice(5..5 + len))
     }
+    let len = u32::from_be_bytes([all[1], all[2], all[3], all[4]]) as usize;
+    if all.len() - 5 < len {
+        return Err(Status::internal("Unexpected EOF decoding stream."));
+    }
+    Ok(all.slice(5..5 + len))
 }
 
 /// Answers with one message: headers (the metadata, `content-type`), the message, and
@@ -696,7 +660,7 @@ mod tests {
 
     async fn read(response: h2::client::ResponseFuture) -> Answer {
         let (parts, mut recv) = response.await.unwrap().into_parts();
-        let mut body = BytesMut::new();
+        let mut body = bytes::BytesMut::new();
         while let Some(chunk) = recv.data().await {
             let chunk = chunk.unwrap();
             let _ = recv.flow_control().release_capacity(chunk.len());
