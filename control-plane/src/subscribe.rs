@@ -364,6 +364,17 @@ mod tests {
         std::future::poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx)).await
     }
 
+    /// The body's next frame is the `grpc-status: 0` trailer.
+    async fn assert_ends_ok(body: &mut UpdateBody) {
+        let trailers = next(body)
+            .await
+            .expect("a frame")
+            .expect("not an error")
+            .into_trailers()
+            .expect("the trailers");
+        assert_eq!(trailers.get(Status::GRPC_STATUS).unwrap(), "0");
+    }
+
     fn update(polled: Polled) -> RoutingUpdate {
         let data = polled
             .expect("a frame")
@@ -435,13 +446,7 @@ mod tests {
         let control = Arc::new(StreamControl::default());
         let mut body = UpdateBody::new(rx, 3, control.clone());
         let waiting = tokio::spawn(async move {
-            let trailers = next(&mut body)
-                .await
-                .unwrap()
-                .unwrap()
-                .into_trailers()
-                .unwrap();
-            assert_eq!(trailers.get(Status::GRPC_STATUS).unwrap(), "0");
+            assert_ends_ok(&mut body).await;
             assert!(body.is_end_stream());
             assert!(next(&mut body).await.is_none());
         });
@@ -453,13 +458,7 @@ mod tests {
         let (tx, rx) = table(3);
         let mut body = UpdateBody::new(rx, 3, Arc::default());
         drop(tx);
-        let trailers = next(&mut body)
-            .await
-            .unwrap()
-            .unwrap()
-            .into_trailers()
-            .unwrap();
-        assert_eq!(trailers.get(Status::GRPC_STATUS).unwrap(), "0");
+        assert_ends_ok(&mut body).await;
     }
 
     #[tokio::test(start_paused = true)]
