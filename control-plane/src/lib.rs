@@ -18,13 +18,15 @@
 //! - [`control_loop`]: recompute and write the table when anything changes.
 //! - [`publisher`]: follow the table in the store, as versions with their deltas, each
 //!   encoded once.
-//! - [`subscribe`]: the `Subscribe` RPC, every stream sending the shared encoded versions.
+//! - [`subscribe`]: the `Subscribe` RPC, every stream sending the shared encoded versions,
+//!   served by hand on the replica's HTTP/2 server (`fulcrum-grpc-h2`).
 //! - [`self_registration`]: nodes registering themselves with a lease, and their load reports.
 //! - [`admin`]: operator RPCs, and [`auth`]: who may call them and who may open the routers'
 //!   and nodes' streams.
 //! - [`metrics`]: Prometheus metrics, read from the replica's state at each scrape.
 //! - [`error`]: errors and their gRPC statuses.
-//! - [`server`]: assemble and serve a replica.
+//! - [`server`]: assemble and serve a replica (`Subscribe` by hand, the other services
+//!   through tonic's routes).
 
 #![warn(missing_docs)]
 

@@ -4,12 +4,17 @@
 use std::future::Future;
 use std::sync::Arc;
 
+use fulcrum_grpc_h2::GrpcFrame;
+use fulcrum_grpc_h2::server::{self, Handler, Peer, RecvBody, Settings};
 use fulcrum_proto::fulcrum::v1::SelfReport;
 use fulcrum_proto::fulcrum::v1::admin_server::AdminServer;
 use fulcrum_proto::fulcrum::v1::registration_server::RegistrationServer;
+use h2::RecvStream;
+use h2::server::SendResponse;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::body::Body;
+use tonic::service::Routes;
 
 use crate::admin::AdminService;
 use crate::control_loop;
@@ -18,7 +23,7 @@ use crate::load::{self, LoadAggregator};
 use crate::publisher::Publisher;
 use crate::self_registration::{NodeReports, RegistrationService};
 use crate::store::{AbortOnDrop, SharedStore};
-use crate::subscribe::RoutingService;
+use crate::subscribe::{ROUTING_PREFIX, Subscriptions};
 
 /// Leader lease TTL: a replica that dies (or is cut off from the store) loses the leadership
 /// within three seconds, so a new leader is elected within the TTL plus a second; shorter would
@@ -110,7 +115,7 @@ pub async fn serve_with_metrics(
     let prober = Arc::new(Prober::new(config.probe, changed.clone()));
     let load = Arc::new(LoadAggregator::default());
     let (publisher, follower) = Publisher::start(store.clone(), load.clone());
-    let _follower = AbortOnDrop(follower);
+    let follower = AbortOnDrop(follower);
     let reports = NodeReports::new();
     // This replica's routers' load and its nodes' own reports, shared with the leader through
     // the store.
@@ -133,7 +138,12 @@ pub async fn serve_with_metrics(
     )));
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter.set_serving::<RoutingService>().await;
+    health_reporter
+        .set_service_status(
+            fulcrum_proto::fulcrum::v1::routing_server::SERVICE_NAME,
+            tonic_health::ServingStatus::Serving,
+        )
+        .await;
     health_reporter
         .set_serving::<AdminServer<AdminService>>()
         .await;
@@ -149,11 +159,13 @@ pub async fn serve_with_metrics(
         reports.clone(),
         changed.clone(),
     );
-    // Registrations end when shutdown begins (so that it does not wait on their streams), or
-    // when this future is dropped.
+    // Registrations and routers' streams end when shutdown begins (so that it does not wait on
+    // them), or when this future is dropped: the publisher gone, every `Subscribe` stream ends
+    // with `grpc-status: 0` and its router moves to another replica.
     let shutdown = async move {
         shutdown.await;
         drop(registrations);
+        drop(follower);
     };
 
     let _metrics = metrics.map(|l| {
@@ -178,18 +190,46 @@ pub async fn serve_with_metrics(
     .with_node_reports(reports);
     let auth = crate::auth::AdminInterceptor::new(config.admin_auth.clone());
     let streams = crate::auth::StreamInterceptor::new(config.stream_auth.clone());
-    tonic::transport::Server::builder()
-        .add_service(health_service)
-        // The routing stream is served by a hand-written service (pre-encoded updates shared by
-        // every stream); the stream credential wraps it like a generated server's interceptor.
-        .add_service(tonic::service::interceptor::InterceptedService::new(
-            RoutingService::new(publisher),
-            streams.clone(),
-        ))
+    let routes = Routes::new(health_service)
         .add_service(AdminServer::with_interceptor(admin, auth))
-        .add_service(RegistrationServer::with_interceptor(registration, streams))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
-        .await
+        .add_service(RegistrationServer::with_interceptor(
+            registration,
+            streams.clone(),
+        ));
+    let calls = Calls {
+        subscriptions: Subscriptions::new(publisher, streams),
+        routes,
+    };
+    // TCP_NODELAY: a version is one small frame, sent at once.
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    server::serve(calls, Settings::default(), incoming, shutdown).await;
+    Ok(())
+}
+
+/// What a replica serves on its HTTP/2 server ([`fulcrum_grpc_h2::server`]): routers'
+/// `Subscribe` streams by hand ([`Subscriptions`]: a version costs one task wake-up and one
+/// write a router), everything else (admin, registration, health) through tonic's routes.
+#[derive(Clone)]
+struct Calls {
+    subscriptions: Subscriptions,
+    routes: Routes,
+}
+
+impl Handler for Calls {
+    async fn call(
+        &self,
+        peer: Peer,
+        request: http::Request<RecvStream>,
+        respond: SendResponse<GrpcFrame>,
+    ) {
+        if request.uri().path().starts_with(ROUTING_PREFIX) {
+            return self.subscriptions.serve(peer, request, respond).await;
+        }
+        let mut request = request.map(|body| Body::new(RecvBody::new(body)));
+        // Where tonic's server puts the caller's address (the loopback credential reads it).
+        request.extensions_mut().insert(peer.connect_info());
+        server::route(self.routes.clone(), request, respond).await;
+    }
 }
 
 /// Writes this replica's routers' load and its nodes' own reports to the store every

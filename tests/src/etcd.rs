@@ -9,6 +9,10 @@ use tempfile::TempDir;
 
 use crate::free_port;
 
+/// Times etcd is started on fresh ports when it exits at start: a port taken by someone else
+/// between choosing and binding it is rare, twice in a row rarer still.
+const START_ATTEMPTS: u32 = 3;
+
 /// A running (or stopped) etcd.
 #[derive(Debug)]
 pub struct Etcd {
@@ -32,17 +36,32 @@ fn etcd_binary() -> PathBuf {
 }
 
 impl Etcd {
-    /// Starts etcd and waits until it answers.
+    /// Starts etcd and waits until it answers. If it exits first (another process took one of
+    /// its ports between `free_port` and etcd binding it: tests and other work run side by
+    /// side), it is started again on fresh ports, up to [`START_ATTEMPTS`] times.
     pub async fn start() -> Self {
         let dir = tempfile::tempdir().expect("temp dir for etcd");
         let mut etcd = Etcd {
-            client_addr: format!("127.0.0.1:{}", free_port()),
-            peer_addr: format!("127.0.0.1:{}", free_port()),
+            client_addr: String::new(),
+            peer_addr: String::new(),
             dir,
             child: None,
         };
-        etcd.resume().await;
-        etcd
+        for attempt in 1..=START_ATTEMPTS {
+            etcd.client_addr = format!("127.0.0.1:{}", free_port());
+            etcd.peer_addr = format!("127.0.0.1:{}", free_port());
+            match etcd.launch().await {
+                Ok(()) => return etcd,
+                Err(log) if attempt < START_ATTEMPTS => {
+                    eprintln!(
+                        "etcd exited at start (attempt {attempt}), trying other ports: {log}"
+                    );
+                    let _ = std::fs::remove_dir_all(etcd.dir.path().join("data"));
+                }
+                Err(log) => panic!("etcd exited at start {START_ATTEMPTS} times; last log: {log}"),
+            }
+        }
+        unreachable!("the last attempt returns or panics")
     }
 
     /// The store URL for `fulcrum control --store`.
@@ -52,10 +71,19 @@ impl Etcd {
 
     /// Starts etcd again (after [`Etcd::stop`]) with the same ports and data.
     pub async fn resume(&mut self) {
+        if let Err(log) = self.launch().await {
+            panic!("etcd exited at restart: {log}");
+        }
+    }
+
+    /// Starts etcd on this instance's ports and waits (30 s at most) until it answers; `Err`
+    /// with its log if it exits first.
+    async fn launch(&mut self) -> Result<(), String> {
         assert!(self.child.is_none(), "etcd is already running");
         let client = format!("http://{}", self.client_addr);
         let peer = format!("http://{}", self.peer_addr);
-        let log = std::fs::File::create(self.dir.path().join("etcd.log")).expect("etcd log file");
+        let log_path = self.dir.path().join("etcd.log");
+        let log = std::fs::File::create(&log_path).expect("etcd log file");
         let child = Command::new(etcd_binary())
             .arg("--name=fulcrum-test")
             .arg(format!(
@@ -76,14 +104,26 @@ impl Etcd {
             );
         self.child = Some(child);
         let url = self.url();
-        crate::eventually("etcd answers", Duration::from_secs(30), || {
+        let up = crate::eventually("etcd answers", Duration::from_secs(30), || {
             let url = url.clone();
+            let exited = self
+                .child
+                .as_mut()
+                .is_some_and(|c| matches!(c.try_wait(), Ok(Some(_))));
             async move {
+                if exited {
+                    return Some(false);
+                }
                 let store = fulcrum_control_plane::store::open(&url).await.ok()?;
-                store.list("/").await.ok().map(|_| ())
+                store.list("/").await.ok().map(|_| true)
             }
         })
         .await;
+        if up {
+            return Ok(());
+        }
+        self.child = None;
+        Err(std::fs::read_to_string(&log_path).unwrap_or_default())
     }
 
     /// Kills etcd (its data stays).

@@ -33,11 +33,11 @@
 //! Streams, the other OIP methods, health and pass-through keep the `Channel`: they are not on
 //! the hot path, or (pass-through) forward bodies of any length as they come.
 
-use std::io::IoSlice;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::Bytes;
+use fulcrum_grpc_h2::{GrpcFrame, Received, h2_status};
 use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
 use h2::client::SendRequest;
@@ -107,12 +107,6 @@ fn connect_status(e: Arc<ConnectError>) -> Status {
     let mut status = Status::unknown(e.to_string());
     status.set_source(e);
     status
-}
-
-/// The status of a call that `h2` failed (the stream or the connection broke), with the error
-/// as its source: tonic's mapping of HTTP/2 errors, as the `Channel` gave them.
-pub(crate) fn h2_status(e: h2::Error) -> Status {
-    Status::from_error(Box::new(e))
 }
 
 /// A live connection: the handle that opens streams on it, and whether it has ended.
@@ -358,7 +352,7 @@ async fn read_answer(
         // Hand the window back as the bytes are taken (the node may send more).
         let _ = body.flow_control().release_capacity(chunk.len());
         data.push(chunk);
-        data.check_prefix(parts.status, max_response)?;
+        check_prefix(&data, parts.status, max_response)?;
     }
     let trailers = body.trailers().await.map_err(h2_status)?;
     let mut metadata = parts.headers;
@@ -381,7 +375,7 @@ async fn read_answer(
     if let Some(trailers) = trailers {
         metadata.extend(trailers);
     }
-    let message = data.message()?;
+    let message = answer_message(data)?;
     Ok(Response::from_parts(
         MetadataMap::from_headers(metadata),
         message,
@@ -418,163 +412,57 @@ fn status_from_http(status: http::StatusCode) -> Status {
     )
 }
 
-/// A gRPC body as it arrives (a node's answer here, a client's request in
-/// `ingress::connection`): usually one chunk (kept as it is, no copy), else gathered.
-#[derive(Default)]
-pub(crate) enum Received {
-    #[default]
-    Nothing,
-    One(Bytes),
-    Many(BytesMut),
-}
-
-impl Received {
-    pub(crate) fn push(&mut self, chunk: Bytes) {
-        *self = match std::mem::take(self) {
-            Received::Nothing => Received::One(chunk),
-            Received::One(first) => {
-                let mut all = BytesMut::with_capacity(first.len() + chunk.len());
-                all.extend_from_slice(&first);
-                all.extend_from_slice(&chunk);
-                Received::Many(all)
-            }
-            Received::Many(mut all) => {
-                all.extend_from_slice(&chunk);
-                Received::Many(all)
-            }
-        };
+/// Refuses the message as soon as its prefix shows it cannot be read (compressed, or larger
+/// than the limit), with tonic's statuses.
+fn check_prefix(
+    received: &Received,
+    http_status: http::StatusCode,
+    max: usize,
+) -> Result<(), Status> {
+    let b = received.bytes();
+    if b.len() < 5 {
+        return Ok(());
     }
-
-    /// Everything received, as one buffer (empty if nothing was).
-    pub(crate) fn into_bytes(self) -> Bytes {
-        match self {
-            Received::Nothing => Bytes::new(),
-            Received::One(b) => b,
-            Received::Many(b) => b.freeze(),
+    match b[0] {
+        0 => {}
+        1 => {
+            return Err(Status::internal(
+                "protocol error: received message with compressed-flag but no \
+                 grpc-encoding was specified",
+            ));
         }
-    }
-
-    fn bytes(&self) -> &[u8] {
-        match self {
-            Received::Nothing => &[],
-            Received::One(b) => b,
-            Received::Many(b) => b,
-        }
-    }
-
-    /// Refuses the message as soon as its prefix shows it cannot be read (compressed, or larger
-    /// than the limit), with tonic's statuses.
-    fn check_prefix(&self, http_status: http::StatusCode, max: usize) -> Result<(), Status> {
-        let b = self.bytes();
-        if b.len() < 5 {
-            return Ok(());
-        }
-        match b[0] {
-            0 => {}
-            1 => {
-                return Err(Status::internal(
-                    "protocol error: received message with compressed-flag but no \
-                     grpc-encoding was specified",
-                ));
-            }
-            f => {
-                return Err(Status::internal(format!(
-                    "protocol error: received message with invalid compression flag: {f} (valid \
-                     flags are 0 and 1) while receiving response with status: {http_status}"
-                )));
-            }
-        }
-        let len = u32::from_be_bytes([b[1], b[2], b[3], b[4]]) as usize;
-        if len > max {
-            return Err(Status::out_of_range(format!(
-                "Error, decoded message length too large: found {len} bytes, the limit is: \
-                 {max} bytes"
+        f => {
+            return Err(Status::internal(format!(
+                "protocol error: received message with invalid compression flag: {f} (valid \
+                 flags are 0 and 1) while receiving response with status: {http_status}"
             )));
         }
-        Ok(())
     }
-
-    /// The first message (a unary answer has one; anything after it is ignored, as tonic does).
-    fn message(self) -> Result<Bytes, Status> {
-        let all = match self {
-            Received::Nothing => return Err(Status::internal("Missing response message.")),
-            Received::One(b) => b,
-            Received::Many(b) => b.freeze(),
-        };
-        if all.len() < 5 {
-            return Err(Status::internal("Unexpected EOF decoding stream."));
-        }
-        let len = u32::from_be_bytes([all[1], all[2], all[3], all[4]]) as usize;
-        if all.len() - 5 < len {
-            return Err(Status::internal("Unexpected EOF decoding stream."));
-        }
-        Ok(all.slice(5..5 + len))
+    let len = u32::from_be_bytes([b[1], b[2], b[3], b[4]]) as usize;
+    if len > max {
+        return Err(Status::out_of_range(format!(
+            "Error, decoded message length too large: found {len} bytes, the limit is: \
+             {max} bytes"
+        )));
     }
+    Ok(())
 }
 
-/// One gRPC message as sent: the 5-byte prefix (not compressed, length) and the message, as
-/// one buffer without copying the message (written with the frame headers in one `writev`).
-#[derive(Debug, Clone)]
-pub(crate) struct GrpcFrame {
-    prefix: [u8; 5],
-    /// How much of `prefix` was consumed.
-    at: usize,
-    message: Bytes,
-}
-
-impl GrpcFrame {
-    /// `message` behind its prefix (`len` is its length).
-    pub(crate) fn new(len: u32, message: Bytes) -> Self {
-        let l = len.to_be_bytes();
-        Self {
-            prefix: [0, l[0], l[1], l[2], l[3]],
-            at: 0,
-            message,
-        }
+/// The answer's first message (a unary answer has one; anything after it is ignored, as tonic does).
+fn answer_message(received: Received) -> Result<Bytes, Status> {
+    let all = match received {
+        Received::Nothing => return Err(Status::internal("Missing response message.")),
+        Received::One(b) => b,
+        Received::Many(b) => b.freeze(),
+    };
+    if all.len() < 5 {
+        return Err(Status::internal("Unexpected EOF decoding stream."));
     }
-
-    /// Bytes sent as they are (already framed, or part of a body relayed as it streams).
-    pub(crate) fn raw(bytes: Bytes) -> Self {
-        Self {
-            prefix: [0; 5],
-            at: 5,
-            message: bytes,
-        }
+    let len = u32::from_be_bytes([all[1], all[2], all[3], all[4]]) as usize;
+    if all.len() - 5 < len {
+        return Err(Status::internal("Unexpected EOF decoding stream."));
     }
-}
-
-impl Buf for GrpcFrame {
-    fn remaining(&self) -> usize {
-        self.prefix.len() - self.at + self.message.len()
-    }
-
-    fn chunk(&self) -> &[u8] {
-        if self.at < self.prefix.len() {
-            &self.prefix[self.at..]
-        } else {
-            &self.message
-        }
-    }
-
-    fn advance(&mut self, mut cnt: usize) {
-        let in_prefix = (self.prefix.len() - self.at).min(cnt);
-        self.at += in_prefix;
-        cnt -= in_prefix;
-        self.message.advance(cnt);
-    }
-
-    fn chunks_vectored<'a>(&'a self, dst: &mut [IoSlice<'a>]) -> usize {
-        let mut n = 0;
-        if self.at < self.prefix.len() && n < dst.len() {
-            dst[n] = IoSlice::new(&self.prefix[self.at..]);
-            n += 1;
-        }
-        if !self.message.is_empty() && n < dst.len() {
-            dst[n] = IoSlice::new(&self.message);
-            n += 1;
-        }
-        n
-    }
+    Ok(all.slice(5..5 + len))
 }
 
 #[cfg(test)]
@@ -587,6 +475,8 @@ mod tests {
     use h2::server::SendResponse;
     use tokio::net::TcpListener;
     use tokio::sync::mpsc;
+
+    use bytes::BytesMut;
 
     use super::*;
     use crate::endpoint::NodeConn;

@@ -4,27 +4,7 @@ use std::time::Duration;
 
 use tonic::metadata::MetadataMap;
 
-/// Parses a `grpc-timeout` value: up to 8 digits and a unit (`H`, `M`, `S`, `m`, `u`, `n`),
-/// as the gRPC over HTTP/2 specification defines it.
-pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
-    if value.len() < 2 || value.len() > 9 {
-        return None;
-    }
-    let (digits, unit) = value.split_at(value.len() - 1);
-    if !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    let n: u64 = digits.parse().ok()?;
-    Some(match unit {
-        "H" => Duration::from_secs(n * 3600),
-        "M" => Duration::from_secs(n * 60),
-        "S" => Duration::from_secs(n),
-        "m" => Duration::from_millis(n),
-        "u" => Duration::from_micros(n),
-        "n" => Duration::from_nanos(n),
-        _ => return None,
-    })
-}
+use fulcrum_grpc_h2::timeout::parse_grpc_timeout;
 
 /// Taken off the caller's deadline so the router answers DEADLINE_EXCEEDED itself, a little
 /// before tonic's own server timer (which starts when the request arrives, and would answer
@@ -47,16 +27,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn units() {
-        assert_eq!(parse_grpc_timeout("5S"), Some(Duration::from_secs(5)));
-        assert_eq!(parse_grpc_timeout("250m"), Some(Duration::from_millis(250)));
-        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
-        assert_eq!(
-            parse_grpc_timeout("99999999n"),
-            Some(Duration::from_nanos(99_999_999))
-        );
-        for bad in ["", "S", "5", "5s", "-5S", "123456789S", "1.5S"] {
-            assert_eq!(parse_grpc_timeout(bad), None, "{bad}");
-        }
+    fn the_budget_is_the_callers_deadline_less_the_margin_else_the_default() {
+        let default = Duration::from_secs(30);
+        let mut metadata = MetadataMap::new();
+        assert_eq!(budget(&metadata, default), default);
+        metadata.insert("grpc-timeout", "250m".parse().unwrap());
+        assert_eq!(budget(&metadata, default), Duration::from_millis(245));
+        metadata.insert("grpc-timeout", "2m".parse().unwrap());
+        assert_eq!(budget(&metadata, default), Duration::ZERO);
+        metadata.insert("grpc-timeout", "soon".parse().unwrap());
+        assert_eq!(budget(&metadata, default), default);
     }
 }
