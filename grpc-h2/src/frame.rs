@@ -24,6 +24,7 @@ pub struct GrpcFrame {
 
 impl GrpcFrame {
     /// `message` behind its prefix (`len` is its length).
+    #[inline]
     pub fn new(len: u32, message: Bytes) -> Self {
         let l = len.to_be_bytes();
         Self {
@@ -34,6 +35,7 @@ impl GrpcFrame {
     }
 
     /// Bytes sent as they are (already framed, or part of a body relayed as it streams).
+    #[inline]
     pub fn raw(bytes: Bytes) -> Self {
         Self {
             prefix: [0; 5],
@@ -44,10 +46,12 @@ impl GrpcFrame {
 }
 
 impl Buf for GrpcFrame {
+    #[inline]
     fn remaining(&self) -> usize {
         self.prefix.len() - self.at + self.message.len()
     }
 
+    #[inline]
     fn chunk(&self) -> &[u8] {
         if self.at < self.prefix.len() {
             &self.prefix[self.at..]
@@ -56,6 +60,7 @@ impl Buf for GrpcFrame {
         }
     }
 
+    #[inline]
     fn advance(&mut self, mut cnt: usize) {
         let in_prefix = (self.prefix.len() - self.at).min(cnt);
         self.at += in_prefix;
@@ -63,6 +68,7 @@ impl Buf for GrpcFrame {
         self.message.advance(cnt);
     }
 
+    #[inline]
     fn chunks_vectored<'a>(&'a self, dst: &mut [IoSlice<'a>]) -> usize {
         let mut n = 0;
         if self.at < self.prefix.len() && n < dst.len() {
@@ -92,6 +98,7 @@ pub enum Received {
 
 impl Received {
     /// Adds a chunk.
+    #[inline]
     pub fn push(&mut self, chunk: Bytes) {
         *self = match std::mem::take(self) {
             Received::Nothing => Received::One(chunk),
@@ -109,6 +116,7 @@ impl Received {
     }
 
     /// What has arrived so far.
+    #[inline]
     pub fn bytes(&self) -> &[u8] {
         match self {
             Received::Nothing => &[],
@@ -118,6 +126,7 @@ impl Received {
     }
 
     /// Everything received, as one buffer (empty if nothing was).
+    #[inline]
     pub fn into_bytes(self) -> Bytes {
         match self {
             Received::Nothing => Bytes::new(),
