@@ -36,6 +36,14 @@ pub(crate) struct ControlArgs {
     /// Consecutive failing probes that make a healthy node unhealthy.
     #[arg(long, default_value_t = 2)]
     unhealthy_after: u32,
+    /// Mass-failure guard ("fail open"): when more than this share (in percent) of a
+    /// region's routable nodes fail their probes at once without answering, in every region,
+    /// and the nodes' own signals do not confirm it, hold their last state instead of
+    /// publishing them unhealthy (the prober or its network is the likelier cause). A region
+    /// failing alone while others are fine is published (a data-center failure). 0 or 100
+    /// turns the guard off.
+    #[arg(long, default_value_t = 50.0, value_parser = percent)]
+    mass_failure_threshold: f64,
     /// This replica's id (default: control-HOST:PORT of --listen).
     #[arg(long)]
     id: Option<String>,
@@ -95,8 +103,22 @@ impl ControlArgs {
                     healthy_after: self.healthy_after.max(1),
                     unhealthy_after: self.unhealthy_after.max(1),
                 },
+                mass_failure_threshold: self.mass_failure_threshold / 100.0,
             },
         })
+    }
+}
+
+/// A percentage in [0, 100].
+fn percent(s: &str) -> Result<f64, String> {
+    let v: f64 = s
+        .trim_end_matches('%')
+        .parse()
+        .map_err(|e| format!("not a number: {e}"))?;
+    if (0.0..=100.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("{v} is not a percentage in [0, 100]"))
     }
 }
 
