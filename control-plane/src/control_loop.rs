@@ -415,13 +415,15 @@ impl Guarded {
                 } else {
                     return None;
                 };
-                let verdict = match unhealthy.get(id) {
+                let failing = unhealthy.get(id);
+                let verdict = match failing {
                     None => Verdict::Up,
                     Some(f) if f.recovering => Verdict::Recovering,
                     Some(f) if f.unanswered => Verdict::DownUnanswered,
                     Some(_) => Verdict::DownAnswered,
                 };
-                let passive = Passive::of(inputs.load.get(id), now_ms);
+                let since = failing.map_or(0, |f| f.since_unix_ms);
+                let passive = Passive::of(inputs.load.get(id), now_ms, since);
                 Some((
                     id.as_str(),
                     NodeView {

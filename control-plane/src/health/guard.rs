@@ -26,8 +26,9 @@
 //! - some regions disrupted, others fine: the observer demonstrably reaches the fine ones, so
 //!   the disrupted ones are taken as what they look like, a data center (or the path to it)
 //!   going dark, which must reach the routers as fast as any failure: their suspects are
-//!   published unhealthy, except those that show life on their own (a fresh self-report, or
-//!   routers' calls to them succeeding): then it is the observer's path to them that broke.
+//!   published unhealthy, except those that show life on their own (a self-report received
+//!   after their probes began to fail, and recent): then it is the observer's path to them
+//!   that broke.
 //! - no region disrupted: the probes are trusted, as without the guard.
 //!
 //! Fewer than [`MIN_SUSPECTS`] suspects never trip it. A held node stays at stake and suspect
@@ -37,6 +38,11 @@
 //! same instant: nodes still held stay held for a grace of one [`window`] after the guard last
 //! tripped (those not back by then are published with their probes' verdict). A held node
 //! whose failure gets confirmed is let go at once.
+//!
+//! The routers' calls are read as confirmation only (errors and no success confirm a failure),
+//! not as life: a replica's sum of its routers' reports can carry calls up to a few seconds
+//! old (`load`'s report TTLs), which would hold a data center that just went dark for that
+//! long. A self-report says when it was received, so it can be told apart from the failure.
 //!
 //! A single-region fleet that truly goes dark all at once, with no router calling it, is held:
 //! there is nothing left to route to either way, and the routers' own failure handling
@@ -65,12 +71,18 @@ pub const MIN_SUSPECTS: usize = 3;
 /// within three seconds, and one that stopped reporting is stale after it.
 pub const ALIVE_REPORT_AGE: Duration = Duration::from_secs(3);
 
+/// How long a node's own report may take to reach the leader: the node's report interval
+/// (half a second), the replica's publish interval (a second) and half a second of margin. The
+/// guard's [`window`] is at least this, so that a node published unhealthy before its report
+/// showed it alive is still held (restored) when the report arrives.
+const SIGNAL_DELAY: Duration = Duration::from_secs(2);
+
 /// How long a node's move to unhealthy still counts as part of one mass event: a fleet's probe
 /// phases are spread over one interval, and a probe fails a timeout after it starts; twice the
-/// interval plus the timeout covers that with an interval to spare for a loaded scheduler. With
-/// the default probes (1 s, 1 s) it is 3 s.
+/// interval plus the timeout covers that with an interval to spare for a loaded scheduler, and
+/// it is at least [`SIGNAL_DELAY`]. With the default probes (1 s, 1 s) it is 3 s.
 pub fn window(probe: &ProbeConfig) -> Duration {
-    probe.interval * 2 + probe.timeout
+    (probe.interval * 2 + probe.timeout).max(SIGNAL_DELAY)
 }
 
 /// Whether a threshold turns the guard on: 0 and 1 (and anything outside) turn it off.
@@ -105,24 +117,31 @@ pub enum Verdict {
 /// What a node says of itself, and what the routers' calls to it say.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Passive {
-    /// Alive: a fresh self-report, or routers' calls to it succeeding.
+    /// Alive: it reported itself since its probes began to fail, recently.
     pub alive: bool,
     /// The routers' calls to it fail, none succeeding: the failure is confirmed.
     pub calls_failing: bool,
 }
 
 impl Passive {
-    /// The signals in a node's load, as the leader merged it at `now_unix_ms`.
-    pub fn of(load: Option<&NodeLoadSummary>, now_unix_ms: u64) -> Self {
+    /// The signals in a node's load, as the leader merged it at `now_unix_ms`, for a node
+    /// whose probes began to fail at `failing_since_unix_ms` (the leader's clock against the
+    /// receiving replica's: replicas' clocks are assumed kept within a fraction of a second).
+    pub fn of(
+        load: Option<&NodeLoadSummary>,
+        now_unix_ms: u64,
+        failing_since_unix_ms: u64,
+    ) -> Self {
         let Some(l) = load else {
             return Self::default();
         };
         let succeeded = l.calls_per_sec - l.errors_per_sec;
-        let reported = l.reported.as_ref().is_some_and(|r| {
-            now_unix_ms.saturating_sub(r.at_unix_ms) <= ALIVE_REPORT_AGE.as_millis() as u64
+        let alive = l.reported.as_ref().is_some_and(|r| {
+            r.at_unix_ms > failing_since_unix_ms
+                && now_unix_ms.saturating_sub(r.at_unix_ms) <= ALIVE_REPORT_AGE.as_millis() as u64
         });
         Self {
-            alive: reported || succeeded > 0.0,
+            alive,
             calls_failing: l.errors_per_sec > 0.0 && succeeded <= 0.0,
         }
     }
@@ -484,13 +503,32 @@ mod tests {
             }),
             ..Default::default()
         };
-        assert_eq!(Passive::of(None, now), SILENT);
-        assert_eq!(Passive::of(Some(&load(10.0, 2.0, None)), now), ALIVE);
-        assert_eq!(Passive::of(Some(&load(0.0, 0.0, Some(500))), now), ALIVE);
-        let stale = ALIVE_REPORT_AGE.as_millis() as u64 + 1;
-        assert_eq!(Passive::of(Some(&load(0.0, 0.0, Some(stale))), now), SILENT);
+        // Probes failing for a second.
+        let since = now - 1000;
+        assert_eq!(Passive::of(None, now, since), SILENT);
+        // A report since the probes began to fail: alive.
         assert_eq!(
-            Passive::of(Some(&load(4.0, 4.0, None)), now),
+            Passive::of(Some(&load(0.0, 0.0, Some(500))), now, since),
+            ALIVE
+        );
+        // One from before: it says nothing of now (a data center that just went dark).
+        assert_eq!(
+            Passive::of(Some(&load(0.0, 0.0, Some(1500))), now, since),
+            SILENT
+        );
+        // Nor does an old one, whenever the probes began to fail.
+        let stale = ALIVE_REPORT_AGE.as_millis() as u64 + 1;
+        assert_eq!(
+            Passive::of(Some(&load(0.0, 0.0, Some(stale))), now, 0),
+            SILENT
+        );
+        // Routers' successful calls are not taken as life (they may be seconds old).
+        assert_eq!(
+            Passive::of(Some(&load(10.0, 2.0, None)), now, since),
+            SILENT
+        );
+        assert_eq!(
+            Passive::of(Some(&load(4.0, 4.0, None)), now, since),
             Passive {
                 alive: false,
                 calls_failing: true,
@@ -498,7 +536,7 @@ mod tests {
         );
         // Failing calls confirm even with a fresh report: the process lives, it does not serve.
         assert_eq!(
-            Passive::of(Some(&load(4.0, 4.0, Some(100))), now),
+            Passive::of(Some(&load(4.0, 4.0, Some(100))), now, since),
             Passive {
                 alive: true,
                 calls_failing: true,

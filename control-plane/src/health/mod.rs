@@ -110,6 +110,9 @@ pub struct NodeHealth {
     /// The last failing probe got no answer ([`Observation::NoAnswer`]): the failure may be
     /// the observer's, which the mass-failure guard weighs.
     pub unanswered: bool,
+    /// When the first probe of the current failing streak started (Unix milliseconds; 0 when
+    /// the streak is not a failing one): what a node's own signals are compared with.
+    pub failing_since_unix_ms: u64,
 }
 
 impl Default for NodeHealth {
@@ -121,6 +124,7 @@ impl Default for NodeHealth {
             ready_models: Vec::new(),
             discovered: Vec::new(),
             unanswered: false,
+            failing_since_unix_ms: 0,
         }
     }
 }

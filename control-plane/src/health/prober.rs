@@ -98,6 +98,8 @@ pub struct Failing {
     pub unanswered: bool,
     /// Its last probe passed: it is on its way back.
     pub recovering: bool,
+    /// When its failing streak began ([`NodeHealth::failing_since_unix_ms`]).
+    pub since_unix_ms: u64,
 }
 
 /// Runs the probe tasks and holds their results.
@@ -242,6 +244,7 @@ impl Prober {
                 let failing = Failing {
                     unanswered: h.unanswered,
                     recovering: h.streak > 0,
+                    since_unix_ms: h.failing_since_unix_ms,
                 };
                 (id.clone(), failing)
             })
@@ -315,6 +318,7 @@ async fn probe_loop(spec: NodeSpec, config: ProbeConfig, first_in: Duration, to:
         // ended.
         let due = previous_end.map_or(tick, |end| tick.max(end));
         let started = Instant::now();
+        let started_unix_ms = crate::load::now_unix_ms();
         // The connection is put back only after a probe that ended in time; a probe that timed
         // out drops it (it may be stuck), and the next one connects afresh.
         let attempt = async {
@@ -367,7 +371,11 @@ async fn probe_loop(spec: NodeSpec, config: ProbeConfig, first_in: Duration, to:
                 entry.discovered = models;
                 did_change = true;
             }
+            let failed = obs.is_failure();
             did_change |= entry.observe(obs, config.thresholds);
+            if failed && entry.streak == -1 {
+                entry.failing_since_unix_ms = started_unix_ms;
+            }
             if entry.state != before {
                 tracing::info!(node = %spec.id, from = ?before, to = ?entry.state,
                     error = %entry.last_error, "node health changed");
