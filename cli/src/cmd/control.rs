@@ -148,3 +148,30 @@ pub(crate) async fn run(args: ControlArgs) -> anyhow::Result<()> {
     .await?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn thresholds_are_percentages() {
+        assert_eq!(super::percent("50"), Ok(50.0));
+        assert_eq!(super::percent("12.5%"), Ok(12.5));
+        assert_eq!(super::percent("0"), Ok(0.0));
+        assert_eq!(super::percent("100"), Ok(100.0));
+        assert!(
+            super::percent("101")
+                .unwrap_err()
+                .contains("not a percentage")
+        );
+        assert!(
+            super::percent("-1")
+                .unwrap_err()
+                .contains("not a percentage")
+        );
+        assert!(
+            super::percent("NaN")
+                .unwrap_err()
+                .contains("not a percentage")
+        );
+        assert!(super::percent("half").unwrap_err().contains("not a number"));
+    }
+}
