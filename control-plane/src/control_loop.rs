@@ -20,6 +20,10 @@
 //! ([`Mirror`]), the prober says which nodes' health changed, and a pass computes only the
 //! nodes whose inputs changed, plus those whose weight is still moving toward its target
 //! (damping). A weight override at 10,000 nodes computes one entry and writes one key.
+//!
+//! Probe verdicts reach the table through the mass-failure guard ([`guard`]): when most of the
+//! routable fleet fails its probes at once, unconfirmed by the nodes' own signals, a pass
+//! publishes those nodes' last state instead ([`Guarded`]).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
@@ -34,6 +38,7 @@ use tokio::time::Instant;
 
 use crate::error::Error;
 use crate::health::NodeHealth;
+use crate::health::guard::{self, NodeView, Passive, Previous, Verdict};
 use crate::health::prober::Prober;
 use crate::load::LoadView;
 use crate::overrides::{Overrides, Subject};
@@ -108,6 +113,10 @@ pub async fn run(
         is_leader.send_replace(true);
         lead(&store, &prober, &changed, &leadership).await;
         is_leader.send_replace(false);
+        prober
+            .stats()
+            .guard_held
+            .store(0, std::sync::atomic::Ordering::Relaxed);
         prober.sync(&[]);
         tracing::warn!(replica = %replica_id, "leadership lost; campaigning again");
         // Give it up explicitly too, in case only the fence failed.
@@ -343,7 +352,167 @@ struct Leading {
     full: bool,
     /// Transactions sent by the last pass (retries included), for the pacer.
     sent: usize,
+    /// The mass-failure guard's memory.
+    guard: Guarded,
 }
+
+/// The mass-failure guard's memory between passes ([`guard`] decides; this feeds it and
+/// remembers what it needs of the passes before).
+#[derive(Debug, Default)]
+struct Guarded {
+    /// Nodes the probes moved from routable to unhealthy within the guard's window: when, and
+    /// the health they had before (what holding them publishes again).
+    moved: HashMap<String, (Instant, NodeHealth)>,
+    /// Nodes held by the last pass: published with their last state, not their probes'.
+    held: BTreeSet<String>,
+    /// Why, for logging when it changes.
+    trip: guard::Trip,
+    /// The last pass whose decision tripped the guard (the grace runs from it).
+    tripped_at: Option<Instant>,
+}
+
+impl Guarded {
+    /// Decides which nodes this pass holds; those entering or leaving the hold go to `dirty`.
+    fn pass(
+        &mut self,
+        prober: &Prober,
+        inputs: &Inputs,
+        last: &Table,
+        now: Instant,
+        dirty: &mut BTreeSet<String>,
+    ) {
+        let config = prober.config();
+        let threshold = config.mass_failure_threshold;
+        let window = guard::window(config);
+        let unhealthy = prober.unhealthy();
+        self.moved.retain(|id, (at, _)| {
+            now.saturating_duration_since(*at) < window && unhealthy.contains_key(id)
+        });
+        let routable = |id: &str| {
+            last.endpoints
+                .get(id)
+                .is_some_and(|e| matches!(e.health(), HealthState::Healthy | HealthState::Degraded))
+        };
+        // Nothing to decide (the common case, a few long-dead nodes included) unless a failing
+        // node is at stake or some are held.
+        let at_stake = unhealthy
+            .keys()
+            .any(|id| routable(id) || self.moved.contains_key(id));
+        let grace = self
+            .tripped_at
+            .is_some_and(|at| now.saturating_duration_since(at) < window);
+        let decision = if guard::enabled(threshold) && (at_stake || !self.held.is_empty()) {
+            let now_ms = load::now_unix_ms();
+            let views = inputs.specs.iter().filter_map(|(id, spec)| {
+                let held = self.held.contains(id);
+                let previous = if self.moved.contains_key(id) {
+                    Previous::RecentlyMoved
+                } else if routable(id) {
+                    Previous::Routable
+                } else if held {
+                    // Held, and not published yet (a node restored by the last pass).
+                    Previous::Routable
+                } else {
+                    return None;
+                };
+                let failing = unhealthy.get(id);
+                let verdict = match failing {
+                    None => Verdict::Up,
+                    Some(f) if f.recovering => Verdict::Recovering,
+                    Some(f) if f.unanswered => Verdict::DownUnanswered,
+                    Some(_) => Verdict::DownAnswered,
+                };
+                let since = failing.map_or(0, |f| f.since_unix_ms);
+                let passive = Passive::of(inputs.load.get(id), now_ms, since);
+                Some((
+                    id.as_str(),
+                    NodeView {
+                        region: &spec.region,
+                        previous,
+                        verdict,
+                        passive,
+                        held,
+                    },
+                ))
+            });
+            guard::decide(views, threshold, grace)
+        } else {
+            guard::Decision::default()
+        };
+        if decision.tripped() {
+            self.tripped_at = Some(now);
+        }
+        dirty.extend(self.held.symmetric_difference(&decision.hold).cloned());
+        let stats = prober.stats();
+        if self.held.is_empty() && !decision.hold.is_empty() {
+            stats
+                .guard_trips
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        stats.guard_held.store(
+            decision.hold.len() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        if decision.trip != self.trip {
+            let (held, suspects, at_stake) =
+                (decision.hold.len(), decision.suspects, decision.at_stake);
+            match &decision.trip {
+                guard::Trip::Everywhere => tracing::warn!(
+                    held,
+                    suspects,
+                    at_stake,
+                    "mass-failure guard: most of every region's routable nodes failed their \
+                     probes at once without an answer, unconfirmed by their own signals; the \
+                     prober (or its network) is the likelier cause: holding their last state"
+                ),
+                guard::Trip::Regions(regions) => tracing::warn!(
+                    ?regions,
+                    held,
+                    suspects,
+                    at_stake,
+                    "mass-failure guard: these regions' nodes failed their probes at once while \
+                     other regions are fine: published as a data-center failure, but for the \
+                     held nodes, which show life on their own"
+                ),
+                guard::Trip::Clear if self.trip != guard::Trip::Clear => tracing::info!(
+                    still_held = held,
+                    "mass-failure guard cleared: probe verdicts are published again (nodes \
+                     still held go when their probes pass, or after a grace)"
+                ),
+                guard::Trip::Clear => {}
+            }
+        }
+        self.held = decision.hold;
+        self.trip = decision.trip;
+    }
+
+    /// The health to publish for node `id` (its probes' or, held, its last), given its last
+    /// published entry `old`.
+    fn health(&self, prober: &Prober, id: &str, old: Option<&Endpoint>) -> Option<NodeHealth> {
+        if self.held.contains(id) {
+            if let Some((_, before)) = self.moved.get(id) {
+                return Some(before.clone());
+            }
+            return old.map(inherited_health);
+        }
+        // A node this replica has not probed yet (it was just elected, or the node is new)
+        // keeps the health the table gives it: the previous leader's verdict. Otherwise every
+        // new leader would publish the whole fleet unroutable until its first probes answer.
+        prober.get(id).or_else(|| old.map(inherited_health))
+    }
+
+    /// Remembers a node its probes take out of the routing table by this pass.
+    fn published(&mut self, id: &str, old: Option<&Endpoint>, new: &Endpoint, now: Instant) {
+        if let Some(old) = old
+            && matches!(old.health(), HealthState::Healthy | HealthState::Degraded)
+            && new.health() == HealthState::Unhealthy
+        {
+            self.moved
+                .insert(id.to_owned(), (now, inherited_health(old)));
+        }
+    }
+}
+
 /// Leads until the leadership is lost.
 async fn lead(
     store: &SharedStore,
@@ -361,6 +530,7 @@ async fn lead(
         unsettled: BTreeSet::new(),
         full: true,
         sent: 0,
+        guard: Guarded::default(),
     };
     let mut pacer = Pacer::new(now);
     // The end of the last batch (long ago: the first pass may write at once).
@@ -634,6 +804,7 @@ async fn reconcile(
         }
     }
     let now = Instant::now();
+    leading.guard.pass(prober, inputs, last, now, &mut dirty);
     let mut changes = Changes::new();
     for id in &dirty {
         let Some(spec) = inputs.specs.get(id) else {
@@ -643,10 +814,7 @@ async fn reconcile(
             continue;
         };
         let old = last.endpoints.get(id);
-        // A node this replica has not probed yet (it was just elected, or the node is new)
-        // keeps the health the table gives it: the previous leader's verdict. Otherwise every
-        // new leader would publish the whole fleet unroutable until its first probes answer.
-        let health = prober.get(id).or_else(|| old.map(inherited_health));
+        let health = leading.guard.health(prober, id, old);
         let clock = leading.clock.get(id).copied().unwrap_or(leading.since);
         let mut elapsed = now.saturating_duration_since(clock);
         if !moving.contains(id) {
@@ -667,6 +835,7 @@ async fn reconcile(
             leading.unsettled.insert(id.clone());
         }
         if old != Some(&e) {
+            leading.guard.published(id, old, &e, now);
             changes.insert(id.clone(), Some(e));
         }
     }

@@ -10,6 +10,11 @@
 //! | `fulcrum_control_routers` | | routers subscribed to this replica |
 //! | `fulcrum_control_router_lag` | router, region | versions between the table and the router's newest ACK |
 //! | `fulcrum_control_router_nacks_total` | router, region | versions the router rejected |
+//! | `fulcrum_control_probes_inconclusive_total` | | probes that timed out while the prober itself was late (not counted as failures) |
+//! | `fulcrum_control_guard_trips_total` | | times the mass-failure guard started holding nodes' last state |
+//! | `fulcrum_control_guard_held_nodes` | | nodes whose last state the guard holds now (the leader only) |
+
+use std::sync::Arc;
 
 use fulcrum_proto::fulcrum::v1::HealthState;
 use fulcrum_telemetry::family;
@@ -21,6 +26,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::health::HealthStats;
 use crate::publisher::Publisher;
 
 /// What a replica's metrics are read from.
@@ -30,6 +36,8 @@ pub struct ReplicaState {
     pub publisher: Publisher,
     /// Whether this replica leads.
     pub is_leader: watch::Receiver<bool>,
+    /// The prober's and the mass-failure guard's counters.
+    pub health: Arc<HealthStats>,
 }
 
 #[derive(Debug, Clone)]
@@ -128,6 +136,28 @@ impl Collector for ReplicaCollector {
             routers
                 .iter()
                 .map(|r| (router(r), ConstCounter::new(r.nacks))),
+        )?;
+        let (inconclusive, trips, held) = self.0.health.read();
+        family(
+            e,
+            "fulcrum_control_probes_inconclusive",
+            "Probes that timed out while the prober itself was late, counted neither as passes nor as failures",
+            MetricType::Counter,
+            [(vec![], ConstCounter::new(inconclusive))],
+        )?;
+        family(
+            e,
+            "fulcrum_control_guard_trips",
+            "Times the mass-failure guard started holding nodes' last state instead of publishing their failed probes",
+            MetricType::Counter,
+            [(vec![], ConstCounter::new(trips))],
+        )?;
+        family(
+            e,
+            "fulcrum_control_guard_held_nodes",
+            "Nodes whose last state the mass-failure guard holds now",
+            MetricType::Gauge,
+            [(vec![], gauge(held as f64))],
         )?;
         Ok(())
     }

@@ -172,6 +172,7 @@ pub async fn serve_with_metrics(
         let state = crate::metrics::ReplicaState {
             publisher: publisher.clone(),
             is_leader: is_leader.clone(),
+            health: prober.stats().clone(),
         };
         AbortOnDrop(tokio::spawn(async move {
             if let Err(e) = crate::metrics::serve(state, l).await {

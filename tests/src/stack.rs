@@ -85,6 +85,7 @@ pub fn fast_probes() -> ProbeConfig {
         interval: Duration::from_millis(100),
         timeout: Duration::from_millis(500),
         thresholds: Thresholds::default(),
+        ..ProbeConfig::default()
     }
 }
 

@@ -36,6 +36,14 @@ pub(crate) struct ControlArgs {
     /// Consecutive failing probes that make a healthy node unhealthy.
     #[arg(long, default_value_t = 2)]
     unhealthy_after: u32,
+    /// Mass-failure guard ("fail open"): when more than this share (in percent) of a
+    /// region's routable nodes fail their probes at once without answering, in every region,
+    /// and the nodes' own signals do not confirm it, hold their last state instead of
+    /// publishing them unhealthy (the prober or its network is the likelier cause). A region
+    /// failing alone while others are fine is published (a data-center failure). 0 or 100
+    /// turns the guard off.
+    #[arg(long, default_value_t = 50.0, value_parser = percent)]
+    mass_failure_threshold: f64,
     /// This replica's id (default: control-HOST:PORT of --listen).
     #[arg(long)]
     id: Option<String>,
@@ -95,8 +103,22 @@ impl ControlArgs {
                     healthy_after: self.healthy_after.max(1),
                     unhealthy_after: self.unhealthy_after.max(1),
                 },
+                mass_failure_threshold: self.mass_failure_threshold / 100.0,
             },
         })
+    }
+}
+
+/// A percentage in [0, 100].
+fn percent(s: &str) -> Result<f64, String> {
+    let v: f64 = s
+        .trim_end_matches('%')
+        .parse()
+        .map_err(|e| format!("not a number: {e}"))?;
+    if (0.0..=100.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("{v} is not a percentage in [0, 100]"))
     }
 }
 
@@ -125,4 +147,31 @@ pub(crate) async fn run(args: ControlArgs) -> anyhow::Result<()> {
     )
     .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn thresholds_are_percentages() {
+        assert_eq!(super::percent("50"), Ok(50.0));
+        assert_eq!(super::percent("12.5%"), Ok(12.5));
+        assert_eq!(super::percent("0"), Ok(0.0));
+        assert_eq!(super::percent("100"), Ok(100.0));
+        assert!(
+            super::percent("101")
+                .unwrap_err()
+                .contains("not a percentage")
+        );
+        assert!(
+            super::percent("-1")
+                .unwrap_err()
+                .contains("not a percentage")
+        );
+        assert!(
+            super::percent("NaN")
+                .unwrap_err()
+                .contains("not a percentage")
+        );
+        assert!(super::percent("half").unwrap_err().contains("not a number"));
+    }
 }

@@ -94,6 +94,7 @@ pub(crate) async fn run(args: UpArgs) -> anyhow::Result<()> {
         interval: UP_PROBE_INTERVAL,
         timeout: UP_PROBE_INTERVAL,
         thresholds: Thresholds::default(),
+        ..ProbeConfig::default()
     };
     tasks.spawn(fulcrum_control_plane::serve_with_metrics(
         config,

@@ -1,14 +1,19 @@
-//! Node health: a pure state machine fed by probe results ([`NodeHealth::observe`]), and the
+//! Node health: a pure state machine fed by probe results ([`NodeHealth::observe`]), the
 //! active prober that produces them ([`prober`], which calls nodes through `probe_conn`, a
-//! minimal gRPC client on `h2`).
+//! minimal gRPC client on `h2`), and the mass-failure guard ([`guard`]) that keeps the
+//! control plane's own trouble (a starved prober, a broken network path from it) from taking a
+//! healthy fleet out of the routing table.
 //!
 //! Thresholds follow the usual load-balancer rule (Envoy, Kubernetes, HAProxy): a node becomes
 //! healthy after `healthy_after` consecutive passes and unhealthy after `unhealthy_after`
 //! consecutive failures, so one lost probe does not flap routing. A node never probed yet takes
 //! the state of its first result, so a new node serves (or is known dead) after one probe.
 
+pub mod guard;
 mod probe_conn;
 pub mod prober;
+
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use fulcrum_proto::fulcrum::v1::HealthState;
 
@@ -46,8 +51,45 @@ pub enum Observation {
         /// Models that answered ready.
         ready_models: Vec<String>,
     },
-    /// The server is not ready, did not answer, or no model is ready.
+    /// The node answered, and said it cannot serve: not ready, not serving, no model ready,
+    /// or its host refused the connection (nothing listens).
     Fail(String),
+    /// The node did not answer: the probe timed out, or could not connect or talk to it. A
+    /// failure too, but one the observer's own trouble can cause (see [`guard`]).
+    NoAnswer(String),
+    /// The probe says nothing of the node: it timed out while the prober itself was late (its
+    /// task ran long after it was due), so the answer may have been there, unread.
+    Inconclusive(String),
+}
+
+impl Observation {
+    /// Whether the probe failed (answered or not).
+    pub fn is_failure(&self) -> bool {
+        matches!(self, Observation::Fail(_) | Observation::NoAnswer(_))
+    }
+}
+
+/// Counters of the probing and of the mass-failure guard, read by the metrics at each scrape.
+#[derive(Debug, Default)]
+pub struct HealthStats {
+    /// Probes that timed out while the prober itself was late: counted neither as a pass nor
+    /// as a failure.
+    pub inconclusive_probes: AtomicU64,
+    /// Times the guard started holding nodes' last state.
+    pub guard_trips: AtomicU64,
+    /// Nodes whose last state the guard holds now (0 on a replica that does not lead).
+    pub guard_held: AtomicU64,
+}
+
+impl HealthStats {
+    /// A snapshot: (inconclusive probes, guard trips, nodes held now).
+    pub fn read(&self) -> (u64, u64, u64) {
+        (
+            self.inconclusive_probes.load(Ordering::Relaxed),
+            self.guard_trips.load(Ordering::Relaxed),
+            self.guard_held.load(Ordering::Relaxed),
+        )
+    }
 }
 
 /// What the control plane knows of one node's health.
@@ -65,6 +107,12 @@ pub struct NodeHealth {
     /// registered without models (empty otherwise). Kept while the node fails, so that its
     /// models stay known (UNAVAILABLE at the routers, not NOT_FOUND).
     pub discovered: Vec<String>,
+    /// The last failing probe got no answer ([`Observation::NoAnswer`]): the failure may be
+    /// the observer's, which the mass-failure guard weighs.
+    pub unanswered: bool,
+    /// When the first probe of the current failing streak started (Unix milliseconds; 0 when
+    /// the streak is not a failing one): what a node's own signals are compared with.
+    pub failing_since_unix_ms: u64,
 }
 
 impl Default for NodeHealth {
@@ -75,6 +123,8 @@ impl Default for NodeHealth {
             last_error: String::new(),
             ready_models: Vec::new(),
             discovered: Vec::new(),
+            unanswered: false,
+            failing_since_unix_ms: 0,
         }
     }
 }
@@ -85,10 +135,13 @@ impl NodeHealth {
     pub fn observe(&mut self, obs: Observation, t: Thresholds) -> bool {
         let before = (self.state, self.ready_models.clone());
         let first = self.state == HealthState::Unspecified;
+        let unanswered = matches!(obs, Observation::NoAnswer(_));
         let (target, ready_models) = match obs {
             Observation::Pass { ready_models } => (HealthState::Healthy, ready_models),
             Observation::Degraded { ready_models } => (HealthState::Degraded, ready_models),
-            Observation::Fail(why) => {
+            Observation::Inconclusive(_) => return false,
+            Observation::Fail(why) | Observation::NoAnswer(why) => {
+                self.unanswered = unanswered;
                 self.streak = self.streak.min(0).saturating_sub(1);
                 self.last_error = why;
                 if first || -self.streak >= t.unhealthy_after as i32 {
@@ -143,6 +196,25 @@ mod tests {
         h.observe(Observation::Fail("refused".into()), Thresholds::default());
         assert_eq!(h.state, HealthState::Unhealthy);
         assert_eq!(h.last_error, "refused");
+    }
+
+    #[test]
+    fn inconclusive_probes_change_nothing_and_failures_say_whether_they_were_answered() {
+        let t = Thresholds::default();
+        let mut h = NodeHealth::default();
+        h.observe(pass(), t);
+        assert!(!h.observe(Observation::NoAnswer("timed out".into()), t));
+        let before = h.clone();
+        assert!(!h.observe(Observation::Inconclusive("late".into()), t));
+        assert_eq!(h, before, "neither a pass nor a failure");
+        assert!(h.observe(Observation::NoAnswer("timed out".into()), t));
+        assert_eq!(h.state, HealthState::Unhealthy);
+        assert!(h.unanswered);
+        // Recovering: a pass does not make the failure an answered one.
+        h.observe(pass(), t);
+        assert!(h.unanswered);
+        h.observe(Observation::Fail("not ready".into()), t);
+        assert!(!h.unanswered);
     }
 
     #[test]

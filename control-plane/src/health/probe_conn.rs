@@ -46,22 +46,29 @@ pub(crate) struct ProbeConn {
 
 impl ProbeConn {
     /// Connects to `address` (`host:port`).
-    pub(crate) async fn connect(address: &str) -> Result<Self, String> {
+    pub(crate) async fn connect(address: &str) -> Result<Self, ConnectError> {
+        let other = |why: String| ConnectError {
+            why,
+            refused: false,
+        };
         let authority: http::uri::Authority = address
             .parse()
-            .map_err(|e| format!("bad address {address:?}: {e}"))?;
+            .map_err(|e| other(format!("bad address {address:?}: {e}")))?;
         let tcp = TcpStream::connect(address)
             .await
-            .map_err(|e| format!("cannot connect: {e}"))?;
+            .map_err(|e| ConnectError {
+                why: format!("cannot connect: {e}"),
+                refused: e.kind() == std::io::ErrorKind::ConnectionRefused,
+            })?;
         tcp.set_nodelay(true)
-            .map_err(|e| format!("cannot connect: {e}"))?;
+            .map_err(|e| other(format!("cannot connect: {e}")))?;
         let (send, connection) = h2::client::Builder::new()
             .initial_max_send_streams(INITIAL_MAX_SEND_STREAMS)
             .max_header_list_size(MAX_HEADER_LIST_SIZE)
             .enable_push(false)
             .handshake::<_, Bytes>(tcp)
             .await
-            .map_err(|e| format!("HTTP/2 handshake failed: {e}"))?;
+            .map_err(|e| other(format!("HTTP/2 handshake failed: {e}")))?;
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::trace!(error = %e, "probe connection ended");
@@ -113,6 +120,16 @@ impl ProbeConn {
         Resp::decode(message)
             .map_err(|e| Status::internal(format!("undecodable answer from {path}: {e}")))
     }
+}
+
+/// Why a connection to a node could not be made.
+#[derive(Debug)]
+pub(crate) struct ConnectError {
+    /// What went wrong, for people.
+    pub(crate) why: String,
+    /// The node's host refused the connection (nothing listens on the port): an answer, unlike
+    /// a connection that times out or breaks.
+    pub(crate) refused: bool,
 }
 
 fn h2_status(e: h2::Error) -> Status {
@@ -229,8 +246,10 @@ mod tests {
         let address = listener.local_addr().unwrap().to_string();
         drop(listener);
         let e = ProbeConn::connect(&address).await.unwrap_err();
-        assert!(e.starts_with("cannot connect"), "{e}");
-        assert!(ProbeConn::connect("not an address").await.is_err());
+        assert!(e.why.starts_with("cannot connect"), "{e:?}");
+        assert!(e.refused, "{e:?}");
+        let e = ProbeConn::connect("not an address").await.unwrap_err();
+        assert!(!e.refused, "{e:?}");
     }
 
     #[tokio::test]

@@ -13,6 +13,13 @@
 //! are spread over one interval instead of all firing together: 10,000 nodes would otherwise
 //! be 30,000 calls in the same instant, every interval. A new leader loses nothing meanwhile:
 //! nodes not probed yet keep the health the stored table gives them.
+//!
+//! A probe that times out while the prober itself is late (it started long after it was due,
+//! or its deadline fired long after it passed: the control plane's own CPU starvation) is
+//! [`Observation::Inconclusive`]: neither a pass nor a failure. A failure reads whether the
+//! node answered ([`Observation::Fail`]: not ready, refused) or not ([`Observation::NoAnswer`]:
+//! a timeout, a connection that hangs or breaks), for the mass-failure guard
+//! ([`super::guard`]).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -30,7 +37,8 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
 
 use super::probe_conn::ProbeConn;
-use super::{NodeHealth, Observation, Thresholds};
+use super::{HealthStats, NodeHealth, Observation, Thresholds};
+use tokio::time::Instant;
 
 /// Most models taken from one server's `RepositoryIndex`: far more than a server loads at once,
 /// and a bound on what a misbehaving server can make the control plane store and publish.
@@ -45,6 +53,10 @@ pub struct ProbeConfig {
     pub timeout: Duration,
     /// Streaks that change a node's state.
     pub thresholds: Thresholds,
+    /// The mass-failure guard's threshold: the share of a region's routable nodes that may
+    /// fail their probes at once before the guard holds them ([`super::guard`]); 0 or 1 turn
+    /// the guard off.
+    pub mass_failure_threshold: f64,
 }
 
 impl Default for ProbeConfig {
@@ -56,6 +68,7 @@ impl Default for ProbeConfig {
             interval: Duration::from_secs(1),
             timeout: Duration::from_secs(1),
             thresholds: Thresholds::default(),
+            mass_failure_threshold: super::guard::DEFAULT_THRESHOLD,
         }
     }
 }
@@ -78,6 +91,17 @@ const FIRST_PROBE_BURST: usize = 100;
 /// Nodes whose routable state changed since the control loop last asked.
 type Changed = Arc<Mutex<HashSet<String>>>;
 
+/// How an unhealthy node fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Failing {
+    /// Its last failing probe got no answer ([`NodeHealth::unanswered`]).
+    pub unanswered: bool,
+    /// Its last probe passed: it is on its way back.
+    pub recovering: bool,
+    /// When its failing streak began ([`NodeHealth::failing_since_unix_ms`]).
+    pub since_unix_ms: u64,
+}
+
 /// Runs the probe tasks and holds their results.
 #[derive(Debug)]
 pub struct Prober {
@@ -86,6 +110,7 @@ pub struct Prober {
     tasks: Mutex<HashMap<String, (NodeSpec, JoinHandle<()>)>>,
     changed: Arc<Notify>,
     changed_ids: Changed,
+    stats: Arc<HealthStats>,
 }
 
 impl Prober {
@@ -97,7 +122,18 @@ impl Prober {
             tasks: Mutex::default(),
             changed,
             changed_ids: Changed::default(),
+            stats: Arc::default(),
         }
+    }
+
+    /// How nodes are probed.
+    pub fn config(&self) -> &ProbeConfig {
+        &self.config
+    }
+
+    /// The probing's and the mass-failure guard's counters.
+    pub fn stats(&self) -> &Arc<HealthStats> {
+        &self.stats
     }
 
     /// Probes exactly the nodes in `specs`: starts tasks for new (or changed) nodes and stops
@@ -163,6 +199,7 @@ impl Prober {
                     health: self.health.clone(),
                     changed: self.changed.clone(),
                     changed_ids: self.changed_ids.clone(),
+                    stats: self.stats.clone(),
                 },
             ));
             tasks.insert(spec.id.clone(), (spec.clone(), handle));
@@ -195,6 +232,24 @@ impl Prober {
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
     }
+
+    /// The nodes the probes say are unhealthy, and how. Cheap: nothing else is copied.
+    pub fn unhealthy(&self) -> HashMap<String, Failing> {
+        self.health
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .filter(|(_, h)| h.state == fulcrum_proto::fulcrum::v1::HealthState::Unhealthy)
+            .map(|(id, h)| {
+                let failing = Failing {
+                    unanswered: h.unanswered,
+                    recovering: h.streak > 0,
+                    since_unix_ms: h.failing_since_unix_ms,
+                };
+                (id.clone(), failing)
+            })
+            .collect()
+    }
 }
 
 impl Drop for Prober {
@@ -221,6 +276,33 @@ struct Probed {
     health: HealthMap,
     changed: Arc<Notify>,
     changed_ids: Changed,
+    stats: Arc<HealthStats>,
+}
+
+/// A probe is the prober's own lateness, not the node's failure, when its task started this
+/// share of the timeout after it was due, or its deadline fired this share of the timeout after
+/// it passed. A working runtime, even on a busy machine, wakes a task within milliseconds; a
+/// quarter of the timeout (250 ms with the default second) means the prober did not run for
+/// that long, in which the node's answer may have arrived and waited unread.
+const LATE_SHARE: f64 = 0.25;
+
+/// Least lateness that counts, for short timeouts (tests probe with a few hundred
+/// milliseconds): below it, a delay is a loaded scheduler's ordinary jitter.
+const LATE_FLOOR: Duration = Duration::from_millis(20);
+
+/// Whether a probe that timed out was late on the prober's side: it was `due` (its tick, or the
+/// end of the previous probe if that ran past it), `started`, and its deadline of `timeout`
+/// fired at `ended`. Returns the lateness when it is past [`LATE_SHARE`] of the timeout.
+fn prober_lateness(
+    due: Instant,
+    started: Instant,
+    ended: Instant,
+    timeout: Duration,
+) -> Option<Duration> {
+    let late_start = started.saturating_duration_since(due);
+    let late_end = ended.saturating_duration_since(started + timeout);
+    let late = late_start.max(late_end);
+    (late > timeout.mul_f64(LATE_SHARE).max(LATE_FLOOR)).then_some(late)
 }
 
 /// Probes one node every interval until aborted.
@@ -229,8 +311,14 @@ async fn probe_loop(spec: NodeSpec, config: ProbeConfig, first_in: Duration, to:
     tokio::time::sleep(first_in).await;
     let mut ticker = tokio::time::interval(config.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut previous_end: Option<Instant> = None;
     loop {
-        ticker.tick().await;
+        let tick = ticker.tick().await;
+        // A tick missed because the previous probe ran long was not due before that probe
+        // ended.
+        let due = previous_end.map_or(tick, |end| tick.max(end));
+        let started = Instant::now();
+        let started_unix_ms = crate::load::now_unix_ms();
         // The connection is put back only after a probe that ended in time; a probe that timed
         // out drops it (it may be stuck), and the next one connects afresh.
         let attempt = async {
@@ -238,7 +326,7 @@ async fn probe_loop(spec: NodeSpec, config: ProbeConfig, first_in: Duration, to:
                 && conn.usable().await
             {
                 let verdict = probe(&conn, &spec).await;
-                if !matches!(verdict.0, Observation::Fail(_)) {
+                if !verdict.0.is_failure() {
                     kept = Some(conn);
                     return verdict;
                 }
@@ -247,18 +335,30 @@ async fn probe_loop(spec: NodeSpec, config: ProbeConfig, first_in: Duration, to:
             }
             let conn = match ProbeConn::connect(&spec.address).await {
                 Ok(conn) => conn,
-                Err(why) => return (Observation::Fail(why), None),
+                Err(e) if e.refused => return (Observation::Fail(e.why), None),
+                Err(e) => return (Observation::NoAnswer(e.why), None),
             };
             let verdict = probe(&conn, &spec).await;
             kept = Some(conn);
             verdict
         };
-        let (obs, discovered) = tokio::time::timeout(config.timeout, attempt)
-            .await
-            .unwrap_or_else(|_| {
-                let why = format!("probe timed out after {:?}", config.timeout);
-                (Observation::Fail(why), None)
-            });
+        let outcome = tokio::time::timeout(config.timeout, attempt).await;
+        let ended = Instant::now();
+        previous_end = Some(ended);
+        let (obs, discovered) = outcome.unwrap_or_else(|_| {
+            let why = format!("probe timed out after {:?}", config.timeout);
+            match prober_lateness(due, started, ended, config.timeout) {
+                Some(late) => {
+                    to.stats
+                        .inconclusive_probes
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tracing::debug!(node = %spec.id, late_ms = late.as_millis() as u64,
+                        "probe timed out while the prober was late: inconclusive");
+                    (Observation::Inconclusive(why), None)
+                }
+                None => (Observation::NoAnswer(why), None),
+            }
+        });
         let did_change = {
             let mut map = to.health.lock().unwrap_or_else(PoisonError::into_inner);
             let entry = map.entry(spec.id.clone()).or_default();
@@ -271,7 +371,11 @@ async fn probe_loop(spec: NodeSpec, config: ProbeConfig, first_in: Duration, to:
                 entry.discovered = models;
                 did_change = true;
             }
+            let failed = obs.is_failure();
             did_change |= entry.observe(obs, config.thresholds);
+            if failed && entry.streak == -1 {
+                entry.failing_since_unix_ms = started_unix_ms;
+            }
             if entry.state != before {
                 tracing::info!(node = %spec.id, from = ?before, to = ?entry.state,
                     error = %entry.last_error, "node health changed");
@@ -294,7 +398,7 @@ async fn probe(conn: &ProbeConn, spec: &NodeSpec) -> (Observation, Option<Vec<St
     let discovered = if spec.models.is_empty() {
         match list_models(conn).await {
             Ok(models) => Some(models),
-            Err(why) => return (Observation::Fail(why), None),
+            Err(failed) => return (failed, None),
         }
     } else {
         None
@@ -313,8 +417,8 @@ const SERVER_READY: &str = "/inference.GRPCInferenceService/ServerReady";
 const MODEL_READY: &str = "/inference.GRPCInferenceService/ModelReady";
 
 /// The models a server lists (`RepositoryIndex`), whatever their state, sorted; names that
-/// could not be registered are skipped.
-async fn list_models(conn: &ProbeConn) -> Result<Vec<String>, String> {
+/// could not be registered are skipped. The failure otherwise.
+async fn list_models(conn: &ProbeConn) -> Result<Vec<String>, Observation> {
     let request = RepositoryIndexRequest {
         repository_name: String::new(),
         ready: false,
@@ -322,13 +426,18 @@ async fn list_models(conn: &ProbeConn) -> Result<Vec<String>, String> {
     let index: RepositoryIndexResponse = match conn.unary(REPOSITORY_INDEX, &request).await {
         Ok(r) => r,
         Err(s) if s.code() == Code::Unimplemented => {
-            return Err(
+            return Err(Observation::Fail(
                 "registered without models, and the server cannot list them \
                  (RepositoryIndex is unimplemented): register the node with its models"
                     .into(),
-            );
+            ));
         }
-        Err(s) => return Err(format!("RepositoryIndex: {}", s.message())),
+        Err(s) => {
+            return Err(Observation::NoAnswer(format!(
+                "RepositoryIndex: {}",
+                s.message()
+            )));
+        }
     };
     let mut models: Vec<String> = index
         .models
@@ -340,7 +449,9 @@ async fn list_models(conn: &ProbeConn) -> Result<Vec<String>, String> {
     models.dedup();
     models.truncate(MAX_DISCOVERED_MODELS);
     if models.is_empty() {
-        return Err("registered without models, and the server lists none".into());
+        return Err(Observation::Fail(
+            "registered without models, and the server lists none".into(),
+        ));
     }
     Ok(models)
 }
@@ -390,12 +501,14 @@ async fn check(conn: &ProbeConn, models: &[String]) -> Observation {
             return Observation::Fail(format!("grpc.health.v1 says {:?}", r.status()));
         }
         Err(s) if s.code() == Code::Unimplemented => {}
-        Err(s) => return Observation::Fail(format!("health check: {}", s.message())),
+        // An error status, not an answer to the question: most often the connection's (reset,
+        // closed), which the observer's trouble can cause as well as the node's.
+        Err(s) => return Observation::NoAnswer(format!("health check: {}", s.message())),
     }
     match server_ready {
         Ok(r) if r.ready => {}
         Ok(_) => return Observation::Fail("ServerReady says not ready".into()),
-        Err(s) => return Observation::Fail(format!("ServerReady: {}", s.message())),
+        Err(s) => return Observation::NoAnswer(format!("ServerReady: {}", s.message())),
     }
     if ready_models.is_empty() {
         Observation::Fail("no model of the node is ready".into())
@@ -409,6 +522,7 @@ async fn check(conn: &ProbeConn, models: &[String]) -> Observation {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use fulcrum_proto::fulcrum::v1::HealthState;
 
     fn spec(address: &str, models: &[&str]) -> NodeSpec {
         NodeSpec {
@@ -428,7 +542,8 @@ mod tests {
     async fn probe_once(spec: &NodeSpec) -> (Observation, Option<Vec<String>>) {
         match ProbeConn::connect(&spec.address).await {
             Ok(conn) => probe(&conn, spec).await,
-            Err(why) => (Observation::Fail(why), None),
+            Err(e) if e.refused => (Observation::Fail(e.why), None),
+            Err(e) => (Observation::NoAnswer(e.why), None),
         }
     }
 
@@ -487,6 +602,73 @@ mod tests {
             matches!(&gone, (Observation::Fail(why), None) if why.starts_with("cannot connect")),
             "{gone:?}"
         );
+    }
+
+    #[test]
+    fn only_the_probers_own_lateness_makes_a_timeout_inconclusive() {
+        let due = Instant::now();
+        let ms = Duration::from_millis;
+        let second = Duration::from_secs(1);
+        let late = |start: u64, end_past_deadline: u64, timeout: Duration| {
+            let started = due + ms(start);
+            prober_lateness(
+                due,
+                started,
+                started + timeout + ms(end_past_deadline),
+                timeout,
+            )
+        };
+        // On time, or late by a loaded scheduler's jitter: the node's failure.
+        assert_eq!(late(0, 0, second), None);
+        assert_eq!(late(5, 3, second), None);
+        assert_eq!(late(200, 0, second), None, "under a quarter of the timeout");
+        // Started, or woken at the deadline, a quarter of the timeout late: the prober's.
+        assert_eq!(late(300, 0, second), Some(ms(300)));
+        assert_eq!(late(0, 400, second), Some(ms(400)));
+        // Short timeouts: the floor keeps ordinary jitter a failure.
+        assert_eq!(late(15, 0, ms(40)), None);
+        assert_eq!(late(0, 25, ms(40)), Some(ms(25)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_timeout_while_the_prober_was_late_is_inconclusive_and_counted() {
+        // A node that accepts connections and never answers: every probe times out.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let _hold = tokio::spawn(async move {
+            let mut open = Vec::new();
+            while let Ok((s, _)) = listener.accept().await {
+                open.push(s);
+            }
+        });
+        let config = ProbeConfig {
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_secs(1),
+            ..ProbeConfig::default()
+        };
+        let prober = Prober::new(config, Arc::new(Notify::new()));
+        prober.upsert(&[spec(&address, &["echo"])]);
+        // Probes on time: failures, without an answer.
+        let mut waited = 0;
+        while prober
+            .get("n1")
+            .is_none_or(|h| h.state != HealthState::Unhealthy)
+        {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            waited += 1;
+            assert!(waited < 100, "never unhealthy");
+        }
+        assert!(prober.get("n1").unwrap().unanswered);
+        assert_eq!(prober.stats().read().0, 0, "no probe was late");
+        // Now the clock jumps past a probe's deadline before the prober runs again, as when
+        // the prober is starved: that timeout is the prober's, and does not count.
+        tokio::time::advance(Duration::from_millis(1600)).await;
+        let mut waited = 0;
+        while prober.stats().read().0 == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            waited += 1;
+            assert!(waited < 1000, "no inconclusive probe");
+        }
     }
 
     #[test]
