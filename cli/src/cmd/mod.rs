@@ -7,9 +7,6 @@ pub(crate) mod node_sim;
 pub(crate) mod router;
 pub(crate) mod up;
 
-/// A bearer token from a flag or the environment: one or more visible ASCII characters, since
-/// it travels in an HTTP/2 header (`authorization: Bearer <token>`); anything else could never
-/// be presented, so it is refused at start rather than on every connection.
 /// Binds the metrics listener of `--metrics-listen`, when given.
 pub(crate) async fn bind_metrics(
     addr: Option<&str>,
@@ -42,6 +39,9 @@ pub(crate) fn presented_token(s: &str) -> Result<String, String> {
     token(first).map_err(|e| format!("{e} (the first of the comma-separated tokens is presented)"))
 }
 
+/// A bearer token from a flag or the environment: one or more visible ASCII characters, since
+/// it travels in an HTTP/2 header (`authorization: Bearer <token>`); anything else could never
+/// be presented, so it is refused at start rather than on every connection.
 pub(crate) fn token(s: &str) -> Result<String, String> {
     if s.is_empty() {
         return Err("the token is empty".into());
