@@ -136,6 +136,23 @@ impl Received {
     }
 }
 
+/// Checks a message's compression flag (its first byte): 0, since nothing here negotiates
+/// compression. Tonic's statuses for 1 (compressed without `grpc-encoding`) and for any other
+/// value, whose message ends with `context` (where the message was read, as tonic says it).
+pub fn uncompressed(flag: u8, context: impl std::fmt::Display) -> Result<(), Status> {
+    match flag {
+        0 => Ok(()),
+        1 => Err(Status::internal(
+            "protocol error: received message with compressed-flag but no grpc-encoding was \
+             specified",
+        )),
+        f => Err(Status::internal(format!(
+            "protocol error: received message with invalid compression flag: {f} (valid flags \
+             are 0 and 1){context}"
+        ))),
+    }
+}
+
 /// Cuts a streaming request body into its messages as the chunks arrive, refusing a message
 /// over a size limit as soon as its prefix shows it, and a compressed one (nothing here
 /// negotiates compression), with the statuses tonic's decoder gives.
@@ -165,21 +182,7 @@ impl Deframer {
         if b.len() < 5 {
             return Ok(None);
         }
-        match b[0] {
-            0 => {}
-            1 => {
-                return Err(Status::internal(
-                    "protocol error: received message with compressed-flag but no grpc-encoding \
-                     was specified",
-                ));
-            }
-            f => {
-                return Err(Status::internal(format!(
-                    "protocol error: received message with invalid compression flag: {f} (valid \
-                     flags are 0 and 1)"
-                )));
-            }
-        }
+        uncompressed(b[0], "")?;
         let len = u32::from_be_bytes([b[1], b[2], b[3], b[4]]) as usize;
         if len > self.max {
             return Err(Status::resource_exhausted(format!(

@@ -423,21 +423,10 @@ fn check_prefix(
     if b.len() < 5 {
         return Ok(());
     }
-    match b[0] {
-        0 => {}
-        1 => {
-            return Err(Status::internal(
-                "protocol error: received message with compressed-flag but no \
-                 grpc-encoding was specified",
-            ));
-        }
-        f => {
-            return Err(Status::internal(format!(
-                "protocol error: received message with invalid compression flag: {f} (valid \
-                 flags are 0 and 1) while receiving response with status: {http_status}"
-            )));
-        }
-    }
+    fulcrum_grpc_h2::frame::uncompressed(
+        b[0],
+        format_args!(" while receiving response with status: {http_status}"),
+    )?;
     let len = u32::from_be_bytes([b[1], b[2], b[3], b[4]]) as usize;
     if len > max {
         return Err(Status::out_of_range(format!(

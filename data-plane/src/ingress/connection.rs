@@ -190,21 +190,7 @@ fn first_message(received: Received) -> Result<Bytes, Status> {
     if all.len() < 5 {
         return Err(Status::internal("Unexpected EOF decoding stream."));
     }
-    match all[0] {
-        0 => {}
-        1 => {
-            return Err(Status::internal(
-                "protocol error: received message with compressed-flag but no grpc-encoding \
-                     was specified",
-            ));
-        }
-        f => {
-            return Err(Status::internal(format!(
-                "protocol error: received message with invalid compression flag: {f} (valid \
-                     flags are 0 and 1), while sending request"
-            )));
-        }
-    }
+    fulcrum_grpc_h2::frame::uncompressed(all[0], ", while sending request")?;
     let len = u32::from_be_bytes([all[1], all[2], all[3], all[4]]) as usize;
     if all.len() - 5 < len {
         return Err(Status::internal("Unexpected EOF decoding stream."));
