@@ -615,6 +615,11 @@ async fn lead(
     }
 }
 
+/// A pass that wrote nothing yet took this long is logged (at debug level) with its timing: a
+/// change arriving meanwhile waits for it. Two milliseconds is several times what computing one
+/// node's entry costs, and a tenth of scenario 4's change-to-ACK budget.
+const SLOW_PASS: Duration = Duration::from_millis(2);
+
 /// What one pass of the loop did.
 enum Written {
     /// Wrote a batch.
@@ -844,7 +849,7 @@ async fn reconcile(
     if txns.is_empty() {
         // Passes over many nodes that change nothing (load sums moving within the hysteresis)
         // are what a change may queue behind: their cost shows at debug level.
-        if dirty.len() >= 100 {
+        if dirty.len() >= 100 || computed_in >= SLOW_PASS {
             tracing::debug!(
                 computed = dirty.len(),
                 computed_ms = computed_in.as_secs_f64() * 1e3,

@@ -25,7 +25,7 @@
 //! delta when the version is published, a delta from an older version or the snapshot when a
 //! router first needs it.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
@@ -55,9 +55,12 @@ struct Entry {
     endpoint: Arc<Endpoint>,
 }
 
-/// The table's entries by node id. Entries are shared between versions: publishing a version
-/// copies the map's keys and pointers, not the endpoints.
-type Entries = BTreeMap<String, Entry>;
+/// The table's entries by node id, in a persistent map (`imbl`): versions share what did not
+/// change between them, so publishing a version costs what changed, not what exists. With a
+/// `BTreeMap` each version copied the whole table (10,000 keys and pointers) and the previous
+/// version's copy was freed: 4 to 17 ms per version at 10,000 nodes on the shared 2-core
+/// machine, before any router was sent anything (scenario 4).
+type Entries = imbl::OrdMap<String, Entry>;
 
 /// One published version: the table, and the delta from the version before it.
 #[derive(Debug)]
@@ -69,7 +72,7 @@ pub struct Published {
     /// Per-model policies.
     policies: Vec<ModelPolicy>,
     /// The table.
-    entries: Arc<Entries>,
+    entries: Entries,
     /// The whole table as an update, built when an operator first asks for it.
     snapshot: OnceLock<Arc<RoutingUpdate>>,
     /// The whole table as an encoded gRPC message, built when a router first needs it and
@@ -207,7 +210,7 @@ impl Published {
         version: u64,
         stale: bool,
         policies: Vec<ModelPolicy>,
-        entries: Arc<Entries>,
+        entries: Entries,
         delta: Option<RoutingUpdate>,
         history: Arc<History>,
     ) -> Self {
@@ -328,14 +331,7 @@ impl Published {
                 ((*id).to_string(), entry)
             })
             .collect();
-        Self::new(
-            version,
-            false,
-            vec![],
-            Arc::new(entries),
-            None,
-            Arc::default(),
-        )
+        Self::new(version, false, vec![], entries, None, Arc::default())
     }
 
     pub(crate) fn heartbeat_frame(&self) -> Bytes {
@@ -481,6 +477,10 @@ impl Publisher {
 /// Publishes the table in `entries` at `version` (the commit marker's revision), with the delta
 /// over the nodes in `touched` (which it clears). A version not newer than the published one is
 /// not published: versions never go backwards.
+///
+/// The follower's task is the only writer of `tx` (this and [`mark_stale`]), so the version is
+/// built from the current one outside the channel's lock and swapped in at the end: streams
+/// reading the current table wait for the swap only, and the version replaced is dropped after.
 fn publish(
     tx: &watch::Sender<Table>,
     entries: &Entries,
@@ -489,47 +489,55 @@ fn publish(
     version: i64,
 ) {
     let version = version as u64;
-    let published = tx.send_if_modified(|current| {
-        if current.as_ref().is_some_and(|p| p.version >= version) {
-            return false;
-        }
-        let delta = current
-            .as_ref()
-            .map(|p| delta(p, entries, touched.iter(), &commit.policies, version));
-        // A router at the previous version, or one in its history, can get a delta.
-        let history = match (current.as_ref(), delta.as_ref()) {
-            (Some(p), Some(d)) if !p.stale => {
-                let ids: Arc<[String]> = d
-                    .endpoints
-                    .iter()
-                    .map(|e| crate::table::node_id(e).to_owned())
-                    .chain(d.removed.iter().cloned())
-                    .collect();
-                Arc::new(p.history.then(p.version, ids))
-            }
-            _ => Arc::default(),
-        };
-        if commit.endpoints != entries.len() as u64 {
-            tracing::error!(
-                version,
-                expected = commit.endpoints,
-                held = entries.len(),
-                "the routing table read does not have as many nodes as its commit says"
-            );
-        }
-        *current = Some(Arc::new(Published::new(
-            version,
-            false,
-            commit.policies.clone(),
-            Arc::new(entries.clone()),
-            delta,
-            history,
-        )));
-        true
-    });
-    if published {
-        touched.clear();
+    let started = std::time::Instant::now();
+    let current = tx.borrow().clone();
+    if current.as_ref().is_some_and(|p| p.version >= version) {
+        return;
     }
+    let delta = current
+        .as_ref()
+        .map(|p| delta(p, entries, touched.iter(), &commit.policies, version));
+    // A router at the previous version, or one in its history, can get a delta.
+    let history = match (current.as_ref(), delta.as_ref()) {
+        (Some(p), Some(d)) if !p.stale => {
+            let ids: Arc<[String]> = d
+                .endpoints
+                .iter()
+                .map(|e| crate::table::node_id(e).to_owned())
+                .chain(d.removed.iter().cloned())
+                .collect();
+            Arc::new(p.history.then(p.version, ids))
+        }
+        _ => Arc::default(),
+    };
+    if commit.endpoints != entries.len() as u64 {
+        tracing::error!(
+            version,
+            expected = commit.endpoints,
+            held = entries.len(),
+            "the routing table read does not have as many nodes as its commit says"
+        );
+    }
+    let next = Arc::new(Published::new(
+        version,
+        false,
+        commit.policies,
+        entries.clone(),
+        delta,
+        history,
+    ));
+    let built = started.elapsed();
+    let replaced = tx.send_replace(Some(next));
+    let changed = touched.len();
+    touched.clear();
+    tracing::debug!(
+        version,
+        changed,
+        built_us = built.as_micros() as u64,
+        published_us = started.elapsed().as_micros() as u64,
+        "version published"
+    );
+    drop((current, replaced));
 }
 
 fn mark_stale(tx: &watch::Sender<Table>, stale: bool) {
@@ -687,14 +695,7 @@ mod tests {
     }
 
     fn published(version: u64, eps: Vec<Endpoint>) -> Published {
-        Published::new(
-            version,
-            false,
-            vec![],
-            Arc::new(entries(eps)),
-            None,
-            Arc::default(),
-        )
+        Published::new(version, false, vec![], entries(eps), None, Arc::default())
     }
 
     /// Decodes a gRPC frame, checking its prefix.
@@ -766,7 +767,7 @@ mod tests {
         let a = published(5, vec![ep("x", 1.0)]);
         let b = entries(vec![ep("x", 2.0)]);
         let d = delta(&a, &b, ["x".to_string()].iter(), &[], 9);
-        let p = Published::new(9, false, vec![], Arc::new(b), Some(d), Arc::default());
+        let p = Published::new(9, false, vec![], b, Some(d), Arc::default());
         assert_eq!(plan(9, false, &p), None, "a current router gets nothing");
         assert_eq!(plan(5, false, &p), Some(Kind::Delta), "the base holder");
         assert_eq!(plan(3, false, &p), Some(Kind::Snapshot), "an older router");
@@ -869,7 +870,7 @@ mod tests {
             9,
             true,
             vec![policy.clone()],
-            Arc::new(b),
+            b,
             Some(d.clone()),
             Arc::default(),
         );

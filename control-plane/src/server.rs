@@ -254,9 +254,17 @@ async fn publish_load(
                 report: Some(r.report),
             })
             .collect();
+        let started = std::time::Instant::now();
         let view = aggregator.view();
-        if let Err(e) = load::publish(store.as_ref(), &replica_id, &view, own).await {
-            tracing::debug!(error = %e, "cannot publish load; the leader keeps the last sum");
+        match load::publish(store.as_ref(), &replica_id, &view, own).await {
+            Ok(()) => tracing::debug!(
+                nodes = view.len(),
+                ms = started.elapsed().as_secs_f64() * 1e3,
+                "load sum written"
+            ),
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot publish load; the leader keeps the last sum")
+            }
         }
     }
 }

@@ -628,6 +628,9 @@ async fn run(args: Args, addrs: Vec<String>) -> anyhow::Result<()> {
     let mut first_router = Histogram::<u64>::new(3)?;
     let mut spread = Histogram::<u64>::new(3)?;
     let mut incomplete = 0usize;
+    // Per change: when it started (Unix ms, to line up with the control plane's log) and its
+    // first and last router's ACK (ms).
+    let mut rounds = Vec::with_capacity(args.changes);
     let window = Window::start(args.control_pid, args.etcd_pid, &store).await?;
     for round in 0..args.changes {
         // A routable node (a change to an unroutable one's override publishes nothing).
@@ -647,6 +650,9 @@ async fn run(args: Args, addrs: Vec<String>) -> anyhow::Result<()> {
             started: Instant::now(),
         };
         let round_start = lock(&shared.samples).len();
+        let started_unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
         *lock(&shared.target) = Some(target);
         // A refused change (the control plane lost its store) is counted, not fatal: the run
         // still reports what it measured.
@@ -697,6 +703,13 @@ async fn run(args: Args, addrs: Vec<String>) -> anyhow::Result<()> {
             per_change.record(worst.as_micros() as u64)?;
             first_router.record(best.as_micros() as u64)?;
             spread.record((worst - best).as_micros() as u64)?;
+            rounds.push(json!({
+                "round": round,
+                "node": node,
+                "started_unix_ms": started_unix_ms,
+                "first_ms": best.as_secs_f64() * 1e3,
+                "last_ms": worst.as_secs_f64() * 1e3,
+            }));
         }
         tokio::time::sleep(Duration::from_millis(args.pause_ms)).await;
     }
@@ -720,6 +733,7 @@ async fn run(args: Args, addrs: Vec<String>) -> anyhow::Result<()> {
             "change_to_ack_at_first_router": quantiles(&first_router),
             "first_to_last_router": quantiles(&spread),
             "window": changing,
+            "rounds": rounds,
         },
         "routers_updates": shared.updates.load(Ordering::Relaxed),
         "routers_snapshots": shared.snapshots.load(Ordering::Relaxed),
