@@ -65,9 +65,11 @@ impl AdminService {
     async fn status_of(&self, nodes: Vec<(NodeSpec, bool)>) -> Result<Vec<NodeStatus>, Error> {
         let overrides = overrides::load(self.store.as_ref()).await?;
         // Load is informational here: a store hiccup reading it must not fail the listing.
-        let load = crate::load::global(self.store.as_ref())
-            .await
-            .unwrap_or_default();
+        let load = match nodes.as_slice() {
+            [(spec, _)] => crate::load::of_node(self.store.as_ref(), &spec.id).await,
+            _ => crate::load::global(self.store.as_ref()).await,
+        }
+        .unwrap_or_default();
         // One node's health, not a copy of the fleet's, when one node is asked for.
         let health = match nodes.as_slice() {
             [(spec, _)] => self

@@ -16,8 +16,9 @@
 //! batch (a node that changed twice is written once, with its newest entry).
 //!
 //! Passes are incremental, so that one costs what changed, not what exists: the leader follows
-//! its inputs (node specs, overrides, policies, the replicas' load sums) with watches
-//! ([`Mirror`]), the prober says which nodes' health changed, and a pass computes only the
+//! its inputs (node specs, overrides, policies) with watches ([`Mirror`]), the replicas' load
+//! sums through [`GlobalLoad`] (merged on a thread of its own, which says whose load moved),
+//! the prober says which nodes' health changed, and a pass computes only the
 //! nodes whose inputs changed, plus those whose weight is still moving toward its target
 //! (damping). A weight override at 10,000 nodes computes one entry and writes one key.
 //!
@@ -29,14 +30,13 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use fulcrum_proto::fulcrum::v1::{
-    Endpoint, HealthState, LoadReport, ModelPolicy, NodeSpec, RoutingCommit,
-};
+use fulcrum_proto::fulcrum::v1::{Endpoint, HealthState, ModelPolicy, NodeSpec, RoutingCommit};
 use prost::Message;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::error::Error;
+use crate::global_load::GlobalLoad;
 use crate::health::NodeHealth;
 use crate::health::guard::{self, NodeView, Passive, Previous, Verdict};
 use crate::health::prober::Prober;
@@ -44,7 +44,6 @@ use crate::load::LoadView;
 use crate::overrides::{Overrides, Subject};
 use crate::store::mirror::Mirror;
 use crate::store::{Fence, Leadership, MAX_TXN_OPS, Op, SharedStore, StoreError};
-use crate::table::LoadSignals;
 use crate::{keys, load, overrides, registry, table};
 
 /// What the store holds (as far as the leader knows): each node's entry and the policies.
@@ -178,7 +177,7 @@ struct Follow {
     nodes: Mirror,
     overrides: Mirror,
     policies: Mirror,
-    load: Mirror,
+    load: GlobalLoad,
 }
 
 impl Follow {
@@ -188,14 +187,15 @@ impl Follow {
             nodes: mirror(keys::NODES),
             overrides: mirror(keys::OVERRIDES),
             policies: mirror(keys::POLICIES),
-            load: mirror(keys::LOAD),
+            load: GlobalLoad::start(store.clone(), changed.clone()),
         }
     }
 
     fn synced(&self) -> bool {
-        [&self.nodes, &self.overrides, &self.policies, &self.load]
+        [&self.nodes, &self.overrides, &self.policies]
             .iter()
             .all(|m| m.synced())
+            && self.load.synced()
     }
 }
 
@@ -207,11 +207,8 @@ struct Inputs {
     registry_revision: i64,
     overrides: Overrides,
     policies: Vec<ModelPolicy>,
-    /// Each replica's load sum, by key.
-    reports: BTreeMap<String, LoadReport>,
-    /// Their sum, and when it was made (its freshness depends on the time).
-    load: LoadView,
-    load_at: Option<Instant>,
+    /// The sum of the replicas' load sums, as [`GlobalLoad`] last made it.
+    load: Arc<LoadView>,
     /// Median latency per model, from `load`.
     medians: HashMap<String, f64>,
 }
@@ -283,33 +280,11 @@ impl Inputs {
             });
         }
 
-        let load = follow.load.changes();
-        for (key, kv) in &load.keys {
-            match kv.as_ref().and_then(|kv| load::decode(key, &kv.value)) {
-                Some(r) => self.reports.insert(key.clone(), r),
-                None => self.reports.remove(key),
-            };
-        }
-        // Sums age out with time alone: merge again at least once a resync interval.
-        let due = self
-            .load_at
-            .is_none_or(|at| at.elapsed() >= RESYNC_INTERVAL);
-        if !load.keys.is_empty() || (due && (!self.reports.is_empty() || !self.load.is_empty())) {
-            let merged = load::merge(self.reports.values(), load::now_unix_ms());
-            for (id, l) in &merged {
-                // Only a change the node's entry depends on makes it worth computing again.
-                if LoadSignals::of(self.load.get(id)) != LoadSignals::of(Some(l)) {
-                    dirty.insert(id.clone());
-                }
-            }
-            for id in self.load.keys() {
-                if !merged.contains_key(id) {
-                    dirty.insert(id.clone());
-                }
-            }
-            self.load = merged;
-            self.load_at = Some(Instant::now());
-            recompute_medians = true;
+        if let Some((view, moved)) = follow.load.take() {
+            // Medians read latencies, one of the signals: none moved, none changed.
+            recompute_medians |= !moved.is_empty();
+            dirty.extend(moved);
+            self.load = view;
         }
         if recompute_medians {
             let medians = table::peer_medians(self.specs.values(), &self.load);

@@ -12,6 +12,7 @@
 //! - [`health`]: the health state machine and the active [`health::prober`] (which calls nodes
 //!   through `health::probe_conn`, a minimal gRPC client on `h2`, one kept connection per node).
 //! - [`load`]: live load from the routers' reports, summed over routers and replicas.
+//! - [`global_load`]: the leader's global load view, merged beside the control loop.
 //! - [`weights`]: the weight function, and its damping.
 //! - [`policies`]: per-model routing policies.
 //! - [`table`]: specs + health + overrides → the routing table.
@@ -34,6 +35,7 @@ pub mod admin;
 pub mod auth;
 pub mod control_loop;
 pub mod error;
+pub mod global_load;
 pub mod health;
 pub mod keys;
 pub mod load;
