@@ -57,7 +57,9 @@ PROBE_INTERVAL = "10s"
 
 MODES = {
     "quick": {"nodes": 2_000, "routers": 200, "changes": 20, "steady_s": 30},
-    "full": {"nodes": 10_000, "routers": 1_000, "changes": 50, "steady_s": 30},
+    # 200 changes: a p99 of 50 is their maximum (the 50th of 50); of 200 it is the second
+    # largest. The maximum is reported beside it.
+    "full": {"nodes": 10_000, "routers": 1_000, "changes": 200, "steady_s": 30},
 }
 
 
@@ -196,8 +198,10 @@ def rows(r: dict) -> list[tuple[str, str, str, str]]:
     ms = (lambda v: f"{v:.1f} ms") if measured else (lambda _v: "not measured")
     out = [
         ("weight change → ACK at every router, p50", ms(ch["p50_ms"]), "", ""),
-        ("weight change → ACK at every router, p99", ms(ch["p99_ms"]),
+        (f"weight change → ACK at every router, p99 (of {ch['count']} changes)", ms(ch["p99_ms"]),
          f"≤ {TARGET_P99_MS:.0f} ms", verdict(p99_ok)),
+        ("weight change → ACK at every router, p90 / max",
+         f"{ch['p90_ms']:.1f} / {ch['max_ms']:.1f} ms" if measured else "not measured", "", ""),
         ("weight change → ACK per router, p50 / p99",
          f"{per['p50_ms']:.1f} / {per['p99_ms']:.1f} ms" if per["count"] else "not measured",
          "", ""),

@@ -1,7 +1,8 @@
 //! `fulcrum-bench-cp`: the driver of the control-plane scale benchmark (`bench/cp_scale.py`).
 //!
 //! Against one running control-plane replica and its etcd, it:
-//! 1. serves every node's health probes from a few simulated servers in this process, and
+//! 1. serves every node's health probes from a few minimal servers in this process
+//!    ([`probe_target`]), and
 //!    registers `--nodes` nodes spread over them straight into etcd (as `ctl register` stores
 //!    them, without a call per node to the admin API);
 //! 2. follows the routing table on one observer stream until every node is routed;
@@ -19,6 +20,8 @@
 //! count and time.
 
 #![warn(missing_docs)]
+
+mod probe_target;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -38,7 +41,6 @@ use fulcrum_proto::fulcrum::v1::{
     Ack, LoadReport, Model, NodeLoad, NodeSpec, RouterHello, RouterMessage, RoutingUpdate,
     WeightOverrideRequest, router_message,
 };
-use fulcrum_sim::node::{NodeSimConfig, RunningNodeSim};
 use futures::StreamExt;
 use hdrhistogram::Histogram;
 use prost::Message;
@@ -281,9 +283,13 @@ async fn router(
         at_unix_ms: 0,
         self_reports: vec![],
     })));
+    // Made once: a new `changed()` each turn registered and unregistered this task with the
+    // channel shared by all the routers, under its lock, for every version.
+    let stopping = stop.changed();
+    tokio::pin!(stopping);
     loop {
         let chunk = tokio::select! {
-            _ = stop.changed() => return Ok(()),
+            _ = &mut stopping => return Ok(()),
             r = &mut connection => bail!("router {i}: connection ended: {r:?}"),
             _ = report.tick() => {
                 // Queued in h2's send buffer: the control plane reads reports as they come.
@@ -473,23 +479,17 @@ fn main() -> anyhow::Result<()> {
         .thread_name("bench-sims")
         .enable_all()
         .build()?;
-    let sims: Vec<RunningNodeSim> = sims_runtime.block_on(async {
-        let mut sims = Vec::new();
-        for i in 0..args.sims.max(1) {
-            let config = NodeSimConfig {
-                name: format!("bench-sim-{i}"),
-                ..NodeSimConfig::default()
-            };
-            sims.push(fulcrum_sim::node::spawn(config, "127.0.0.1:0".parse()?).await?);
+    let addrs: Vec<String> = sims_runtime.block_on(async {
+        let mut addrs = Vec::new();
+        for _ in 0..args.sims.max(1) {
+            addrs.push(probe_target::spawn().await?.to_string());
         }
-        anyhow::Ok(sims)
+        anyhow::Ok(addrs)
     })?;
-    let addrs: Vec<String> = sims.iter().map(|s| s.addr.to_string()).collect();
     let result = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?
         .block_on(run(args, addrs));
-    drop(sims);
     drop(sims_runtime);
     result
 }
