@@ -6,8 +6,8 @@
 //! own work is a few microseconds, or a stream that sends the same few hundred bytes to a
 //! thousand subscribers at once, that glue cost more than the work. Here the connection's task
 //! accepts each stream and keeps the call in a `FuturesUnordered` beside the connection: a
-//! call's answer is queued on the connection and written in the same poll of the task (its
-//! wake-up for it is caught by the waker the calls are polled with), with no other task woken. A [`Handler`] serves the calls; the ones it does not serve by hand it
+//! call's answer is queued on the connection and written by the task's next poll of it, with no
+//! other task woken. A [`Handler`] serves the calls; the ones it does not serve by hand it
 //! hands to tonic's routes ([`RecvBody`] in, [`send_http`] out), unchanged.
 //!
 //! What it keeps of hyper's server: its HTTP/2 settings ([`Settings::default`]: windows, frame
@@ -21,14 +21,11 @@
 use std::future::{Future, poll_fn};
 use std::net::SocketAddr;
 use std::pin::{Pin, pin};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::task::{Context, Poll, Wake, Waker, ready};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures::stream::{FuturesUnordered, Stream, StreamExt};
-use futures::task::AtomicWaker;
 use h2::server::SendResponse;
 use h2::{RecvStream, SendStream};
 use http::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
@@ -164,74 +161,6 @@ pub async fn serve<H, I>(
     stop.closed().await;
 }
 
-/// Rounds of work one poll of a connection may do for wake-ups that came during that poll.
-/// Each round is what a poll of the task would have done: the calls' answers written, the
-/// frames that came meanwhile read. Four covers a call answered and its client's next frame;
-/// the bound keeps a connection that keeps waking itself (tokio's per-poll budget spent)
-/// from holding its thread.
-const MAX_INLINE_ROUNDS: u32 = 4;
-
-/// The waker a connection's task polls `h2` and its calls with. A wake-up while the task is
-/// polling them (a call queuing its answer on the connection, the connection handing a call
-/// its frames) is noted and served by another round of the same poll; one from elsewhere (a
-/// client's frame, a routing version) wakes the task. With the task's own waker every answer
-/// cost a second poll of the task just to write it: the wake-up came while the task ran, so the
-/// runtime polled it again (twice per version per router on the control plane's `Subscribe`
-/// streams, twice per call on the router).
-#[derive(Debug, Default)]
-struct Relay {
-    /// The task is polling the connection and its calls.
-    polling: AtomicBool,
-    /// Woken while polling.
-    again: AtomicBool,
-    /// The task's waker, for wake-ups from elsewhere.
-    task: AtomicWaker,
-}
-
-impl Relay {
-    /// The task starts polling, woken by `task` from elsewhere.
-    fn enter(&self, task: &Waker) {
-        self.task.register(task);
-        self.again.store(false, Ordering::SeqCst);
-        self.polling.store(true, Ordering::SeqCst);
-    }
-
-    /// Whether a wake-up came during the poll (and forgets it).
-    fn woken(&self) -> bool {
-        self.again.swap(false, Ordering::SeqCst)
-    }
-
-    /// The task stops polling. Returns whether a wake-up came in the meantime (the caller
-    /// polls again, as the task itself was not woken for it).
-    fn leave(&self) -> bool {
-        self.polling.store(false, Ordering::SeqCst);
-        if self.again.swap(false, Ordering::SeqCst) {
-            self.polling.store(true, Ordering::SeqCst);
-            return true;
-        }
-        false
-    }
-}
-
-impl Wake for Relay {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        if self.polling.load(Ordering::SeqCst) {
-            self.again.store(true, Ordering::SeqCst);
-            // The task may have stopped polling between the load and the store: `leave` reads
-            // `again` after clearing `polling`, and the task's own waker covers the rest.
-            if !self.polling.load(Ordering::SeqCst) {
-                self.task.wake();
-            }
-        } else {
-            self.task.wake();
-        }
-    }
-}
-
 /// Serves one client connection until it closes, or until `stop` changes and its calls have
 /// finished.
 async fn serve_connection<H: Handler>(
@@ -270,17 +199,12 @@ async fn serve_connection<H: Handler>(
     });
     let mut stopped = false;
     let mut calls = FuturesUnordered::new();
-    let relay = Arc::new(Relay::default());
-    let waker = Waker::from(relay.clone());
-    let ended = poll_fn(|outer| {
-        relay.enter(outer.waker());
-        let cx = &mut Context::from_waker(&waker);
-        let mut rounds = 0;
+    let ended = poll_fn(|cx| {
+        if !stopped && stopping.as_mut().poll(cx).is_ready() {
+            stopped = true;
+            conn.graceful_shutdown();
+        }
         loop {
-            if !stopped && stopping.as_mut().poll(cx).is_ready() {
-                stopped = true;
-                conn.graceful_shutdown();
-            }
             // The socket: frames read, answers the calls queued written, new streams taken.
             let mut accepted = false;
             loop {
@@ -296,23 +220,12 @@ async fn serve_connection<H: Handler>(
                 }
             }
             // The calls: new ones run to their first wait, woken ones on. What they answer is
-            // queued on the connection, which wakes this task to write it: the next round does.
+            // queued on the connection; polling it again writes it.
             let mut finished = false;
             while let Poll::Ready(Some(())) = calls.poll_next_unpin(cx) {
                 finished = true;
             }
-            if accepted || finished {
-                continue;
-            }
-            rounds += 1;
-            if rounds >= MAX_INLINE_ROUNDS {
-                // Still woken: yield to the runtime (tokio's budget for this poll may be spent,
-                // and only a new poll renews it).
-                relay.leave();
-                outer.waker().wake_by_ref();
-                return Poll::Pending;
-            }
-            if !relay.woken() && !relay.leave() {
+            if !accepted && !finished {
                 return Poll::Pending;
             }
         }
@@ -554,54 +467,5 @@ impl HttpBody for RecvBody {
 
     fn is_end_stream(&self) -> bool {
         self.recv.is_end_stream()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::sync::atomic::AtomicUsize;
-
-    /// A task's waker that counts its wake-ups.
-    #[derive(Default)]
-    struct Counted(AtomicUsize);
-
-    impl Wake for Counted {
-        fn wake(self: Arc<Self>) {
-            self.0.fetch_add(1, Ordering::SeqCst);
-        }
-    }
-
-    #[test]
-    fn a_wake_during_the_poll_is_a_round_not_a_poll_of_the_task() {
-        let task = Arc::new(Counted::default());
-        let task_waker = Waker::from(task.clone());
-        let relay = Arc::new(Relay::default());
-        let waker = Waker::from(relay.clone());
-
-        relay.enter(&task_waker);
-        waker.wake_by_ref();
-        assert!(relay.woken(), "the wake-up was lost");
-        assert!(!relay.woken(), "a wake-up counted twice");
-        assert!(!relay.leave(), "nothing came since");
-        assert_eq!(
-            task.0.load(Ordering::SeqCst),
-            0,
-            "the task was woken for its own work"
-        );
-
-        // Between polls a wake-up is the task's.
-        waker.wake_by_ref();
-        assert_eq!(task.0.load(Ordering::SeqCst), 1);
-
-        // One that comes after the last look, before the task stops polling, is not lost.
-        relay.enter(&task_waker);
-        waker.wake_by_ref();
-        assert!(
-            relay.leave(),
-            "a wake-up before leaving must keep the task polling"
-        );
-        assert!(!relay.leave());
-        assert_eq!(task.0.load(Ordering::SeqCst), 1);
     }
 }
