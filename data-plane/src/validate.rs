@@ -14,6 +14,10 @@ use fulcrum_proto::inference::{InferTensorContents, ModelInferRequest};
 /// overflow; real tensors are far smaller than this (the message size limit binds first).
 const MAX_ELEMENTS: u64 = 1 << 40;
 
+/// Up to this many inputs, duplicate names are found by comparing every pair (at most 120
+/// short string comparisons, cheaper than building a hash set); past it, with a hash set.
+const PAIRWISE_INPUTS: usize = 16;
+
 /// Size in bytes of one element of a fixed-size datatype; `None` for BYTES.
 fn element_size(datatype: &str) -> Result<Option<usize>, String> {
     Ok(Some(match datatype {
@@ -116,13 +120,19 @@ pub fn check_infer_request(req: &ModelInferRequest) -> Result<(), String> {
             req.inputs.len()
         ));
     }
-    let mut names = std::collections::HashSet::new();
+    // Duplicate names: the few inputs of a usual request are compared pairwise (no hash set
+    // built on every call); a hash set only past PAIRWISE_INPUTS, where pairs grow quadratically.
+    let mut names = (req.inputs.len() > PAIRWISE_INPUTS).then(std::collections::HashSet::new);
     for (i, input) in req.inputs.iter().enumerate() {
         let what = |msg: String| format!("input {:?}: {msg}", input.name);
         if input.name.is_empty() {
             return Err(format!("input #{i} has no name"));
         }
-        if !names.insert(input.name.as_str()) {
+        let repeated = match &mut names {
+            Some(names) => !names.insert(input.name.as_str()),
+            None => req.inputs[..i].iter().any(|p| p.name == input.name),
+        };
+        if repeated {
             return Err(what("the name is used twice".into()));
         }
         let size = element_size(&input.datatype).map_err(what)?;
@@ -323,5 +333,29 @@ mod tests {
         let mut no_model = raw_req(vec![input("x", "FP32", &[1])], vec![vec![0; 4]]);
         no_model.model_name.clear();
         assert!(check_infer_request(&no_model).is_err());
+    }
+
+    #[test]
+    fn a_name_used_twice_is_found_among_few_inputs_and_many() {
+        for count in [2, PAIRWISE_INPUTS, PAIRWISE_INPUTS + 1, 3 * PAIRWISE_INPUTS] {
+            let names: Vec<String> = (0..count).map(|i| format!("in{i}")).collect();
+            let inputs = |names: &[String]| -> Vec<InferInputTensor> {
+                names.iter().map(|n| input(n, "FP32", &[1])).collect()
+            };
+            let raw = vec![vec![0; 4]; count];
+            assert_eq!(
+                check_infer_request(&raw_req(inputs(&names), raw.clone())),
+                Ok(()),
+                "{count} distinct names"
+            );
+            // The last input repeats the first one's name.
+            let mut repeated = names.clone();
+            repeated[count - 1] = names[0].clone();
+            let err = check_infer_request(&raw_req(inputs(&repeated), raw)).unwrap_err();
+            assert!(
+                err.contains("used twice") && err.contains("in0"),
+                "{count}: {err}"
+            );
+        }
     }
 }

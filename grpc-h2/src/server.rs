@@ -28,7 +28,9 @@ use bytes::Bytes;
 use futures::stream::{FuturesUnordered, Stream, StreamExt};
 use h2::server::SendResponse;
 use h2::{RecvStream, SendStream};
-use http::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
+use http::header::{
+    CONNECTION, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, TRANSFER_ENCODING, UPGRADE,
+};
 use http_body::{Body as HttpBody, Frame};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -40,13 +42,14 @@ use tower::ServiceExt;
 use crate::frame::{GrpcFrame, h2_status};
 
 /// Headers HTTP/2 forbids in a response (RFC 9113, 8.2.2); `h2` refuses a response carrying
-/// one, so they are taken out of answers relayed from elsewhere, as hyper did.
-pub const CONNECTION_HEADERS: [&str; 5] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "transfer-encoding",
-    "upgrade",
+/// one, so they are taken out of answers relayed from elsewhere, as hyper did. (Names made
+/// once: a `&str` name is parsed again on every removal.)
+pub const CONNECTION_HEADERS: [HeaderName; 5] = [
+    CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    TRANSFER_ENCODING,
+    UPGRADE,
 ];
 
 /// `content-type` of every gRPC answer.
@@ -204,29 +207,41 @@ async fn serve_connection<H: Handler>(
             stopped = true;
             conn.graceful_shutdown();
         }
+        // Calls first, then the connection, as long as either has something for the other.
+        // Why in this order, and why stop where it stops: a poll of the connection is the
+        // costly part of a turn (every queue of `h2` looked at, the socket read), and each of
+        // a unary call's two turns needs exactly one. When a request arrives, the connection
+        // takes the stream and the call runs until it waits for its node; when the node's
+        // answer wakes the call, the call queues its answer and the connection writes it. (The
+        // connection first, as before, polled it twice a turn: once for nothing before the
+        // answer was queued, or again after a call that queued nothing.) Anything else a call
+        // queues on the connection without finishing (a window update, a streamed answer's
+        // next message) makes `h2` wake this task, which then polls the connection again.
+        let mut turn = 0;
         loop {
-            // The socket: frames read, answers the calls queued written, new streams taken.
-            let mut accepted = false;
+            // The calls: new ones run to their first wait, woken ones on. What they answer is
+            // queued on the connection; polling it writes it.
+            let mut finished = false;
+            while let Poll::Ready(Some(())) = calls.poll_next_unpin(cx) {
+                finished = true;
+            }
+            // Nothing new since the connection was last polled in this turn.
+            if turn > 0 && !finished {
+                return Poll::Pending;
+            }
+            turn += 1;
+            // The socket: frames read (which may wake calls: the loop runs them at once rather
+            // than through the scheduler), what the calls queued written, new streams taken.
             loop {
                 match conn.poll_accept(cx) {
                     Poll::Ready(Some(Ok((request, respond)))) => {
                         calls.push(handler.call(peer, request, respond));
-                        accepted = true;
                     }
                     Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e)),
                     // Closed (and, after GOAWAY, every stream done).
                     Poll::Ready(None) => return Poll::Ready(Ok(())),
                     Poll::Pending => break,
                 }
-            }
-            // The calls: new ones run to their first wait, woken ones on. What they answer is
-            // queued on the connection; polling it again writes it.
-            let mut finished = false;
-            while let Poll::Ready(Some(())) = calls.poll_next_unpin(cx) {
-                finished = true;
-            }
-            if !accepted && !finished {
-                return Poll::Pending;
             }
         }
     })

@@ -18,10 +18,9 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::HeaderMap;
 use http::uri::PathAndQuery;
+use http::{HeaderMap, HeaderValue};
 use tokio::time::Instant;
-use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Response, Status};
 
@@ -89,7 +88,7 @@ pub struct NodeConn {
     /// The node's region.
     pub region: String,
     /// `id` and `region` as response metadata values (made once; a call clones them).
-    pub(crate) tags: (Option<MetadataValue<Ascii>>, Option<MetadataValue<Ascii>>),
+    pub(crate) tags: (Option<HeaderValue>, Option<HeaderValue>),
     /// How to connect to the node.
     endpoint: Endpoint,
     /// Where the node is, for the unary client.
@@ -145,7 +144,10 @@ impl NodeConn {
             id: id.to_owned(),
             address: address.to_owned(),
             region: region.to_owned(),
-            tags: (id.parse().ok(), region.parse().ok()),
+            tags: (
+                HeaderValue::from_str(id).ok(),
+                HeaderValue::from_str(region).ok(),
+            ),
             endpoint,
             target: Target {
                 address: address.to_owned(),

@@ -231,12 +231,13 @@ impl UnaryConn {
         // the request: it is sent again, once, on a new connection.
         let mut fresh = false;
         let mut send = loop {
-            let live = self.live(target).await.map_err(connect_status)?;
-            match live.send.clone().ready().await {
+            // A clone of the live connection: its handle is this call's own.
+            let Live { send, closed } = self.live(target).await.map_err(connect_status)?;
+            match send.ready().await {
                 Ok(send) => break send,
                 Err(e) if !fresh => {
                     tracing::debug!(node = %target.address, error = %e, "connection unusable; reconnecting");
-                    live.closed.store(true, Ordering::Release);
+                    closed.store(true, Ordering::Release);
                     fresh = true;
                 }
                 Err(e) => return Err(h2_status(e)),

@@ -46,7 +46,7 @@ use fulcrum_proto::inference::ModelInferRequest;
 use futures::stream::Stream;
 use h2::RecvStream;
 use h2::server::SendResponse;
-use http::header::{CONTENT_TYPE, HeaderMap};
+use http::header::{CONTENT_TYPE, HeaderMap, HeaderName, TE};
 use prost::Message;
 use tokio::net::TcpStream;
 use tonic::Status;
@@ -60,13 +60,18 @@ use crate::router::RouterState;
 
 /// Metadata names gRPC reserves, left out of an answer's headers (tonic's list): the router
 /// sets `content-type` itself and the status goes in the trailers.
-const RESERVED_HEADERS: [&str; 5] = [
-    "te",
-    "content-type",
-    "grpc-message",
-    "grpc-message-type",
-    "grpc-status",
+/// Names made once (a `&str` name is parsed again on every removal).
+const RESERVED_HEADERS: [HeaderName; 5] = [
+    TE,
+    CONTENT_TYPE,
+    HeaderName::from_static("grpc-message"),
+    HeaderName::from_static("grpc-message-type"),
+    HeaderName::from_static("grpc-status"),
 ];
+
+/// The header naming a request's compression (a name made once: a `&str` name is parsed again
+/// on every look-up).
+const GRPC_ENCODING: HeaderName = HeaderName::from_static("grpc-encoding");
 
 /// What a connection's calls are served by.
 #[derive(Clone)]
@@ -118,7 +123,10 @@ async fn call(
     }
     let timeout = fulcrum_grpc_h2::timeout::of(request.headers());
     let (parts, body) = request.into_parts();
-    let answer = model_infer(&services.state, parts, body, limit);
+    // Boxed: the call's whole state (the request, the forwarding, the node's call) is a few
+    // kilobytes, and unboxed it was part of this future, copied whole each time it moved (into
+    // `answer_within`'s, then into the connection's set of calls): one allocation is cheaper.
+    let answer = Box::pin(model_infer(&services.state, parts, body, limit));
     match server::answer_within(&mut respond, timeout, answer).await {
         Answered::Answer(Ok(response)) => send_message(respond, response),
         Answered::Answer(Err(status)) => send_status(respond, &status),
@@ -133,7 +141,7 @@ fn is_direct(request: &http::Request<RecvStream>) -> bool {
     request.uri().path() == MODEL_INFER_PATH
         && request
             .headers()
-            .get("grpc-encoding")
+            .get(GRPC_ENCODING)
             .is_none_or(|e| e.as_bytes() == b"identity")
 }
 
@@ -213,7 +221,7 @@ fn send_message(mut respond: SendResponse<GrpcFrame>, response: tonic::Response<
     let headers = head.headers_mut();
     *headers = metadata.into_headers();
     for name in RESERVED_HEADERS.iter().chain(&CONNECTION_HEADERS) {
-        headers.remove(*name);
+        headers.remove(name);
     }
     headers.insert(CONTENT_TYPE, GRPC_CONTENT_TYPE);
     let Ok(mut stream) = respond.send_response(head, false) else {

@@ -4,8 +4,6 @@ use std::time::Duration;
 
 use tonic::metadata::MetadataMap;
 
-use fulcrum_grpc_h2::timeout::parse_grpc_timeout;
-
 /// Taken off the caller's deadline so the router answers DEADLINE_EXCEEDED itself, a little
 /// before tonic's own server timer (which starts when the request arrives, and would answer
 /// CANCELLED) and before the caller gives up: five milliseconds cover the time between arrival
@@ -15,10 +13,7 @@ pub const DEADLINE_MARGIN: Duration = Duration::from_millis(5);
 /// The time budget of a call: the caller's `grpc-timeout` (less [`DEADLINE_MARGIN`]) if it sent
 /// a valid one, else `default`.
 pub fn budget(metadata: &MetadataMap, default: Duration) -> Duration {
-    metadata
-        .get("grpc-timeout")
-        .and_then(|v| v.to_str().ok())
-        .and_then(parse_grpc_timeout)
+    fulcrum_grpc_h2::timeout::of(metadata.as_ref())
         .map_or(default, |d| d.saturating_sub(DEADLINE_MARGIN))
 }
 

@@ -14,11 +14,16 @@
 //! Unary calls only: a response is never partially sent, so a retry can never duplicate data
 //! the caller has seen. (Streams are never retried once data flowed.)
 
+use std::cell::RefCell;
+use std::future::poll_fn;
+use std::pin::{Pin, pin};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
+use http::{HeaderMap, HeaderName, HeaderValue};
 use rand::Rng;
 use tokio::time::Instant;
 use tonic::metadata::MetadataMap;
@@ -64,6 +69,32 @@ pub fn node_timeout(per_try: Duration) -> Duration {
     Duration::from_millis(u64::try_from(nanos.div_ceil(1_000_000)).unwrap_or(u64::MAX))
 }
 
+/// The `grpc-timeout` value tonic's `Request::set_timeout` writes for `timeout`. Made by tonic
+/// on a miss and kept per thread for the next call: node deadlines are whole milliseconds
+/// ([`node_timeout`]), so consecutive calls with the same deadline repeat the value, and a hit
+/// spares the formatting and its two allocations.
+fn grpc_timeout_value(timeout: Duration) -> Option<HeaderValue> {
+    thread_local! {
+        static LAST: RefCell<Option<(Duration, HeaderValue)>> = const { RefCell::new(None) };
+    }
+    LAST.with_borrow_mut(|last| {
+        if let Some((d, v)) = last
+            && *d == timeout
+        {
+            return Some(v.clone());
+        }
+        let mut request = Request::new(());
+        request.set_timeout(timeout);
+        let value = request
+            .into_parts()
+            .0
+            .into_headers()
+            .remove(fulcrum_grpc_h2::timeout::GRPC_TIMEOUT)?;
+        *last = Some((timeout, value.clone()));
+        Some(value)
+    })
+}
+
 /// Whether a failed attempt may be retried elsewhere: the node said it cannot serve now
 /// (UNAVAILABLE, RESOURCE_EXHAUSTED), the attempt timed out, or the connection failed under the
 /// call (a status made by the client transport, not sent by the node: resets, GOAWAY races).
@@ -90,14 +121,36 @@ pub fn outcome_of(status: &Status) -> Outcome {
     }
 }
 
+/// [`super::oip::NODE_HEADER`] as a header name made once (a `&str` key is parsed again on
+/// every insert).
+const NODE_NAME: HeaderName = HeaderName::from_static(super::oip::NODE_HEADER);
+/// [`super::oip::REGION_HEADER`], likewise.
+const REGION_NAME: HeaderName = HeaderName::from_static(super::oip::REGION_HEADER);
+/// [`super::oip::ATTEMPTS_HEADER`], likewise.
+const ATTEMPTS_NAME: HeaderName = HeaderName::from_static(super::oip::ATTEMPTS_HEADER);
+
 /// The node that served (or failed) an attempt, named in the response metadata.
 pub fn tag(metadata: &mut MetadataMap, node: &NodeConn) {
     let (id, region) = &node.tags;
+    let headers: &mut HeaderMap = metadata.as_mut();
     if let Some(v) = id {
-        metadata.insert(super::oip::NODE_HEADER, v.clone());
+        headers.insert(NODE_NAME, v.clone());
     }
     if let Some(v) = region {
-        metadata.insert(super::oip::REGION_HEADER, v.clone());
+        headers.insert(REGION_NAME, v.clone());
+    }
+}
+
+/// The value of [`super::oip::ATTEMPTS_HEADER`] for `n` attempts: a static value for the
+/// counts a call can have ([`crate::policy`] caps attempts at 5), formatted otherwise.
+fn attempts_value(n: u32) -> HeaderValue {
+    match n {
+        1 => HeaderValue::from_static("1"),
+        2 => HeaderValue::from_static("2"),
+        3 => HeaderValue::from_static("3"),
+        4 => HeaderValue::from_static("4"),
+        5 => HeaderValue::from_static("5"),
+        n => HeaderValue::from(n),
     }
 }
 
@@ -106,6 +159,41 @@ pub fn affinity_key(table: &RoutingTable, model: &str, metadata: &MetadataMap) -
     let header = table.models.get(model)?.settings.hash_header.as_deref()?;
     let value = metadata.get(header)?;
     Some(crate::balance::ring::hash(value.as_bytes()))
+}
+
+/// Starts `attempt`: in `first` if it is free, else beside it in `others`.
+fn run<F: Future>(
+    mut first: Pin<&mut Option<F>>,
+    others: &mut Option<FuturesUnordered<F>>,
+    attempt: F,
+) {
+    if first.is_none() {
+        first.set(Some(attempt));
+    } else {
+        others
+            .get_or_insert_with(FuturesUnordered::new)
+            .push(attempt);
+    }
+}
+
+/// The outcome of the next attempt to finish, of `first` and `others` (pending while none
+/// runs).
+fn next_finished<'a, F: Future>(
+    mut first: Pin<&'a mut Option<F>>,
+    others: &'a mut Option<FuturesUnordered<F>>,
+) -> impl Future<Output = F::Output> + 'a {
+    poll_fn(move |cx| {
+        if let Some(attempt) = first.as_mut().as_pin_mut()
+            && let Poll::Ready(out) = attempt.poll(cx)
+        {
+            first.set(None);
+            return Poll::Ready(out);
+        }
+        match others.as_mut().map(|o| o.poll_next_unpin(cx)) {
+            Some(Poll::Ready(Some(out))) => Poll::Ready(out),
+            _ => Poll::Pending,
+        }
+    })
 }
 
 /// Forwards a unary call for `model` with `call`, which sends one attempt to a node.
@@ -141,7 +229,11 @@ where
     let mut tried: Vec<Arc<NodeConn>> = Vec::new();
     let mut queued_until: Option<Instant> = None;
     let mut place = Place::default();
-    let mut running = FuturesUnordered::new();
+    // The attempts running: the first one (usually the only one) in place, without the two
+    // allocations, the copy into the heap and the waker bookkeeping of a `FuturesUnordered`,
+    // which only attempts running beside it (hedges) need.
+    let mut first = pin!(None);
+    let mut others: Option<FuturesUnordered<_>> = None;
     let mut started_attempts = 0u32;
     let mut last_failure: Option<Status> = None;
     let hedge_delay = match settings.hedge {
@@ -159,7 +251,10 @@ where
             .per_try_timeout
             .map_or(remaining, |t| t.min(remaining));
         let mut request = Request::new(message.clone());
-        request.set_timeout(node_timeout(per_try));
+        if let Some(timeout) = grpc_timeout_value(node_timeout(per_try)) {
+            let headers: &mut HeaderMap = request.metadata_mut().as_mut();
+            headers.insert(fulcrum_grpc_h2::timeout::GRPC_TIMEOUT, timeout);
+        }
         let fut = call(node.clone(), request);
         async move {
             let t0 = Instant::now();
@@ -187,7 +282,7 @@ where
 
     loop {
         // Start an attempt when none runs (first, or retry after a failure).
-        if running.is_empty() {
+        if first.is_none() && others.as_ref().is_none_or(FuturesUnordered::is_empty) {
             let remaining = deadline_at.saturating_duration_since(Instant::now());
             if remaining.is_zero() {
                 return Err(last_failure.unwrap_or_else(|| {
@@ -202,7 +297,7 @@ where
                 Ok(picked) => {
                     tried.push(picked.node.conn.clone());
                     started_attempts += 1;
-                    running.push(start(picked, remaining));
+                    run(first.as_mut(), &mut others, start(picked, remaining));
                 }
                 Err(RouteError::AllNodesBusy { .. }) => {
                     // Wait for a slot, at most MAX_QUEUE_WAIT in all for this call.
@@ -235,13 +330,13 @@ where
             }
         };
         tokio::select! {
-            Some((conn, result, streak, elapsed)) = running.next() => {
+            (conn, result, streak, elapsed) = next_finished(first.as_mut(), &mut others) => {
                 match result {
                     Ok(mut resp) => {
                         latency.record(elapsed);
                         tag(resp.metadata_mut(), &conn);
-                        resp.metadata_mut()
-                            .insert(super::oip::ATTEMPTS_HEADER, started_attempts.into());
+                        let headers: &mut HeaderMap = resp.metadata_mut().as_mut();
+                        headers.insert(ATTEMPTS_NAME, attempts_value(started_attempts));
                         return Ok(resp);
                     }
                     Err(mut status) => {
@@ -251,7 +346,7 @@ where
                             && started_attempts < attempts
                             && Instant::now() < deadline_at;
                         last_failure = Some(status);
-                        if !running.is_empty() {
+                        if first.is_some() || others.as_ref().is_some_and(|o| !o.is_empty()) {
                             // A hedge is still running: its answer may yet win.
                             continue;
                         }
@@ -276,7 +371,7 @@ where
                         stats.hedged();
                         tried.push(picked.node.conn.clone());
                         started_attempts += 1;
-                        running.push(start(picked, remaining));
+                        run(first.as_mut(), &mut others, start(picked, remaining));
                     }
                 }
             }
@@ -300,8 +395,221 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use fulcrum_proto::fulcrum::v1::{
+        Endpoint, HealthState, Model, ModelPolicy, NodeSpec, RoutingUpdate,
+    };
     use rand::SeedableRng;
     use rand::rngs::SmallRng;
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// A router state whose model `m` has three healthy nodes and `policy`.
+    fn state_with(policy: ModelPolicy) -> RouterState {
+        let state = RouterState::new("a".into(), 1 << 20);
+        let endpoints = (1..=3)
+            .map(|i| Endpoint {
+                spec: Some(NodeSpec {
+                    id: format!("a{i}"),
+                    address: format!("127.0.0.1:{}", 9100 + i),
+                    region: "a".into(),
+                    models: vec![Model {
+                        name: "m".into(),
+                        versions: vec![],
+                    }],
+                    capacity: 4,
+                    ..Default::default()
+                }),
+                health: HealthState::Healthy as i32,
+                weight: 4.0,
+                ready_models: vec!["m".into()],
+            })
+            .collect();
+        let update = RoutingUpdate {
+            version: 1,
+            snapshot: true,
+            endpoints,
+            policies: vec![ModelPolicy {
+                model: "m".into(),
+                ..policy
+            }],
+            ..Default::default()
+        };
+        let table =
+            RoutingTable::build(&update, "a", &RoutingTable::default(), &state.queue).unwrap();
+        state.table.store(Arc::new(table));
+        state
+    }
+
+    /// When a scripted attempt answers.
+    #[derive(Clone, Copy)]
+    enum Wait {
+        /// At once.
+        Now,
+        /// Never (until it is cancelled).
+        Never,
+        /// Once this many attempts have started.
+        Started(usize),
+        /// Once this many attempts have answered.
+        Answered(usize),
+    }
+
+    /// How one attempt of a scripted call goes: when it answers, and what.
+    #[derive(Clone, Copy)]
+    struct Step(Wait, Result<&'static str, Code>);
+
+    /// What a scripted call did: its result (the answer, and the attempts header), the nodes
+    /// its attempts went to, and whether an attempt still running at the end was cancelled.
+    struct Scripted {
+        result: Result<(&'static str, String), Code>,
+        nodes: Vec<String>,
+        cancelled: bool,
+    }
+
+    /// Sets its flag when dropped before its attempt answered.
+    struct Cancelled(Arc<AtomicBool>, bool);
+
+    impl Drop for Cancelled {
+        fn drop(&mut self) {
+            if !self.1 {
+                self.0.store(true, Ordering::SeqCst);
+            }
+        }
+    }
+
+    /// Forwards one call whose attempts go as `steps` says, in the order they start (events,
+    /// not durations, order them: no assertion depends on timing).
+    async fn scripted(policy: ModelPolicy, steps: &[Step]) -> Scripted {
+        let state = state_with(policy);
+        let nodes = Arc::new(Mutex::new(Vec::new()));
+        let cancelled = Arc::new(AtomicBool::new(false));
+        // Attempts started, attempts answered.
+        let progress = Arc::new(tokio::sync::watch::Sender::new((0usize, 0usize)));
+        let call = |node: RoutedNode, _: Request<()>| {
+            let n = {
+                let mut nodes = nodes.lock().unwrap();
+                nodes.push(node.conn.id.clone());
+                nodes.len()
+            };
+            progress.send_modify(|p| p.0 += 1);
+            let Step(wait, answer) = steps[n - 1];
+            let guard = Cancelled(cancelled.clone(), false);
+            let progress = progress.clone();
+            async move {
+                // The whole guard (a closure would take only the field it writes).
+                let mut guard = guard;
+                let mut seen = progress.subscribe();
+                match wait {
+                    Wait::Now => {}
+                    Wait::Never => std::future::pending().await,
+                    Wait::Started(k) => drop(seen.wait_for(|p| p.0 >= k).await),
+                    Wait::Answered(k) => drop(seen.wait_for(|p| p.1 >= k).await),
+                }
+                guard.1 = true;
+                progress.send_modify(|p| p.1 += 1);
+                answer
+                    .map(Response::new)
+                    .map_err(|code| Status::new(code, "scripted"))
+            }
+        };
+        let result = unary(&state, "m", &MetadataMap::new(), (), call).await;
+        let result = result
+            .map(|r| {
+                let attempts = r
+                    .metadata()
+                    .get(super::super::oip::ATTEMPTS_HEADER)
+                    .unwrap();
+                (*r.get_ref(), attempts.to_str().unwrap().to_owned())
+            })
+            .map_err(|s| s.code());
+        let nodes = nodes.lock().unwrap().clone();
+        Scripted {
+            result,
+            nodes,
+            cancelled: cancelled.load(Ordering::SeqCst),
+        }
+    }
+
+    fn hedged() -> ModelPolicy {
+        ModelPolicy {
+            hedge_after_ms: 50,
+            max_attempts: 3,
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn one_attempt_answers_alone() {
+        let s = scripted(hedged(), &[Step(Wait::Now, Ok("first"))]).await;
+        assert_eq!(s.result, Ok(("first", "1".into())));
+        assert_eq!(s.nodes.len(), 1);
+        assert!(!s.cancelled);
+    }
+
+    #[tokio::test]
+    async fn a_hedge_beside_the_first_attempt_wins_and_the_first_is_cancelled() {
+        let steps = [Step(Wait::Never, Ok("first")), Step(Wait::Now, Ok("hedge"))];
+        let s = scripted(hedged(), &steps).await;
+        assert_eq!(s.result, Ok(("hedge", "2".into())));
+        assert_eq!(s.nodes.len(), 2);
+        assert_ne!(s.nodes[0], s.nodes[1]);
+        assert!(s.cancelled, "the first attempt was left running");
+    }
+
+    #[tokio::test]
+    async fn a_first_attempt_failing_while_the_hedge_runs_waits_for_the_hedge() {
+        let steps = [
+            Step(Wait::Started(2), Err(Code::Unavailable)),
+            Step(Wait::Answered(1), Ok("hedge")),
+        ];
+        let s = scripted(hedged(), &steps).await;
+        assert_eq!(s.result, Ok(("hedge", "2".into())));
+        assert!(!s.cancelled);
+    }
+
+    #[tokio::test]
+    async fn after_the_first_attempt_and_the_hedge_fail_a_retry_answers() {
+        let steps = [
+            Step(Wait::Started(2), Err(Code::Unavailable)),
+            Step(Wait::Answered(1), Err(Code::Unavailable)),
+            Step(Wait::Now, Ok("retry")),
+        ];
+        let s = scripted(hedged(), &steps).await;
+        assert_eq!(s.result, Ok(("retry", "3".into())));
+        let mut distinct = s.nodes.clone();
+        distinct.sort();
+        distinct.dedup();
+        assert_eq!(distinct.len(), 3, "{:?}", s.nodes);
+    }
+
+    #[tokio::test]
+    async fn without_hedging_failures_are_retried_one_after_the_other() {
+        let policy = ModelPolicy {
+            max_attempts: 3,
+            ..Default::default()
+        };
+        let steps = [
+            Step(Wait::Now, Err(Code::Unavailable)),
+            Step(Wait::Now, Ok("retry")),
+        ];
+        let s = scripted(policy.clone(), &steps).await;
+        assert_eq!(s.result, Ok(("retry", "2".into())));
+        // A status that is not retried is the answer.
+        let s = scripted(policy, &[Step(Wait::Now, Err(Code::NotFound))]).await;
+        assert_eq!(s.result, Err(Code::NotFound));
+        assert_eq!(s.nodes.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn an_attempt_outliving_the_deadline_ends_the_call() {
+        let policy = ModelPolicy {
+            timeout_ms: 100,
+            max_attempts: 1,
+            ..Default::default()
+        };
+        let s = scripted(policy, &[Step(Wait::Never, Ok("late"))]).await;
+        assert_eq!(s.result, Err(Code::DeadlineExceeded));
+        assert!(s.cancelled);
+    }
 
     #[test]
     fn backoff_is_bounded_and_grows() {
@@ -327,6 +635,21 @@ mod tests {
         let a = node_timeout(Duration::from_micros(1_994_990));
         let b = node_timeout(Duration::from_micros(1_994_970));
         assert_eq!(a, b);
+    }
+
+    #[test]
+    fn node_deadlines_are_written_as_tonic_writes_them() {
+        let tonics = |d: Duration| {
+            let mut r = Request::new(());
+            r.set_timeout(d);
+            r.metadata().get("grpc-timeout").unwrap().clone()
+        };
+        // Repeated (a hit), then new values (misses), then the first again.
+        for ms in [2_000, 2_000, 5, 30_000, 99_999_999, 100_000_000, 2_000] {
+            let d = Duration::from_millis(ms);
+            let ours = grpc_timeout_value(d).unwrap();
+            assert_eq!(ours.as_bytes(), tonics(d).as_bytes(), "{d:?}");
+        }
     }
 
     #[test]
