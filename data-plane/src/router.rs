@@ -274,11 +274,31 @@ impl RouterState {
 }
 
 #[cfg(test)]
+impl RouterState {
+    /// A router of region `a` holding `endpoints` and `policy` as its first table (for tests).
+    pub(crate) fn with_table(
+        endpoints: Vec<fulcrum_proto::fulcrum::v1::Endpoint>,
+        policy: fulcrum_proto::fulcrum::v1::ModelPolicy,
+    ) -> Self {
+        let state = RouterState::new("a".into(), 1 << 20);
+        let update = fulcrum_proto::fulcrum::v1::RoutingUpdate {
+            version: 1,
+            snapshot: true,
+            endpoints,
+            policies: vec![policy],
+            ..Default::default()
+        };
+        let table =
+            RoutingTable::build(&update, "a", &RoutingTable::default(), &state.queue).unwrap();
+        state.table.store(Arc::new(table));
+        state
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
-    use fulcrum_proto::fulcrum::v1::{
-        Endpoint, HealthState, Model, ModelPolicy, NodeSpec, RoutingUpdate,
-    };
+    use fulcrum_proto::fulcrum::v1::{Endpoint, HealthState, Model, ModelPolicy, NodeSpec};
 
     fn endpoint(id: &str, region: &str, health: HealthState) -> Endpoint {
         let routable = health == HealthState::Healthy;
@@ -301,22 +321,14 @@ mod tests {
     }
 
     fn state_with(endpoints: Vec<Endpoint>, panic_mode: bool) -> RouterState {
-        let state = RouterState::new("a".into(), 1 << 20);
-        let update = RoutingUpdate {
-            version: 1,
-            snapshot: true,
+        RouterState::with_table(
             endpoints,
-            policies: vec![ModelPolicy {
+            ModelPolicy {
                 model: "m".into(),
                 panic_mode,
                 ..Default::default()
-            }],
-            ..Default::default()
-        };
-        let table =
-            RoutingTable::build(&update, "a", &RoutingTable::default(), &state.queue).unwrap();
-        state.table.store(Arc::new(table));
-        state
+            },
+        )
     }
 
     #[tokio::test]

@@ -395,9 +395,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use fulcrum_proto::fulcrum::v1::{
-        Endpoint, HealthState, Model, ModelPolicy, NodeSpec, RoutingUpdate,
-    };
+    use fulcrum_proto::fulcrum::v1::{Endpoint, HealthState, Model, ModelPolicy, NodeSpec};
     use rand::SeedableRng;
     use rand::rngs::SmallRng;
     use std::sync::Mutex;
@@ -405,7 +403,6 @@ mod tests {
 
     /// A router state whose model `m` has three healthy nodes and `policy`.
     fn state_with(policy: ModelPolicy) -> RouterState {
-        let state = RouterState::new("a".into(), 1 << 20);
         let endpoints = (1..=3)
             .map(|i| Endpoint {
                 spec: Some(NodeSpec {
@@ -424,20 +421,13 @@ mod tests {
                 ready_models: vec!["m".into()],
             })
             .collect();
-        let update = RoutingUpdate {
-            version: 1,
-            snapshot: true,
+        RouterState::with_table(
             endpoints,
-            policies: vec![ModelPolicy {
+            ModelPolicy {
                 model: "m".into(),
                 ..policy
-            }],
-            ..Default::default()
-        };
-        let table =
-            RoutingTable::build(&update, "a", &RoutingTable::default(), &state.queue).unwrap();
-        state.table.store(Arc::new(table));
-        state
+            },
+        )
     }
 
     /// When a scripted attempt answers.
