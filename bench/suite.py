@@ -13,8 +13,9 @@ Started by bench/run.sh, which installs the peers and builds `fulcrum` first. Ev
    Envoy (static cluster, HTTP/2, LEAST_REQUEST) and nginx (grpc_pass, least_conn); each proxy
    twice: once with its default threads on all cores (latency, CPU, RSS) and once pinned to one
    core with one worker (highest sustained rate);
-3. runs the scenarios with `fulcrum load` (open loop, latency from each call's scheduled time,
-   HDR histograms), the contenders interleaved in rounds, and reports added latency (contender
+3. runs the scenarios with `fulcrum load` (sequential calls as a closed loop of one caller;
+   rates open loop, latency from each call's scheduled time; HDR histograms), the contenders
+   interleaved in rounds, and reports added latency (contender
    minus direct in the same round, median over rounds), ratios against Envoy and nginx, CPU per
    1,000 calls/s and RSS;
 4. prints the tables, saves every figure as JSON under bench/.peers/, and in full mode rewrites
@@ -66,8 +67,10 @@ TARGET_ADDED_P99_US = 250
 MODES = {
     "quick": {
         "rounds": 2,
-        "latency": [  # (label, calls/s, seconds per run, connections)
-            ("sequential", 200, 3, 1),
+        # (label, calls/s or None for a closed loop of one caller, seconds per run, connections)
+        "latency": [
+            ("sequential", None, 3, 1),
+            ("200/s", 200, 3, 1),
             ("1000/s", 1000, 2, 4),
             ("5000/s", 5000, 2, 4),
         ],
@@ -84,7 +87,8 @@ MODES = {
     "full": {
         "rounds": 7,
         "latency": [
-            ("sequential", 200, 6, 1),
+            ("sequential", None, 6, 1),
+            ("200/s", 200, 6, 1),
             ("1000/s", 1000, 4, 4),
             ("5000/s", 5000, 4, 4),
         ],
@@ -423,13 +427,18 @@ class Bench:
 
     # -- load ---------------------------------------------------------------------------------
 
-    def load_cmd(self, target: str, rps: float, seconds: float, connections: int,
+    def load_cmd(self, target: str, rps: float | None, seconds: float, connections: int,
                  timeout: str = "2s") -> list[str]:
-        return [self.fulcrum, "load", "--target", target, "--rps", f"{rps:g}",
+        """`fulcrum load` at `rps` calls/s (open loop), or, when `rps` is None, as a closed
+        loop of one caller per connection (each sends its next call once its previous one is
+        answered: sequential calls)."""
+        pacing = (["--closed-loop", str(connections)] if rps is None
+                  else ["--rps", f"{rps:g}"])
+        return [self.fulcrum, "load", "--target", target, *pacing,
                 "--duration", f"{seconds:g}s", "--connections", str(connections),
                 "--payload-elems", str(PAYLOAD_ELEMS), "--timeout", timeout, "--json"]
 
-    def load(self, target: str, rps: float, seconds: float, connections: int,
+    def load(self, target: str, rps: float | None, seconds: float, connections: int,
              cpus: str | None = None, timeout: str = "2s", kind: str | None = None) -> dict:
         cmd = self.load_cmd(target, rps, seconds, connections, timeout)
         if cpus is not None:
@@ -445,7 +454,7 @@ class Bench:
             return {"failed": (p.stderr.strip() or p.stdout.strip())[-500:]}
         return json.loads(p.stdout)
 
-    def measured_load(self, target: str, rps: float, seconds: float, connections: int,
+    def measured_load(self, target: str, rps: float | None, seconds: float, connections: int,
                       proxy_pids: list[int], cpus: str | None = None,
                       kind: str | None = None) -> dict:
         """A load run, with where the machine's CPU went meanwhile, in cores (CPU seconds per
@@ -600,8 +609,9 @@ class Bench:
         rounds = self.mode["rounds"]
         out = {}
         for label, rps, seconds, conns in self.mode["latency"]:
+            pace = "one call at a time (closed loop)" if rps is None else f"at {rps}/s"
             log(f"scenario 1, {label}: {rounds} rounds of {len(CONTENDERS)} runs of {seconds}s "
-                f"at {rps}/s")
+                f"{pace}")
             runs = {c: [] for c in CONTENDERS}
             for r in range(rounds):
                 order = CONTENDERS[r % len(CONTENDERS):] + CONTENDERS[:r % len(CONTENDERS)]
@@ -829,9 +839,13 @@ def latency_tables(res: dict) -> list[str]:
 
 
 def label_title(label: str, sc: dict) -> str:
-    if label == "sequential":
-        return (f"Sequential calls ({sc['rps']} calls/s open loop on one connection: one call at "
-                f"a time), {sc['seconds']} s per run")
+    if sc["rps"] is None:
+        return (f"Sequential calls (closed loop: one caller on one connection sends each call as "
+                f"soon as the previous one is answered), {sc['seconds']} s per run")
+    if sc["connections"] == 1:
+        return (f"{sc['rps']:,} calls/s open loop on one connection (calls "
+                f"{1000 / sc['rps']:g} ms apart: the machine idles between calls, and every "
+                f"process on the path wakes up for each), {sc['seconds']} s per run")
     return f"{sc['rps']:,} calls/s open loop, {sc['connections']} connections, {sc['seconds']} s per run"
 
 
@@ -875,7 +889,9 @@ def throughput_table(res: dict) -> list[str]:
 
 def resources_table(res: dict) -> list[str]:
     lat = res["latency"]
-    labels = [k for k in lat if k != "sequential"]
+    # CPU per call where calls keep the proxy busy (in the sequential and the one-connection
+    # runs it is mostly the cost of waking up from idle for each call).
+    labels = [k for k in lat if lat[k]["rps"] is not None and lat[k]["connections"] > 1]
     head = " | ".join(f"CPU per 1,000 calls/s (at {lat[k]['rps']:,}/s)" for k in labels)
     lines = [f"| proxy | {head} | processes / threads |", "|---|" + "---|" * (len(labels) + 1)]
     mem = res["memory"]
@@ -1095,11 +1111,18 @@ def markdown(res: dict) -> str:
         "`worker_processes auto`), and pinned with `taskset` to one core with one worker for "
         f"the throughput figure (CPU {res['throughput']['proxy_cpu']}; load generator and "
         f"node-sims on CPU {res['throughput']['harness_cpus']}).",
-        f"- Load: `fulcrum load`, open loop (calls are sent on schedule whatever the answers do; "
-        f"latency is measured from each call's scheduled time, so queueing anywhere counts), "
-        f"HDR histograms, {PAYLOAD_ELEMS}-element FP32 tensor (64 bytes) echoed and checked. "
-        "Calls are released by a thread sleeping on the kernel's high-resolution timer; how late "
-        "it sends (\"send lag\") is counted in every latency and shown in the tables.",
+        f"- Load: `fulcrum load`, HDR histograms, {PAYLOAD_ELEMS}-element FP32 tensor (64 "
+        "bytes) echoed and checked. **Sequential** calls are a closed loop (`--closed-loop 1`: "
+        "one caller sends each call as soon as the previous one is answered; latency from the "
+        "send): one call's path through an otherwise idle system. Every **rate** is open loop "
+        "(calls are sent on schedule whatever the answers do; latency is measured from each "
+        "call's scheduled time, so queueing anywhere counts); calls are released by a thread "
+        "sleeping on the kernel's high-resolution timer, and how late it sends (\"send lag\") "
+        "is counted in every latency and shown in the tables. The 200/s run on one connection "
+        "(until 2026-11-28 the suite's \"sequential\" row) spaces calls 5 ms apart: the "
+        "processes on the path go idle between calls and each call pays for waking them, which "
+        "on this virtual machine is most of its latency (compare its direct p50 with the "
+        "sequential one).",
         f"- **Interleaving**: each scenario runs {res['rounds']} rounds; a round runs every "
         "contender once, in an order rotated from round to round, so drift on the machine "
         "affects all of them alike. **Added latency** is the contender's percentile minus the "

@@ -39,6 +39,11 @@ pub(crate) struct LoadArgs {
     /// Seed of Poisson arrivals.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Closed loop instead of a schedule: this many callers, each sending its next call as
+    /// soon as its previous one has ended (`--rps` and `--arrivals` unused; latency from each
+    /// call's send). One caller measures sequential calls.
+    #[arg(long, value_name = "CALLERS")]
+    closed_loop: Option<usize>,
     /// Also report outcomes by the time calls were due, in buckets this wide (`100ms`).
     #[arg(long, value_parser = humantime::parse_duration)]
     timeline: Option<Duration>,
@@ -67,6 +72,7 @@ pub(crate) async fn run(args: LoadArgs) -> anyhow::Result<()> {
             _ => Arrivals::Uniform,
         },
         timeline: args.timeline,
+        closed_loop: args.closed_loop,
     };
     let mut report = load::run(config).await?;
     if !args.histogram {

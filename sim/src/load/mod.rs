@@ -117,6 +117,13 @@ pub struct LoadConfig {
     /// Width of the buckets of a timeline of outcomes by the time calls were due (none when
     /// `None`).
     pub timeline: Option<Duration>,
+    /// A closed loop instead of a schedule: this many callers, each sending its next call as
+    /// soon as its previous one has ended, for `duration` (`rps`, `arrivals` and
+    /// `max_in_flight` are then unused). A call's latency is then its own, from the moment it
+    /// is sent: the measure of one call's path through an otherwise idle system ("sequential
+    /// calls" with one caller). A closed loop hides queueing (a slow answer delays the next
+    /// call instead of showing up in its latency), which is why rates are measured open loop.
+    pub closed_loop: Option<usize>,
 }
 
 impl Default for LoadConfig {
@@ -140,6 +147,7 @@ impl Default for LoadConfig {
             connections: 4,
             arrivals: Arrivals::Uniform,
             timeline: None,
+            closed_loop: None,
         }
     }
 }
@@ -153,6 +161,9 @@ impl LoadConfig {
         }
         if self.duration.is_zero() {
             return invalid("duration must be positive".into());
+        }
+        if self.closed_loop == Some(0) {
+            return invalid("a closed loop needs at least 1 caller".into());
         }
         let calls = self.rps * self.duration.as_secs_f64();
         if calls > MAX_CALLS {
@@ -334,7 +345,12 @@ pub async fn run(config: LoadConfig) -> Result<LoadReport, LoadError> {
     let (done_tx, done_rx) = oneshot::channel::<Schedule>();
     let head_target = config.target.clone();
     let head_model = config.model.clone();
-    let (target_rps, duration, timeout) = (config.rps, config.duration, config.timeout);
+    let (duration, timeout, closed_loop) = (config.duration, config.timeout, config.closed_loop);
+    let target_rps = if closed_loop.is_some() {
+        0.0
+    } else {
+        config.rps
+    };
     let plan = Plan {
         config,
         clients,
@@ -344,12 +360,22 @@ pub async fn run(config: LoadConfig) -> Result<LoadReport, LoadError> {
         stopped,
         runtime: tokio::runtime::Handle::current(),
     };
-    std::thread::Builder::new()
-        .name("fulcrum-load-schedule".into())
-        .spawn(move || {
-            let _ = done_tx.send(schedule(plan));
-        })
-        .map_err(|e| LoadError::Scheduler(e.to_string()))?;
+    match closed_loop {
+        // Callers send as answers come: no schedule, so no thread keeping one.
+        Some(callers) => {
+            tokio::spawn(async move {
+                let _ = done_tx.send(run_closed_loop(plan, callers).await);
+            });
+        }
+        None => {
+            std::thread::Builder::new()
+                .name("fulcrum-load-schedule".into())
+                .spawn(move || {
+                    let _ = done_tx.send(schedule(plan));
+                })
+                .map_err(|e| LoadError::Scheduler(e.to_string()))?;
+        }
+    }
 
     // Outcomes are tallied in a task on the runtime, next to the calls, rather than in this
     // future, which may run on a thread of its own (`block_on`): that would cost a thread
@@ -379,6 +405,7 @@ pub async fn run(config: LoadConfig) -> Result<LoadReport, LoadError> {
         model: head_model,
         target_rps,
         duration,
+        closed_loop,
         sent,
         dropped,
         send_time,
@@ -510,6 +537,78 @@ fn schedule(plan: Plan) -> Schedule {
         started,
         sent,
         dropped,
+        lag,
+        send_time: start.elapsed(),
+    }
+}
+
+/// The closed loop: `callers` tasks on the runtime, each sending its next call as soon as its
+/// previous one has ended, until the run's duration has passed or [`MAX_CALLS`] calls have been
+/// sent in all. A call's latency is measured from the moment it is sent.
+async fn run_closed_loop(plan: Plan, callers: usize) -> Schedule {
+    let Plan {
+        config,
+        clients,
+        template,
+        lag,
+        outcomes,
+        stopped,
+        runtime: _,
+    } = plan;
+    let start = std::time::Instant::now();
+    let started = std::time::SystemTime::now();
+    let end = Instant::from_std(start) + config.duration;
+    // `MAX_CALLS` is a whole number well inside u64.
+    let max_calls = MAX_CALLS as u64;
+    let sent = Arc::new(AtomicU64::new(0));
+    let in_flight = Arc::new(AtomicU64::new(0));
+    let template = Arc::new(template);
+    let mut tasks = tokio::task::JoinSet::new();
+    for caller in 0..callers {
+        let client = clients[caller % clients.len()].clone();
+        let (sent, in_flight, template) = (sent.clone(), in_flight.clone(), template.clone());
+        let (outcomes, stopped) = (outcomes.clone(), stopped.clone());
+        let timeout = config.timeout;
+        tasks.spawn(async move {
+            while Instant::now() < end && stopped.has_changed().is_ok() {
+                let Ok(index) = sent.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                    (n < max_calls).then_some(n + 1)
+                }) else {
+                    break;
+                };
+                let id = index.to_string();
+                let mut request = Request::new(ModelInferRequest {
+                    id: id.clone(),
+                    ..template.request.clone()
+                });
+                request.set_timeout(timeout);
+                in_flight.fetch_add(1, Ordering::AcqRel);
+                let due = Instant::now();
+                let expected = Expected {
+                    due,
+                    at_us: micros(due.into_std().saturating_duration_since(start)),
+                    id,
+                    payload: template.payload.clone(),
+                };
+                let outstanding = Outstanding(in_flight.clone());
+                call(
+                    client.clone(),
+                    request,
+                    expected,
+                    timeout,
+                    outstanding,
+                    outcomes.clone(),
+                    stopped.clone(),
+                )
+                .await;
+            }
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+    Schedule {
+        started,
+        sent: sent.load(Ordering::Acquire),
+        dropped: 0,
         lag,
         send_time: start.elapsed(),
     }
@@ -705,6 +804,10 @@ mod tests {
             },
             LoadConfig {
                 payload_elems: MAX_MESSAGE_SIZE,
+                ..config()
+            },
+            LoadConfig {
+                closed_loop: Some(0),
                 ..config()
             },
         ] {

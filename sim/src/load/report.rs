@@ -19,7 +19,8 @@ pub(crate) const SIGNIFICANT_DIGITS: u8 = 3;
 
 /// Latency percentiles of the successful calls, in microseconds, measured from each call's
 /// scheduled start (not from when it was actually sent), so that a generator or a system that
-/// falls behind shows up as latency instead of being hidden (no coordinated omission).
+/// falls behind shows up as latency instead of being hidden (no coordinated omission); in a
+/// closed loop, which has no schedule, from each call's send.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct LatencySummary {
     /// Median.
@@ -41,8 +42,12 @@ pub struct LoadReport {
     pub target: String,
     /// The model called.
     pub model: String,
-    /// The configured request rate (calls per second).
+    /// The configured request rate (calls per second); 0 in a closed-loop run.
     pub target_rps: f64,
+    /// The callers of a closed-loop run (each sending its next call when its previous one has
+    /// ended); absent in an open-loop run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub closed_loop: Option<usize>,
     /// The configured duration, in seconds.
     pub duration_s: f64,
     /// When the schedule started (the due time of a call at offset 0), in microseconds since
@@ -284,6 +289,7 @@ impl Tally {
             target: head.target,
             model: head.model,
             target_rps: head.target_rps,
+            closed_loop: head.closed_loop,
             duration_s: head.duration.as_secs_f64(),
             started_unix_us: 0,
             sent: head.sent,
@@ -332,6 +338,7 @@ pub(crate) struct ReportHead {
     pub(crate) model: String,
     pub(crate) target_rps: f64,
     pub(crate) duration: Duration,
+    pub(crate) closed_loop: Option<usize>,
     pub(crate) sent: u64,
     pub(crate) dropped: u64,
     /// From the start to the moment scheduling stopped.
@@ -389,11 +396,18 @@ fn write_shares(
 impl fmt::Display for LoadReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let errors = self.error_count();
-        writeln!(
-            f,
-            "target {} model {}: {} rps for {:.3} s",
-            self.target, self.model, self.target_rps, self.duration_s
-        )?;
+        match self.closed_loop {
+            Some(callers) => writeln!(
+                f,
+                "target {} model {}: closed loop, {callers} caller(s), for {:.3} s",
+                self.target, self.model, self.duration_s
+            )?,
+            None => writeln!(
+                f,
+                "target {} model {}: {} rps for {:.3} s",
+                self.target, self.model, self.target_rps, self.duration_s
+            )?,
+        }
         writeln!(
             f,
             "sent {} ({:.1}/s), ok {} ({:.2}%), errors {} ({:.2}%), dropped {}",
@@ -416,9 +430,14 @@ impl fmt::Display for LoadReport {
             }
         }
         let l = &self.latency;
+        let from = if self.closed_loop.is_some() {
+            "send"
+        } else {
+            "scheduled start"
+        };
         writeln!(
             f,
-            "latency of successful calls (ms, from scheduled start): p50 {:.3}  p90 {:.3}  \
+            "latency of successful calls (ms, from {from}): p50 {:.3}  p90 {:.3}  \
              p99 {:.3}  p99.9 {:.3}  max {:.3}",
             ms(l.p50_us),
             ms(l.p90_us),
@@ -426,14 +445,17 @@ impl fmt::Display for LoadReport {
             ms(l.p999_us),
             ms(l.max_us)
         )?;
-        let g = &self.send_lag;
-        writeln!(
-            f,
-            "send lag (ms, generator behind schedule): p50 {:.3}  p99 {:.3}  max {:.3}",
-            ms(g.p50_us),
-            ms(g.p99_us),
-            ms(g.max_us)
-        )?;
+        // A closed loop has no schedule to be behind.
+        if self.closed_loop.is_none() {
+            let g = &self.send_lag;
+            writeln!(
+                f,
+                "send lag (ms, generator behind schedule): p50 {:.3}  p99 {:.3}  max {:.3}",
+                ms(g.p50_us),
+                ms(g.p99_us),
+                ms(g.max_us)
+            )?;
+        }
         if self.retried > 0 {
             writeln!(
                 f,
@@ -492,6 +514,7 @@ mod tests {
             model: "echo".into(),
             target_rps: 6.0,
             duration: Duration::from_secs(1),
+            closed_loop: None,
             sent: 6,
             dropped: 0,
             send_time: Duration::from_secs(1),

@@ -686,3 +686,45 @@ async fn load_run_counts_hangs_as_deadlines_and_sheds_beyond_max_in_flight() {
     .await;
     node.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_loop_sends_each_call_when_the_previous_one_has_ended() {
+    // One slot and no queue: a second call in flight would be refused, so a run without
+    // errors sent one call at a time.
+    let node = spawn(
+        NodeSimConfig {
+            slots: 1,
+            queue: 0,
+            service_time: ServiceTime::Constant(Duration::from_millis(1)),
+            ..fast()
+        },
+        local(),
+    )
+    .await
+    .unwrap();
+    let report = crate::load::run(crate::load::LoadConfig {
+        target: node.addr.to_string(),
+        // Unused in a closed loop: a schedule at this rate would send one call.
+        rps: 1.0,
+        duration: Duration::from_millis(500),
+        closed_loop: Some(1),
+        connections: 1,
+        ..crate::load::LoadConfig::default()
+    })
+    .await
+    .unwrap();
+    println!("{report}");
+    assert!(report.errors.is_empty(), "{report}");
+    assert_eq!(report.ok, report.sent, "{report}");
+    // Paced by answers, not by the rate: more than the schedule's one call, and no more than
+    // the node can serve one after another (1 ms each) in the run's 500 ms.
+    assert!((5..=500).contains(&report.sent), "{report}");
+    assert_eq!(node.controls().served("echo"), report.sent);
+    assert_eq!(report.closed_loop, Some(1));
+    assert_eq!(report.target_rps, 0.0);
+    assert!(
+        report.to_string().contains("closed loop, 1 caller(s)"),
+        "{report}"
+    );
+    node.stop().await;
+}
