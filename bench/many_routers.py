@@ -521,26 +521,25 @@ def markdown(res: dict, show) -> list[str]:
                                   c["load"], show)
 
 
-# What the measured figures mean. Written from the run of 2026-11-27 11:19 UTC (commit
-# 3f3b18814a47); a rerun with other figures must revisit it.
+# What the measured figures mean. Written from the run of 2026-11-28 00:15 UTC (commit
+# cc23f9f25062), with the two before it; a rerun with other figures must revisit it.
 ANALYSIS: list[str] = [
-    "**What this run shows** (the run of 2026-11-27 11:19 UTC; a rerun must revisit this "
-    "reading). The global view does not earn much here, and it is not better at every "
-    "percentile. Its p99 is 4 to 7 % lower (0.96× at 70 %, 0.93× at 90 %; lower in 3 of the 6 "
-    "paired rounds), which is within the round-to-round spread. Its p99.9 is 0.78× at 70 % but "
-    "1.14× at 90 %; a p99.9 over 30 s rests on 40 to 50 calls and swung from 0.43× to 1.86× "
-    "between rounds. Its p50 is worse in every round, by 3 to 14 % (1.04× and 1.03× over the "
-    "rounds). Errors: none in either view. The machine was saturated throughout: other "
-    "sessions' builds used 1.2 to 1.4 of the 2 cores during the runs, the whole machine was "
-    "busy 95-100 % of the time, and the generators sent up to 13 ms late (p99) in the worst "
-    "run, so every tail figure carries the machine's scheduling noise.",
+    "**What the runs show** (this reading was written from the run of 2026-11-28 00:15 UTC and "
+    "the two before it — 2026-11-27 11:19 and 19:39 UTC; a rerun must revisit it). The global "
+    "view does not earn its keep on this fleet. Its p99 ties the local view's in every run "
+    "(0.92× to 1.02× over the levels and runs; 1.02× and 1.02× in this one); its p99.9, which "
+    "over 30 s rests on 40 to 50 calls, swings either way (this run 1.35× at 70 %, from rounds "
+    "of 1.35×, 1.44× and 0.59×, and 1.05× at 90 %; earlier runs 0.78× to 1.14×); its p50 is 1 to "
+    "4 % worse in every run. Errors: none in either view. This run had the machine to itself "
+    "(other processes 0.00 to 0.02 cores; the stack 0.6 to 0.8 of the two cores), so the "
+    "tie is the fleet's, not the machine's noise; the 11:19 run was taken with other builds "
+    "using 1.2 to 1.4 cores and said the same.",
     "",
     "**What the machine sustained.** The 24 processes of a run (8 routers, 8 node-sims, 8 "
     "generators) and the control plane took 0.6 to 0.8 of a core at 446 to 574 calls/s in all "
-    "(see the table above: routers 0.23 to 0.29, node-sims 0.17 to 0.21, generators 0.20 to "
-    "0.26, control plane 0.01; the eight idle routers of the other view 0.01), about 1.3 ms of "
-    "CPU per call end to end. On a quiet two-core machine this setup has room for two to three "
-    "times these rates; during this run the other sessions left it no room at all.",
+    "(see the table above: routers 0.19 to 0.24, node-sims 0.17 to 0.22, generators 0.23 to "
+    "0.28, control plane 0.01; the eight idle routers of the other view 0.01), about 1.3 ms of "
+    "CPU per call end to end.",
     "",
     "Why the global view adds so little on this fleet, as far as the figures tell:",
     "",
@@ -549,26 +548,31 @@ ANALYSIS: list[str] = [
     "router over eight nodes, each router samples each ordinary node 8 to 11 times a second, "
     "enough for its 2 s peak-EWMA to follow the queue. So each router's \"local\" cost, "
     "latency × in-flight, is already largely a global signal; both views kept the slow nodes "
-    "below their fair share (7 to 10 % of calls, against 10.6 to 11.3 % for the jsq oracle).",
+    "below their fair share (7.7 to 9.8 % of calls, against 10.6 to 11.3 % for the jsq "
+    "oracle).",
     "- **The weight function nets the slow nodes out.** A slow node gets fewer calls, so its "
     "utilization (routers' in-flight over capacity) is lower and its headroom factor higher, "
-    "which cancels most of its latency factor: at 90 % the published weights of all eight "
-    "nodes sat between 0.7 and 1.6 (capacity 4 each), the slow ones 5 to 45 % below the "
-    "ordinary ones' median, where their threefold latency alone would take two thirds off. Near-uniform weights make the global view's draws almost the local view's.",
-    "- **The weights of identical nodes wander.** The six ordinary nodes' weights differed by "
-    "up to 2× within one snapshot and changed from run to run (n5: 2.17, then 1.29), "
-    "following sampled in-flight counts a second or two old. Drawing by those weights spreads "
-    "the calls over identical nodes a little less evenly (14.3-16.2 % each against "
-    "14.5-15.6 % with the local view), which fits the consistently higher p50.",
+    "which cancels most of its latency factor: in this run's snapshots the slow nodes' "
+    "weights (1.35 and 1.28 at 70 %, 0.69 and 1.09 at 90 %; capacity 4 each) sat within the "
+    "ordinary nodes' range, where their threefold latency alone would take two thirds off.",
+    "- **The weights of identical nodes wander.** The six ordinary nodes' weights spread "
+    "2.3× within one snapshot at 70 % (0.89 to 2.04) and 1.4× at 90 %. The cause is the "
+    "signal: a router reports each node's calls in flight *at the moment of the report*, once "
+    "a second, and a 4-slot node at 70 % has 0 to 4 calls in flight from one instant to the "
+    "next; the headroom factor turns that noise into weights 3× apart (utilization 0.4 → "
+    "0.68 of capacity, 1.0 → 0.2), and 3 s of damping only halves it. Drawing by those "
+    "weights spreads calls over identical nodes less evenly than the routers' own p2c does, "
+    "which fits the consistently higher p50.",
     "",
-    "Where the global view should matter, not covered by this fleet: many more routers each "
-    "with too few calls per node to keep a fresh latency estimate (hundreds of routers), "
-    "nodes whose load comes from clients that bypass Fulcrum (known only from their own "
-    "reports: self-registered nodes' queue depth), and capacity differences that latency "
-    "does not show until the queue is long. Next steps: rerun on a quiet machine; add a "
-    "variant with 32 or more routers at a few calls/s each; and damp utilization over a "
-    "longer window before it enters the weights, so that identical nodes keep equal "
-    "weights.",
+    "Next steps, in order: report the **mean** calls in flight over each report interval "
+    "instead of a snapshot (the sum of the latencies of the calls that ended in the interval "
+    "over its length, by Little's law: one addition per call in the router, one field in the "
+    "load report, used by the control plane's utilization when present), which removes the "
+    "wandering at its source; then rerun this scenario; then add a variant where the global "
+    "view should matter and this fleet does not cover: many more routers (32 or more) each "
+    "with too few calls per node to keep a fresh latency estimate, nodes whose load comes "
+    "from clients that bypass Fulcrum (known only from their own reports), and capacity "
+    "differences that latency does not show until the queue is long.",
     "",
 ]
 

@@ -118,6 +118,7 @@ impl AdminService {
                     routers_current,
                     routers_total,
                     in_flight: l.in_flight,
+                    mean_in_flight: l.mean_in_flight,
                     calls_per_sec: l.calls_per_sec,
                     error_ratio: l.error_ratio(),
                     latency_ms: l.latency_ms.unwrap_or(0.0),

@@ -195,6 +195,7 @@ mod tests {
                     (*id).to_owned(),
                     NodeLoadSummary {
                         in_flight: *in_flight,
+                        mean_in_flight: f64::from(*in_flight),
                         calls_per_sec: *calls,
                         latency_ms: Some(5.0),
                         ..Default::default()
@@ -221,7 +222,7 @@ mod tests {
             "first sight"
         );
 
-        // y's call rate moves (no signal of its entry), x's in-flight count does.
+        // y's call rate moves (no signal of its entry), x's mean in flight does.
         let a = view(&[("x", 3, 10.0), ("y", 2, 12.0)]);
         let (v, changed) = sums.remerge(vec![("load/a".into(), encoded(&a))], now);
         assert_eq!(changed, BTreeSet::from(["x".into()]));

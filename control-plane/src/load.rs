@@ -57,8 +57,14 @@ pub const PUBLISH_INTERVAL: Duration = Duration::from_secs(1);
 /// One node's load, summed over routers.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct NodeLoadSummary {
-    /// Calls in flight to the node from all routers.
+    /// Calls in flight to the node from all routers, at their last reports.
     pub in_flight: u32,
+    /// Calls in flight to the node from all routers, each averaged over the interval before
+    /// its last report (a router that does not report the mean counts with its `in_flight`):
+    /// what the utilization is made of. A count at one instant swings with every call (a
+    /// 4-slot node at 70 % has 0 to 4 calls in flight from one moment to the next), and the
+    /// weights made of it swung with it.
+    pub mean_in_flight: f64,
     /// Calls per second.
     pub calls_per_sec: f64,
     /// Failed calls per second.
@@ -80,13 +86,13 @@ impl NodeLoadSummary {
     }
 
     /// The node's utilization for the weights, in [0, 1]: the largest of what the routers'
-    /// calls in flight make of its `capacity` and what the node reports (its utilization, and
+    /// mean calls in flight make of its `capacity` and what the node reports (its utilization, and
     /// its own count in flight over `capacity`). The node sees calls from every client, not only
     /// Fulcrum's routers, and knows its real state (a batch-filled GPU, a full KV cache), so
     /// when it says it is busier than the routers think, it is. A node with a queue is full.
     pub fn utilization(&self, capacity: f64) -> f64 {
         let capacity = capacity.max(1.0);
-        let mut u = f64::from(self.in_flight) / capacity;
+        let mut u = self.mean_in_flight / capacity;
         if let Some(r) = &self.reported {
             if r.utilization.is_finite() {
                 u = u.max(r.utilization);
@@ -106,6 +112,7 @@ impl NodeLoadSummary {
             (x, y) => x.or(y),
         };
         self.in_flight = self.in_flight.saturating_add(other.in_flight);
+        self.mean_in_flight += other.mean_in_flight;
         self.calls_per_sec += b;
         self.errors_per_sec += other.errors_per_sec;
     }
@@ -171,6 +178,7 @@ impl LoadAggregator {
                     .or_default()
                     .add(&NodeLoadSummary {
                         in_flight: n.in_flight,
+                        mean_in_flight: mean_in_flight(n),
                         calls_per_sec: calls,
                         errors_per_sec: n.errors as f64 / secs,
                         latency_ms: (calls > 0.0 && n.latency_ewma_ms.is_finite())
@@ -181,6 +189,24 @@ impl LoadAggregator {
         }
         view
     }
+}
+
+/// Resolution of a mean count in flight: steps per call. Finer differences do not matter to
+/// the weights (a node's utilization moves by 1 / (8 × capacity) per step, before damping),
+/// and without a resolution every node with traffic would count as changed at every merge of
+/// the load sums (see `table::LoadSignals`), its entry computed again every second.
+const MEAN_IN_FLIGHT_STEPS: f64 = 8.0;
+
+/// A report's mean calls in flight, to [`MEAN_IN_FLIGHT_STEPS`]: the mean when it carries a
+/// sensible one (a finite count, not negative), else its count in flight at the time of the
+/// report. Sums of such steps are exact.
+fn mean_in_flight(n: &NodeLoad) -> f64 {
+    let mean = n
+        .mean_in_flight
+        .filter(|m| m.is_finite() && *m >= 0.0)
+        .unwrap_or_else(|| f64::from(n.in_flight));
+    // Far beyond any real count (2^40 calls) the steps would stop being exact.
+    (mean.min(1e12) * MEAN_IN_FLIGHT_STEPS).round() / MEAN_IN_FLIGHT_STEPS
 }
 
 /// Encodes a replica's view and its nodes' own reports for the store: calls and errors per
@@ -195,6 +221,7 @@ pub fn encode(view: &LoadView, self_reports: Vec<SelfReport>) -> Vec<u8> {
             errors: s.errors_per_sec.round() as u64,
             latency_ewma_ms: s.latency_ms.unwrap_or(0.0),
             ejected: false,
+            mean_in_flight: Some(s.mean_in_flight),
         })
         .collect();
     nodes.sort_by(|a, b| a.node_id.cmp(&b.node_id));
@@ -274,6 +301,7 @@ pub fn merge<'a>(reports: impl IntoIterator<Item = &'a LoadReport>, now: u64) ->
         for n in &report.nodes {
             let summary = NodeLoadSummary {
                 in_flight: n.in_flight,
+                mean_in_flight: mean_in_flight(n),
                 calls_per_sec: n.calls as f64,
                 errors_per_sec: n.errors as f64,
                 latency_ms: (n.calls > 0 && n.latency_ewma_ms > 0.0).then_some(n.latency_ewma_ms),
@@ -324,7 +352,63 @@ mod tests {
             errors,
             latency_ewma_ms: lat,
             ejected: false,
+            mean_in_flight: None,
         }
+    }
+
+    #[tokio::test]
+    async fn the_mean_in_flight_is_what_utilization_is_made_of() {
+        let agg = LoadAggregator::default();
+        let with_mean = |id, in_flight, mean| NodeLoad {
+            mean_in_flight: mean,
+            ..node(id, in_flight, 10, 0, 5.0)
+        };
+        // Routers that report the mean; one that does not (its count stands in); and
+        // nonsense, which falls back to the count too.
+        for (router, report) in [
+            ("r1", with_mean("n", 4, Some(1.5))),
+            ("r2", with_mean("n", 0, Some(0.5))),
+            ("r3", with_mean("n", 2, None)),
+            ("r4", with_mean("n", 1, Some(f64::NAN))),
+            ("r5", with_mean("n", 0, Some(-3.0))),
+        ] {
+            agg.record(
+                router,
+                LoadReport {
+                    nodes: vec![report],
+                    at_unix_ms: 0,
+                    self_reports: vec![],
+                },
+            );
+        }
+        let v = agg.view();
+        assert_eq!(v["n"].in_flight, 7);
+        assert_eq!(v["n"].mean_in_flight, 1.5 + 0.5 + 2.0 + 1.0 + 0.0);
+        assert_eq!(
+            v["n"].utilization(10.0),
+            0.5,
+            "from the mean, not the count"
+        );
+        // To an eighth of a call.
+        agg.record(
+            "r6",
+            LoadReport {
+                nodes: vec![with_mean("n", 0, Some(0.3))],
+                at_unix_ms: 0,
+                self_reports: vec![],
+            },
+        );
+        assert_eq!(agg.view()["n"].mean_in_flight, 5.0 + 0.25);
+        agg.forget("r6");
+        let v = agg.view();
+
+        // Through the store, replicas' sums add up the same way.
+        let store = crate::store::embedded::EmbeddedStore::in_memory();
+        publish(&store, "r-a", &v, vec![]).await.unwrap();
+        publish(&store, "r-b", &v, vec![]).await.unwrap();
+        let g = global(&store).await.unwrap();
+        assert_eq!(g["n"].mean_in_flight, 10.0);
+        assert_eq!(g["n"].in_flight, 14);
     }
 
     #[tokio::test]
@@ -365,6 +449,7 @@ mod tests {
             "n".into(),
             NodeLoadSummary {
                 in_flight: 2,
+                mean_in_flight: 1.5,
                 calls_per_sec: 10.0,
                 errors_per_sec: 0.0,
                 latency_ms: Some(4.0),
@@ -376,6 +461,7 @@ mod tests {
             "n".into(),
             NodeLoadSummary {
                 in_flight: 1,
+                mean_in_flight: 0.25,
                 calls_per_sec: 30.0,
                 errors_per_sec: 3.0,
                 latency_ms: Some(8.0),
@@ -386,6 +472,7 @@ mod tests {
         publish(&store, "r-b", &b, vec![]).await.unwrap();
         let g = global(&store).await.unwrap();
         assert_eq!(g["n"].in_flight, 3);
+        assert_eq!(g["n"].mean_in_flight, 1.75);
         assert_eq!(g["n"].calls_per_sec, 40.0);
         assert!((g["n"].error_ratio() - 0.075).abs() < 1e-9);
         assert!((g["n"].latency_ms.unwrap() - 7.0).abs() < 1e-9);
@@ -463,7 +550,7 @@ mod tests {
     #[test]
     fn utilization_is_the_larger_view() {
         let mut l = NodeLoadSummary {
-            in_flight: 6,
+            mean_in_flight: 6.0,
             ..Default::default()
         };
         assert_eq!(l.utilization(8.0), 0.75, "routers only");

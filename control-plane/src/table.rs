@@ -121,7 +121,8 @@ pub fn peer_medians<'a>(
 /// (30 to 45 ms each on the benchmark's machine), and a weight change waited behind them.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LoadSignals {
-    in_flight: u32,
+    /// What the utilization is made of (to an eighth of a call, see `load`).
+    mean_in_flight: f64,
     latency_ms: Option<f64>,
     /// The error ratio when the call rate is high enough for it to count, else 0.
     error_ratio: f64,
@@ -133,7 +134,7 @@ impl LoadSignals {
     /// The signals of a node's load, if it has any.
     pub fn of(load: Option<&NodeLoadSummary>) -> Option<Self> {
         load.map(|l| Self {
-            in_flight: l.in_flight,
+            mean_in_flight: l.mean_in_flight,
             latency_ms: l.latency_ms,
             error_ratio: errors_that_count(l),
             reported: l
@@ -387,6 +388,7 @@ mod tests {
         let mut load = LoadView::new();
         let l = |in_flight, calls, errors, lat| NodeLoadSummary {
             in_flight,
+            mean_in_flight: f64::from(in_flight),
             calls_per_sec: calls,
             errors_per_sec: errors,
             latency_ms: Some(lat),
@@ -437,6 +439,7 @@ mod tests {
     fn load_signals_are_what_the_entry_reads() {
         let base = NodeLoadSummary {
             in_flight: 1,
+            mean_in_flight: 1.0,
             calls_per_sec: 10.0,
             latency_ms: Some(10.0),
             ..Default::default()
@@ -452,10 +455,19 @@ mod tests {
             "the call rate alone, without errors"
         );
         let busier = NodeLoadSummary {
-            in_flight: 2,
+            mean_in_flight: 1.5,
             ..base.clone()
         };
         assert_ne!(sig(&base), sig(&busier));
+        let snapshot = NodeLoadSummary {
+            in_flight: 3,
+            ..base.clone()
+        };
+        assert_eq!(
+            sig(&base),
+            sig(&snapshot),
+            "the count at one instant: the mean is what counts"
+        );
         let failing = NodeLoadSummary {
             errors_per_sec: 5.0,
             ..base.clone()
@@ -487,6 +499,7 @@ mod tests {
             })
         };
         assert_eq!(entry(&base), entry(&jitter));
+        assert_eq!(entry(&base), entry(&snapshot));
         assert_eq!(entry(&few), entry(&fewer));
     }
 

@@ -154,8 +154,8 @@ impl Drop for AbortOnDrop {
 }
 
 /// Sends a load report every [`REPORT_INTERVAL`] until the stream closes: per node, the calls
-/// in flight now, calls and errors since the last report, the latency estimate and whether the
-/// node is ejected here.
+/// in flight now and on average since the last report, calls and errors since the last
+/// report, the latency estimate and whether the node is ejected here.
 async fn report_load(tx: mpsc::Sender<RouterMessage>, state: Arc<RouterState>) {
     let mut ticker = tokio::time::interval(REPORT_INTERVAL);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -175,6 +175,7 @@ async fn report_load(tx: mpsc::Sender<RouterMessage>, state: Arc<RouterState>) {
                     errors,
                     latency_ewma_ms: n.latency.estimate_ms(now),
                     ejected: n.outlier.is_ejected(now / 1_000_000),
+                    mean_in_flight: n.take_mean_in_flight(),
                 }
             })
             .collect();

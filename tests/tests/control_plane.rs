@@ -541,6 +541,63 @@ async fn draining_under_load_fails_no_call() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_routers_mean_in_flight_reaches_the_control_plane() {
+    let _serial = fulcrum_tests::exclusive().await;
+    let etcd = Etcd::start().await;
+    let cp = stack::control_plane(&etcd.url()).await;
+    let mut a = admin(cp.addr).await;
+    // A node that answers its probes but holds every call far longer than the test.
+    let node = spawn(
+        NodeSimConfig {
+            name: "slow".into(),
+            service_time: "const:600s".parse().unwrap(),
+            slots: 16,
+            ..Default::default()
+        },
+        "127.0.0.1:0".parse().unwrap(),
+    )
+    .await
+    .unwrap();
+    register(&mut a, spec("slow", node.addr, "a", &["echo"], 16)).await;
+    let router = stack::router("a", cp.addr, None).await;
+    wait_ready(router.addr).await;
+    let held: u32 = 3;
+    let mut calls = Vec::new();
+    for _ in 0..held {
+        let mut client = oip(router.addr).await;
+        calls.push(tokio::spawn(async move {
+            client.model_infer(echo_request("echo", &[1.0])).await
+        }));
+    }
+    let controls = node.controls();
+    eventually("the calls are held", Duration::from_secs(10), || {
+        let n = controls.in_flight();
+        async move { (n == u64::from(held)).then_some(()) }
+    })
+    .await;
+    // Held for whole report intervals, the mean is the count exactly.
+    eventually(
+        "the control plane sees 3 calls in flight on average",
+        Duration::from_secs(20),
+        || {
+            let mut a = a.clone();
+            async move {
+                let n = a
+                    .get_node(fulcrum_proto::fulcrum::v1::GetNodeRequest { id: "slow".into() })
+                    .await
+                    .ok()?
+                    .into_inner();
+                (n.mean_in_flight == f64::from(held) && n.in_flight == held).then_some(())
+            }
+        },
+    )
+    .await;
+    for c in calls {
+        c.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn under_repeated_leader_kills_router_versions_only_grow() {
     use fulcrum_data_plane::router::RouterState;
     use fulcrum_data_plane::subscriber::apply;

@@ -278,6 +278,7 @@ async fn router(
                 errors: 0,
                 latency_ewma_ms: 10.0,
                 ejected: false,
+                mean_in_flight: Some(1.0),
             })
             .collect(),
         at_unix_ms: 0,

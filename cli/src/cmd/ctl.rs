@@ -406,6 +406,7 @@ fn node_json(n: &NodeStatus) -> serde_json::Value {
         "weight_override": n.weight_override,
         "region_evacuated": n.region_evacuated,
         "in_flight": n.in_flight,
+        "mean_in_flight": n.mean_in_flight,
         "calls_per_sec": n.calls_per_sec,
         "error_ratio": n.error_ratio,
         "latency_ms": n.latency_ms,

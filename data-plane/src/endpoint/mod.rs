@@ -14,7 +14,7 @@ pub mod reconnect;
 pub mod unary;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -109,6 +109,8 @@ pub struct NodeConn {
     /// Reconnect backoff.
     pub reconnect: Reconnect,
     in_flight: AtomicU32,
+    /// The calls in flight integrated over time, for the mean reported to the control plane.
+    busy: Mutex<Busy>,
     limit: AtomicU32,
     calls: AtomicU64,
     errors: AtomicU64,
@@ -161,6 +163,7 @@ impl NodeConn {
             outlier: Outlier::default(),
             reconnect: Reconnect::default(),
             in_flight: AtomicU32::new(0),
+            busy: Mutex::new(Busy::new(now_ns())),
             limit: AtomicU32::new(limit),
             calls: AtomicU64::new(0),
             errors: AtomicU64::new(0),
@@ -274,13 +277,33 @@ impl NodeConn {
                 (limit == 0 || n < limit).then_some(n + 1)
             })
             .ok()?;
+        self.busy().change(1, now_ns());
         Some(InFlight(self.clone()))
     }
 
     /// Takes a slot whatever the limit (streams, panic routing).
     pub fn start_call(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
+        self.busy().change(1, now_ns());
         InFlight(self.clone())
+    }
+
+    fn busy(&self) -> std::sync::MutexGuard<'_, Busy> {
+        // Every update leaves the integral whole: a panic elsewhere cannot leave it half-done.
+        self.busy.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The calls in flight integrated over time until now (call-nanoseconds since the node
+    /// was added): the difference of two readings divided by the time between them is the
+    /// mean count in flight over that time.
+    pub fn busy_ns(&self) -> u128 {
+        self.busy().integral(now_ns())
+    }
+
+    /// The mean count in flight since the previous call of this method (since the node was
+    /// added, the first time), for load reports; `None` when no time has passed.
+    pub fn take_mean_in_flight(&self) -> Option<f64> {
+        self.busy().take_mean(now_ns())
     }
 
     /// Records how a call ended and how long it took; returns the failure streak after a
@@ -349,6 +372,56 @@ impl NodeConn {
     }
 }
 
+/// A count in flight integrated over time: each change adds the count so far times the time
+/// it lasted. A lock, not atomics: the integral and the count must change together (read
+/// apart, a call started between the two reads would count as in flight since the start),
+/// and a node's lock is held for a few instructions, twice a call.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Busy {
+    /// The count since `since_ns`.
+    count: u64,
+    since_ns: u64,
+    /// Call-nanoseconds up to `since_ns`.
+    integral: u128,
+    /// The integral and the time of the last [`Busy::take_mean`].
+    taken: (u128, u64),
+}
+
+impl Busy {
+    /// Nothing in flight, from `now_ns` on.
+    pub(crate) fn new(now_ns: u64) -> Self {
+        Self {
+            since_ns: now_ns,
+            taken: (0, now_ns),
+            ..Self::default()
+        }
+    }
+
+    /// The mean count from the previous call (or the start) to `now_ns`; `None` when no time
+    /// has passed.
+    pub(crate) fn take_mean(&mut self, now_ns: u64) -> Option<f64> {
+        let (integral, at) = self.taken;
+        let elapsed = now_ns.checked_sub(at).filter(|&e| e > 0)?;
+        let now_integral = self.integral(now_ns);
+        self.taken = (now_integral, now_ns);
+        Some(now_integral.saturating_sub(integral) as f64 / elapsed as f64)
+    }
+
+    /// The count changes by `delta` at `now_ns` (a clock that never goes back; a reading
+    /// earlier than the last one counts as the same instant).
+    pub(crate) fn change(&mut self, delta: i64, now_ns: u64) {
+        self.integral = self.integral(now_ns);
+        self.since_ns = self.since_ns.max(now_ns);
+        self.count = self.count.saturating_add_signed(delta);
+    }
+
+    /// Call-nanoseconds up to `now_ns`.
+    pub(crate) fn integral(&self, now_ns: u64) -> u128 {
+        let elapsed = now_ns.saturating_sub(self.since_ns);
+        self.integral + u128::from(self.count) * u128::from(elapsed)
+    }
+}
+
 /// One in-flight call on a node; released on drop (also when a call is cancelled).
 #[derive(Debug)]
 pub struct InFlight(Arc<NodeConn>);
@@ -363,6 +436,7 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.0.busy().change(-1, now_ns());
         self.0.queue.slot_freed(&self.0);
     }
 }
@@ -384,6 +458,57 @@ mod tests {
         // Streams ignore the limit.
         let _s = n.start_call();
         assert_eq!(n.in_flight(), 2);
+    }
+
+    #[test]
+    fn busy_integrates_the_count_over_time() {
+        let mut b = Busy::default();
+        assert_eq!(b.integral(1_000), 0);
+        b.change(1, 100);
+        b.change(1, 300);
+        // One call for 200 ns, then two for 100 ns.
+        assert_eq!(b.integral(400), 400);
+        b.change(-1, 400);
+        b.change(-1, 1_000);
+        assert_eq!(b.integral(5_000), 400 + 600);
+        // A clock reading that goes back counts as the same instant; a count never goes
+        // below zero.
+        b.change(1, 900);
+        assert_eq!(b.integral(1_100), 1_000 + 100);
+        b.change(-5, 1_100);
+        assert_eq!(b.integral(9_000), 1_100);
+    }
+
+    #[test]
+    fn the_mean_in_flight_is_taken_interval_by_interval() {
+        let mut b = Busy::new(1_000);
+        b.change(1, 1_000);
+        b.change(1, 1_500);
+        // 1 call for 500 ns, 2 for 500 ns: 1.5 on average since the start.
+        assert_eq!(b.take_mean(2_000), Some(1.5));
+        assert_eq!(b.take_mean(2_000), None, "no time has passed");
+        b.change(-2, 2_500);
+        // 2 calls for 500 ns, none for 1,500 ns.
+        assert_eq!(b.take_mean(4_000), Some(0.5));
+        assert_eq!(b.take_mean(5_000), Some(0.0));
+    }
+
+    #[tokio::test]
+    async fn a_nodes_busy_time_follows_its_calls() {
+        let n = Arc::new(NodeConn::new("n", "127.0.0.1:1", "a", 0, Arc::default()).unwrap());
+        let idle = n.busy_ns();
+        assert_eq!(n.busy_ns(), idle, "no call, no busy time");
+        let call = n.start_call();
+        let (before, t0) = (n.busy_ns(), now_ns());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let (after, t1) = (n.busy_ns(), now_ns());
+        // One call in flight: busy time grows with the clock (at most as fast).
+        assert!(after > before);
+        assert!(after - before <= u128::from(t1 - t0) + 1_000_000);
+        drop(call);
+        let done = n.busy_ns();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        assert_eq!(n.busy_ns(), done, "nothing in flight: it stops growing");
     }
 
     #[tokio::test]
