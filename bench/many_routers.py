@@ -521,25 +521,33 @@ def markdown(res: dict, show) -> list[str]:
                                   c["load"], show)
 
 
-# What the measured figures mean. Written from the run of 2026-11-28 00:15 UTC (commit
-# cc23f9f25062), with the two before it; a rerun with other figures must revisit it.
+# What the measured figures mean. Written from the run of 2026-11-28 01:27 UTC (commit
+# 483de756ff53), with the three before it; a rerun with other figures must revisit it.
 ANALYSIS: list[str] = [
-    "**What the runs show** (this reading was written from the run of 2026-11-28 00:15 UTC and "
-    "the two before it — 2026-11-27 11:19 and 19:39 UTC; a rerun must revisit it). The global "
-    "view does not earn its keep on this fleet. Its p99 ties the local view's in every run "
-    "(0.92× to 1.02× over the levels and runs; 1.02× and 1.02× in this one); its p99.9, which "
-    "over 30 s rests on 40 to 50 calls, swings either way (this run 1.35× at 70 %, from rounds "
-    "of 1.35×, 1.44× and 0.59×, and 1.05× at 90 %; earlier runs 0.78× to 1.14×); its p50 is 1 to "
-    "4 % worse in every run. Errors: none in either view. This run had the machine to itself "
-    "(other processes 0.00 to 0.02 cores; the stack 0.6 to 0.8 of the two cores), so the "
-    "tie is the fleet's, not the machine's noise; the 11:19 run was taken with other builds "
-    "using 1.2 to 1.4 cores and said the same.",
+    "**What the runs show** (this reading was written from the run of 2026-11-28 01:27 UTC and "
+    "the three before it — 2026-11-27 11:19 and 19:39 UTC, 2026-11-28 00:15 UTC; a rerun must "
+    "revisit it). The global view does not earn its keep on this fleet, and does not cost "
+    "anything either. Its p99 ties the local view's in every run (0.92× to 1.02× over the "
+    "levels and runs; 1.02× and 1.02× in this one); its p99.9, which over 30 s rests on 40 to "
+    "50 calls, swings either way from round to round (0.49× to 1.44× within this run; 1.11× "
+    "at 70 % and 0.84× at 90 % over its rounds). Errors: none in either view. Both runs of "
+    "2026-11-28 had the machine to itself (other processes 0.00 to 0.02 cores), so the tie is "
+    "the fleet's, not the machine's noise.",
+    "",
+    "**What changed in this run: the utilization signal.** Until 2026-11-28 a router reported "
+    "each node's calls in flight *at the instant of the report*, once every half second, and "
+    "the weights' headroom factor turned that count's swings (a 4-slot node at 70 % has 0 to 4 "
+    "calls in flight from one instant to the next) into weights up to 3× apart: in the "
+    "00:15 run the six identical ordinary nodes' weights spread 2.3× at 70 % (0.89 to 2.04) "
+    "and 1.4× at 90 %, and the global view's p50 was 1 to 4 % worse than the local view's in "
+    "every run. Routers now report the count integrated over each interval (its mean; "
+    "`endpoint::Busy`), and the same nodes' weights spread 1.5× at 70 % (1.06 to 1.59) and "
+    "1.25× at 90 % (0.77 to 0.96); the global view's p50 now ties the local one's (0.99× and "
+    "1.00×; before 1.01× to 1.04×).",
     "",
     "**What the machine sustained.** The 24 processes of a run (8 routers, 8 node-sims, 8 "
-    "generators) and the control plane took 0.6 to 0.8 of a core at 446 to 574 calls/s in all "
-    "(see the table above: routers 0.19 to 0.24, node-sims 0.17 to 0.22, generators 0.23 to "
-    "0.28, control plane 0.01; the eight idle routers of the other view 0.01), about 1.3 ms of "
-    "CPU per call end to end.",
+    "generators) and the control plane took 0.6 to 0.7 of a core at 446 to 574 calls/s in all "
+    "(see the table above), about 1.2 ms of CPU per call end to end.",
     "",
     "Why the global view adds so little on this fleet, as far as the figures tell:",
     "",
@@ -548,31 +556,22 @@ ANALYSIS: list[str] = [
     "router over eight nodes, each router samples each ordinary node 8 to 11 times a second, "
     "enough for its 2 s peak-EWMA to follow the queue. So each router's \"local\" cost, "
     "latency × in-flight, is already largely a global signal; both views kept the slow nodes "
-    "below their fair share (7.7 to 9.8 % of calls, against 10.6 to 11.3 % for the jsq "
+    "below their fair share (7.7 to 9.9 % of calls, against 10.6 to 11.3 % for the jsq "
     "oracle).",
     "- **The weight function nets the slow nodes out.** A slow node gets fewer calls, so its "
-    "utilization (routers' in-flight over capacity) is lower and its headroom factor higher, "
-    "which cancels most of its latency factor: in this run's snapshots the slow nodes' "
-    "weights (1.35 and 1.28 at 70 %, 0.69 and 1.09 at 90 %; capacity 4 each) sat within the "
-    "ordinary nodes' range, where their threefold latency alone would take two thirds off.",
-    "- **The weights of identical nodes wander.** The six ordinary nodes' weights spread "
-    "2.3× within one snapshot at 70 % (0.89 to 2.04) and 1.4× at 90 %. The cause is the "
-    "signal: a router reports each node's calls in flight *at the moment of the report*, once "
-    "a second, and a 4-slot node at 70 % has 0 to 4 calls in flight from one instant to the "
-    "next; the headroom factor turns that noise into weights 3× apart (utilization 0.4 → "
-    "0.68 of capacity, 1.0 → 0.2), and 3 s of damping only halves it. Drawing by those "
-    "weights spreads calls over identical nodes less evenly than the routers' own p2c does, "
-    "which fits the consistently higher p50.",
+    "utilization (routers' calls in flight over capacity) is lower and its headroom factor "
+    "higher, which cancels most of its latency factor: the slow nodes' weights (1.09 and 1.22 "
+    "at 70 %, 0.76 and 0.63 at 90 %; capacity 4 each) sit at or a little below the ordinary "
+    "nodes', where their twofold-to-threefold latency alone would take half to two thirds off. "
+    "Near-uniform weights make the global view's draws almost the local view's.",
     "",
-    "Next steps, in order: report the **mean** calls in flight over each report interval "
-    "instead of a snapshot (the sum of the latencies of the calls that ended in the interval "
-    "over its length, by Little's law: one addition per call in the router, one field in the "
-    "load report, used by the control plane's utilization when present), which removes the "
-    "wandering at its source; then rerun this scenario; then add a variant where the global "
-    "view should matter and this fleet does not cover: many more routers (32 or more) each "
-    "with too few calls per node to keep a fresh latency estimate, nodes whose load comes "
-    "from clients that bypass Fulcrum (known only from their own reports), and capacity "
-    "differences that latency does not show until the queue is long.",
+    "Next steps: a variant where the global view should matter and this fleet does not cover "
+    "it: many more routers (32 or more) each with too few calls per node to keep a fresh "
+    "latency estimate, nodes whose load comes from clients that bypass Fulcrum (known only from "
+    "their own reports), and capacity differences that latency does not show until the queue "
+    "is long; and a look at whether headroom should count calls waiting at the node (its own "
+    "queue depth, when it reports one) rather than calls in flight, which is what nets the slow "
+    "nodes out.",
     "",
 ]
 
