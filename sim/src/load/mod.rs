@@ -527,7 +527,7 @@ fn schedule(plan: Plan) -> Schedule {
                 payload: template.payload.clone(),
             },
             config.timeout,
-            Outstanding(outstanding.clone()),
+            Some(Outstanding(outstanding.clone())),
             outcomes.clone(),
             stopped.clone(),
         ));
@@ -561,12 +561,11 @@ async fn run_closed_loop(plan: Plan, callers: usize) -> Schedule {
     // `MAX_CALLS` is a whole number well inside u64.
     let max_calls = MAX_CALLS as u64;
     let sent = Arc::new(AtomicU64::new(0));
-    let in_flight = Arc::new(AtomicU64::new(0));
     let template = Arc::new(template);
     let mut tasks = tokio::task::JoinSet::new();
     for caller in 0..callers {
         let client = clients[caller % clients.len()].clone();
-        let (sent, in_flight, template) = (sent.clone(), in_flight.clone(), template.clone());
+        let (sent, template) = (sent.clone(), template.clone());
         let (outcomes, stopped) = (outcomes.clone(), stopped.clone());
         let timeout = config.timeout;
         tasks.spawn(async move {
@@ -582,7 +581,6 @@ async fn run_closed_loop(plan: Plan, callers: usize) -> Schedule {
                     ..template.request.clone()
                 });
                 request.set_timeout(timeout);
-                in_flight.fetch_add(1, Ordering::AcqRel);
                 let due = Instant::now();
                 let expected = Expected {
                     due,
@@ -590,13 +588,13 @@ async fn run_closed_loop(plan: Plan, callers: usize) -> Schedule {
                     id,
                     payload: template.payload.clone(),
                 };
-                let outstanding = Outstanding(in_flight.clone());
                 call(
                     client.clone(),
                     request,
                     expected,
                     timeout,
-                    outstanding,
+                    // A caller has one call out at a time: nothing to count against a limit.
+                    None,
                     outcomes.clone(),
                     stopped.clone(),
                 )
@@ -657,7 +655,8 @@ async fn call(
     request: Request<ModelInferRequest>,
     expected: Expected,
     timeout: Duration,
-    outstanding: Outstanding,
+    // The open loop's count against `max_in_flight` (none in a closed loop).
+    outstanding: Option<Outstanding>,
     outcomes: mpsc::UnboundedSender<Outcome>,
     mut stopped: watch::Receiver<()>,
 ) {
