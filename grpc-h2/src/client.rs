@@ -8,7 +8,7 @@
 //! Here a call encodes its HEADERS and DATA frames into the connection's output and writes
 //! them to the socket itself, under the connection's lock (no task is woken to write them); the
 //! connection's task reads, sorts frames to their calls and wakes the call when its answer is
-//! complete. HPACK decoding is `loona-hpack`'s (a complete decoder that passes h2spec);
+//! complete. HPACK decoding is Fulcrum's own (`crate::hpack`);
 //! requests are encoded without the dynamic table (static-table names, literal values), which
 //! needs no state and which every decoder accepts.
 //!
@@ -25,7 +25,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::future::{Future, poll_fn};
-use std::io::{self, IoSlice};
+use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -38,72 +38,12 @@ use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
 use crate::frame::Received;
-
-/// The client connection preface (RFC 9113 §3.4).
-const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-
-/// Frame types (RFC 9113 §6).
-mod kind {
-    pub(super) const DATA: u8 = 0x0;
-    pub(super) const HEADERS: u8 = 0x1;
-    pub(super) const RST_STREAM: u8 = 0x3;
-    pub(super) const SETTINGS: u8 = 0x4;
-    pub(super) const PUSH_PROMISE: u8 = 0x5;
-    pub(super) const PING: u8 = 0x6;
-    pub(super) const GOAWAY: u8 = 0x7;
-    pub(super) const WINDOW_UPDATE: u8 = 0x8;
-    pub(super) const CONTINUATION: u8 = 0x9;
-}
-
-/// Frame flags.
-mod flag {
-    pub(super) const END_STREAM: u8 = 0x1;
-    pub(super) const ACK: u8 = 0x1;
-    pub(super) const END_HEADERS: u8 = 0x4;
-    pub(super) const PADDED: u8 = 0x8;
-    pub(super) const PRIORITY: u8 = 0x20;
-}
-
-/// HTTP/2 error codes (RFC 9113 §7).
-pub mod reason {
-    /// Graceful shutdown.
-    pub const NO_ERROR: u32 = 0x0;
-    /// The peer broke the protocol.
-    pub const PROTOCOL_ERROR: u32 = 0x1;
-    /// A flow-control window was exceeded.
-    pub const FLOW_CONTROL_ERROR: u32 = 0x3;
-    /// A frame of a size not allowed.
-    pub const FRAME_SIZE_ERROR: u32 = 0x6;
-    /// The stream was refused before any processing.
-    pub const REFUSED_STREAM: u32 = 0x7;
-    /// The stream is no longer needed.
-    pub const CANCEL: u32 = 0x8;
-    /// A header block could not be decoded.
-    pub const COMPRESSION_ERROR: u32 = 0x9;
-    /// The peer generates excessive load.
-    pub const ENHANCE_YOUR_CALM: u32 = 0xb;
-    /// The transport's security is inadequate.
-    pub const INADEQUATE_SECURITY: u32 = 0xc;
-}
-
-/// Settings identifiers (RFC 9113 §6.5.2).
-mod setting {
-    pub(super) const ENABLE_PUSH: u16 = 0x2;
-    pub(super) const MAX_CONCURRENT_STREAMS: u16 = 0x3;
-    pub(super) const INITIAL_WINDOW_SIZE: u16 = 0x4;
-    pub(super) const MAX_FRAME_SIZE: u16 = 0x5;
-    pub(super) const MAX_HEADER_LIST_SIZE: u16 = 0x6;
-}
-
-/// The frame size every peer accepts, and the largest this client accepts (it does not raise
-/// SETTINGS_MAX_FRAME_SIZE: larger frames would only make a bigger read buffer necessary).
-const DEFAULT_MAX_FRAME: usize = 16_384;
-
-/// Every window's size before SETTINGS or WINDOW_UPDATE change it (RFC 9113 §6.9.2).
-const DEFAULT_WINDOW: i64 = 65_535;
-
-/// Largest window RFC 9113 allows.
-const MAX_WINDOW: i64 = (1 << 31) - 1;
+use crate::hpack::{self, static_name};
+pub use crate::wire::reason;
+use crate::wire::{
+    CONNECTION_SPECIFIC, DEFAULT_MAX_FRAME, DEFAULT_WINDOW, MAX_WINDOW, Out, PREFACE, flag,
+    frame_head, hpack_literal, kind, read_once, rst_stream, setting, unpad, window_update,
+};
 
 /// HPACK dynamic table size this client's decoder allows the peer (the protocol's default; a
 /// node's answers repeat a handful of headers, which fit many times over).
@@ -112,10 +52,6 @@ const HEADER_TABLE_SIZE: usize = 4_096;
 /// Frames read from the socket per turn of the connection's task before it lets other tasks of
 /// its thread run: a peer that sends without pause must not starve the thread's calls.
 const READS_PER_TURN: usize = 16;
-
-/// Payloads up to this size are copied into the output buffer (one contiguous write); larger
-/// ones are written from the caller's buffer as they are, without a copy.
-const COPY_LIMIT: usize = 4_096;
 
 /// How a connection is set up.
 #[derive(Debug, Clone)]
@@ -329,11 +265,10 @@ struct Inner {
     conn_recv_unacked: i64,
     /// Calls waiting for a free stream.
     open_waiters: VecDeque<Waker>,
-    decoder: loona_hpack::Decoder<'static>,
+    decoder: hpack::Decoder,
     continuation: Option<Continuation>,
-    /// Bytes to write, in order: `queue` first, then `tail`.
-    queue: VecDeque<Bytes>,
-    tail: BytesMut,
+    /// Bytes to write.
+    out: Out,
     /// Why the connection ended, once it has.
     closed: Option<Error>,
     /// The peer's GOAWAY: no stream may be opened any more.
@@ -369,17 +304,15 @@ impl Connection {
             conn_recv_window: i64::from(config.connection_window).max(DEFAULT_WINDOW),
             conn_recv_unacked: 0,
             open_waiters: VecDeque::new(),
-            decoder: loona_hpack::Decoder::new(),
+            decoder: hpack::Decoder::new(HEADER_TABLE_SIZE),
             continuation: None,
-            queue: VecDeque::new(),
-            tail: BytesMut::with_capacity(16 * 1024),
+            out: Out::new(),
             closed: None,
             going_away: None,
             driver: None,
             ping_outstanding: false,
         };
-        inner.decoder.set_max_allowed_table_size(HEADER_TABLE_SIZE);
-        let t = &mut inner.tail;
+        let t = &mut inner.out.tail;
         t.put_slice(PREFACE);
         frame_head(t, 18, kind::SETTINGS, 0, 0);
         for (id, value) in [
@@ -469,7 +402,7 @@ impl Call {
         }
         inner.next_id += 2;
         let max_frame = inner.max_frame;
-        encode_headers(&mut inner.tail, id, request, max_frame);
+        encode_headers(&mut inner.out.tail, id, request, max_frame);
         let stream = Stream {
             waker: None,
             head: None,
@@ -543,7 +476,7 @@ impl Drop for Call {
         let mut inner = shared.lock();
         if let Some(stream) = inner.streams.remove(&id) {
             if stream.outcome.is_none() && inner.closed.is_none() {
-                rst_stream(&mut inner.tail, id, reason::CANCEL);
+                rst_stream(&mut inner.out.tail, id, reason::CANCEL);
                 flush(shared, &mut inner);
             }
             stream_closed(&mut inner);
@@ -565,76 +498,6 @@ fn stream_closed(inner: &mut Inner) {
         w.wake();
     }
 }
-
-fn frame_head(buf: &mut BytesMut, len: usize, ty: u8, flags: u8, stream: u32) {
-    let len = len as u32;
-    buf.put_slice(&[(len >> 16) as u8, (len >> 8) as u8, len as u8, ty, flags]);
-    buf.put_u32(stream & 0x7fff_ffff);
-}
-
-fn window_update(buf: &mut BytesMut, stream: u32, increment: u32) {
-    frame_head(buf, 4, kind::WINDOW_UPDATE, 0, stream);
-    buf.put_u32(increment & 0x7fff_ffff);
-}
-
-fn rst_stream(buf: &mut BytesMut, stream: u32, code: u32) {
-    frame_head(buf, 4, kind::RST_STREAM, 0, stream);
-    buf.put_u32(code);
-}
-
-/// An HPACK integer with an `n`-bit prefix (RFC 7541 §5.1); `first` holds the bits above it.
-fn hpack_int(buf: &mut BytesMut, first: u8, n: u32, mut value: usize) {
-    let max = (1usize << n) - 1;
-    if value < max {
-        buf.put_u8(first | value as u8);
-        return;
-    }
-    buf.put_u8(first | max as u8);
-    value -= max;
-    while value >= 128 {
-        buf.put_u8((value % 128) as u8 | 0x80);
-        value /= 128;
-    }
-    buf.put_u8(value as u8);
-}
-
-fn hpack_string(buf: &mut BytesMut, s: &[u8]) {
-    hpack_int(buf, 0, 7, s.len());
-    buf.put_slice(s);
-}
-
-/// A literal header field without indexing (RFC 7541 §6.2.2), its name from the static table
-/// when `index` is not zero.
-fn hpack_literal(buf: &mut BytesMut, index: usize, name: &[u8], value: &[u8]) {
-    if index == 0 {
-        buf.put_u8(0);
-        hpack_string(buf, name);
-    } else {
-        hpack_int(buf, 0, 4, index);
-    }
-    hpack_string(buf, value);
-}
-
-/// The static table's index of a header name (RFC 7541 Appendix A), for the names a request to
-/// a node carries; zero for others (sent as literals).
-fn static_name(name: &str) -> usize {
-    match name {
-        "content-type" => 31,
-        "user-agent" => 58,
-        "accept-encoding" => 16,
-        "authorization" => 23,
-        _ => 0,
-    }
-}
-
-/// Headers HTTP/2 forbids (RFC 9113 §8.2.2), left out of a request whatever the caller passed.
-const CONNECTION_SPECIFIC: [&str; 5] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "transfer-encoding",
-    "upgrade",
-];
 
 /// HEADERS (and CONTINUATION frames if the block is larger than a frame) for a request. The
 /// block is encoded in place behind a frame header whose length is filled in after.
@@ -703,7 +566,7 @@ fn send_pending(inner: &mut Inner, id: u32) -> bool {
         }
         let end = n == left;
         frame_head(
-            &mut inner.tail,
+            &mut inner.out.tail,
             n,
             kind::DATA,
             if end { flag::END_STREAM } else { 0 },
@@ -712,7 +575,7 @@ fn send_pending(inner: &mut Inner, id: u32) -> bool {
         let mut want = n;
         if let Some(p) = pending.prefix.take() {
             let k = want.min(p.len());
-            inner.tail.put_slice(&p[..k]);
+            inner.out.tail.put_slice(&p[..k]);
             if k < p.len() {
                 // Only part of the prefix fits: send the rest as message bytes later.
                 let mut rest = BytesMut::with_capacity(p.len() - k + pending.message.len());
@@ -724,13 +587,7 @@ fn send_pending(inner: &mut Inner, id: u32) -> bool {
         }
         if want > 0 {
             let chunk = pending.message.split_to(want);
-            if chunk.len() <= COPY_LIMIT {
-                inner.tail.put_slice(&chunk);
-            } else {
-                let head = inner.tail.split().freeze();
-                inner.queue.push_back(head);
-                inner.queue.push_back(chunk);
-            }
+            inner.out.payload(chunk);
         }
         stream.send_window -= n as i64;
         inner.conn_send_window -= n as i64;
@@ -755,53 +612,17 @@ fn unblock(inner: &mut Inner) {
 /// Writes what is queued, as far as the socket takes it without waiting; the rest stays
 /// queued and the connection's task is woken to write it when the socket is writable.
 fn flush(shared: &Shared, inner: &mut Inner) {
-    while inner.closed.is_none() && (!inner.queue.is_empty() || !inner.tail.is_empty()) {
-        let mut slices = [IoSlice::new(&[]); 32];
-        let mut n = 0;
-        for b in inner.queue.iter().take(31) {
-            slices[n] = IoSlice::new(b);
-            n += 1;
-        }
-        if n < 31 || inner.queue.len() == 31 {
-            slices[n] = IoSlice::new(&inner.tail);
-            n += 1;
-        }
-        match shared.tcp.try_write_vectored(&slices[..n]) {
-            Ok(0) => {
-                close(shared, inner, Error::Eof);
-                return;
-            }
-            Ok(mut written) => {
-                while written > 0 {
-                    if let Some(front) = inner.queue.front_mut() {
-                        let k = written.min(front.len());
-                        front.advance(k);
-                        written -= k;
-                        if front.is_empty() {
-                            inner.queue.pop_front();
-                        }
-                    } else {
-                        inner.tail.advance(written);
-                        written = 0;
-                    }
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                if let Some(w) = inner.driver.take() {
-                    w.wake();
-                }
-                return;
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => {
-                close(shared, inner, Error::Io(Arc::new(e)));
-                return;
-            }
-        }
+    if inner.closed.is_some() {
+        return;
     }
-    if inner.tail.capacity() > 256 * 1024 && inner.tail.is_empty() {
-        // A large burst is over: do not keep its buffer.
-        inner.tail = BytesMut::with_capacity(16 * 1024);
+    match inner.out.write_to(&shared.tcp) {
+        Ok(true) => {}
+        Ok(false) => {
+            if let Some(w) = inner.driver.take() {
+                w.wake();
+            }
+        }
+        Err(e) => close(shared, inner, Error::Io(Arc::new(e))),
     }
 }
 
@@ -823,8 +644,7 @@ fn close(shared: &Shared, inner: &mut Inner, why: Error) {
         w.wake();
     }
     inner.closed = Some(why);
-    inner.queue.clear();
-    inner.tail.clear();
+    inner.out.clear();
     if let Some(w) = inner.driver.take() {
         w.wake();
     }
@@ -841,10 +661,10 @@ fn protocol_error(shared: &Shared, inner: &mut Inner, code: u32, what: &'static 
         what,
         "HTTP/2 protocol error from a node; closing the connection"
     );
-    frame_head(&mut inner.tail, 8, kind::GOAWAY, 0, 0);
+    frame_head(&mut inner.out.tail, 8, kind::GOAWAY, 0, 0);
     let last = inner.next_id.saturating_sub(2);
-    inner.tail.put_u32(last);
-    inner.tail.put_u32(code);
+    inner.out.tail.put_u32(last);
+    inner.out.tail.put_u32(code);
     flush(shared, inner);
     close(shared, inner, Error::Protocol { code, what });
 }
@@ -860,7 +680,7 @@ fn fail_stream(inner: &mut Inner, id: u32, why: Error, reset: Option<u32>) {
             w.wake();
         }
         if let Some(code) = reset {
-            rst_stream(&mut inner.tail, id, code);
+            rst_stream(&mut inner.out.tail, id, code);
         }
     }
 }
@@ -886,8 +706,8 @@ async fn drive(shared: Arc<Shared>) {
                 pinged = false;
                 timer.as_mut().reset(Instant::now() + interval);
             } else {
-                frame_head(&mut inner.tail, 8, kind::PING, 0, 0);
-                inner.tail.put_u64(0x6675_6c63_7275_6d00); // "fulcrum\0"
+                frame_head(&mut inner.out.tail, 8, kind::PING, 0, 0);
+                inner.out.tail.put_u64(0x6675_6c63_7275_6d00); // "fulcrum\0"
                 inner.ping_outstanding = true;
                 flush(&shared, &mut inner);
                 pinged = true;
@@ -913,11 +733,14 @@ async fn drive(shared: Arc<Shared>) {
                 rbuf.reserve(64 * 1024);
             }
             reads += 1;
-            match shared.tcp.try_read_buf(&mut rbuf) {
-                Ok(0) => {
+            match read_once(&shared.tcp, &mut rbuf) {
+                Ok((0, _)) => {
                     close(&shared, &mut shared.lock(), Error::Eof);
                     break;
                 }
+                // Drained or not, the loop goes on: the next `poll_read_ready` registers the
+                // task for the next data (a drained socket's readiness was cleared, so that
+                // costs no system call).
                 Ok(_) => {
                     let mut inner = shared.lock();
                     read_frames(&shared, &mut inner, &mut rbuf);
@@ -943,18 +766,18 @@ async fn drive(shared: Arc<Shared>) {
         }
         if shared.handles.load(Ordering::Acquire) == 0 && inner.streams.is_empty() {
             // Nobody can use the connection any more: say so and end it.
-            frame_head(&mut inner.tail, 8, kind::GOAWAY, 0, 0);
-            inner.tail.put_u32(0);
-            inner.tail.put_u32(reason::NO_ERROR);
+            frame_head(&mut inner.out.tail, 8, kind::GOAWAY, 0, 0);
+            inner.out.tail.put_u32(0);
+            inner.out.tail.put_u32(reason::NO_ERROR);
             flush(&shared, &mut inner);
             close(&shared, &mut inner, Error::Closed);
             return Poll::Ready(());
         }
-        if !inner.queue.is_empty() || !inner.tail.is_empty() {
+        if !inner.out.is_empty() {
             match shared.tcp.poll_write_ready(cx) {
                 Poll::Ready(Ok(())) => {
                     flush(&shared, &mut inner);
-                    if !inner.queue.is_empty() || !inner.tail.is_empty() {
+                    if !inner.out.is_empty() {
                         // Writable again before the rest went: try on the next turn.
                         cx.waker().wake_by_ref();
                     }
@@ -1039,7 +862,7 @@ fn frame(shared: &Shared, inner: &mut Inner, ty: u8, flags: u8, id: u32, mut pay
                 let n = inner.conn_recv_unacked;
                 inner.conn_recv_window += n;
                 inner.conn_recv_unacked = 0;
-                window_update(&mut inner.tail, 0, n as u32);
+                window_update(&mut inner.out.tail, 0, n as u32);
             }
             let stream_window = i64::from(shared.config.stream_window);
             let Some(stream) = inner.streams.get_mut(&id) else {
@@ -1081,7 +904,7 @@ fn frame(shared: &Shared, inner: &mut Inner, ty: u8, flags: u8, id: u32, mut pay
                 if let Some(w) = stream.waker.take() {
                     w.wake();
                 }
-                rst_stream(&mut inner.tail, id, reason::CANCEL);
+                rst_stream(&mut inner.out.tail, id, reason::CANCEL);
                 return;
             }
             stream.body_len += payload.len();
@@ -1093,7 +916,7 @@ fn frame(shared: &Shared, inner: &mut Inner, ty: u8, flags: u8, id: u32, mut pay
             } else if stream_window - stream.recv_window >= stream_window / 2 {
                 let n = stream_window - stream.recv_window;
                 stream.recv_window = stream_window;
-                window_update(&mut inner.tail, id, n as u32);
+                window_update(&mut inner.out.tail, id, n as u32);
             }
         }
         kind::HEADERS => {
@@ -1243,7 +1066,7 @@ fn frame(shared: &Shared, inner: &mut Inner, ty: u8, flags: u8, id: u32, mut pay
                     _ => {}
                 }
             }
-            frame_head(&mut inner.tail, 0, kind::SETTINGS, flag::ACK, 0);
+            frame_head(&mut inner.out.tail, 0, kind::SETTINGS, flag::ACK, 0);
             unblock(inner);
         }
         kind::PUSH_PROMISE => {
@@ -1261,8 +1084,8 @@ fn frame(shared: &Shared, inner: &mut Inner, ty: u8, flags: u8, id: u32, mut pay
             if flags & flag::ACK != 0 {
                 inner.ping_outstanding = false;
             } else {
-                frame_head(&mut inner.tail, 8, kind::PING, flag::ACK, 0);
-                inner.tail.put_slice(&payload);
+                frame_head(&mut inner.out.tail, 8, kind::PING, flag::ACK, 0);
+                inner.out.tail.put_slice(&payload);
             }
         }
         kind::GOAWAY => {
@@ -1344,20 +1167,6 @@ fn unknown_stream(shared: &Shared, inner: &mut Inner, id: u32) {
     }
 }
 
-/// Drops a padded frame's padding (RFC 9113 §6.1).
-fn unpad(payload: &mut Bytes) -> Result<(), ()> {
-    if payload.is_empty() {
-        return Err(());
-    }
-    let pad = usize::from(payload[0]);
-    if pad >= payload.len() {
-        return Err(());
-    }
-    payload.advance(1);
-    payload.truncate(payload.len() - pad);
-    Ok(())
-}
-
 /// The answer is complete.
 fn complete(stream: &mut Stream) {
     stream.outcome = Some(Ok(()));
@@ -1374,7 +1183,7 @@ fn header_block(shared: &Shared, inner: &mut Inner, c: Continuation) {
     let mut status: Option<Result<StatusCode, ()>> = None;
     let mut map = HeaderMap::new();
     let mut malformed: Option<&'static str> = None;
-    let decoded = inner.decoder.decode_with_cb(&c.block, |name, value| {
+    let decoded = inner.decoder.decode(&c.block, |name, value| {
         size += name.len() + value.len() + 32;
         if size > limit {
             malformed.get_or_insert("the header list is larger than allowed");
@@ -1382,16 +1191,13 @@ fn header_block(shared: &Shared, inner: &mut Inner, c: Continuation) {
         }
         if let Some(pseudo) = name.strip_prefix(b":") {
             if pseudo == b"status" && status.is_none() {
-                status = Some(StatusCode::from_bytes(&value).map_err(|_| ()));
+                status = Some(StatusCode::from_bytes(value).map_err(|_| ()));
             } else {
                 malformed.get_or_insert("an unexpected pseudo-header");
             }
             return;
         }
-        match (
-            HeaderName::from_bytes(&name),
-            HeaderValue::from_bytes(&value),
-        ) {
+        match (HeaderName::from_bytes(name), HeaderValue::from_bytes(value)) {
             (Ok(n), Ok(v)) => {
                 map.append(n, v);
             }

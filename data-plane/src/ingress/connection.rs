@@ -1,6 +1,6 @@
-//! The router's calls on its HTTP/2 server ([`fulcrum_grpc_h2::server`]: each client
-//! connection served on the `h2` crate directly by one task, which also runs the connection's
-//! calls).
+//! The router's calls on its HTTP/2 server ([`fulcrum_grpc_h2::own_server`], an HTTP/2 server
+//! of Fulcrum's own: each client connection served by one task, which also runs the
+//! connection's calls).
 //!
 //! Why by hand: `tonic::transport::Server` (hyper's HTTP/2 server underneath) ran every call
 //! as a task of its own, through tower layers (timeout, error recovery, connection info, size
@@ -8,9 +8,10 @@
 //! then went back through the same layers, and the call's task woke the connection's task to
 //! write it. On the hot path that glue cost more than the router's own work. Here `ModelInfer`
 //! is read, routed and answered straight on the stream (HEADERS, DATA and trailers queued
-//! together, written in one `writev` by the connection's next poll), with no task spawned and
-//! no wake-up of another task. The node side is the router's own client too
-//! ([`crate::endpoint::unary`]).
+//! together, written in one write at the end of the connection task's turn), with no task
+//! spawned and no wake-up of another task. The node side is the router's own client too
+//! ([`crate::endpoint::unary`]). Both are Fulcrum's own HTTP/2 rather than the `h2` crate's,
+//! which after the glue was gone was the largest cost left in the router's user space.
 //!
 //! Everything else goes to the services as before, unchanged: health, the other OIP methods,
 //! pass-through, and the `ModelInfer` calls the direct path does not take (a compressed
@@ -19,7 +20,8 @@
 //! as it streams, trailers) is written back with HTTP/2 flow control, as hyper did.
 //!
 //! What this keeps of the server it replaces (besides what the server keeps: hyper's HTTP/2
-//! settings, cancellation, graceful shutdown; see [`fulcrum_grpc_h2::server`]):
+//! windows, frame and header-list sizes, cancellation, graceful shutdown; see
+//! [`fulcrum_grpc_h2::own_server`]):
 //! - TCP_NODELAY, set where connections are accepted;
 //! - the caller's `grpc-timeout` as a backstop on every call: a call not answered by then is
 //!   ended with CANCELLED "Timeout expired", as tonic's server did (`ModelInfer` answers
@@ -37,15 +39,12 @@ use std::future::Future;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use fulcrum_grpc_h2::server::{
-    self, Answered, CONNECTION_HEADERS, GRPC_CONTENT_TYPE, Handler, Peer, RecvBody, Settings,
-    send_status,
-};
-use fulcrum_grpc_h2::{GrpcFrame, Received, h2_status};
+use fulcrum_grpc_h2::Received;
+use fulcrum_grpc_h2::own_server::{self, Answered, Handler, RecvBody, Respond, send_status};
+use fulcrum_grpc_h2::server::{CONNECTION_HEADERS, GRPC_CONTENT_TYPE, Peer, Settings};
 use fulcrum_proto::inference::ModelInferRequest;
 use futures::stream::Stream;
-use h2::RecvStream;
-use h2::server::SendResponse;
+use http::StatusCode;
 use http::header::{CONTENT_TYPE, HeaderMap, HeaderName, TE};
 use prost::Message;
 use tokio::net::TcpStream;
@@ -93,10 +92,11 @@ impl Handler for Services {
     fn call(
         &self,
         _peer: Peer,
-        request: http::Request<RecvStream>,
-        respond: SendResponse<GrpcFrame>,
+        request: http::request::Parts,
+        body: RecvBody,
+        respond: Respond,
     ) -> impl Future<Output = ()> + Send {
-        call(self, request, respond)
+        call(self, request, body, respond)
     }
 }
 
@@ -107,40 +107,42 @@ pub(crate) async fn serve<I>(services: Services, incoming: I, signal: impl Futur
 where
     I: Stream<Item = std::io::Result<TcpStream>>,
 {
-    server::serve(services, Settings::default(), incoming, signal).await;
+    own_server::serve(services, Settings::default(), incoming, signal).await;
 }
 
 /// Serves one call: answers it on `respond`, unless the client resets the stream first.
 async fn call(
     services: &Services,
-    request: http::Request<RecvStream>,
-    mut respond: SendResponse<GrpcFrame>,
+    parts: http::request::Parts,
+    body: RecvBody,
+    mut respond: Respond,
 ) {
     let limit = services.state.max_message_size;
-    if !is_direct(&request) {
-        let request = request.map(|body| Body::new(LimitedBody::new(RecvBody::new(body), limit)));
-        return server::route(services.routes.clone(), request, respond).await;
+    if !is_direct(&parts) {
+        let request = http::Request::from_parts(parts, Body::new(LimitedBody::new(body, limit)));
+        return own_server::route(services.routes.clone(), request, respond).await;
     }
-    let timeout = fulcrum_grpc_h2::timeout::of(request.headers());
-    let (parts, body) = request.into_parts();
+    let timeout = fulcrum_grpc_h2::timeout::of(&parts.headers);
     // Boxed: the call's whole state (the request, the forwarding, the node's call) is a few
     // kilobytes, and unboxed it was part of this future, copied whole each time it moved (into
     // `answer_within`'s, then into the connection's set of calls): one allocation is cheaper.
     let answer = Box::pin(model_infer(&services.state, parts, body, limit));
-    match server::answer_within(&mut respond, timeout, answer).await {
+    match own_server::answer_within(&mut respond, timeout, answer).await {
         Answered::Answer(Ok(response)) => send_message(respond, response),
-        Answered::Answer(Err(status)) => send_status(respond, &status),
-        Answered::TimedOut => send_status(respond, &server::timeout_expired()),
+        Answered::Answer(Err(status)) => send_status(&mut respond, &status),
+        Answered::TimedOut => {
+            send_status(&mut respond, &fulcrum_grpc_h2::server::timeout_expired());
+        }
         Answered::Reset => {}
     }
 }
 
 /// Whether `ModelInfer` takes the direct path: every request but a compressed one (tonic
 /// answers that: the router supports no compression).
-fn is_direct(request: &http::Request<RecvStream>) -> bool {
-    request.uri().path() == MODEL_INFER_PATH
+fn is_direct(request: &http::request::Parts) -> bool {
+    request.uri.path() == MODEL_INFER_PATH
         && request
-            .headers()
+            .headers
             .get(GRPC_ENCODING)
             .is_none_or(|e| e.as_bytes() == b"identity")
 }
@@ -150,7 +152,7 @@ fn is_direct(request: &http::Request<RecvStream>) -> bool {
 async fn model_infer(
     state: &RouterState,
     parts: http::request::Parts,
-    body: RecvStream,
+    body: RecvBody,
     limit: usize,
 ) -> Result<tonic::Response<Bytes>, Status> {
     let (bytes, trailers) = read_unary(body, limit).await?;
@@ -172,19 +174,18 @@ async fn model_infer(
 /// Reads a unary request's body: its one message (without the 5-byte prefix) and its
 /// trailers, refusing a message over `limit` as soon as its prefix arrives.
 async fn read_unary(
-    mut body: RecvStream,
+    mut body: RecvBody,
     limit: usize,
 ) -> Result<(Bytes, Option<HeaderMap>), Status> {
     let mut scanner = FrameScanner::new(limit);
     let mut received = Received::default();
+    // The window goes back to the client as the bytes are taken (it may send more).
     while let Some(chunk) = body.data().await {
-        let chunk = chunk.map_err(h2_status)?;
-        // Hand the window back as the bytes are taken (the client may send more).
-        let _ = body.flow_control().release_capacity(chunk.len());
+        let chunk = chunk.map_err(|e| e.status())?;
         scanner.scan(&chunk)?;
         received.push(chunk);
     }
-    let trailers = body.trailers().await.map_err(h2_status)?;
+    let trailers = body.trailers().await.map_err(|e| e.status())?;
     Ok((first_message(received)?, trailers))
 }
 
@@ -208,32 +209,23 @@ fn first_message(received: Received) -> Result<Bytes, Status> {
 
 /// Answers with one message: headers (the metadata, `content-type`), the message, and
 /// `grpc-status: 0` in the trailers, queued together so that they leave in one write.
-fn send_message(mut respond: SendResponse<GrpcFrame>, response: tonic::Response<Bytes>) {
+fn send_message(mut respond: Respond, response: tonic::Response<Bytes>) {
     let (metadata, message, _) = response.into_parts();
-    let Ok(len) = u32::try_from(message.len()) else {
+    if u32::try_from(message.len()).is_err() {
         let status = Status::resource_exhausted(format!(
             "a {} byte answer cannot be sent in one gRPC frame",
             message.len()
         ));
-        return send_status(respond, &status);
-    };
-    let mut head = http::Response::new(());
-    let headers = head.headers_mut();
-    *headers = metadata.into_headers();
+        return send_status(&mut respond, &status);
+    }
+    let mut headers = metadata.into_headers();
     for name in RESERVED_HEADERS.iter().chain(&CONNECTION_HEADERS) {
         headers.remove(name);
     }
     headers.insert(CONTENT_TYPE, GRPC_CONTENT_TYPE);
-    let Ok(mut stream) = respond.send_response(head, false) else {
-        return;
-    };
-    if stream
-        .send_data(GrpcFrame::new(len, message), false)
-        .is_err()
-    {
-        return;
-    }
-    let _ = stream.send_trailers(server::ok_trailers());
+    respond.send_response(StatusCode::OK, &headers, false);
+    respond.send_message(message, false);
+    respond.send_ok_trailers();
 }
 
 #[cfg(test)]
