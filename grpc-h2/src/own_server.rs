@@ -2136,6 +2136,34 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn streams_beyond_the_advertised_limit_are_refused() {
+        let addr = start().await;
+        let mut tcp = raw(addr).await;
+        let mut x_hang = vec![0x00, 6];
+        x_hang.extend_from_slice(b"x-hang");
+        x_hang.extend_from_slice(&[1, b'1']);
+        let block = request_block("/echo", &x_hang);
+        let mut burst = Vec::new();
+        for k in 0..=MAX_CONCURRENT_STREAMS {
+            burst.extend(headers_frame(
+                2 * k + 1,
+                flag::END_HEADERS | flag::END_STREAM,
+                &block,
+            ));
+        }
+        tcp.write_all(&burst).await.unwrap();
+        // Every stream up to the limit waits for its (never coming) answer; the one beyond is
+        // refused.
+        let (_, id, payload) =
+            tokio::time::timeout(Duration::from_secs(30), until(&mut tcp, kind::RST_STREAM))
+                .await
+                .expect("no RST_STREAM")
+                .unwrap();
+        assert_eq!(id, 2 * MAX_CONCURRENT_STREAMS + 1);
+        assert_eq!(payload, reason::REFUSED_STREAM.to_be_bytes());
+    }
+
+    #[tokio::test]
     async fn a_client_resetting_streams_without_end_is_sent_away() {
         let addr = start().await;
         let (mut c, conn) = h2_client(addr).await;
