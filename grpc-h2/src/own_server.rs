@@ -116,32 +116,10 @@ pub async fn serve<H, I>(
     H: Handler,
     I: Stream<Item = std::io::Result<TcpStream>>,
 {
-    let (stop, stopped) = watch::channel(());
-    {
-        let mut incoming = pin!(incoming);
-        let mut signal = pin!(signal);
-        loop {
-            tokio::select! {
-                () = &mut signal => break,
-                next = incoming.next() => match next {
-                    Some(Ok(tcp)) => {
-                        tokio::spawn(serve_connection(
-                            tcp,
-                            handler.clone(),
-                            settings,
-                            stopped.clone(),
-                        ));
-                    }
-                    Some(Err(e)) => tracing::debug!(error = %e, "accepting a connection failed"),
-                    None => break,
-                },
-            }
-        }
-    }
-    let _ = stop.send(());
-    drop(stopped);
-    // Every connection holds a receiver until it has closed.
-    stop.closed().await;
+    crate::server::accept_until(incoming, signal, |tcp, stop| {
+        serve_connection(tcp, handler.clone(), settings, stop)
+    })
+    .await;
 }
 
 #[derive(Debug)]

@@ -135,6 +135,25 @@ pub async fn serve<H, I>(
     H: Handler,
     I: Stream<Item = std::io::Result<TcpStream>>,
 {
+    accept_until(incoming, signal, |tcp, stop| {
+        serve_connection(tcp, handler.clone(), settings, stop)
+    })
+    .await;
+}
+
+/// The accept loop of both servers ([`serve`] and [`crate::own_server::serve`]): `connection`
+/// runs on a task of its own for each connection `incoming` yields, with a receiver that
+/// changes when `signal` completes (the connection then finishes its calls and closes, dropping
+/// the receiver). Returns once every connection has.
+pub(crate) async fn accept_until<I, F, C>(
+    incoming: I,
+    signal: impl Future<Output = ()>,
+    connection: F,
+) where
+    I: Stream<Item = std::io::Result<TcpStream>>,
+    F: Fn(TcpStream, watch::Receiver<()>) -> C,
+    C: Future<Output = ()> + Send + 'static,
+{
     let (stop, stopped) = watch::channel(());
     {
         let mut incoming = pin!(incoming);
@@ -144,12 +163,7 @@ pub async fn serve<H, I>(
                 () = &mut signal => break,
                 next = incoming.next() => match next {
                     Some(Ok(tcp)) => {
-                        tokio::spawn(serve_connection(
-                            tcp,
-                            handler.clone(),
-                            settings,
-                            stopped.clone(),
-                        ));
+                        tokio::spawn(connection(tcp, stopped.clone()));
                     }
                     Some(Err(e)) => tracing::debug!(error = %e, "accepting a connection failed"),
                     None => break,
