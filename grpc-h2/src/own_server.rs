@@ -1521,24 +1521,8 @@ pub async fn answer_within<T>(
     timeout: Option<Duration>,
     answer: impl Future<Output = T>,
 ) -> Answered<T> {
-    let mut answer = pin!(async move {
-        match timeout {
-            Some(t) => tokio::time::timeout(t, answer)
-                .await
-                .map_or(Answered::TimedOut, Answered::Answer),
-            None => Answered::Answer(answer.await),
-        }
-    });
-    poll_fn(|cx| {
-        if let Poll::Ready(answered) = answer.as_mut().poll(cx) {
-            return Poll::Ready(answered);
-        }
-        match respond.poll_reset(cx) {
-            Poll::Ready(_) => Poll::Ready(Answered::Reset),
-            Poll::Pending => Poll::Pending,
-        }
-    })
-    .await
+    crate::server::answer_unless_reset(|cx| respond.poll_reset(cx).map(|_| ()), timeout, answer)
+        .await
 }
 
 /// Answers with a status alone: a trailers-only response, as tonic sends one.

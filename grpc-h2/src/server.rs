@@ -283,6 +283,16 @@ pub async fn answer_within<T>(
     timeout: Option<Duration>,
     answer: impl Future<Output = T>,
 ) -> Answered<T> {
+    answer_unless_reset(|cx| respond.poll_reset(cx).map(|_| ()), timeout, answer).await
+}
+
+/// [`answer_within`] for either server's streams: `poll_reset` is ready once the client has
+/// reset the stream.
+pub(crate) async fn answer_unless_reset<T>(
+    mut poll_reset: impl FnMut(&mut Context<'_>) -> Poll<()>,
+    timeout: Option<Duration>,
+    answer: impl Future<Output = T>,
+) -> Answered<T> {
     let mut answer = pin!(async move {
         match timeout {
             Some(t) => tokio::time::timeout(t, answer)
@@ -295,10 +305,7 @@ pub async fn answer_within<T>(
         if let Poll::Ready(answered) = answer.as_mut().poll(cx) {
             return Poll::Ready(answered);
         }
-        match respond.poll_reset(cx) {
-            Poll::Ready(_) => Poll::Ready(Answered::Reset),
-            Poll::Pending => Poll::Pending,
-        }
+        poll_reset(cx).map(|()| Answered::Reset)
     })
     .await
 }
