@@ -120,6 +120,9 @@ STEP_MAX_ERROR = 0.001  # a step fails above 0.1 % errors (dropped calls count a
 STEP_MAX_P99_FACTOR = 10.0  # ... or with p99 above 10x the contender's low-rate p99
 STEP_MIN_ACHIEVED = 0.95  # ... or sending less than 95 % of the target rate
 IDLE_BUSY_MAX = 0.25  # the machine counts as quiet below 25 % CPU busy
+# Above this much stolen CPU (cores) in a scenario's runs, the report says so: a tenth of a core
+# taken away in bursts delays wake-ups by more than the proxies' differences.
+STEAL_NOTE_CORES = 0.1
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -269,6 +272,12 @@ def busy_seconds() -> float:
     """CPU seconds the whole machine has spent busy since boot (steal not counted)."""
     f = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
     return (f[0] + f[1] + f[2] + f[5] + f[6]) / CLK_TCK
+
+
+def steal_seconds() -> float:
+    """CPU seconds the hypervisor has given other machines while this one wanted to run."""
+    f = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    return (f[7] if len(f) > 7 else 0) / CLK_TCK
 
 
 def children_cpu_seconds() -> float:
@@ -503,16 +512,18 @@ class Bench:
                       kind: str | None = None) -> dict:
         """A load run, with where the machine's CPU went meanwhile, in cores (CPU seconds per
         second of the run): the load generator, the node-sims, the proxy under test, the
-        suite's other processes (idle proxies, control plane), and everything else on the
-        machine ("others": what the suite did not start)."""
+        suite's other processes (idle proxies, control plane), everything else on the machine
+        ("others": what the suite did not start), and what the hypervisor stole (CPU time this
+        virtual machine wanted and other machines got: while it is high, every process here
+        runs late)."""
         node_pids = [p.pid for n, p in self.procs.running if n.startswith("node-")]
         all_pids = self.all_pids()
-        b0, k0 = busy_seconds(), children_cpu_seconds()
+        b0, k0, s0 = busy_seconds(), children_cpu_seconds(), steal_seconds()
         n0, p0, a0 = cpu_ns(node_pids), cpu_ns(proxy_pids), cpu_ns(all_pids)
         t0 = time.time()
         rep = self.load(target, rps, seconds, connections, cpus, kind=kind)
         wall = time.time() - t0
-        b1, k1 = busy_seconds(), children_cpu_seconds()
+        b1, k1, s1 = busy_seconds(), children_cpu_seconds(), steal_seconds()
         n1, p1, a1 = cpu_ns(node_pids), cpu_ns(proxy_pids), cpu_ns(all_pids)
         gen = k1 - k0
         ours = gen + (a1 - a0) / 1e9
@@ -525,6 +536,7 @@ class Bench:
             "suite_other": ((a1 - a0) - (n1 - n0) - (p1 - p0)) / 1e9 / wall,
             "others": max(0.0, (b1 - b0) - ours) / wall,
         }
+        rep["steal_cores"] = (s1 - s0) / wall
         return rep
 
     def all_pids(self) -> list[int]:
@@ -814,6 +826,7 @@ def summarize_latency(runs: dict[str, list[dict]]) -> dict:
         s["cpu_cores"] = ({k: med([r["cpu_cores"][k] for r in good])
                            for k in good[0]["cpu_cores"]}
                           if good and "cpu_cores" in good[0] else None)
+        s["steal_cores"] = med([r.get("steal_cores") for r in good])
         s["repeated_runs"] = sum(1 for r in good if "discarded_noisier_run" in r)
         nodes: dict[str, int] = {}
         for r in good:
@@ -886,7 +899,7 @@ def latency_tables(res: dict) -> list[str]:
         lines += ["", "Where the machine's CPU went during these runs (cores, median over rounds; "
                   "\"others\" is every process the suite did not start):", "",
                   "| contender | load generator | node-sims | proxy | suite's idle processes | "
-                  "others | total |", "|---|---|---|---|---|---|---|"]
+                  "others | total | stolen by the hypervisor |", "|---|---|---|---|---|---|---|---|"]
         for c in CONTENDERS:
             v = s[c].get("cpu_cores")
             if not v:
@@ -896,7 +909,7 @@ def latency_tables(res: dict) -> list[str]:
             lines.append(f"| {c} | {v['generator']:.2f} | {v['node_sims']:.2f} | "
                          f"{proxy_cores} | "
                          f"{v['suite_other']:.2f} | {v['others']:.2f} | {total:.2f} of "
-                         f"{res['environment']['nproc']} |")
+                         f"{res['environment']['nproc']} | {cores_of(s[c].get('steal_cores'))} |")
         lines.append("")
     return lines
 
@@ -907,6 +920,10 @@ def above_relay(runs: dict[str, list[dict]], c: str) -> list[float | None]:
     return [med([r["latency"][key] - relay[r["round"]]["latency"][key]
                  for r in runs[c] if "failed" not in r and r["round"] in relay])
             for _, key in PCTS]
+
+
+def cores_of(v: float | None) -> str:
+    return "–" if v is None else f"{v:.2f}"
 
 
 def label_title(label: str, sc: dict) -> str:
@@ -1074,6 +1091,12 @@ def run_caveats(res: dict) -> list[str]:
         if statistics.median(others) > NOISE_MAX_CORES:
             out.append(f"Processes the suite did not start used a median "
                        f"{statistics.median(others):.2f} cores during the {label} runs.")
+        steal = med([r.get("steal_cores") for runs in sc["runs"].values() for r in runs])
+        if steal is not None and steal > STEAL_NOTE_CORES:
+            out.append(f"The hypervisor stole a median {steal:.2f} cores during the {label} runs "
+                       "(CPU time this machine wanted and other machines got): every process "
+                       "ran late by turns, so absolute latencies there are higher than on a "
+                       "quiet host; the contenders were interleaved, so their ratios hold.")
     negative = sorted({label for label, sc in res["latency"].items() for c in PROXIES
                        for _, k in PCTS
                        if (sc["summary"][c].get("added_" + k) or 0) < 0})
@@ -1285,8 +1308,8 @@ def markdown(res: dict) -> str:
               "Each latency run, by round (absolute percentiles; added = minus direct of the "
               "same round).", "",
               "| scenario | round | contender | target | sent | errors | p50 | p99 | p99.9 | max | "
-              "added p50 | added p99 | added p99.9 | nodes | others' CPU |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "added p50 | added p99 | added p99.9 | nodes | others' CPU | stolen |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for label, sc in res["latency"].items():
         direct = {r["round"]: r for r in sc["runs"]["direct"] if "failed" not in r}
         for r in range(res["rounds"]):
@@ -1296,7 +1319,7 @@ def markdown(res: dict) -> str:
                     continue
                 if "failed" in rep:
                     lines.append(f"| {label} | {r} | {c} | {rep['target_used']} | failed: "
-                                 f"{rep['failed'][:60]} |||||||||| |")
+                                 f"{rep['failed'][:60]} ||||||||||| |")
                     continue
                 lat = rep["latency"]
                 d = direct.get(r)
@@ -1311,7 +1334,7 @@ def markdown(res: dict) -> str:
                 lines.append(f"| {label} | {r} | {c} | {rep['target_used']} | {rep['sent']} | "
                              f"{errs} | {us(lat['p50_us'])} | {us(lat['p99_us'])} | "
                              f"{us(lat['p999_us'])} | {us(lat['max_us'])} | {' | '.join(added)} | "
-                             f"{nodes} | {noise_s} |")
+                             f"{nodes} | {noise_s} | {cores_of(rep.get('steal_cores'))} |")
     lines += ["", "Each one-core step (failed attempts included):", "",
               "| rate | contender | attempt | result | sent/s | errors | p50 | p99 | proxy CPU | "
               "generator + node-sims CPU | others' CPU |",

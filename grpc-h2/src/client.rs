@@ -32,7 +32,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
@@ -41,8 +41,9 @@ use crate::frame::Received;
 use crate::hpack::{self, static_name};
 pub use crate::wire::reason;
 use crate::wire::{
-    CONNECTION_SPECIFIC, DEFAULT_MAX_FRAME, DEFAULT_WINDOW, MAX_WINDOW, Out, PREFACE, flag,
-    frame_head, hpack_literal, kind, read_once, rst_stream, setting, unpad, window_update,
+    CONNECTION_SPECIFIC, DEFAULT_MAX_FRAME, DEFAULT_WINDOW, MAX_WINDOW, Out, PREFACE, ParsedFrame,
+    flag, frame_head, grow_connection_window, hpack_literal, kind, parse_frame, read_once,
+    rst_stream, setting, window_update,
 };
 
 /// HPACK dynamic table size this client's decoder allows the peer (the protocol's default; a
@@ -826,27 +827,20 @@ fn read_frames(shared: &Shared, inner: &mut Inner, rbuf: &mut BytesMut) {
     }
 }
 
-/// Handles one frame.
-fn frame(shared: &Shared, inner: &mut Inner, ty: u8, flags: u8, id: u32, mut payload: Bytes) {
-    if let Some(c) = &inner.continuation
-        && (ty != kind::CONTINUATION || id != c.stream)
-    {
-        return protocol_error(
-            shared,
-            inner,
-            reason::PROTOCOL_ERROR,
-            "a header block interrupted by another frame",
-        );
-    }
-    match ty {
-        kind::DATA => {
-            if id == 0 {
-                return protocol_error(shared, inner, reason::PROTOCOL_ERROR, "DATA on stream 0");
-            }
-            let flow_len = payload.len() as i64;
-            if flags & flag::PADDED != 0 && unpad(&mut payload).is_err() {
-                return protocol_error(shared, inner, reason::PROTOCOL_ERROR, "bad DATA padding");
-            }
+/// Handles one frame: its form checked by [`parse_frame`], its meaning here.
+fn frame(shared: &Shared, inner: &mut Inner, ty: u8, flags: u8, id: u32, payload: Bytes) {
+    let continuing = inner.continuation.as_ref().map(|c| c.stream);
+    let frame = match parse_frame(ty, flags, id, payload, continuing) {
+        Ok(frame) => frame,
+        Err(e) => return protocol_error(shared, inner, e.code, e.what),
+    };
+    match frame {
+        ParsedFrame::Data {
+            id,
+            end_stream,
+            flow_len,
+            mut payload,
+        } => {
             inner.conn_recv_window -= flow_len;
             if inner.conn_recv_window < 0 {
                 return protocol_error(
@@ -911,7 +905,7 @@ fn frame(shared: &Shared, inner: &mut Inner, ty: u8, flags: u8, id: u32, mut pay
             if !payload.is_empty() {
                 stream.body.push(payload);
             }
-            if flags & flag::END_STREAM != 0 {
+            if end_stream {
                 complete(stream);
             } else if stream_window - stream.recv_window >= stream_window / 2 {
                 let n = stream_window - stream.recv_window;
@@ -919,55 +913,32 @@ fn frame(shared: &Shared, inner: &mut Inner, ty: u8, flags: u8, id: u32, mut pay
                 window_update(&mut inner.out.tail, id, n as u32);
             }
         }
-        kind::HEADERS => {
-            if id == 0 {
-                return protocol_error(
-                    shared,
-                    inner,
-                    reason::PROTOCOL_ERROR,
-                    "HEADERS on stream 0",
-                );
-            }
-            if flags & flag::PADDED != 0 && unpad(&mut payload).is_err() {
-                return protocol_error(
-                    shared,
-                    inner,
-                    reason::PROTOCOL_ERROR,
-                    "bad HEADERS padding",
-                );
-            }
-            if flags & flag::PRIORITY != 0 {
-                if payload.len() < 5 {
-                    return protocol_error(
-                        shared,
-                        inner,
-                        reason::FRAME_SIZE_ERROR,
-                        "HEADERS too short for its priority",
-                    );
-                }
-                payload.advance(5);
-            }
+        ParsedFrame::Headers {
+            id,
+            end_stream,
+            end_headers,
+            fragment,
+        } => {
             let c = Continuation {
                 stream: id,
-                end_stream: flags & flag::END_STREAM != 0,
-                block: BytesMut::from(&payload[..]),
+                end_stream,
+                block: BytesMut::from(&fragment[..]),
             };
-            if flags & flag::END_HEADERS != 0 {
+            if end_headers {
                 header_block(shared, inner, c);
             } else {
                 inner.continuation = Some(c);
             }
         }
-        kind::CONTINUATION => {
+        ParsedFrame::Continuation {
+            end_headers,
+            fragment,
+        } => {
+            // `parse_frame` refused a CONTINUATION with no header block being gathered.
             let Some(mut c) = inner.continuation.take() else {
-                return protocol_error(
-                    shared,
-                    inner,
-                    reason::PROTOCOL_ERROR,
-                    "CONTINUATION without HEADERS",
-                );
+                return;
             };
-            if c.block.len() + payload.len() > shared.config.max_header_list_size as usize * 4 {
+            if c.block.len() + fragment.len() > shared.config.max_header_list_size as usize * 4 {
                 // A block this much longer than the list limit cannot decode to a list within
                 // it (a header counts its bytes, and Huffman coding does not halve text):
                 // stop gathering it.
@@ -978,98 +949,45 @@ fn frame(shared: &Shared, inner: &mut Inner, ty: u8, flags: u8, id: u32, mut pay
                     "a header block far larger than the header list limit",
                 );
             }
-            c.block.extend_from_slice(&payload);
-            if flags & flag::END_HEADERS != 0 {
+            c.block.extend_from_slice(&fragment);
+            if end_headers {
                 header_block(shared, inner, c);
             } else {
                 inner.continuation = Some(c);
             }
         }
-        kind::RST_STREAM => {
-            if id == 0 || payload.len() != 4 {
-                return protocol_error(
-                    shared,
-                    inner,
-                    reason::PROTOCOL_ERROR,
-                    "malformed RST_STREAM",
-                );
-            }
-            let code = payload.get_u32();
+        ParsedFrame::RstStream { id, code } => {
             // A reset after a complete answer (some servers send NO_ERROR there) changes nothing.
             fail_stream(inner, id, Error::Reset(code), None);
             if let Some(s) = inner.streams.get_mut(&id) {
                 s.pending = None;
             }
         }
-        kind::SETTINGS => {
-            if id != 0 {
-                return protocol_error(
-                    shared,
-                    inner,
-                    reason::PROTOCOL_ERROR,
-                    "SETTINGS on a stream",
-                );
-            }
-            if flags & flag::ACK != 0 {
-                return;
-            }
-            if !payload.len().is_multiple_of(6) {
-                return protocol_error(
-                    shared,
-                    inner,
-                    reason::FRAME_SIZE_ERROR,
-                    "malformed SETTINGS",
-                );
-            }
-            while payload.remaining() >= 6 {
-                let (key, value) = (payload.get_u16(), payload.get_u32());
-                match key {
-                    setting::MAX_CONCURRENT_STREAMS => {
-                        let before = inner.max_streams;
-                        inner.max_streams = value as usize;
-                        if inner.max_streams > before {
-                            for w in inner.open_waiters.drain(..) {
-                                w.wake();
-                            }
-                        }
+        ParsedFrame::Settings(settings) => {
+            if let Some(max) = settings.max_concurrent_streams {
+                let before = inner.max_streams;
+                inner.max_streams = max as usize;
+                if inner.max_streams > before {
+                    for w in inner.open_waiters.drain(..) {
+                        w.wake();
                     }
-                    setting::INITIAL_WINDOW_SIZE => {
-                        if i64::from(value) > MAX_WINDOW {
-                            return protocol_error(
-                                shared,
-                                inner,
-                                reason::FLOW_CONTROL_ERROR,
-                                "SETTINGS_INITIAL_WINDOW_SIZE above 2^31-1",
-                            );
-                        }
-                        let delta = i64::from(value) - inner.initial_send_window;
-                        inner.initial_send_window = i64::from(value);
-                        for s in inner.streams.values_mut() {
-                            s.send_window += delta;
-                        }
-                    }
-                    setting::MAX_FRAME_SIZE => {
-                        if !(16_384..=16_777_215).contains(&value) {
-                            return protocol_error(
-                                shared,
-                                inner,
-                                reason::PROTOCOL_ERROR,
-                                "SETTINGS_MAX_FRAME_SIZE out of range",
-                            );
-                        }
-                        inner.max_frame = value as usize;
-                    }
-                    // The header table size bounds the encoder's dynamic table, which this
-                    // client does not use; push is a server's to disable; the peer's header
-                    // list limit is not approached by a request's headers. Unknown settings
-                    // are ignored (RFC 9113 §6.5.2).
-                    _ => {}
                 }
+            }
+            if let Some(window) = settings.initial_window_size {
+                let delta = i64::from(window) - inner.initial_send_window;
+                inner.initial_send_window = i64::from(window);
+                for s in inner.streams.values_mut() {
+                    s.send_window += delta;
+                }
+            }
+            if let Some(max) = settings.max_frame_size {
+                inner.max_frame = max as usize;
             }
             frame_head(&mut inner.out.tail, 0, kind::SETTINGS, flag::ACK, 0);
             unblock(inner);
         }
-        kind::PUSH_PROMISE => {
+        ParsedFrame::SettingsAck | ParsedFrame::Ignored => {}
+        ParsedFrame::PushPromise => {
             protocol_error(
                 shared,
                 inner,
@@ -1077,23 +995,12 @@ fn frame(shared: &Shared, inner: &mut Inner, ty: u8, flags: u8, id: u32, mut pay
                 "PUSH_PROMISE with push disabled",
             );
         }
-        kind::PING => {
-            if id != 0 || payload.len() != 8 {
-                return protocol_error(shared, inner, reason::FRAME_SIZE_ERROR, "malformed PING");
-            }
-            if flags & flag::ACK != 0 {
-                inner.ping_outstanding = false;
-            } else {
-                frame_head(&mut inner.out.tail, 8, kind::PING, flag::ACK, 0);
-                inner.out.tail.put_slice(&payload);
-            }
+        ParsedFrame::Ping { ack: true, .. } => inner.ping_outstanding = false,
+        ParsedFrame::Ping { ack: false, data } => {
+            frame_head(&mut inner.out.tail, 8, kind::PING, flag::ACK, 0);
+            inner.out.tail.put_slice(&data);
         }
-        kind::GOAWAY => {
-            if id != 0 || payload.len() < 8 {
-                return protocol_error(shared, inner, reason::PROTOCOL_ERROR, "malformed GOAWAY");
-            }
-            let last = payload.get_u32() & 0x7fff_ffff;
-            let code = payload.get_u32();
+        ParsedFrame::GoAway { last, code } => {
             inner.going_away = Some(code);
             shared.closed.store(true, Ordering::Release);
             let refused: Vec<u32> = inner
@@ -1109,33 +1016,10 @@ fn frame(shared: &Shared, inner: &mut Inner, ty: u8, flags: u8, id: u32, mut pay
                 w.wake();
             }
         }
-        kind::WINDOW_UPDATE => {
-            if payload.len() != 4 {
-                return protocol_error(
-                    shared,
-                    inner,
-                    reason::FRAME_SIZE_ERROR,
-                    "malformed WINDOW_UPDATE",
-                );
-            }
-            let increment = i64::from(payload.get_u32() & 0x7fff_ffff);
+        ParsedFrame::WindowUpdate { id, increment } => {
             if id == 0 {
-                if increment == 0 {
-                    return protocol_error(
-                        shared,
-                        inner,
-                        reason::PROTOCOL_ERROR,
-                        "a zero WINDOW_UPDATE",
-                    );
-                }
-                inner.conn_send_window += increment;
-                if inner.conn_send_window > MAX_WINDOW {
-                    return protocol_error(
-                        shared,
-                        inner,
-                        reason::FLOW_CONTROL_ERROR,
-                        "the connection's window above 2^31-1",
-                    );
+                if let Err(e) = grow_connection_window(&mut inner.conn_send_window, increment) {
+                    return protocol_error(shared, inner, e.code, e.what);
                 }
             } else if let Some(s) = inner.streams.get_mut(&id) {
                 s.send_window += increment;
@@ -1149,8 +1033,6 @@ fn frame(shared: &Shared, inner: &mut Inner, ty: u8, flags: u8, id: u32, mut pay
             }
             unblock(inner);
         }
-        // PRIORITY and unknown frame types are ignored (RFC 9113 §5.5).
-        _ => {}
     }
 }
 

@@ -45,8 +45,9 @@ use tower::ServiceExt;
 use crate::hpack::{self, static_name};
 use crate::server::{GRPC_CONTENT_TYPE, Peer, Settings};
 use crate::wire::{
-    CONNECTION_SPECIFIC, DEFAULT_MAX_FRAME, DEFAULT_WINDOW, MAX_WINDOW, Out, PREFACE, flag,
-    frame_head, hpack_literal, kind, read_once, reason, rst_stream, setting, unpad, window_update,
+    CONNECTION_SPECIFIC, DEFAULT_MAX_FRAME, DEFAULT_WINDOW, MAX_WINDOW, Out, PREFACE, ParsedFrame,
+    flag, frame_head, grow_connection_window, hpack_literal, kind, parse_frame, read_once, reason,
+    rst_stream, setting, window_update,
 };
 
 /// Streams a client may have open at once, advertised in SETTINGS. A call holds a few
@@ -1028,32 +1029,28 @@ fn read_frames(
     }
 }
 
-/// Handles one frame.
+/// Handles one frame: its form checked by [`parse_frame`], its meaning here.
 fn frame(
     shared: &Shared,
     inner: &mut Inner,
     ty: u8,
     flags: u8,
     id: u32,
-    mut payload: Bytes,
+    payload: Bytes,
     new_calls: &mut Vec<NewCall>,
 ) {
-    if let Some((stream, _, _)) = &inner.continuation
-        && (ty != kind::CONTINUATION || id != *stream)
-    {
-        return connection_error(
-            shared,
-            inner,
-            reason::PROTOCOL_ERROR,
-            "a header block interrupted by another frame",
-        );
-    }
-    match ty {
-        kind::DATA => {
-            if id == 0 {
-                return connection_error(shared, inner, reason::PROTOCOL_ERROR, "DATA on stream 0");
-            }
-            let flow_len = payload.len() as i64;
+    let continuing = inner.continuation.as_ref().map(|(stream, _, _)| *stream);
+    let frame = match parse_frame(ty, flags, id, payload, continuing) {
+        Ok(frame) => frame,
+        Err(e) => return connection_error(shared, inner, e.code, e.what),
+    };
+    match frame {
+        ParsedFrame::Data {
+            id,
+            end_stream,
+            flow_len,
+            payload,
+        } => {
             inner.conn_recv_window -= flow_len;
             if inner.conn_recv_window < 0 {
                 return connection_error(
@@ -1062,9 +1059,6 @@ fn frame(
                     reason::FLOW_CONTROL_ERROR,
                     "DATA beyond the connection's window",
                 );
-            }
-            if flags & flag::PADDED != 0 && unpad(&mut payload).is_err() {
-                return connection_error(shared, inner, reason::PROTOCOL_ERROR, "bad DATA padding");
             }
             // Padding, and data no call will read, go back to the window at once.
             let mut released = flow_len - payload.len() as i64;
@@ -1098,7 +1092,7 @@ fn frame(
                 s.recv.push_back(payload);
             }
             s.recv_unacked += released;
-            if flags & flag::END_STREAM != 0 {
+            if end_stream {
                 s.recv_done = true;
             }
             if let Some(w) = s.recv_waker.take() {
@@ -1107,52 +1101,28 @@ fn frame(
             inner.conn_recv_unacked += released;
             release_connection(shared, inner);
         }
-        kind::HEADERS => {
-            if id == 0 {
-                return connection_error(
-                    shared,
-                    inner,
-                    reason::PROTOCOL_ERROR,
-                    "HEADERS on stream 0",
-                );
-            }
-            if flags & flag::PADDED != 0 && unpad(&mut payload).is_err() {
-                return connection_error(
-                    shared,
-                    inner,
-                    reason::PROTOCOL_ERROR,
-                    "bad HEADERS padding",
-                );
-            }
-            if flags & flag::PRIORITY != 0 {
-                if payload.len() < 5 {
-                    return connection_error(
-                        shared,
-                        inner,
-                        reason::FRAME_SIZE_ERROR,
-                        "HEADERS too short for its priority",
-                    );
-                }
-                payload.advance(5);
-            }
-            let block = BytesMut::from(&payload[..]);
-            let end_stream = flags & flag::END_STREAM != 0;
-            if flags & flag::END_HEADERS != 0 {
+        ParsedFrame::Headers {
+            id,
+            end_stream,
+            end_headers,
+            fragment,
+        } => {
+            let block = BytesMut::from(&fragment[..]);
+            if end_headers {
                 header_block(shared, inner, id, end_stream, block, new_calls);
             } else {
                 inner.continuation = Some((id, end_stream, block));
             }
         }
-        kind::CONTINUATION => {
+        ParsedFrame::Continuation {
+            end_headers,
+            fragment,
+        } => {
+            // `parse_frame` refused a CONTINUATION with no header block being gathered.
             let Some((stream, end_stream, mut block)) = inner.continuation.take() else {
-                return connection_error(
-                    shared,
-                    inner,
-                    reason::PROTOCOL_ERROR,
-                    "CONTINUATION without HEADERS",
-                );
+                return;
             };
-            if block.len() + payload.len() > shared.settings.max_header_list_size as usize * 4 {
+            if block.len() + fragment.len() > shared.settings.max_header_list_size as usize * 4 {
                 // A block this much longer than the list limit cannot decode to a list within
                 // it (a header counts its bytes; Huffman coding does not halve text).
                 return connection_error(
@@ -1162,22 +1132,14 @@ fn frame(
                     "a header block far larger than the header list limit",
                 );
             }
-            block.extend_from_slice(&payload);
-            if flags & flag::END_HEADERS != 0 {
+            block.extend_from_slice(&fragment);
+            if end_headers {
                 header_block(shared, inner, stream, end_stream, block, new_calls);
             } else {
                 inner.continuation = Some((stream, end_stream, block));
             }
         }
-        kind::RST_STREAM => {
-            if id == 0 || payload.len() != 4 {
-                return connection_error(
-                    shared,
-                    inner,
-                    reason::PROTOCOL_ERROR,
-                    "malformed RST_STREAM",
-                );
-            }
+        ParsedFrame::RstStream { id, code } => {
             if id > inner.last_id {
                 return connection_error(
                     shared,
@@ -1186,7 +1148,6 @@ fn frame(
                     "RST_STREAM on a stream never opened",
                 );
             }
-            let code = payload.get_u32();
             let Some(s) = inner.streams.get_mut(&id) else {
                 return;
             };
@@ -1203,73 +1164,23 @@ fn frame(
             }
             maybe_remove(shared, inner, id);
         }
-        kind::SETTINGS => {
-            if id != 0 {
-                return connection_error(
-                    shared,
-                    inner,
-                    reason::PROTOCOL_ERROR,
-                    "SETTINGS on a stream",
-                );
-            }
-            if flags & flag::ACK != 0 {
-                return;
-            }
-            if !payload.len().is_multiple_of(6) {
-                return connection_error(
-                    shared,
-                    inner,
-                    reason::FRAME_SIZE_ERROR,
-                    "malformed SETTINGS",
-                );
-            }
-            while payload.remaining() >= 6 {
-                let (key, value) = (payload.get_u16(), payload.get_u32());
-                match key {
-                    setting::INITIAL_WINDOW_SIZE => {
-                        if i64::from(value) > MAX_WINDOW {
-                            return connection_error(
-                                shared,
-                                inner,
-                                reason::FLOW_CONTROL_ERROR,
-                                "SETTINGS_INITIAL_WINDOW_SIZE above 2^31-1",
-                            );
-                        }
-                        let delta = i64::from(value) - inner.initial_send_window;
-                        inner.initial_send_window = i64::from(value);
-                        for s in inner.streams.values_mut() {
-                            s.send_window += delta;
-                        }
-                    }
-                    setting::MAX_FRAME_SIZE => {
-                        if !(16_384..=16_777_215).contains(&value) {
-                            return connection_error(
-                                shared,
-                                inner,
-                                reason::PROTOCOL_ERROR,
-                                "SETTINGS_MAX_FRAME_SIZE out of range",
-                            );
-                        }
-                        inner.max_frame = value as usize;
-                    }
-                    setting::ENABLE_PUSH if value > 1 => {
-                        return connection_error(
-                            shared,
-                            inner,
-                            reason::PROTOCOL_ERROR,
-                            "SETTINGS_ENABLE_PUSH not 0 or 1",
-                        );
-                    }
-                    // The header table size bounds an encoder's dynamic table, which this
-                    // server does not use; the others do not concern a server that never
-                    // pushes. Unknown settings are ignored (RFC 9113 §6.5.2).
-                    _ => {}
+        ParsedFrame::Settings(settings) => {
+            // A client's stream limit concerns a server that pushes, which this one does not.
+            if let Some(window) = settings.initial_window_size {
+                let delta = i64::from(window) - inner.initial_send_window;
+                inner.initial_send_window = i64::from(window);
+                for s in inner.streams.values_mut() {
+                    s.send_window += delta;
                 }
+            }
+            if let Some(max) = settings.max_frame_size {
+                inner.max_frame = max as usize;
             }
             frame_head(&mut inner.out.tail, 0, kind::SETTINGS, flag::ACK, 0);
             unblock(shared, inner);
         }
-        kind::PUSH_PROMISE => {
+        ParsedFrame::SettingsAck | ParsedFrame::Ping { ack: true, .. } | ParsedFrame::Ignored => {}
+        ParsedFrame::PushPromise => {
             connection_error(
                 shared,
                 inner,
@@ -1277,49 +1188,18 @@ fn frame(
                 "PUSH_PROMISE from a client",
             );
         }
-        kind::PING => {
-            if id != 0 || payload.len() != 8 {
-                return connection_error(shared, inner, reason::FRAME_SIZE_ERROR, "malformed PING");
-            }
-            if flags & flag::ACK == 0 {
-                frame_head(&mut inner.out.tail, 8, kind::PING, flag::ACK, 0);
-                inner.out.tail.put_slice(&payload);
-            }
+        ParsedFrame::Ping { ack: false, data } => {
+            frame_head(&mut inner.out.tail, 8, kind::PING, flag::ACK, 0);
+            inner.out.tail.put_slice(&data);
         }
-        kind::GOAWAY => {
-            if id != 0 || payload.len() < 8 {
-                return connection_error(shared, inner, reason::PROTOCOL_ERROR, "malformed GOAWAY");
-            }
+        ParsedFrame::GoAway { .. } => {
             // The client opens no more streams; the calls in flight finish.
             inner.going_away = true;
         }
-        kind::WINDOW_UPDATE => {
-            if payload.len() != 4 {
-                return connection_error(
-                    shared,
-                    inner,
-                    reason::FRAME_SIZE_ERROR,
-                    "malformed WINDOW_UPDATE",
-                );
-            }
-            let increment = i64::from(payload.get_u32() & 0x7fff_ffff);
+        ParsedFrame::WindowUpdate { id, increment } => {
             if id == 0 {
-                if increment == 0 {
-                    return connection_error(
-                        shared,
-                        inner,
-                        reason::PROTOCOL_ERROR,
-                        "a zero WINDOW_UPDATE",
-                    );
-                }
-                inner.conn_send_window += increment;
-                if inner.conn_send_window > MAX_WINDOW {
-                    return connection_error(
-                        shared,
-                        inner,
-                        reason::FLOW_CONTROL_ERROR,
-                        "the connection's window above 2^31-1",
-                    );
+                if let Err(e) = grow_connection_window(&mut inner.conn_send_window, increment) {
+                    return connection_error(shared, inner, e.code, e.what);
                 }
             } else if let Some(s) = inner.streams.get_mut(&id) {
                 s.send_window += increment;
@@ -1336,8 +1216,6 @@ fn frame(
             }
             unblock(shared, inner);
         }
-        // PRIORITY and unknown frame types are ignored (RFC 9113 §5.5).
-        _ => {}
     }
 }
 

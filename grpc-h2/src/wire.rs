@@ -1,8 +1,9 @@
 //! HTTP/2 on the wire, as Fulcrum's own client ([`crate::client`]) and server
 //! ([`crate::own_server`]) write and read it: frame types, flags, error codes and settings
-//! (RFC 9113), frame headers and the few frames both send, HPACK's integer and literal
-//! encodings (RFC 7541; both encode without the dynamic table), and the output buffer both
-//! write from.
+//! (RFC 9113), frame headers and the few frames both send, the checks of a received frame's
+//! form that both apply before their own state machines see it ([`parse_frame`]), HPACK's
+//! integer and literal encodings (RFC 7541; both encode without the dynamic table), and the
+//! output buffer both write from.
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
@@ -140,7 +141,7 @@ pub(crate) const CONNECTION_SPECIFIC: [&str; 5] = [
 ];
 
 /// Drops a padded frame's padding (RFC 9113 §6.1).
-pub(crate) fn unpad(payload: &mut Bytes) -> Result<(), ()> {
+fn unpad(payload: &mut Bytes) -> Result<(), ()> {
     if payload.is_empty() {
         return Err(());
     }
@@ -150,6 +151,263 @@ pub(crate) fn unpad(payload: &mut Bytes) -> Result<(), ()> {
     }
     payload.advance(1);
     payload.truncate(payload.len() - pad);
+    Ok(())
+}
+
+/// A connection error (RFC 9113 §5.4.1): the code the GOAWAY carries and what was wrong.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ConnError {
+    pub(crate) code: u32,
+    pub(crate) what: &'static str,
+}
+
+const fn conn_error(code: u32, what: &'static str) -> ConnError {
+    ConnError { code, what }
+}
+
+/// What a SETTINGS frame changes of the settings Fulcrum's client and server act on (the last
+/// value of a setting listed twice wins, as applying the list in order would).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct PeerSettings {
+    pub(crate) max_concurrent_streams: Option<u32>,
+    pub(crate) initial_window_size: Option<u32>,
+    pub(crate) max_frame_size: Option<u32>,
+}
+
+/// A frame whose form is what RFC 9113 requires of its type.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum ParsedFrame {
+    /// DATA, without its padding; `flow_len` counts the padding too (flow control does).
+    Data {
+        id: u32,
+        end_stream: bool,
+        flow_len: i64,
+        payload: Bytes,
+    },
+    /// The first fragment of a header block, without padding and priority.
+    Headers {
+        id: u32,
+        end_stream: bool,
+        end_headers: bool,
+        fragment: Bytes,
+    },
+    /// A further fragment of the header block being gathered.
+    Continuation {
+        end_headers: bool,
+        fragment: Bytes,
+    },
+    RstStream {
+        id: u32,
+        code: u32,
+    },
+    /// The peer's settings (to acknowledge).
+    Settings(PeerSettings),
+    /// The peer acknowledged ours.
+    SettingsAck,
+    PushPromise,
+    Ping {
+        ack: bool,
+        data: Bytes,
+    },
+    GoAway {
+        last: u32,
+        code: u32,
+    },
+    /// A window increment (31 bits; zero only on a stream, where it is a stream error).
+    WindowUpdate {
+        id: u32,
+        increment: i64,
+    },
+    /// PRIORITY and unknown types, which are ignored (RFC 9113 §5.5).
+    Ignored,
+}
+
+/// Checks frame `ty` (with `flags`, on stream `id`) for the form RFC 9113 gives its type:
+/// stream 0 or not, length, padding, priority fields, setting values; and, while the header
+/// block of stream `continuing` is being gathered, that it is that block's CONTINUATION. What
+/// is checked here depends on the frame alone, so the client and the server share it; what
+/// depends on a connection's state (its streams, windows, limits) is theirs.
+pub(crate) fn parse_frame(
+    ty: u8,
+    flags: u8,
+    id: u32,
+    mut payload: Bytes,
+    continuing: Option<u32>,
+) -> Result<ParsedFrame, ConnError> {
+    use reason::{FLOW_CONTROL_ERROR, FRAME_SIZE_ERROR, PROTOCOL_ERROR};
+    match continuing {
+        Some(stream) if ty != kind::CONTINUATION || id != stream => {
+            return Err(conn_error(
+                PROTOCOL_ERROR,
+                "a header block interrupted by another frame",
+            ));
+        }
+        None if ty == kind::CONTINUATION => {
+            return Err(conn_error(PROTOCOL_ERROR, "CONTINUATION without HEADERS"));
+        }
+        _ => {}
+    }
+    let end_stream = flags & flag::END_STREAM != 0;
+    let frame = match ty {
+        kind::DATA => {
+            if id == 0 {
+                return Err(conn_error(PROTOCOL_ERROR, "DATA on stream 0"));
+            }
+            let flow_len = payload.len() as i64;
+            if flags & flag::PADDED != 0 && unpad(&mut payload).is_err() {
+                return Err(conn_error(PROTOCOL_ERROR, "bad DATA padding"));
+            }
+            ParsedFrame::Data {
+                id,
+                end_stream,
+                flow_len,
+                payload,
+            }
+        }
+        kind::HEADERS => {
+            if id == 0 {
+                return Err(conn_error(PROTOCOL_ERROR, "HEADERS on stream 0"));
+            }
+            if flags & flag::PADDED != 0 && unpad(&mut payload).is_err() {
+                return Err(conn_error(PROTOCOL_ERROR, "bad HEADERS padding"));
+            }
+            if flags & flag::PRIORITY != 0 {
+                if payload.len() < 5 {
+                    return Err(conn_error(
+                        FRAME_SIZE_ERROR,
+                        "HEADERS too short for its priority",
+                    ));
+                }
+                payload.advance(5);
+            }
+            ParsedFrame::Headers {
+                id,
+                end_stream,
+                end_headers: flags & flag::END_HEADERS != 0,
+                fragment: payload,
+            }
+        }
+        kind::CONTINUATION => ParsedFrame::Continuation {
+            end_headers: flags & flag::END_HEADERS != 0,
+            fragment: payload,
+        },
+        kind::RST_STREAM => {
+            if id == 0 {
+                return Err(conn_error(PROTOCOL_ERROR, "RST_STREAM on stream 0"));
+            }
+            if payload.len() != 4 {
+                return Err(conn_error(FRAME_SIZE_ERROR, "RST_STREAM of a bad length"));
+            }
+            ParsedFrame::RstStream {
+                id,
+                code: payload.get_u32(),
+            }
+        }
+        kind::SETTINGS => {
+            if id != 0 {
+                return Err(conn_error(PROTOCOL_ERROR, "SETTINGS on a stream"));
+            }
+            if flags & flag::ACK != 0 {
+                if !payload.is_empty() {
+                    return Err(conn_error(
+                        FRAME_SIZE_ERROR,
+                        "a SETTINGS ACK with a payload",
+                    ));
+                }
+                return Ok(ParsedFrame::SettingsAck);
+            }
+            if !payload.len().is_multiple_of(6) {
+                return Err(conn_error(FRAME_SIZE_ERROR, "malformed SETTINGS"));
+            }
+            let mut settings = PeerSettings::default();
+            while payload.remaining() >= 6 {
+                let (key, value) = (payload.get_u16(), payload.get_u32());
+                match key {
+                    setting::ENABLE_PUSH if value > 1 => {
+                        return Err(conn_error(
+                            PROTOCOL_ERROR,
+                            "SETTINGS_ENABLE_PUSH not 0 or 1",
+                        ));
+                    }
+                    setting::MAX_CONCURRENT_STREAMS => {
+                        settings.max_concurrent_streams = Some(value);
+                    }
+                    setting::INITIAL_WINDOW_SIZE => {
+                        if i64::from(value) > MAX_WINDOW {
+                            return Err(conn_error(
+                                FLOW_CONTROL_ERROR,
+                                "SETTINGS_INITIAL_WINDOW_SIZE above 2^31-1",
+                            ));
+                        }
+                        settings.initial_window_size = Some(value);
+                    }
+                    setting::MAX_FRAME_SIZE => {
+                        if !(16_384..=16_777_215).contains(&value) {
+                            return Err(conn_error(
+                                PROTOCOL_ERROR,
+                                "SETTINGS_MAX_FRAME_SIZE out of range",
+                            ));
+                        }
+                        settings.max_frame_size = Some(value);
+                    }
+                    // The header table size bounds an encoder's dynamic table, which neither
+                    // side uses; a peer's header list limit is not approached by what they
+                    // send. Unknown settings are ignored (RFC 9113 §6.5.2).
+                    _ => {}
+                }
+            }
+            ParsedFrame::Settings(settings)
+        }
+        kind::PUSH_PROMISE => ParsedFrame::PushPromise,
+        kind::PING => {
+            if id != 0 {
+                return Err(conn_error(PROTOCOL_ERROR, "PING on a stream"));
+            }
+            if payload.len() != 8 {
+                return Err(conn_error(FRAME_SIZE_ERROR, "PING of a bad length"));
+            }
+            ParsedFrame::Ping {
+                ack: flags & flag::ACK != 0,
+                data: payload,
+            }
+        }
+        kind::GOAWAY => {
+            if id != 0 {
+                return Err(conn_error(PROTOCOL_ERROR, "GOAWAY on a stream"));
+            }
+            if payload.len() < 8 {
+                return Err(conn_error(FRAME_SIZE_ERROR, "GOAWAY too short"));
+            }
+            ParsedFrame::GoAway {
+                last: payload.get_u32() & 0x7fff_ffff,
+                code: payload.get_u32(),
+            }
+        }
+        kind::WINDOW_UPDATE => {
+            if payload.len() != 4 {
+                return Err(conn_error(FRAME_SIZE_ERROR, "malformed WINDOW_UPDATE"));
+            }
+            let increment = i64::from(payload.get_u32() & 0x7fff_ffff);
+            if id == 0 && increment == 0 {
+                return Err(conn_error(PROTOCOL_ERROR, "a zero WINDOW_UPDATE"));
+            }
+            ParsedFrame::WindowUpdate { id, increment }
+        }
+        _ => ParsedFrame::Ignored,
+    };
+    Ok(frame)
+}
+
+/// Adds a WINDOW_UPDATE's `increment` to the connection's send `window`, which may not exceed
+/// 2^31-1 (RFC 9113 §6.9.1).
+pub(crate) fn grow_connection_window(window: &mut i64, increment: i64) -> Result<(), ConnError> {
+    *window += increment;
+    if *window > MAX_WINDOW {
+        return Err(conn_error(
+            reason::FLOW_CONTROL_ERROR,
+            "the connection's window above 2^31-1",
+        ));
+    }
     Ok(())
 }
 
@@ -267,5 +525,259 @@ pub(crate) fn read_once(tcp: &TcpStream, buf: &mut BytesMut) -> io::Result<(usiz
         (_, Some(n)) => Ok((n, true)),
         (Ok(n), None) => Ok((n, false)),
         (Err(e), None) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn parse(ty: u8, flags: u8, id: u32, payload: &[u8]) -> Result<ParsedFrame, ConnError> {
+        parse_frame(ty, flags, id, Bytes::copy_from_slice(payload), None)
+    }
+
+    fn code(r: Result<ParsedFrame, ConnError>) -> u32 {
+        r.expect_err("a connection error").code
+    }
+
+    fn settings(pairs: &[(u16, u32)]) -> Vec<u8> {
+        let mut b = BytesMut::new();
+        for (k, v) in pairs {
+            b.put_u16(*k);
+            b.put_u32(*v);
+        }
+        b.to_vec()
+    }
+
+    #[test]
+    fn a_header_block_is_gathered_without_other_frames() {
+        let ping = Bytes::from_static(&[0; 8]);
+        let e = parse_frame(kind::PING, 0, 0, ping, Some(1)).unwrap_err();
+        assert_eq!(e.code, reason::PROTOCOL_ERROR);
+        let other = parse_frame(kind::CONTINUATION, 0, 3, Bytes::new(), Some(1));
+        assert_eq!(code(other), reason::PROTOCOL_ERROR);
+        assert_eq!(
+            code(parse(kind::CONTINUATION, flag::END_HEADERS, 1, &[0x88])),
+            reason::PROTOCOL_ERROR
+        );
+        let ok = parse_frame(
+            kind::CONTINUATION,
+            flag::END_HEADERS,
+            1,
+            Bytes::new(),
+            Some(1),
+        );
+        assert_eq!(
+            ok,
+            Ok(ParsedFrame::Continuation {
+                end_headers: true,
+                fragment: Bytes::new()
+            })
+        );
+    }
+
+    #[test]
+    fn padding_is_removed_and_counted_by_flow_control() {
+        let f = parse(
+            kind::DATA,
+            flag::PADDED | flag::END_STREAM,
+            1,
+            &[2, 7, 0, 0],
+        );
+        assert_eq!(
+            f,
+            Ok(ParsedFrame::Data {
+                id: 1,
+                end_stream: true,
+                flow_len: 4,
+                payload: Bytes::from_static(&[7])
+            })
+        );
+        // Padding as long as the frame, and a padded frame with no pad length.
+        assert_eq!(
+            code(parse(kind::DATA, flag::PADDED, 1, &[3, 0, 0])),
+            reason::PROTOCOL_ERROR
+        );
+        assert_eq!(
+            code(parse(kind::HEADERS, flag::PADDED, 1, &[])),
+            reason::PROTOCOL_ERROR
+        );
+        assert_eq!(code(parse(kind::DATA, 0, 0, &[1])), reason::PROTOCOL_ERROR);
+    }
+
+    #[test]
+    fn headers_lose_their_priority_fields() {
+        let f = parse(
+            kind::HEADERS,
+            flag::PRIORITY | flag::END_HEADERS,
+            5,
+            &[0, 0, 0, 3, 16, 0x88],
+        );
+        assert_eq!(
+            f,
+            Ok(ParsedFrame::Headers {
+                id: 5,
+                end_stream: false,
+                end_headers: true,
+                fragment: Bytes::from_static(&[0x88])
+            })
+        );
+        assert_eq!(
+            code(parse(kind::HEADERS, flag::PRIORITY, 5, &[0, 0, 0])),
+            reason::FRAME_SIZE_ERROR
+        );
+        assert_eq!(
+            code(parse(kind::HEADERS, 0, 0, &[0x88])),
+            reason::PROTOCOL_ERROR
+        );
+    }
+
+    #[test]
+    fn settings_are_checked_and_the_last_value_wins() {
+        let list = settings(&[
+            (setting::INITIAL_WINDOW_SIZE, 10),
+            (setting::MAX_FRAME_SIZE, 20_000),
+            (setting::INITIAL_WINDOW_SIZE, 30),
+            (0xabcd, 1), // unknown: ignored
+        ]);
+        assert_eq!(
+            parse(kind::SETTINGS, 0, 0, &list),
+            Ok(ParsedFrame::Settings(PeerSettings {
+                max_concurrent_streams: None,
+                initial_window_size: Some(30),
+                max_frame_size: Some(20_000),
+            }))
+        );
+        assert_eq!(
+            parse(kind::SETTINGS, flag::ACK, 0, &[]),
+            Ok(ParsedFrame::SettingsAck)
+        );
+        let cases = [
+            (
+                parse(kind::SETTINGS, flag::ACK, 0, &list),
+                reason::FRAME_SIZE_ERROR,
+            ),
+            (parse(kind::SETTINGS, 0, 1, &[]), reason::PROTOCOL_ERROR),
+            (
+                parse(kind::SETTINGS, 0, 0, &list[..5]),
+                reason::FRAME_SIZE_ERROR,
+            ),
+            (
+                parse(
+                    kind::SETTINGS,
+                    0,
+                    0,
+                    &settings(&[(setting::ENABLE_PUSH, 2)]),
+                ),
+                reason::PROTOCOL_ERROR,
+            ),
+            (
+                parse(
+                    kind::SETTINGS,
+                    0,
+                    0,
+                    &settings(&[(setting::INITIAL_WINDOW_SIZE, 1 << 31)]),
+                ),
+                reason::FLOW_CONTROL_ERROR,
+            ),
+            (
+                parse(
+                    kind::SETTINGS,
+                    0,
+                    0,
+                    &settings(&[(setting::MAX_FRAME_SIZE, 100)]),
+                ),
+                reason::PROTOCOL_ERROR,
+            ),
+        ];
+        for (i, (got, want)) in cases.into_iter().enumerate() {
+            assert_eq!(code(got), want, "case {i}");
+        }
+    }
+
+    #[test]
+    fn control_frames_of_the_wrong_form_are_connection_errors() {
+        let cases = [
+            (parse(kind::PING, 0, 1, &[0; 8]), reason::PROTOCOL_ERROR),
+            (parse(kind::PING, 0, 0, &[0; 3]), reason::FRAME_SIZE_ERROR),
+            (parse(kind::GOAWAY, 0, 1, &[0; 8]), reason::PROTOCOL_ERROR),
+            (parse(kind::GOAWAY, 0, 0, &[0; 7]), reason::FRAME_SIZE_ERROR),
+            (
+                parse(kind::RST_STREAM, 0, 0, &[0; 4]),
+                reason::PROTOCOL_ERROR,
+            ),
+            (
+                parse(kind::RST_STREAM, 0, 1, &[0; 5]),
+                reason::FRAME_SIZE_ERROR,
+            ),
+            (
+                parse(kind::WINDOW_UPDATE, 0, 0, &[0; 4]),
+                reason::PROTOCOL_ERROR,
+            ),
+            (
+                parse(kind::WINDOW_UPDATE, 0, 1, &[0; 3]),
+                reason::FRAME_SIZE_ERROR,
+            ),
+        ];
+        for (i, (got, want)) in cases.into_iter().enumerate() {
+            assert_eq!(code(got), want, "case {i}");
+        }
+    }
+
+    #[test]
+    fn well_formed_control_frames_are_read() {
+        assert_eq!(
+            parse(kind::GOAWAY, 0, 0, &[0x80, 0, 0, 7, 0, 0, 0, 2, 9]),
+            Ok(ParsedFrame::GoAway { last: 7, code: 2 })
+        );
+        assert_eq!(
+            parse(kind::RST_STREAM, 0, 3, &[0, 0, 0, 8]),
+            Ok(ParsedFrame::RstStream { id: 3, code: 8 })
+        );
+        // A zero increment on a stream is the stream's error, not the connection's.
+        assert_eq!(
+            parse(kind::WINDOW_UPDATE, 0, 3, &[0x80, 0, 0, 0]),
+            Ok(ParsedFrame::WindowUpdate {
+                id: 3,
+                increment: 0
+            })
+        );
+        assert_eq!(
+            parse(kind::PING, flag::ACK, 0, &[1; 8]),
+            Ok(ParsedFrame::Ping {
+                ack: true,
+                data: Bytes::from_static(&[1; 8])
+            })
+        );
+        assert_eq!(
+            parse(kind::PUSH_PROMISE, 0, 1, &[]),
+            Ok(ParsedFrame::PushPromise)
+        );
+        assert_eq!(parse(0x2, 0, 1, &[0; 5]), Ok(ParsedFrame::Ignored)); // PRIORITY
+        assert_eq!(parse(0xee, 0xff, 0, &[1, 2]), Ok(ParsedFrame::Ignored));
+    }
+
+    #[test]
+    fn the_connection_window_stays_within_31_bits() {
+        let mut window = MAX_WINDOW - 10;
+        assert_eq!(grow_connection_window(&mut window, 10), Ok(()));
+        let e = grow_connection_window(&mut window, 1).unwrap_err();
+        assert_eq!(e.code, reason::FLOW_CONTROL_ERROR);
+    }
+
+    proptest! {
+        /// Any frame parses or is refused; none panics.
+        #[test]
+        fn no_frame_panics(
+            ty in 0u8..12,
+            flags: u8,
+            id in 0u32..8,
+            payload in proptest::collection::vec(any::<u8>(), 0..40),
+            continuing in proptest::option::of(0u32..4),
+        ) {
+            let _ = parse_frame(ty, flags, id, Bytes::from(payload), continuing);
+        }
     }
 }
