@@ -24,12 +24,14 @@
 //!   body handed to them.
 //! - [`timeout`]: the caller's `grpc-timeout`.
 //! - `wire`: HTTP/2 frames and HPACK encodings shared by [`client`] and [`own_server`];
-//!   `hpack`: their HPACK decoder.
+//!   `hpack`: their HPACK decoder; `fuzz` (tests): random frame sequences against both.
 
 #![warn(missing_docs)]
 
 pub mod client;
 pub mod frame;
+#[cfg(test)]
+mod fuzz;
 mod hpack;
 pub mod own_server;
 pub mod server;
