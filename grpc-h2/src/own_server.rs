@@ -345,6 +345,18 @@ impl Drop for RecvBody {
 impl Respond {
     /// Sends the answer's headers (`end`: and nothing else).
     pub fn send_response(&mut self, status: StatusCode, headers: &HeaderMap, end: bool) {
+        self.send_head(status, headers, &[], end);
+    }
+
+    /// Queues a gRPC answer's headers: `:status 200`, `content-type: application/grpc`, then
+    /// the call's `metadata` less the names gRPC reserves ([`GRPC_RESERVED`]: the status goes
+    /// in the trailers, the content type is this one). The names are skipped as the block is
+    /// encoded, which costs a few comparisons a header, not a map look-up a name.
+    pub fn send_grpc_headers(&mut self, metadata: &HeaderMap) {
+        self.send_head(StatusCode::OK, metadata, &GRPC_RESERVED, false);
+    }
+
+    fn send_head(&mut self, status: StatusCode, headers: &HeaderMap, skip: &[&str], end: bool) {
         let shared = &*self.shared;
         let mut inner = shared.lock();
         let inner = &mut *inner;
@@ -357,11 +369,16 @@ impl Respond {
         s.headers_sent = true;
         s.send_done = end;
         let max_frame = inner.max_frame;
+        let head = Head {
+            status: Some(status),
+            grpc: !skip.is_empty(),
+        };
         encode_block(
             &mut inner.out.tail,
             self.id,
-            Some(status),
+            head,
             headers,
+            skip,
             end,
             max_frame,
         );
@@ -485,8 +502,9 @@ impl Respond {
             encode_block(
                 &mut inner.out.tail,
                 self.id,
-                None,
+                TRAILERS,
                 trailers,
+                &[],
                 true,
                 max_frame,
             );
@@ -612,25 +630,54 @@ fn maybe_remove(shared: &Shared, inner: &mut Inner, id: u32) {
 
 /// A header block (HEADERS, then CONTINUATION frames if it is larger than a frame): an
 /// answer's headers (`status`) or trailers.
+/// What a header block starts with, before the caller's headers.
+#[derive(Debug, Clone, Copy)]
+struct Head {
+    /// `:status` (none in trailers).
+    status: Option<StatusCode>,
+    /// `content-type: application/grpc`.
+    grpc: bool,
+}
+
+/// A trailers block's start: nothing before the caller's headers.
+const TRAILERS: Head = Head {
+    status: None,
+    grpc: false,
+};
+
+/// Names gRPC reserves, left out of a gRPC answer's headers (tonic's list): the content type
+/// is the answer's own, the status goes in the trailers.
+pub const GRPC_RESERVED: [&str; 5] = [
+    "te",
+    "content-type",
+    "grpc-message",
+    "grpc-message-type",
+    "grpc-status",
+];
+
 fn encode_block(
     buf: &mut BytesMut,
     id: u32,
-    status: Option<StatusCode>,
+    head: Head,
     headers: &HeaderMap,
+    skip: &[&str],
     end: bool,
     max_frame: usize,
 ) {
     let start = buf.len();
     let end_flag = if end { flag::END_STREAM } else { 0 };
     frame_head(buf, 0, kind::HEADERS, flag::END_HEADERS | end_flag, id);
-    match status {
+    match head.status {
         Some(StatusCode::OK) => buf.put_u8(0x88), // :status 200, static index 8
         Some(other) => hpack_literal(buf, 8, b"", other.as_str().as_bytes()),
         None => {}
     }
+    if head.grpc {
+        hpack_literal(buf, static_name("content-type"), b"", b"application/grpc");
+    }
     for (name, value) in headers {
         let n = name.as_str();
-        if CONNECTION_SPECIFIC.contains(&n) {
+        if CONNECTION_SPECIFIC.contains(&n) || skip.contains(&n) {
             continue;
         }
         hpack_literal(buf, static_name(n), n.as_bytes(), value.as_bytes());
@@ -715,7 +762,15 @@ fn send_pending(inner: &mut Inner, id: u32) -> bool {
         }
     }
     if let Some(trailers) = s.pending_trailers.take() {
-        encode_block(&mut inner.out.tail, id, None, &trailers, true, max_frame);
+        encode_block(
+            &mut inner.out.tail,
+            id,
+            TRAILERS,
+            &trailers,
+            &[],
+            true,
+            max_frame,
+        );
     }
     if let Some(w) = s.send_waker.take() {
         w.wake();

@@ -41,11 +41,10 @@ use std::sync::Arc;
 use bytes::Bytes;
 use fulcrum_grpc_h2::Received;
 use fulcrum_grpc_h2::own_server::{self, Answered, Handler, RecvBody, Respond, send_status};
-use fulcrum_grpc_h2::server::{CONNECTION_HEADERS, GRPC_CONTENT_TYPE, Peer, Settings};
+use fulcrum_grpc_h2::server::{Peer, Settings};
 use fulcrum_proto::inference::ModelInferRequest;
 use futures::stream::Stream;
-use http::StatusCode;
-use http::header::{CONTENT_TYPE, HeaderMap, HeaderName, TE};
+use http::header::{HeaderMap, HeaderName};
 use prost::Message;
 use tokio::net::TcpStream;
 use tonic::Status;
@@ -56,17 +55,6 @@ use tonic::service::Routes;
 use super::infer::{self, MODEL_INFER_PATH, RawInferRequest};
 use crate::limits::{FrameScanner, LimitedBody};
 use crate::router::RouterState;
-
-/// Metadata names gRPC reserves, left out of an answer's headers (tonic's list): the router
-/// sets `content-type` itself and the status goes in the trailers.
-/// Names made once (a `&str` name is parsed again on every removal).
-const RESERVED_HEADERS: [HeaderName; 5] = [
-    TE,
-    CONTENT_TYPE,
-    HeaderName::from_static("grpc-message"),
-    HeaderName::from_static("grpc-message-type"),
-    HeaderName::from_static("grpc-status"),
-];
 
 /// The header naming a request's compression (a name made once: a `&str` name is parsed again
 /// on every look-up).
@@ -207,7 +195,8 @@ fn first_message(received: Received) -> Result<Bytes, Status> {
     Ok(all.slice(5..5 + len))
 }
 
-/// Answers with one message: headers (the metadata, `content-type`), the message, and
+/// Answers with one message: headers (`content-type` and the metadata, less the names gRPC
+/// reserves and connection-specific ones: [`Respond::send_grpc_headers`]), the message, and
 /// `grpc-status: 0` in the trailers, queued together so that they leave in one write.
 fn send_message(mut respond: Respond, response: tonic::Response<Bytes>) {
     let (metadata, message, _) = response.into_parts();
@@ -218,12 +207,7 @@ fn send_message(mut respond: Respond, response: tonic::Response<Bytes>) {
         ));
         return send_status(&mut respond, &status);
     }
-    let mut headers = metadata.into_headers();
-    for name in RESERVED_HEADERS.iter().chain(&CONNECTION_HEADERS) {
-        headers.remove(name);
-    }
-    headers.insert(CONTENT_TYPE, GRPC_CONTENT_TYPE);
-    respond.send_response(StatusCode::OK, &headers, false);
+    respond.send_grpc_headers(metadata.as_ref());
     respond.send_message(message, false);
     respond.send_ok_trailers();
 }
