@@ -42,8 +42,8 @@ use crate::hpack::{self, static_name};
 pub use crate::wire::reason;
 use crate::wire::{
     CONNECTION_SPECIFIC, DEFAULT_MAX_FRAME, DEFAULT_WINDOW, MAX_WINDOW, Out, PREFACE, ParsedFrame,
-    flag, frame_head, grow_connection_window, hpack_literal, kind, parse_frame, read_once,
-    rst_stream, setting, window_update,
+    apply_settings, flag, frame_head, grow_connection_window, hpack_literal, kind, parse_frame,
+    read_once, rst_stream, setting, window_update,
 };
 
 /// HPACK dynamic table size this client's decoder allows the peer (the protocol's default; a
@@ -973,17 +973,13 @@ fn frame(shared: &Shared, inner: &mut Inner, ty: u8, flags: u8, id: u32, payload
                     }
                 }
             }
-            if let Some(window) = settings.initial_window_size {
-                let delta = i64::from(window) - inner.initial_send_window;
-                inner.initial_send_window = i64::from(window);
-                for s in inner.streams.values_mut() {
-                    s.send_window += delta;
-                }
-            }
-            if let Some(max) = settings.max_frame_size {
-                inner.max_frame = max as usize;
-            }
-            frame_head(&mut inner.out.tail, 0, kind::SETTINGS, flag::ACK, 0);
+            apply_settings(
+                &settings,
+                &mut inner.initial_send_window,
+                inner.streams.values_mut().map(|s| &mut s.send_window),
+                &mut inner.max_frame,
+                &mut inner.out.tail,
+            );
             unblock(inner);
         }
         ParsedFrame::SettingsAck | ParsedFrame::Ignored => {}

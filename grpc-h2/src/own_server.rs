@@ -46,8 +46,8 @@ use crate::hpack::{self, static_name};
 use crate::server::{GRPC_CONTENT_TYPE, Peer, Settings};
 use crate::wire::{
     CONNECTION_SPECIFIC, DEFAULT_MAX_FRAME, DEFAULT_WINDOW, MAX_WINDOW, Out, PREFACE, ParsedFrame,
-    flag, frame_head, grow_connection_window, hpack_literal, kind, parse_frame, read_once, reason,
-    rst_stream, setting, window_update,
+    apply_settings, flag, frame_head, grow_connection_window, hpack_literal, kind, parse_frame,
+    read_once, reason, rst_stream, setting, window_update,
 };
 
 /// Streams a client may have open at once, advertised in SETTINGS. A call holds a few
@@ -1221,17 +1221,13 @@ fn frame(
         }
         ParsedFrame::Settings(settings) => {
             // A client's stream limit concerns a server that pushes, which this one does not.
-            if let Some(window) = settings.initial_window_size {
-                let delta = i64::from(window) - inner.initial_send_window;
-                inner.initial_send_window = i64::from(window);
-                for s in inner.streams.values_mut() {
-                    s.send_window += delta;
-                }
-            }
-            if let Some(max) = settings.max_frame_size {
-                inner.max_frame = max as usize;
-            }
-            frame_head(&mut inner.out.tail, 0, kind::SETTINGS, flag::ACK, 0);
+            apply_settings(
+                &settings,
+                &mut inner.initial_send_window,
+                inner.streams.values_mut().map(|s| &mut s.send_window),
+                &mut inner.max_frame,
+                &mut inner.out.tail,
+            );
             unblock(shared, inner);
         }
         ParsedFrame::SettingsAck | ParsedFrame::Ping { ack: true, .. } | ParsedFrame::Ignored => {}

@@ -398,6 +398,29 @@ pub(crate) fn parse_frame(
     Ok(frame)
 }
 
+/// Applies what the peer's SETTINGS change of this side's sending, the same for the client and
+/// the server: the initial window (every open stream's send window moves by the difference,
+/// RFC 9113 §6.9.2) and the largest frame; then acknowledges them into `out`.
+pub(crate) fn apply_settings<'a>(
+    settings: &PeerSettings,
+    initial_send_window: &mut i64,
+    stream_send_windows: impl Iterator<Item = &'a mut i64>,
+    max_frame: &mut usize,
+    out: &mut BytesMut,
+) {
+    if let Some(window) = settings.initial_window_size {
+        let delta = i64::from(window) - *initial_send_window;
+        *initial_send_window = i64::from(window);
+        for w in stream_send_windows {
+            *w += delta;
+        }
+    }
+    if let Some(max) = settings.max_frame_size {
+        *max_frame = max as usize;
+    }
+    frame_head(out, 0, kind::SETTINGS, flag::ACK, 0);
+}
+
 /// Adds a WINDOW_UPDATE's `increment` to the connection's send `window`, which may not exceed
 /// 2^31-1 (RFC 9113 §6.9.1).
 pub(crate) fn grow_connection_window(window: &mut i64, increment: i64) -> Result<(), ConnError> {
