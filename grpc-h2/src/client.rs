@@ -38,12 +38,12 @@ use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
 use crate::frame::Received;
-use crate::hpack::{self, static_name};
+use crate::hpack;
 pub use crate::wire::reason;
 use crate::wire::{
-    CONNECTION_SPECIFIC, DEFAULT_MAX_FRAME, DEFAULT_WINDOW, MAX_WINDOW, Out, PREFACE, ParsedFrame,
-    apply_settings, flag, frame_head, grow_connection_window, hpack_literal, kind, parse_frame,
-    read_once, rst_stream, setting, window_update,
+    DEFAULT_MAX_FRAME, DEFAULT_WINDOW, MAX_WINDOW, Out, PREFACE, ParsedFrame, apply_settings,
+    finish_header_block, flag, frame_head, grow_connection_window, hpack_headers, hpack_literal,
+    kind, parse_frame, read_once, rst_stream, setting, window_update,
 };
 
 /// HPACK dynamic table size this client's decoder allows the peer (the protocol's default; a
@@ -509,41 +509,8 @@ fn encode_headers(buf: &mut BytesMut, id: u32, request: &Request<'_>, max_frame:
     buf.put_u8(0x86); // :scheme http
     hpack_literal(buf, 4, b"", request.path.as_bytes());
     hpack_literal(buf, 1, b"", request.authority.as_bytes());
-    for (name, value) in request.headers {
-        let n = name.as_str();
-        if CONNECTION_SPECIFIC.contains(&n) {
-            continue;
-        }
-        hpack_literal(buf, static_name(n), n.as_bytes(), value.as_bytes());
-    }
-    let len = buf.len() - start - 9;
-    if len <= max_frame {
-        let l = len as u32;
-        buf[start..start + 3].copy_from_slice(&[(l >> 16) as u8, (l >> 8) as u8, l as u8]);
-        return;
-    }
-    // Larger than a frame (rare: big metadata): cut into HEADERS and CONTINUATION frames.
-    let block = buf.split_off(start + 9);
-    buf.truncate(start);
-    let mut rest = &block[..];
-    let mut first = true;
-    while !rest.is_empty() {
-        let n = rest.len().min(max_frame);
-        let end = if n == rest.len() {
-            flag::END_HEADERS
-        } else {
-            0
-        };
-        let ty = if first {
-            kind::HEADERS
-        } else {
-            kind::CONTINUATION
-        };
-        frame_head(buf, n, ty, end, id);
-        buf.put_slice(&rest[..n]);
-        rest = &rest[n..];
-        first = false;
-    }
+    hpack_headers(buf, request.headers, &[]);
+    finish_header_block(buf, start, id, 0, max_frame);
 }
 
 /// Moves as much of a stream's request body into DATA frames as the windows allow.

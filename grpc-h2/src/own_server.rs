@@ -46,8 +46,8 @@ use crate::hpack::{self, static_name};
 use crate::server::{GRPC_CONTENT_TYPE, Peer, Settings};
 use crate::wire::{
     CONNECTION_SPECIFIC, DEFAULT_MAX_FRAME, DEFAULT_WINDOW, MAX_WINDOW, Out, PREFACE, ParsedFrame,
-    apply_settings, flag, frame_head, grow_connection_window, hpack_literal, kind, parse_frame,
-    read_once, reason, rst_stream, setting, window_update,
+    apply_settings, finish_header_block, flag, frame_head, grow_connection_window, hpack_headers,
+    hpack_literal, kind, parse_frame, read_once, reason, rst_stream, setting, window_update,
 };
 
 /// Streams a client may have open at once, advertised in SETTINGS. A call holds a few
@@ -679,39 +679,8 @@ fn encode_block(
     if head.grpc {
         hpack_literal(buf, static_name("content-type"), b"", b"application/grpc");
     }
-    for (name, value) in headers {
-        let n = name.as_str();
-        if CONNECTION_SPECIFIC.contains(&n) || skip.contains(&n) {
-            continue;
-        }
-        hpack_literal(buf, static_name(n), n.as_bytes(), value.as_bytes());
-    }
-    let len = buf.len() - start - 9;
-    if len <= max_frame {
-        let l = len as u32;
-        buf[start..start + 3].copy_from_slice(&[(l >> 16) as u8, (l >> 8) as u8, l as u8]);
-        return;
-    }
-    let block = buf.split_off(start + 9);
-    buf.truncate(start);
-    let mut rest = &block[..];
-    let mut first = true;
-    while !rest.is_empty() {
-        let n = rest.len().min(max_frame);
-        let last = if n == rest.len() {
-            flag::END_HEADERS
-        } else {
-            0
-        };
-        if first {
-            frame_head(buf, n, kind::HEADERS, last | end_flag, id);
-        } else {
-            frame_head(buf, n, kind::CONTINUATION, last, id);
-        }
-        buf.put_slice(&rest[..n]);
-        rest = &rest[n..];
-        first = false;
-    }
+    hpack_headers(buf, headers, skip);
+    finish_header_block(buf, start, id, end_flag, max_frame);
 }
 
 /// Moves as much of a stream's waiting answer into DATA frames as the windows allow (a frame

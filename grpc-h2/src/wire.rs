@@ -131,6 +131,62 @@ pub(crate) fn hpack_literal(buf: &mut BytesMut, index: usize, name: &[u8], value
     hpack_string(buf, value);
 }
 
+/// Encodes `headers` as HPACK literals (names from the static table where they are in it),
+/// leaving out connection-specific ones and the names in `skip`.
+pub(crate) fn hpack_headers(buf: &mut BytesMut, headers: &http::HeaderMap, skip: &[&str]) {
+    for (name, value) in headers {
+        let n = name.as_str();
+        if CONNECTION_SPECIFIC.contains(&n) || skip.contains(&n) {
+            continue;
+        }
+        hpack_literal(
+            buf,
+            crate::hpack::static_name(n),
+            n.as_bytes(),
+            value.as_bytes(),
+        );
+    }
+}
+
+/// Ends a header block encoded in place behind a HEADERS frame header written at `start` with
+/// a zero length: fills in the length, or, when the block is larger than `max_frame` (rare: big
+/// metadata), cuts it into HEADERS and CONTINUATION frames; `end_stream` (a flag) stays on the
+/// HEADERS frame.
+pub(crate) fn finish_header_block(
+    buf: &mut BytesMut,
+    start: usize,
+    id: u32,
+    end_stream: u8,
+    max_frame: usize,
+) {
+    let len = buf.len() - start - 9;
+    if len <= max_frame {
+        let l = len as u32;
+        buf[start..start + 3].copy_from_slice(&[(l >> 16) as u8, (l >> 8) as u8, l as u8]);
+        return;
+    }
+    let block = buf.split_off(start + 9);
+    buf.truncate(start);
+    let mut rest = &block[..];
+    let mut first = true;
+    while !rest.is_empty() {
+        let n = rest.len().min(max_frame);
+        let last = if n == rest.len() {
+            flag::END_HEADERS
+        } else {
+            0
+        };
+        if first {
+            frame_head(buf, n, kind::HEADERS, last | end_stream, id);
+        } else {
+            frame_head(buf, n, kind::CONTINUATION, last, id);
+        }
+        buf.put_slice(&rest[..n]);
+        rest = &rest[n..];
+        first = false;
+    }
+}
+
 /// Headers HTTP/2 forbids (RFC 9113 §8.2.2), left out of a request whatever the caller passed.
 pub(crate) const CONNECTION_SPECIFIC: [&str; 5] = [
     "connection",
