@@ -23,7 +23,7 @@
 //! panics on the peer's bytes. What it does not: server push (disabled in SETTINGS), priorities
 //! (ignored, as RFC 9113 allows), streaming calls, TLS.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::future::{Future, poll_fn};
 use std::io;
 use std::pin::Pin;
@@ -33,12 +33,13 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
-use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use http::{HeaderMap, StatusCode};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
 use crate::frame::Received;
 use crate::hpack;
+use crate::wire::StreamMap;
 pub use crate::wire::reason;
 use crate::wire::{
     DEFAULT_MAX_FRAME, DEFAULT_WINDOW, MAX_WINDOW, Out, PREFACE, ParsedFrame, apply_settings,
@@ -252,7 +253,7 @@ struct Continuation {
 }
 
 struct Inner {
-    streams: HashMap<u32, Stream>,
+    streams: StreamMap<Stream>,
     next_id: u32,
     /// The peer's limits.
     max_streams: usize,
@@ -267,6 +268,8 @@ struct Inner {
     /// Calls waiting for a free stream.
     open_waiters: VecDeque<Waker>,
     decoder: hpack::Decoder,
+    /// The fields the node repeats, in typed form.
+    typed: hpack::TypedFields,
     continuation: Option<Continuation>,
     /// Bytes to write.
     out: Out,
@@ -295,7 +298,7 @@ impl Connection {
     /// before the server's SETTINGS arrive.
     pub async fn handshake(tcp: TcpStream, config: Config) -> Result<Self, Error> {
         let mut inner = Inner {
-            streams: HashMap::new(),
+            streams: StreamMap::default(),
             next_id: 1,
             max_streams: config.initial_max_streams,
             max_frame: DEFAULT_MAX_FRAME,
@@ -306,6 +309,7 @@ impl Connection {
             conn_recv_unacked: 0,
             open_waiters: VecDeque::new(),
             decoder: hpack::Decoder::new(HEADER_TABLE_SIZE),
+            typed: hpack::TypedFields::default(),
             continuation: None,
             out: Out::new(),
             closed: None,
@@ -1042,11 +1046,11 @@ fn header_block(shared: &Shared, inner: &mut Inner, c: Continuation) {
             }
             return;
         }
-        match (HeaderName::from_bytes(name), HeaderValue::from_bytes(value)) {
-            (Ok(n), Ok(v)) => {
+        match inner.typed.get(name, value) {
+            Some((n, v)) => {
                 map.append(n, v);
             }
-            _ => {
+            None => {
                 malformed.get_or_insert("a header name or value that is not valid");
             }
         }
@@ -1114,6 +1118,7 @@ mod tests {
 
     use h2::RecvStream;
     use h2::server::SendResponse;
+    use http::HeaderValue;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 

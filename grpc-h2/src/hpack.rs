@@ -1,4 +1,5 @@
-//! HPACK decoding (RFC 7541) for Fulcrum's own HTTP/2 client and server.
+//! HPACK decoding (RFC 7541) for Fulcrum's own HTTP/2 client and server, and the typed
+//! header fields made from it.
 //!
 //! Why our own: the decoders on crates.io that are not part of an HTTP/2 stack (`hpack` and its
 //! forks `loona-hpack` / `fluke-hpack`) build their Huffman table as nested hash maps on every
@@ -9,6 +10,11 @@
 //! code's first-code-per-length rule; the code itself (RFC 7541 Appendix B) is
 //! `httlib-huffman`'s table. Encoding needs no module: both ends encode without the dynamic
 //! table (`wire.rs`).
+//!
+//! Two memories per connection spare work a peer makes the same way on every call: the last
+//! few Huffman-coded strings decoded (`h2` never indexes `:path`, so tonic's clients send it as
+//! a Huffman literal each time), and [`TypedFields`], the fields already made into
+//! `HeaderName`/`HeaderValue`.
 //!
 //! Bounded against hostile peers: the dynamic table never grows beyond the size this side
 //! allowed (SETTINGS_HEADER_TABLE_SIZE), integers beyond 2^28 and strings beyond the block are
@@ -124,6 +130,55 @@ pub(crate) struct Decoder {
     allowed: usize,
     name_buf: Vec<u8>,
     value_buf: Vec<u8>,
+    huffman: HuffmanMemo,
+}
+
+/// How many Huffman-coded strings a decoder remembers the decoding of. A client sends the same
+/// few long strings on every call of a connection — `h2` (tonic's clients) never indexes
+/// `:path`, so `/inference.GRPCInferenceService/ModelInfer` came as a 31-byte Huffman literal
+/// each time, decoding it was 3 % of the router's instructions a call — and a handful of
+/// slots holds them; more would only lengthen the look-up for strings that do not repeat.
+const HUFFMAN_MEMO: usize = 4;
+
+/// Huffman strings shorter than this (encoded) are decoded again each time: a look-up and copy
+/// would cost about what decoding a few symbols does.
+const HUFFMAN_MEMO_MIN: usize = 12;
+
+/// The last few Huffman-coded strings decoded, by their encoded bytes. A miss replaces the
+/// oldest slot, reusing its buffers: strings that do not repeat (a deadline that changes every
+/// call) cost a comparison and a copy, no allocation.
+#[derive(Debug, Default)]
+struct HuffmanMemo {
+    /// (encoded, decoded) pairs.
+    slots: Vec<(Vec<u8>, Vec<u8>)>,
+    /// The slot a miss replaces next.
+    next: usize,
+}
+
+impl HuffmanMemo {
+    /// Decodes `raw` onto `out` (cleared first), from memory when it was decoded lately.
+    fn decode(&mut self, raw: &[u8], out: &mut Vec<u8>) -> Result<(), DecodeError> {
+        out.clear();
+        if raw.len() < HUFFMAN_MEMO_MIN {
+            return huffman_decode(raw, out);
+        }
+        if let Some((_, decoded)) = self.slots.iter().find(|(r, _)| r.as_slice() == raw) {
+            out.extend_from_slice(decoded);
+            return Ok(());
+        }
+        huffman_decode(raw, out)?;
+        if self.slots.len() < HUFFMAN_MEMO {
+            self.slots.push((raw.to_vec(), out.clone()));
+        } else {
+            let (r, d) = &mut self.slots[self.next];
+            r.clear();
+            r.extend_from_slice(raw);
+            d.clear();
+            d.extend_from_slice(out);
+            self.next = (self.next + 1) % HUFFMAN_MEMO;
+        }
+        Ok(())
+    }
 }
 
 /// Per RFC 7541 §4.1: an entry's size counts 32 bytes of overhead.
@@ -141,6 +196,7 @@ impl Decoder {
             allowed,
             name_buf: Vec::new(),
             value_buf: Vec::new(),
+            huffman: HuffmanMemo::default(),
         }
     }
 
@@ -178,9 +234,10 @@ impl Decoder {
                 at += n;
                 let mut name_buf = std::mem::take(&mut self.name_buf);
                 let mut value_buf = std::mem::take(&mut self.value_buf);
+                let mut huffman = std::mem::take(&mut self.huffman);
                 let result = (|| {
                     let name: &[u8] = if index == 0 {
-                        let (s, n) = string(&block[at..], &mut name_buf)?;
+                        let (s, n) = string(&block[at..], &mut name_buf, &mut huffman)?;
                         at += n;
                         match s {
                             Some(s) => s,
@@ -189,7 +246,7 @@ impl Decoder {
                     } else {
                         self.entry(index)?.0
                     };
-                    let (v, n) = string(&block[at..], &mut value_buf)?;
+                    let (v, n) = string(&block[at..], &mut value_buf, &mut huffman)?;
                     at += n;
                     let value: &[u8] = match v {
                         Some(v) => v,
@@ -203,6 +260,7 @@ impl Decoder {
                 })();
                 self.name_buf = name_buf;
                 self.value_buf = value_buf;
+                self.huffman = huffman;
                 if let Some((name, value)) = result? {
                     self.insert(name, value);
                 }
@@ -253,6 +311,117 @@ impl Decoder {
     }
 }
 
+/// How many decoded fields a connection keeps in typed form. A gRPC client repeats the same
+/// few fields on every call (`content-type`, `te`, `user-agent`, `grpc-accept-encoding`, a
+/// fixed `grpc-timeout`, its metadata), a node likewise in its answers (`content-type`,
+/// `grpc-status: 0`, its own tags): 16 holds them with room to spare.
+const TYPED_FIELDS: usize = 16;
+
+/// Fields longer than this (name and value) are not kept: long values (tokens, trace
+/// contexts) rarely repeat, and comparing them would cost what parsing them does.
+const TYPED_FIELD_MAX: usize = 256;
+
+/// Decoded header fields of one connection in typed form (`HeaderName`, `HeaderValue`), by
+/// their bytes. Making them from bytes (checking every byte, the name against the standard
+/// names, copying the value, allocating a custom name) was ~500 instructions a field and most
+/// of the ~16 % of the router's instructions a call that went to header blocks (callgrind); a
+/// repeated field is a comparison and two reference-count increments.
+///
+/// Kept by the CLOCK rule: a miss takes the first slot not used since the hand last passed
+/// it, so a field that changes every call (a client's remaining deadline) keeps replacing
+/// its own unused slot and the fields every call repeats stay.
+#[derive(Debug, Default)]
+pub(crate) struct TypedFields {
+    slots: Vec<TypedField>,
+    /// The CLOCK hand: the next slot a miss may take.
+    hand: usize,
+    /// The slot after the last one found.
+    after: usize,
+}
+
+#[derive(Debug)]
+struct TypedField {
+    /// The name's bytes, then the value's.
+    raw: Vec<u8>,
+    name_len: usize,
+    name: http::HeaderName,
+    value: http::HeaderValue,
+    used: bool,
+}
+
+impl TypedFields {
+    /// `name` and `value` in typed form, or `None` if either is not valid.
+    pub(crate) fn get(
+        &mut self,
+        name: &[u8],
+        value: &[u8],
+    ) -> Option<(http::HeaderName, http::HeaderValue)> {
+        // A peer sends its fields in the same order every time, and they were kept in that
+        // order: the look-up starts after the last field found, where the next one usually is.
+        let n = self.slots.len();
+        let mut same_name = None;
+        for i in (self.after.min(n)..n).chain(0..self.after.min(n)) {
+            let f = &mut self.slots[i];
+            if f.name_len == name.len() && f.raw[..f.name_len] == *name {
+                if f.raw[f.name_len..] == *value {
+                    f.used = true;
+                    self.after = i + 1;
+                    return Some((f.name.clone(), f.value.clone()));
+                }
+                same_name = Some(i);
+            }
+        }
+        let typed = (
+            http::HeaderName::from_bytes(name).ok()?,
+            http::HeaderValue::from_bytes(value).ok()?,
+        );
+        if name.len() + value.len() <= TYPED_FIELD_MAX {
+            self.keep(same_name, name, value, &typed);
+        }
+        Some(typed)
+    }
+
+    /// Keeps a field that missed: in the slot of its name when one holds another value of it
+    /// (a field whose value changes — a deadline, a date — holds one slot, not all of them),
+    /// else in a new slot while there is room, else in the slot the CLOCK hand gives.
+    fn keep(
+        &mut self,
+        same_name: Option<usize>,
+        name: &[u8],
+        value: &[u8],
+        typed: &(http::HeaderName, http::HeaderValue),
+    ) {
+        let slot = match same_name {
+            Some(i) => &mut self.slots[i],
+            None if self.slots.len() < TYPED_FIELDS => {
+                self.slots.push(TypedField {
+                    raw: Vec::with_capacity(name.len() + value.len()),
+                    name_len: 0,
+                    name: typed.0.clone(),
+                    value: typed.1.clone(),
+                    used: false,
+                });
+                self.slots.last_mut().expect("just pushed")
+            }
+            None => loop {
+                // At most one full turn clears every bit, so a slot is found within two.
+                let i = self.hand;
+                self.hand = (self.hand + 1) % TYPED_FIELDS;
+                if !std::mem::take(&mut self.slots[i].used) {
+                    break &mut self.slots[i];
+                }
+            },
+        };
+        slot.raw.clear();
+        slot.raw.extend_from_slice(name);
+        slot.raw.extend_from_slice(value);
+        slot.name_len = name.len();
+        slot.name = typed.0.clone();
+        slot.value = typed.1.clone();
+        slot.used = false;
+    }
+}
+
 /// An integer with an `n`-bit prefix (RFC 7541 §5.1): its value and the bytes it took.
 fn integer(buf: &[u8], n: u32) -> Result<(usize, usize), DecodeError> {
     let max = (1usize << n) - 1;
@@ -276,8 +445,12 @@ fn integer(buf: &[u8], n: u32) -> Result<(usize, usize), DecodeError> {
 }
 
 /// A string literal (§5.2): the raw bytes when not Huffman-coded (`Some`), else decoded into
-/// `buf` (`None`); and the bytes it took.
-fn string<'a>(buf: &'a [u8], out: &mut Vec<u8>) -> Result<(Option<&'a [u8]>, usize), DecodeError> {
+/// `out` (`None`); and the bytes it took.
+fn string<'a>(
+    buf: &'a [u8],
+    out: &mut Vec<u8>,
+    memo: &mut HuffmanMemo,
+) -> Result<(Option<&'a [u8]>, usize), DecodeError> {
     let huffman = buf.first().ok_or(DecodeError::Truncated)? & 0x80 != 0;
     let (len, n) = integer(buf, 7)?;
     let end = n.checked_add(len).ok_or(DecodeError::Truncated)?;
@@ -285,8 +458,7 @@ fn string<'a>(buf: &'a [u8], out: &mut Vec<u8>) -> Result<(Option<&'a [u8]>, usi
     if !huffman {
         return Ok((Some(raw), end));
     }
-    out.clear();
-    huffman_decode(raw, out)?;
+    memo.decode(raw, out)?;
     Ok((None, end))
 }
 
@@ -458,10 +630,85 @@ mod tests {
         }
 
         #[test]
+        fn repeated_huffman_literals_decode_the_same_from_memory(
+            values in prop::collection::vec("[ -~]{0,60}", 1..8),
+            order in prop::collection::vec(0usize..8, 1..40),
+        ) {
+            // `h2`'s way with `:path`: a Huffman literal never indexed, sent again and again,
+            // among others (more distinct strings than the memo's slots, so slots are
+            // replaced and reused).
+            let mut ours = Decoder::new(4096);
+            for i in order {
+                let value = values[i % values.len()].as_bytes();
+                let mut coded = Vec::new();
+                httlib_huffman::encode(value, &mut coded).unwrap();
+                let mut block = bytes::BytesMut::new();
+                block.extend_from_slice(&[0x04]); // without indexing, name `:path` (index 4)
+                crate::wire::hpack_int(&mut block, 0x80, 7, coded.len());
+                block.extend_from_slice(&coded);
+                let got = decode_all(&mut ours, &block).unwrap();
+                prop_assert_eq!(got, vec![(b":path".to_vec(), value.to_vec())]);
+            }
+            prop_assert!(ours.huffman.slots.len() <= HUFFMAN_MEMO);
+        }
+
+        #[test]
+        fn typed_fields_are_what_parsing_gives(
+            fields in prop::collection::vec(
+                (prop::sample::select(vec!["te", "date", "x-a", "x-b", "X-Up", "bad name"]),
+                 "[ -~\\t\\x00]{0,3}"),
+                1..200,
+            ),
+        ) {
+            // From a small alphabet, so fields repeat, collide by name, and overflow the
+            // slots; with invalid names and values among them.
+            let mut typed = TypedFields::default();
+            for (name, value) in fields {
+                let want = http::HeaderName::from_bytes(name.as_bytes())
+                    .ok()
+                    .zip(http::HeaderValue::from_bytes(value.as_bytes()).ok());
+                prop_assert_eq!(typed.get(name.as_bytes(), value.as_bytes()), want);
+                prop_assert!(typed.slots.len() <= TYPED_FIELDS);
+            }
+        }
+
+        #[test]
         fn no_input_panics(block in prop::collection::vec(any::<u8>(), 0..300)) {
             let mut d = Decoder::new(4096);
             let _ = decode_all(&mut d, &block);
             prop_assert!(d.size <= 4096);
+        }
+    }
+
+    #[test]
+    fn a_field_whose_value_changes_holds_one_slot_and_repeated_fields_stay() {
+        let mut typed = TypedFields::default();
+        let stable: Vec<(String, String)> = (0..10)
+            .map(|i| (format!("x-{i}"), format!("v{i}")))
+            .collect();
+        for call in 0..100 {
+            for (n, v) in &stable {
+                typed.get(n.as_bytes(), v.as_bytes()).unwrap();
+            }
+            let deadline = format!("{}u", 2_000_000 - call);
+            typed.get(b"grpc-timeout", deadline.as_bytes()).unwrap();
+        }
+        // The ten repeated fields and one slot for the deadline.
+        assert_eq!(typed.slots.len(), 11);
+        // Ten more names that come once each: the CLOCK rule gives them the slots not used
+        // since, and the fields every call repeats are kept.
+        for i in 0..10 {
+            typed.get(format!("y-{i}").as_bytes(), b"once").unwrap();
+            for (n, v) in &stable {
+                typed.get(n.as_bytes(), v.as_bytes()).unwrap();
+            }
+        }
+        assert_eq!(typed.slots.len(), TYPED_FIELDS);
+        for (n, v) in &stable {
+            let kept = typed.slots.iter().any(|f| {
+                f.raw[..f.name_len] == *n.as_bytes() && f.raw[f.name_len..] == *v.as_bytes()
+            });
+            assert!(kept, "{n} was pushed out");
         }
     }
 

@@ -24,7 +24,8 @@
 //!   body handed to them.
 //! - [`timeout`]: the caller's `grpc-timeout`.
 //! - `wire`: HTTP/2 frames and HPACK encodings shared by [`client`] and [`own_server`];
-//!   `hpack`: their HPACK decoder; `fuzz` (tests): random frame sequences against both.
+//!   `hpack`: their HPACK decoder and typed-field memory; `fuzz` (tests): random frame
+//!   sequences against both.
 
 #![warn(missing_docs)]
 

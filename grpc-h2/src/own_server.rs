@@ -24,7 +24,7 @@
 //! error as RFC 9113 says; nothing a client sends can panic it. Not implemented: server push,
 //! priorities (ignored, as RFC 9113 allows), TLS, HTTP/1.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::future::{Future, poll_fn};
 use std::pin::{Pin, pin};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -33,7 +33,7 @@ use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use futures::stream::{FuturesUnordered, Stream, StreamExt};
-use http::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
+use http::header::{CONTENT_TYPE, HeaderMap};
 use http::{Method, StatusCode, Uri};
 use http_body::{Body as HttpBody, Frame};
 use tokio::net::TcpStream;
@@ -44,6 +44,7 @@ use tower::ServiceExt;
 
 use crate::hpack::{self, static_name};
 use crate::server::{GRPC_CONTENT_TYPE, Peer, Settings};
+use crate::wire::StreamMap;
 use crate::wire::{
     CONNECTION_SPECIFIC, DEFAULT_MAX_FRAME, DEFAULT_WINDOW, MAX_WINDOW, Out, PREFACE, ParsedFrame,
     apply_settings, finish_header_block, flag, frame_head, grow_connection_window, hpack_headers,
@@ -184,10 +185,12 @@ impl StreamState {
 }
 
 struct Inner {
-    streams: HashMap<u32, StreamState>,
+    streams: StreamMap<StreamState>,
     /// Highest stream id the client opened.
     last_id: u32,
     decoder: hpack::Decoder,
+    /// The fields the client repeats, in typed form.
+    typed: hpack::TypedFields,
     /// The last request's URI, with the pseudo-headers it was built from: a client calls the
     /// same few paths on one connection, and building a `Uri` (validating and copying path
     /// and authority) was 3 % of the router's instructions a call.
@@ -857,12 +860,14 @@ async fn serve_connection<H: Handler>(
         window_update(&mut out.tail, 0, raise as u32);
     }
     let decoder = hpack::Decoder::new(HEADER_TABLE_SIZE);
+    let typed = hpack::TypedFields::default();
     let shared = Arc::new(Shared {
         tcp,
         inner: Mutex::new(Inner {
-            streams: HashMap::new(),
+            streams: StreamMap::default(),
             last_id: 0,
             decoder,
+            typed,
             last_uri: None,
             continuation: None,
             out,
@@ -1307,15 +1312,15 @@ fn header_block(
             malformed = Some("a te header other than \"trailers\"");
             return;
         }
-        match (HeaderName::from_bytes(name), HeaderValue::from_bytes(value)) {
-            (Ok(n), Ok(v)) => {
+        match inner.typed.get(name, value) {
+            Some((n, v)) => {
                 if CONNECTION_SPECIFIC.contains(&n.as_str()) {
                     malformed = Some("a connection-specific header");
                 } else {
                     headers.append(n, v);
                 }
             }
-            _ => malformed = Some("a header name or value that is not valid"),
+            None => malformed = Some("a header name or value that is not valid"),
         }
     });
     if decoded.is_err() {
@@ -1571,6 +1576,7 @@ mod tests {
     use std::net::SocketAddr;
 
     use h2::client::SendRequest;
+    use http::header::HeaderValue;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
