@@ -394,14 +394,13 @@ impl TypedFields {
         let slot = match same_name {
             Some(i) => &mut self.slots[i],
             None if self.slots.len() < TYPED_FIELDS => {
-                self.slots.push(TypedField {
-                    raw: Vec::with_capacity(name.len() + value.len()),
-                    name_len: 0,
+                return self.slots.push(TypedField {
+                    raw: [name, value].concat(),
+                    name_len: name.len(),
                     name: typed.0.clone(),
                     value: typed.1.clone(),
                     used: false,
                 });
-                self.slots.last_mut().expect("just pushed")
             }
             None => loop {
                 // At most one full turn clears every bit, so a slot is found within two.
