@@ -108,7 +108,10 @@ async fn call(
     let limit = services.state.max_message_size;
     if !is_direct(&parts) {
         let request = http::Request::from_parts(parts, Body::new(LimitedBody::new(body, limit)));
-        return own_server::route(services.routes.clone(), request, respond).await;
+        // Boxed: the routes' future is ~2 KB, and inline it made every call's future (the
+        // direct `ModelInfer` ones too) that large, copied whole into the connection's set of
+        // calls. The calls that take this branch pay one allocation; the hot ones none.
+        return Box::pin(own_server::route(services.routes.clone(), request, respond)).await;
     }
     let timeout = fulcrum_grpc_h2::timeout::of(&parts.headers);
     // Boxed: the call's whole state (the request, the forwarding, the node's call) is a few
