@@ -34,6 +34,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import resource
 import shlex
 import shutil
@@ -1640,25 +1641,46 @@ def scenario_module(n: int):
     return importlib.import_module(SCENARIO_NAMES[n])
 
 
+def doc_sections(text: str) -> tuple[str, dict[int, str]]:
+    """Splits docs/benchmarks.md into its head (everything up to the first section of scenarios
+    2 to 5: the run, the setup and scenario 1) and those sections by number."""
+    head: list[str] = []
+    sections: dict[int, list[str]] = {}
+    current: list[str] = head
+    for line in text.splitlines():
+        m = re.match(r"## Scenario ([2-5]):", line)
+        if m:
+            current = sections.setdefault(int(m.group(1)), [])
+        current.append(line)
+    return ("\n".join(head).rstrip("\n") + "\n",
+            {n: "\n".join(lines).rstrip("\n") + "\n" for n, lines in sections.items()})
+
+
 def write_doc(mode_name: str) -> None:
     """Rewrites docs/benchmarks.md from the newest saved results of every scenario of this
-    mode: a run of one scenario replaces its section and keeps the others'."""
+    mode: a run of one scenario replaces its section and keeps the others'. A scenario with no
+    saved results here (bench/.peers/ is not in git, so a fresh clone has none) keeps the
+    section the page already has: its own lines say when and on which commit it ran."""
+    old_head, old_sections = doc_sections(DOC.read_text()) if DOC.exists() else ("", {})
     path = PEERS / f"results-{mode_name}.json"
-    if not path.exists():
-        print(f"No scenario 1 results in {path}: docs/benchmarks.md left alone "
-              "(run scenario 1 first)", file=sys.stderr)
+    if path.exists():
+        text = markdown(json.loads(path.read_text())).rstrip("\n") + "\n"
+    elif old_head.strip():
+        text = old_head
+    else:
+        print(f"No scenario 1 results in {path} and no page to keep them from: "
+              "docs/benchmarks.md left alone (run scenario 1 first)", file=sys.stderr)
         return
-    res = json.loads(path.read_text())
-    text = markdown(res).rstrip("\n") + "\n"
     for n, name in SCENARIO_NAMES.items():
         p = PEERS / f"results-{mode_name}-{name}.json"
         if p.exists():
             r = json.loads(p.read_text())
             text += "\n" + "\n".join(scenario_module(n).markdown(r, shower(r))).rstrip("\n") \
                 + "\n"
+        elif n in old_sections:
+            text += "\n" + old_sections[n]
     DOC.write_text(text)
     print(f"Rewrote {DOC}")
-
 
 if __name__ == "__main__":
     sys.exit(main())
