@@ -521,20 +521,21 @@ def markdown(res: dict, show) -> list[str]:
                                   c["load"], show)
 
 
-# What the measured figures mean. Written from the run of 2026-11-28 01:27 UTC (commit
-# 483de756ff53), with the three before it; a rerun with other figures must revisit it.
+# What the measured figures mean. Written from the run of 2026-12-06 12:51 UTC (commit
+# caa2f5d3ca17), with the four before it; a rerun with other figures must revisit it.
 ANALYSIS: list[str] = [
-    "**What the runs show** (this reading was written from the run of 2026-11-28 01:27 UTC and "
-    "the three before it — 2026-11-27 11:19 and 19:39 UTC, 2026-11-28 00:15 UTC; a rerun must "
-    "revisit it). The global view does not earn its keep on this fleet, and does not cost "
-    "anything either. Its p99 ties the local view's in every run (0.92× to 1.02× over the "
-    "levels and runs; 1.02× and 1.02× in this one); its p99.9, which over 30 s rests on 40 to "
-    "50 calls, swings either way from round to round (0.49× to 1.44× within this run; 1.11× "
-    "at 70 % and 0.84× at 90 % over its rounds). Errors: none in either view. Both runs of "
-    "2026-11-28 had the machine to itself (other processes 0.00 to 0.02 cores), so the tie is "
-    "the fleet's, not the machine's noise.",
+    "**What the runs show** (this reading was written from the run of 2026-12-06 12:51 UTC and "
+    "the four before it — 2026-11-27 11:19 and 19:39 UTC, 2026-11-28 00:15 and 01:27 UTC; a "
+    "rerun must revisit it). The global view does not earn its keep on this fleet, and costs "
+    "little. Its p99 ties the local view's in every run (0.92× to 1.02× over the levels and "
+    "runs; 1.00× and 0.98× in this one); its p99.9, which over 30 s rests on 40 to 50 calls, "
+    "swings either way from round to round (0.54× to 2.27× within this run; 1.03× at 70 % and "
+    "0.94× at 90 % over its rounds). Its p50 is 0 to 3 % above the local view's in every round "
+    "of this run (1.02× and 1.03× over the rounds): small, but on one side. Errors: none in "
+    "either view. This run and both of 2026-11-28 had the machine to itself (other processes "
+    "0.00 to 0.02 cores), so the tie is the fleet's, not the machine's noise.",
     "",
-    "**What changed in this run: the utilization signal.** Until 2026-11-28 a router reported "
+    "**What changed on 2026-11-28: the utilization signal.** Until then a router reported "
     "each node's calls in flight *at the instant of the report*, once every half second, and "
     "the weights' headroom factor turned that count's swings (a 4-slot node at 70 % has 0 to 4 "
     "calls in flight from one instant to the next) into weights up to 3× apart: in the "
@@ -542,12 +543,14 @@ ANALYSIS: list[str] = [
     "and 1.4× at 90 %, and the global view's p50 was 1 to 4 % worse than the local view's in "
     "every run. Routers now report the count integrated over each interval (its mean; "
     "`endpoint::Busy`), and the same nodes' weights spread 1.5× at 70 % (1.06 to 1.59) and "
-    "1.25× at 90 % (0.77 to 0.96); the global view's p50 now ties the local one's (0.99× and "
-    "1.00×; before 1.01× to 1.04×).",
+    "1.25× at 90 % (0.77 to 0.96); the global view's p50 then tied the local one's (0.99× and "
+    "1.00×; before 1.01× to 1.04×). In this run they spread 1.4× at 70 % (1.15 to 1.62) and "
+    "1.1× at 90 % (0.78 to 0.86).",
     "",
     "**What the machine sustained.** The 24 processes of a run (8 routers, 8 node-sims, 8 "
-    "generators) and the control plane took 0.6 to 0.7 of a core at 446 to 574 calls/s in all "
-    "(see the table above), about 1.2 ms of CPU per call end to end.",
+    "generators) and the control plane took 0.3 to 0.4 of a core in this run at 446 to 574 "
+    "calls/s in all (see the table above), about 0.7 to 0.8 ms of CPU per call end to end "
+    "(0.6 to 0.7 of a core, 1.2 ms a call, in the runs of 2026-11-28).",
     "",
     "Why the global view adds so little on this fleet, as far as the figures tell:",
     "",
@@ -556,13 +559,13 @@ ANALYSIS: list[str] = [
     "router over eight nodes, each router samples each ordinary node 8 to 11 times a second, "
     "enough for its 2 s peak-EWMA to follow the queue. So each router's \"local\" cost, "
     "latency × in-flight, is already largely a global signal; both views kept the slow nodes "
-    "below their fair share (7.7 to 9.9 % of calls, against 10.6 to 11.3 % for the jsq "
+    "below their fair share (7.6 to 9.9 % of calls, against 10.6 to 11.3 % for the jsq "
     "oracle).",
     "- **The weight function nets the slow nodes out.** A slow node gets fewer calls, so its "
     "utilization (routers' calls in flight over capacity) is lower and its headroom factor "
-    "higher, which cancels most of its latency factor: the slow nodes' weights (1.09 and 1.22 "
-    "at 70 %, 0.76 and 0.63 at 90 %; capacity 4 each) sit at or a little below the ordinary "
-    "nodes', where their twofold-to-threefold latency alone would take half to two thirds off. "
+    "higher, which cancels most of its latency factor: the slow nodes' weights (1.03 and 1.13 "
+    "at 70 %, 0.64 and 0.67 at 90 % in this run; capacity 4 each) sit a little below the "
+    "ordinary nodes' (1.15 to 1.62 and 0.78 to 0.86), where their twofold-to-threefold latency alone would take half to two thirds off. "
     "Near-uniform weights make the global view's draws almost the local view's.",
     "",
     "Next steps: a variant where the global view should matter and this fleet does not cover "
