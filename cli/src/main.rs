@@ -80,12 +80,17 @@ async fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    match cli.command {
+    let done = match cli.command {
         Command::Control(a) => cmd::control::run(a).await,
         Command::Router(a) => cmd::router::run(a).await,
         Command::Ctl(a) => cmd::ctl::run(a).await,
         Command::Up(a) => cmd::up::run(a).await,
         Command::NodeSim(a) => cmd::node_sim::run(a).await,
         Command::Load(a) => cmd::load::run(a).await,
+    };
+    match done {
+        // The reader of the output went away (`| head`): it had what it wanted.
+        Err(e) if e.is::<cmd::StdoutClosed>() => Ok(()),
+        done => done,
     }
 }

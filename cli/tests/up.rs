@@ -64,10 +64,6 @@ fn eventually(what: &str, mut check: impl FnMut() -> bool) {
     }
 }
 
-/// A base port for `fulcrum up` whose ports (base to base + 2, and the node ports from base + 101
-/// and base + 201) are free now: below Linux's ephemeral range (32768 and up, where other
-/// programs' outgoing connections take ports at random), away from the default 7000 so that a
-/// developer's own `fulcrum up` does not collide, and probed rather than assumed.
 /// `GET path` from 127.0.0.1:`port` over HTTP/1.1; the whole answer.
 fn http_get(port: u16, path: &str) -> String {
     use std::io::{Read, Write};
@@ -82,6 +78,10 @@ fn http_get(port: u16, path: &str) -> String {
     out
 }
 
+/// A base port for `fulcrum up` whose ports (base to base + 2, and the node ports from base + 101
+/// and base + 201) are free now: below Linux's ephemeral range (32768 and up, where other
+/// programs' outgoing connections take ports at random), away from the default 7000 so that a
+/// developer's own `fulcrum up` does not collide, and probed rather than assumed.
 fn free_base() -> u16 {
     let free = |port: u16| std::net::TcpListener::bind(("127.0.0.1", port)).is_ok();
     let start = (std::process::id() % 40) as u16;

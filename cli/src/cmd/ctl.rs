@@ -224,7 +224,7 @@ fn millis(d: Option<std::time::Duration>) -> anyhow::Result<u32> {
     })
 }
 
-fn print_policy(p: &ModelPolicy) {
+fn print_policy(p: &ModelPolicy) -> anyhow::Result<()> {
     let balancer = match p.balancer() {
         Balancer::Unspecified | Balancer::P2cEwma => "p2c-ewma",
         Balancer::RoundRobin => "round-robin",
@@ -243,7 +243,7 @@ fn print_policy(p: &ModelPolicy) {
     } else {
         or_default(p.hedge_after_ms, "off", "ms")
     };
-    println!(
+    outln!(
         "{}: balancer={balancer}{} timeout={} max_attempts={} per_try_timeout={} idempotent={} hedge={hedge} panic_mode={} overprovisioning={}",
         p.model,
         if p.hash_header.is_empty() {
@@ -262,6 +262,7 @@ fn print_policy(p: &ModelPolicy) {
             p.overprovisioning.to_string()
         },
     );
+    Ok(())
 }
 
 async fn policy(admin: &mut Admin, command: PolicyCommand) -> anyhow::Result<()> {
@@ -273,9 +274,11 @@ async fn policy(admin: &mut Admin, command: PolicyCommand) -> anyhow::Result<()>
                 .map_err(status_error)?
                 .into_inner();
             if resp.policies.is_empty() {
-                println!("no policies set: every model uses the defaults");
+                outln!("no policies set: every model uses the defaults");
             }
-            resp.policies.iter().for_each(print_policy);
+            for p in &resp.policies {
+                print_policy(p)?;
+            }
         }
         PolicyCommand::Get { model } => {
             let p = admin
@@ -283,7 +286,7 @@ async fn policy(admin: &mut Admin, command: PolicyCommand) -> anyhow::Result<()>
                 .await
                 .map_err(status_error)?
                 .into_inner();
-            print_policy(&p);
+            print_policy(&p)?;
         }
         PolicyCommand::Set {
             model,
@@ -329,7 +332,7 @@ async fn policy(admin: &mut Admin, command: PolicyCommand) -> anyhow::Result<()>
                 .await
                 .map_err(status_error)?
                 .into_inner();
-            print_policy(&p);
+            print_policy(&p)?;
         }
         PolicyCommand::Clear { model } => {
             admin
@@ -338,7 +341,7 @@ async fn policy(admin: &mut Admin, command: PolicyCommand) -> anyhow::Result<()>
                 })
                 .await
                 .map_err(status_error)?;
-            println!("{model}: policy removed, defaults apply");
+            outln!("{model}: policy removed, defaults apply");
         }
     }
     Ok(())
@@ -422,7 +425,7 @@ fn node_json(n: &NodeStatus) -> serde_json::Value {
     })
 }
 
-fn print_table(nodes: &[NodeStatus], version: u64) {
+fn print_table(nodes: &[NodeStatus], version: u64) -> anyhow::Result<()> {
     let rows: Vec<[String; 10]> = nodes
         .iter()
         .map(|n| {
@@ -477,23 +480,25 @@ fn print_table(nodes: &[NodeStatus], version: u64) {
             *w = (*w).max(c.len());
         }
     }
-    let line = |cells: Vec<&str>| {
+    let line = |cells: Vec<&str>| -> anyhow::Result<()> {
         let s: Vec<String> = cells
             .iter()
             .zip(&widths)
             .map(|(c, w)| format!("{c:<w$}"))
             .collect();
-        println!("{}", s.join("  ").trim_end());
+        outln!("{}", s.join("  ").trim_end());
+        Ok(())
     };
-    line(header.to_vec());
+    line(header.to_vec())?;
     for r in &rows {
-        line(r.iter().map(String::as_str).collect());
+        line(r.iter().map(String::as_str).collect())?;
     }
-    println!(
+    outln!(
         "\n{} node(s); routing version {version}; ROUTERS: routers of this replica holding the \
          node's newest entry / all, @ the version that carries it",
         rows.len()
     );
+    Ok(())
 }
 
 fn parse_models(models: &[String]) -> Vec<Model> {
@@ -550,13 +555,13 @@ pub(crate) async fn run(args: CtlArgs) -> anyhow::Result<()> {
             } else {
                 &s.leader_id
             };
-            println!("replica          {}", s.replica_id);
-            println!(
+            outln!("replica          {}", s.replica_id);
+            outln!(
                 "leader           {}{}",
                 leader,
                 if s.leader { " (this replica)" } else { "" }
             );
-            println!(
+            outln!(
                 "routing version  {}{}",
                 s.routing_version,
                 if s.stale {
@@ -565,7 +570,7 @@ pub(crate) async fn run(args: CtlArgs) -> anyhow::Result<()> {
                     ""
                 }
             );
-            println!("routers          {}", s.routers.len());
+            outln!("routers          {}", s.routers.len());
         }
         CtlCommand::Routers => {
             let s = admin
@@ -573,12 +578,16 @@ pub(crate) async fn run(args: CtlArgs) -> anyhow::Result<()> {
                 .await
                 .map_err(status_error)?
                 .into_inner();
-            println!(
+            outln!(
                 "{:<28} {:<8} {:>10} {:>6} {:>6}",
-                "ROUTER", "REGION", "ACKED", "LAG", "NACKS"
+                "ROUTER",
+                "REGION",
+                "ACKED",
+                "LAG",
+                "NACKS"
             );
             for r in &s.routers {
-                println!(
+                outln!(
                     "{:<28} {:<8} {:>10} {:>6} {:>6}",
                     r.router_id,
                     r.region,
@@ -587,7 +596,7 @@ pub(crate) async fn run(args: CtlArgs) -> anyhow::Result<()> {
                     r.nacks
                 );
             }
-            println!(
+            outln!(
                 "\n{} router(s) on replica {}; routing version {}",
                 s.routers.len(),
                 s.replica_id,
@@ -602,9 +611,9 @@ pub(crate) async fn run(args: CtlArgs) -> anyhow::Result<()> {
                 .into_inner();
             if json {
                 let nodes: Vec<_> = resp.nodes.iter().map(node_json).collect();
-                println!("{}", serde_json::to_string_pretty(&nodes)?);
+                outln!("{}", serde_json::to_string_pretty(&nodes)?);
             } else {
-                print_table(&resp.nodes, resp.routing_version);
+                print_table(&resp.nodes, resp.routing_version)?;
             }
         }
         CtlCommand::Node { id, json } => {
@@ -614,9 +623,9 @@ pub(crate) async fn run(args: CtlArgs) -> anyhow::Result<()> {
                 .map_err(status_error)?
                 .into_inner();
             if json {
-                println!("{}", serde_json::to_string_pretty(&node_json(&n))?);
+                outln!("{}", serde_json::to_string_pretty(&node_json(&n))?);
             } else {
-                print_table(std::slice::from_ref(&n), 0);
+                print_table(std::slice::from_ref(&n), 0)?;
             }
         }
         CtlCommand::Register {
@@ -654,7 +663,7 @@ pub(crate) async fn run(args: CtlArgs) -> anyhow::Result<()> {
             } else {
                 "unchanged"
             };
-            println!("node {id} {what} (revision {})", resp.revision);
+            outln!("node {id} {what} (revision {})", resp.revision);
         }
         CtlCommand::Deregister { id } => {
             let resp = admin
@@ -662,7 +671,7 @@ pub(crate) async fn run(args: CtlArgs) -> anyhow::Result<()> {
                 .await
                 .map_err(status_error)?
                 .into_inner();
-            println!("node {id} deregistered (revision {})", resp.revision);
+            outln!("node {id} deregistered (revision {})", resp.revision);
         }
         CtlCommand::Drain {
             id,
@@ -684,7 +693,7 @@ pub(crate) async fn run(args: CtlArgs) -> anyhow::Result<()> {
                 })
                 .await
                 .map_err(status_error)?;
-            println!("node {id} cordoned: no new calls");
+            outln!("node {id} cordoned: no new calls");
         }
         CtlCommand::Uncordon { id } => {
             admin
@@ -694,7 +703,7 @@ pub(crate) async fn run(args: CtlArgs) -> anyhow::Result<()> {
                 })
                 .await
                 .map_err(status_error)?;
-            println!("node {id} uncordoned");
+            outln!("node {id} uncordoned");
         }
         CtlCommand::Weight { id, weight, clear } => {
             let weight = if clear { None } else { weight };
@@ -706,8 +715,8 @@ pub(crate) async fn run(args: CtlArgs) -> anyhow::Result<()> {
                 .await
                 .map_err(status_error)?;
             match weight {
-                Some(w) => println!("node {id}: weight set to {w}"),
-                None => println!("node {id}: weight override cleared"),
+                Some(w) => outln!("node {id}: weight set to {w}"),
+                None => outln!("node {id}: weight override cleared"),
             }
         }
         CtlCommand::Region { action, region } => {
@@ -724,7 +733,7 @@ pub(crate) async fn run(args: CtlArgs) -> anyhow::Result<()> {
                 .await
                 .map_err(status_error)?
                 .into_inner();
-            println!(
+            outln!(
                 "region {region} {}; evacuated now: {}",
                 if evacuated {
                     "evacuated: its routers send calls to the other region"
@@ -745,7 +754,7 @@ pub(crate) async fn run(args: CtlArgs) -> anyhow::Result<()> {
                 .map_err(status_error)?
                 .into_inner();
             while let Some(e) = events.message().await.map_err(status_error)? {
-                println!("version {:>6}  {}", e.version, e.description);
+                outln!("version {:>6}  {}", e.version, e.description);
             }
         }
         CtlCommand::Routing => {
@@ -772,7 +781,7 @@ pub(crate) async fn run(args: CtlArgs) -> anyhow::Result<()> {
                 "endpoints": endpoints,
                 "policies": t.policies.iter().map(|p| p.model.clone()).collect::<Vec<_>>(),
             });
-            println!("{}", serde_json::to_string_pretty(&out)?);
+            outln!("{}", serde_json::to_string_pretty(&out)?);
         }
         CtlCommand::Policy { command } => policy(&mut admin, command).await?,
         CtlCommand::Sim { .. } => unreachable!("handled before connecting to the control plane"),
@@ -797,7 +806,7 @@ async fn wait_drained(
             .map_err(status_error)?
             .into_inner();
         if n.in_flight == 0 {
-            println!("node {id} drained: no calls in flight");
+            outln!("node {id} drained: no calls in flight");
             return Ok(());
         }
         if tokio::time::Instant::now() >= end {
@@ -806,7 +815,7 @@ async fn wait_drained(
                 n.in_flight
             );
         }
-        println!("node {id}: {} call(s) in flight…", n.in_flight);
+        outln!("node {id}: {} call(s) in flight…", n.in_flight);
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     }
 }
@@ -819,7 +828,7 @@ async fn drain(admin: &mut Admin, id: String, drain: bool) -> anyhow::Result<()>
         })
         .await
         .map_err(status_error)?;
-    println!("node {id} {}", if drain { "draining" } else { "undrained" });
+    outln!("node {id} {}", if drain { "draining" } else { "undrained" });
     Ok(())
 }
 
@@ -832,7 +841,7 @@ async fn sim(address: &str, config: SimConfig) -> anyhow::Result<()> {
         .await
         .map_err(status_error)?
         .into_inner();
-    println!(
+    outln!(
         "node-sim {address}: healthy={} error_ratio={} hang_ratio={} stall_left={}ms",
         now.healthy.unwrap_or_default(),
         now.error_ratio.unwrap_or_default(),

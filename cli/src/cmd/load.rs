@@ -79,9 +79,9 @@ pub(crate) async fn run(args: LoadArgs) -> anyhow::Result<()> {
         report.latency_histogram.clear();
     }
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        outln!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        println!("{report}");
+        outln!("{report}");
     }
     Ok(())
 }

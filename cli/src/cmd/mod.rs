@@ -1,5 +1,42 @@
 //! One module per subcommand.
 
+/// `println!` for the subcommands' output, in a function that returns `anyhow::Result`: a
+/// failed write is an error the function returns, where `println!` panics. A reader that went
+/// away (`fulcrum ctl nodes | head -1`) is [`StdoutClosed`], which `main` ends on quietly.
+macro_rules! outln {
+    () => {
+        $crate::cmd::write_line(format_args!(""))?
+    };
+    ($($arg:tt)*) => {
+        $crate::cmd::write_line(format_args!($($arg)*))?
+    };
+}
+
+/// Standard output's reader closed its end (`EPIPE`): nothing more can be shown, and it is not
+/// a failure of the command (the reader had what it wanted).
+#[derive(Debug)]
+pub(crate) struct StdoutClosed;
+
+impl std::fmt::Display for StdoutClosed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("standard output was closed")
+    }
+}
+
+impl std::error::Error for StdoutClosed {}
+
+/// Writes one line to standard output, mapping a closed pipe to [`StdoutClosed`].
+pub(crate) fn write_line(args: std::fmt::Arguments<'_>) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    out.write_fmt(args)
+        .and_then(|()| out.write_all(b"\n"))
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::BrokenPipe => anyhow::Error::new(StdoutClosed),
+            _ => anyhow::Error::new(e).context("writing to standard output"),
+        })
+}
+
 pub(crate) mod control;
 pub(crate) mod ctl;
 pub(crate) mod load;

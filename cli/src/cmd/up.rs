@@ -191,12 +191,12 @@ pub(crate) async fn run(args: UpArgs) -> anyhow::Result<()> {
             )
         })
         .unwrap_or_else(|| "fulcrum".into());
-    println!(
+    outln!(
         "Fulcrum is up: two regions on this machine (embedded store: {})",
         store_path.display()
     );
-    println!();
-    println!(
+    outln!();
+    outln!(
         "  control plane  {}    admin API + routing stream; metrics http://{}/metrics",
         addr(base),
         addr(base + METRICS_OFFSET)
@@ -207,31 +207,31 @@ pub(crate) async fn run(args: UpArgs) -> anyhow::Result<()> {
             .filter(|s| s.region == *region)
             .map(|s| format!("{} {}", s.id, s.address))
             .collect();
-        println!(
+        outln!(
             "  router {region}       {}    Open Inference Protocol (gRPC); metrics http://{}/metrics",
             addr(base + 1 + r as u16),
             addr(base + 1 + r as u16 + METRICS_OFFSET)
         );
-        println!("  nodes {region}        {}", nodes.join(", "));
+        outln!("  nodes {region}        {}", nodes.join(", "));
     }
-    println!();
+    outln!();
     // `fulcrum ctl` talks to 127.0.0.1:7000 by default; say where the control plane is otherwise.
     let control_flag = if base == 7000 {
         String::new()
     } else {
         format!(" --control {}", addr(base))
     };
-    println!("Try:");
-    println!("  {exe} ctl{control_flag} nodes");
-    println!(
+    outln!("Try:");
+    outln!("  {exe} ctl{control_flag} nodes");
+    outln!(
         "  {exe} load --target {} --model echo --rps 200 --duration 5s",
         addr(base + 1)
     );
-    println!(
+    outln!(
         "  {exe} ctl{control_flag} drain a-1        (and a-2, a-3: router a then serves from region b)"
     );
-    println!();
-    println!("Ctrl-C stops everything.");
+    outln!();
+    outln!("Ctrl-C stops everything.");
 
     tokio::select! {
         () = crate::shutdown_signal() => {}
@@ -245,7 +245,7 @@ pub(crate) async fn run(args: UpArgs) -> anyhow::Result<()> {
             }
         }
     }
-    println!("stopping…");
+    outln!("stopping…");
     let _ = stop_tx.send(true);
     let drain = async { while tasks.join_next().await.is_some() {} };
     if tokio::time::timeout(Duration::from_secs(5), drain)
