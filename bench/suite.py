@@ -1682,5 +1682,6 @@ def write_doc(mode_name: str) -> None:
     DOC.write_text(text)
     print(f"Rewrote {DOC}")
 
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -245,7 +245,8 @@ pub(crate) async fn run(args: UpArgs) -> anyhow::Result<()> {
             }
         }
     }
-    outln!("stopping…");
+    // The stack stops cleanly whether or not anyone still reads its output.
+    let _ = super::write_line(format_args!("stopping…"));
     let _ = stop_tx.send(true);
     let drain = async { while tasks.join_next().await.is_some() {} };
     if tokio::time::timeout(Duration::from_secs(5), drain)
