@@ -584,3 +584,33 @@ async fn a_stopping_router_finishes_the_calls_in_flight() {
         "the stopped router still accepts connections"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_polling_router_serves_calls_and_stops() {
+    let _serial = fulcrum_tests::exclusive().await;
+    let (n1, n2) = (
+        node("a-1", "const:0ms", 64).await,
+        node("a-2", "const:0ms", 64).await,
+    );
+    let etcd = Etcd::start().await;
+    let cp = stack::control_plane(&etcd.url()).await;
+    let mut admin = admin(cp.addr).await;
+    register(&mut admin, spec("a-1", n1.addr, "a", &["echo"], 64)).await;
+    register(&mut admin, spec("a-2", n2.addr, "a", &["echo"], 64)).await;
+    let router = stack::router_configured("a", &[cp.addr], |c| {
+        c.busy_poll = Duration::from_micros(200);
+        c.threads = 2;
+    })
+    .await;
+    wait_ready(router.addr).await;
+    warm(router.addr, 2).await;
+    // Calls on several connections, so both serving threads poll; every one answered right.
+    let report = run_load(router.addr, 300.0, 2.0).await;
+    assert_eq!(report.ok, report.sent, "failed calls: {:?}", report.errors);
+    assert!(report.sent >= 500, "only {} calls sent", report.sent);
+    assert_eq!(report.nodes.len(), 2, "served by {:?}", report.nodes);
+    // The pollers must not keep the router from stopping (a deadline, not a timing goal).
+    tokio::time::timeout(Duration::from_secs(20), router.stop())
+        .await
+        .expect("the busy-polling router did not stop");
+}

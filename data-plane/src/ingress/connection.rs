@@ -105,6 +105,7 @@ async fn call(
     body: RecvBody,
     mut respond: Respond,
 ) {
+    crate::shard::mark_busy();
     let limit = services.state.max_message_size;
     if !is_direct(&parts) {
         let request = http::Request::from_parts(parts, Body::new(LimitedBody::new(body, limit)));
@@ -118,7 +119,9 @@ async fn call(
     // kilobytes, and unboxed it was part of this future, copied whole each time it moved (into
     // `answer_within`'s, then into the connection's set of calls): one allocation is cheaper.
     let answer = Box::pin(model_infer(&services.state, parts, body, limit));
-    match own_server::answer_within(&mut respond, timeout, answer).await {
+    let answered = own_server::answer_within(&mut respond, timeout, answer).await;
+    crate::shard::mark_busy();
+    match answered {
         Answered::Answer(Ok(response)) => send_message(respond, response),
         Answered::Answer(Err(status)) => send_status(&mut respond, &status),
         Answered::TimedOut => {
