@@ -242,7 +242,12 @@ impl Inputs {
                 }
                 None => {
                     stopped.push(id.to_owned());
-                    maybe_orphans |= self.specs.remove(id).is_some();
+                    self.specs.remove(id);
+                    // Even when this leader never held the node: registered and gone between
+                    // two passes, it can have left overrides behind that an earlier pass saw
+                    // (the overrides' watch delivered them before the registry's delivered the
+                    // registration) and spared, written after the registry as read then.
+                    maybe_orphans = true;
                 }
             }
         }
@@ -1242,5 +1247,61 @@ mod tests {
         // 50 in debt: the next batch waits until one token is back.
         let wait = p.ready_at() - t0;
         assert_eq!(wait, Duration::from_secs_f64(51.0 / TXN_RATE));
+    }
+
+    /// A node registered and gone between two passes, never held by this leader, still makes
+    /// the pass look for orphaned overrides: an earlier pass may have seen its overrides before
+    /// the registry's watch delivered its registration, and spared them (the self-registration
+    /// test `a_leaving_node_takes_its_overrides_along` failed that way once, at start-up).
+    #[tokio::test]
+    async fn a_node_that_came_and_went_between_passes_is_checked_for_orphans() {
+        let store: SharedStore = Arc::new(crate::store::embedded::EmbeddedStore::in_memory());
+        let changed = Arc::new(Notify::new());
+        let follow = Follow::start(&store, &changed);
+        let prober = Prober::new(
+            crate::health::prober::ProbeConfig::default(),
+            changed.clone(),
+        );
+        let mut inputs = Inputs::default();
+        let spec = |id: &str| NodeSpec {
+            id: id.into(),
+            address: "127.0.0.1:1".into(),
+            region: "a".into(),
+            models: vec![fulcrum_proto::fulcrum::v1::Model {
+                name: "m".into(),
+                versions: vec![],
+            }],
+            capacity: 1,
+            ..Default::default()
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !(follow.nodes.synced() && follow.overrides.synced()) {
+            assert!(Instant::now() < deadline, "mirrors never synced");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(!inputs.update(&follow, &prober, &mut BTreeSet::new()));
+
+        registry::register(store.as_ref(), &spec("gone"))
+            .await
+            .unwrap();
+        store.delete(&keys::node("gone")).await.unwrap();
+        // A marker node after it: once the mirror holds it, it has seen both events.
+        registry::register(store.as_ref(), &spec("marker"))
+            .await
+            .unwrap();
+        while !follow
+            .nodes
+            .with(|kvs| kvs.contains_key(&keys::node("marker")))
+        {
+            assert!(Instant::now() < deadline, "the mirror never saw the marker");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let mut dirty = BTreeSet::new();
+        assert!(
+            inputs.update(&follow, &prober, &mut dirty),
+            "a node that left unseen did not make the pass look for orphans"
+        );
+        assert!(dirty.contains("gone") && inputs.specs.contains_key("marker"));
+        assert!(!inputs.specs.contains_key("gone"));
     }
 }
