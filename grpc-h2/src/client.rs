@@ -1425,117 +1425,53 @@ mod tests {
     /// call; none panics.
     #[tokio::test]
     async fn a_peer_breaking_the_protocol_closes_the_connection() {
-        let mut too_large = vec![0x00, 0x40, 0x01, kind::DATA, 0, 0, 0, 0, 1];
-        too_large.extend(std::iter::repeat_n(0u8, 16_385));
+        use crate::wire::test_frame as frame;
         let cases: Vec<(Vec<u8>, u32)> = vec![
             // A frame larger than 16 KiB.
-            (too_large, reason::FRAME_SIZE_ERROR),
+            (
+                frame(kind::DATA, 0, 1, &[0; 16_385]),
+                reason::FRAME_SIZE_ERROR,
+            ),
             // A header block HPACK cannot decode (index 127 of an empty dynamic table).
             (
-                vec![
-                    0,
-                    0,
-                    2,
-                    kind::HEADERS,
-                    flag::END_HEADERS,
-                    0,
-                    0,
-                    0,
-                    1,
-                    0xff,
-                    0x7f,
-                ],
+                frame(kind::HEADERS, flag::END_HEADERS, 1, &[0xff, 0x7f]),
                 reason::COMPRESSION_ERROR,
             ),
             // DATA on stream 0.
-            (
-                vec![0, 0, 1, kind::DATA, 0, 0, 0, 0, 0, 9],
-                reason::PROTOCOL_ERROR,
-            ),
+            (frame(kind::DATA, 0, 0, &[9]), reason::PROTOCOL_ERROR),
             // A PUSH_PROMISE, push being disabled.
             (
-                vec![
-                    0,
-                    0,
-                    4,
-                    kind::PUSH_PROMISE,
-                    flag::END_HEADERS,
-                    0,
-                    0,
-                    0,
-                    1,
-                    0,
-                    0,
-                    0,
-                    2,
-                ],
+                frame(kind::PUSH_PROMISE, flag::END_HEADERS, 1, &[0, 0, 0, 2]),
                 reason::PROTOCOL_ERROR,
             ),
             // A stream the client never opened.
             (
-                vec![0, 0, 1, kind::HEADERS, flag::END_HEADERS, 0, 0, 0, 9, 0x88],
+                frame(kind::HEADERS, flag::END_HEADERS, 9, &[0x88]),
                 reason::PROTOCOL_ERROR,
             ),
             // A PING of the wrong size.
             (
-                vec![0, 0, 3, kind::PING, 0, 0, 0, 0, 0, 1, 2, 3],
+                frame(kind::PING, 0, 0, &[1, 2, 3]),
                 reason::FRAME_SIZE_ERROR,
             ),
             // An initial window above 2^31-1.
             (
-                vec![
-                    0,
-                    0,
-                    6,
-                    kind::SETTINGS,
-                    0,
-                    0,
-                    0,
-                    0,
-                    0,
-                    0,
-                    4,
-                    0xff,
-                    0xff,
-                    0xff,
-                    0xff,
-                ],
+                frame(kind::SETTINGS, 0, 0, &[0, 4, 0xff, 0xff, 0xff, 0xff]),
                 reason::FLOW_CONTROL_ERROR,
             ),
             // A connection window overflowing.
             (
-                vec![
-                    0,
-                    0,
-                    4,
-                    kind::WINDOW_UPDATE,
-                    0,
-                    0,
-                    0,
-                    0,
-                    0,
-                    0x7f,
-                    0xff,
-                    0xff,
-                    0xff,
-                ],
+                frame(kind::WINDOW_UPDATE, 0, 0, &[0x7f, 0xff, 0xff, 0xff]),
                 reason::FLOW_CONTROL_ERROR,
             ),
             // Padding longer than the frame.
             (
-                vec![
-                    0,
-                    0,
-                    2,
+                frame(
                     kind::HEADERS,
                     flag::END_HEADERS | flag::PADDED,
-                    0,
-                    0,
-                    0,
                     1,
-                    5,
-                    0x88,
-                ],
+                    &[5, 0x88],
+                ),
                 reason::PROTOCOL_ERROR,
             ),
         ];
@@ -1569,33 +1505,21 @@ mod tests {
             let _ = socket.read(&mut buf).await;
             // Stream 1: a header block without :status ("x-a: b" as a literal).
             let block = [0x00, 3, b'x', b'-', b'a', 1, b'b'];
-            let mut f = vec![
-                0,
-                0,
-                block.len() as u8,
+            let f = crate::wire::test_frame(
                 kind::HEADERS,
                 flag::END_HEADERS | flag::END_STREAM,
-                0,
-                0,
-                0,
                 1,
-            ];
-            f.extend_from_slice(&block);
+                &block,
+            );
             let _ = socket.write_all(&f).await;
             // Stream 3 (the next call): ":status: 200" (static index 8), and trailers-only.
             let _ = socket.read(&mut buf).await;
-            let f = [
-                0,
-                0,
-                1,
+            let f = crate::wire::test_frame(
                 kind::HEADERS,
                 flag::END_HEADERS | flag::END_STREAM,
-                0,
-                0,
-                0,
                 3,
-                0x88,
-            ];
+                &[0x88],
+            );
             let _ = socket.write_all(&f).await;
             drain(socket).await;
         })

@@ -1806,28 +1806,28 @@ mod tests {
     }
 
     fn headers_frame(id: u32, flags: u8, block: &[u8]) -> Vec<u8> {
-        let mut f = BytesMut::new();
-        frame_head(&mut f, block.len(), kind::HEADERS, flags, id);
-        f.put_slice(block);
-        f.to_vec()
+        crate::wire::test_frame(kind::HEADERS, flags, id, block)
     }
 
     #[tokio::test]
     async fn protocol_errors_close_the_connection_with_goaway() {
         let addr = start().await;
         let good = request_block("/echo", &[]);
-        let mut too_large = vec![0x00, 0x40, 0x01, kind::DATA, 0, 0, 0, 0, 1];
-        too_large.extend(std::iter::repeat_n(0u8, 16_385));
+        use crate::wire::test_frame as frame;
         let cases: Vec<(&str, Vec<u8>, u32)> = vec![
-            ("a frame over 16 KiB", too_large, reason::FRAME_SIZE_ERROR),
+            (
+                "a frame over 16 KiB",
+                frame(kind::DATA, 0, 1, &[0; 16_385]),
+                reason::FRAME_SIZE_ERROR,
+            ),
             (
                 "DATA on stream 0",
-                vec![0, 0, 1, kind::DATA, 0, 0, 0, 0, 0, 9],
+                frame(kind::DATA, 0, 0, &[9]),
                 reason::PROTOCOL_ERROR,
             ),
             (
                 "DATA on a stream never opened",
-                vec![0, 0, 1, kind::DATA, 0, 0, 0, 0, 7, 9],
+                frame(kind::DATA, 0, 7, &[9]),
                 reason::PROTOCOL_ERROR,
             ),
             (
@@ -1842,82 +1842,41 @@ mod tests {
             ),
             (
                 "CONTINUATION without HEADERS",
-                vec![
-                    0,
-                    0,
-                    1,
-                    kind::CONTINUATION,
-                    flag::END_HEADERS,
-                    0,
-                    0,
-                    0,
-                    1,
-                    0x88,
-                ],
+                frame(kind::CONTINUATION, flag::END_HEADERS, 1, &[0x88]),
                 reason::PROTOCOL_ERROR,
             ),
             (
                 "a header block interrupted",
                 [
                     headers_frame(1, 0, &good),
-                    vec![0, 0, 8, kind::PING, 0, 0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8],
+                    frame(kind::PING, 0, 0, &[1, 2, 3, 4, 5, 6, 7, 8]),
                 ]
                 .concat(),
                 reason::PROTOCOL_ERROR,
             ),
             (
                 "a PUSH_PROMISE",
-                vec![
-                    0,
-                    0,
-                    4,
-                    kind::PUSH_PROMISE,
-                    flag::END_HEADERS,
-                    0,
-                    0,
-                    0,
-                    1,
-                    0,
-                    0,
-                    0,
-                    2,
-                ],
+                frame(kind::PUSH_PROMISE, flag::END_HEADERS, 1, &[0, 0, 0, 2]),
                 reason::PROTOCOL_ERROR,
             ),
             (
                 "SETTINGS of a bad length",
-                vec![0, 0, 5, kind::SETTINGS, 0, 0, 0, 0, 0, 0, 4, 0, 0, 0],
+                frame(kind::SETTINGS, 0, 0, &[0, 4, 0, 0, 0]),
                 reason::FRAME_SIZE_ERROR,
             ),
             (
                 "an initial window over 2^31-1",
-                vec![
-                    0,
-                    0,
-                    6,
-                    kind::SETTINGS,
-                    0,
-                    0,
-                    0,
-                    0,
-                    0,
-                    0,
-                    4,
-                    0xff,
-                    0xff,
-                    0xff,
-                    0xff,
-                ],
+                frame(kind::SETTINGS, 0, 0, &[0, 4, 0xff, 0xff, 0xff, 0xff]),
                 reason::FLOW_CONTROL_ERROR,
             ),
             (
                 "a zero WINDOW_UPDATE",
-                vec![0, 0, 4, kind::WINDOW_UPDATE, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+                frame(kind::WINDOW_UPDATE, 0, 0, &[0, 0, 0, 0]),
                 reason::PROTOCOL_ERROR,
             ),
             (
                 "a PING of 3 bytes",
-                vec![0, 0, 3, kind::PING, 0, 0, 0, 0, 0, 1, 2, 3],
+                frame(kind::PING, 0, 0, &[1, 2, 3]),
                 reason::FRAME_SIZE_ERROR,
             ),
         ];

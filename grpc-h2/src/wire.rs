@@ -91,6 +91,15 @@ pub(crate) fn frame_head(buf: &mut BytesMut, len: usize, ty: u8, flags: u8, stre
     buf.put_u32(stream & 0x7fff_ffff);
 }
 
+/// A whole frame, its header and `payload`: for tests that write frames by hand.
+#[cfg(test)]
+pub(crate) fn test_frame(ty: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let mut buf = BytesMut::with_capacity(9 + payload.len());
+    frame_head(&mut buf, payload.len(), ty, flags, stream);
+    buf.put_slice(payload);
+    buf.to_vec()
+}
+
 /// A WINDOW_UPDATE frame.
 pub(crate) fn window_update(buf: &mut BytesMut, stream: u32, increment: u32) {
     frame_head(buf, 4, kind::WINDOW_UPDATE, 0, stream);
