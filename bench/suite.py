@@ -10,9 +10,10 @@ Started by bench/run.sh, which installs the peers and builds `fulcrum` first. Ev
 1. starts three node-sims (`fulcrum node-sim`, echo model, constant zero service time), a
    control plane on an embedded store, and registers the node-sims with `fulcrum ctl register`;
 2. puts five contenders in front of the same node-sims: `direct` (no proxy), a Fulcrum router,
-   the same router with opt-in busy polling (`fulcrum-poll`, latency runs only), Envoy (static cluster, HTTP/2, LEAST_REQUEST) and nginx (grpc_pass, least_conn); each proxy
-   twice: once with its default threads on all cores (latency, CPU, RSS) and once pinned to one
-   core with one worker (highest sustained rate); and, for the latency runs, a floor: `relay`,
+   the same router with opt-in busy polling (`fulcrum-poll`, latency runs only), Envoy (static
+   cluster, HTTP/2, LEAST_REQUEST) and nginx (grpc_pass, least_conn); each proxy twice: once
+   with its default threads on all cores (latency, CPU, RSS) and once pinned to one core with
+   one worker (highest sustained rate); and, for the latency runs, a floor: `relay`,
    nginx's stream module passing TCP bytes through (what one more hop costs on this machine);
 3. runs the scenarios with `fulcrum load` (sequential calls as a closed loop of one caller;
    rates open loop, latency from each call's scheduled time; HDR histograms), the contenders
@@ -620,19 +621,15 @@ class Bench:
             cpus = self.proxy_cpu if pinned else None
             targets = self.pinned_targets if pinned else self.targets
 
-            port = free_port()
-            self.procs.start(f"fulcrum{suffix}", [
-                f, "router", "--region", "a", "--control", control,
-                "--listen", f"127.0.0.1:{port}", "--id", f"bench-router{suffix or '-all'}"],
-                cpus)
-            targets["fulcrum"] = f"127.0.0.1:{port}"
+            routers = [("fulcrum", f"bench-router{suffix or '-all'}", [])]
             if not pinned:
+                routers.append(("fulcrum-poll", "bench-router-poll", ["--busy-poll", BUSY_POLL]))
+            for name, router_id, extra in routers:
                 port = free_port()
-                self.procs.start("fulcrum-poll", [
+                self.procs.start(f"{name}{suffix}", [
                     f, "router", "--region", "a", "--control", control,
-                    "--listen", f"127.0.0.1:{port}", "--id", "bench-router-poll",
-                    "--busy-poll", BUSY_POLL])
-                targets["fulcrum-poll"] = f"127.0.0.1:{port}"
+                    "--listen", f"127.0.0.1:{port}", "--id", router_id, *extra], cpus)
+                targets[name] = f"127.0.0.1:{port}"
 
             port, admin = free_port(), free_port()
             conf = self.tmp / f"envoy{suffix}.json"

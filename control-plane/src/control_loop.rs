@@ -1275,7 +1275,7 @@ mod tests {
             ..Default::default()
         };
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !(follow.nodes.synced() && follow.overrides.synced()) {
+        while !follow.synced() {
             assert!(Instant::now() < deadline, "mirrors never synced");
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
