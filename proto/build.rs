@@ -3,6 +3,7 @@
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos = [
         "proto/inference/grpc_service.proto",
+        "proto/inference/model_config.proto",
         "proto/fulcrum/v1/node.proto",
         "proto/fulcrum/v1/policy.proto",
         "proto/fulcrum/v1/routing.proto",

@@ -1,7 +1,8 @@
 //! Fulcrum's wire protocols, generated from the `.proto` files in this crate's `proto/` folder.
 //!
 //! - [`inference`]: the Open Inference Protocol v2 (KServe v2) as Triton and MLServer speak it,
-//!   with Triton's bidirectional `ModelStreamInfer`.
+//!   with Triton's bidirectional `ModelStreamInfer` and `ModelConfig` (and the part of Triton's
+//!   `ModelConfig` message a simulated node fills in, `model_config.proto`).
 //! - [`fulcrum::v1`]: Fulcrum's own API: node specs and endpoints (`node.proto`), the routing
 //!   stream between control plane and routers (`routing.proto`), operator RPCs (`admin.proto`),
 //!   nodes' self-registration (`registration.proto`), and the simulated node's control RPC

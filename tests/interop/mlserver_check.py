@@ -75,6 +75,14 @@ def with_tritonclient(router, mlserver, ml_node):
     check(echo_meta["name"] == "echo", f"ModelMetadata(echo) {echo_meta}")
     print("ok: ModelMetadata")
 
+    # Triton's ModelConfig: MLServer does not implement it; the router asks MLServer and passes
+    # its answer on (the same status as calling MLServer directly), promptly.
+    via = status_of(lambda: c.get_model_config("doubler", client_timeout=TIMEOUT))
+    own = status_of(lambda: direct.get_model_config("doubler", client_timeout=TIMEOUT))
+    check(via[0] == own[0] == "StatusCode.UNIMPLEMENTED",
+          f"ModelConfig(doubler) via router {via}, MLServer directly {own}")
+    print("ok: ModelConfig")
+
     # ModelInfer with raw contents, as tritonclient sends them: the real model's answers.
     x = np.arange(12, dtype=np.float32).reshape(3, 4) - 5.5
     inp = tc.InferInput("x", list(x.shape), "FP32")

@@ -38,6 +38,28 @@ def check_router(url, region):
     check([(m["name"], m.get("state")) for m in index] == [("echo", "READY")],
           f"{url}: RepositoryIndex {index}")
 
+    # Triton's ModelConfig: a node serving the model answers, and its configuration arrives as
+    # the node encoded it (tritonclient decodes Triton's full ModelConfig message).
+    cfg = c.get_model_config("echo", as_json=True).get("config", {})
+    check(cfg.get("name") == "echo" and cfg.get("platform") == "fulcrum-sim",
+          f"{url}: ModelConfig {cfg}")
+    check([(t["name"], t["data_type"], t["dims"]) for t in cfg.get("input", [])]
+          == [("*", "TYPE_STRING", ["-1"])], f"{url}: ModelConfig inputs {cfg}")
+    try:
+        c.get_model_config("no-such-model")
+        check(False, f"{url}: ModelConfig of an unknown model answered")
+    except tc.InferenceServerException as e:
+        check(e.status() == "StatusCode.NOT_FOUND", f"{url}: ModelConfig(unknown) gave {e.status()}")
+    # What acts on one server's own state is refused, saying so (never an empty UNIMPLEMENTED).
+    for call in (lambda: c.get_inference_statistics("echo"), lambda: c.load_model("echo"),
+                 lambda: c.get_system_shared_memory_status(), lambda: c.get_log_settings()):
+        try:
+            call()
+            check(False, f"{url}: a node-local Triton call answered")
+        except tc.InferenceServerException as e:
+            check(e.status() == "StatusCode.UNIMPLEMENTED" and "call a node directly" in e.message(),
+                  f"{url}: node-local call gave {e.status()} {e.message()!r}")
+
     # ModelInfer, raw contents (tritonclient's own encoding), several datatypes at once.
     x = np.arange(12, dtype=np.float32).reshape(3, 4)
     y = np.array([[1, -2, 3]], dtype=np.int64)
@@ -58,6 +80,9 @@ def check_router(url, region):
     req = pb.ModelInferRequest(model_name="echo", id="typed")
     t = req.inputs.add(name="v", datatype="FP32", shape=[2, 2])
     t.contents.fp32_contents.extend([1.5, -2.0, 3.25, 0.0])
+    _, call = stub.ModelConfig.with_call(pb.ModelConfigRequest(name="echo"), timeout=5)
+    node, reg = served_by(call)
+    check(reg == region, f"{url}: ModelConfig served by {node} in region {reg}, expected {region}")
     resp, call = stub.ModelInfer.with_call(req, timeout=5)
     out = resp.outputs[0]
     check(out.name == "v" and list(out.shape) == [2, 2], f"{url}: typed output {out}")

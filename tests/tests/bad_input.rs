@@ -6,6 +6,7 @@ use fulcrum_control_plane::keys;
 use fulcrum_proto::fulcrum::v1::{
     DeregisterNodeRequest, DrainNodeRequest, GetNodeRequest, RegisterNodeRequest,
 };
+use fulcrum_proto::inference::{ModelConfigRequest, ModelMetadataRequest};
 use fulcrum_sim::node::{NodeSimConfig, spawn};
 use fulcrum_tests::etcd::Etcd;
 use fulcrum_tests::eventually;
@@ -66,6 +67,30 @@ async fn router_refuses_bad_calls_precisely() {
         calls_before,
         "a bad request reached the node"
     );
+
+    // ModelMetadata and Triton's ModelConfig: a model name is required, and must be one the
+    // router routes.
+    let err = c
+        .model_metadata(ModelMetadataRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("model name"), "{}", err.message());
+    let err = c
+        .model_config(ModelConfigRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("model name"), "{}", err.message());
+    let err = c
+        .model_config(ModelConfigRequest {
+            name: "no-such-model".into(),
+            version: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    assert!(err.message().contains("no-such-model"), "{}", err.message());
 
     // Over the size limit.
     let big = echo_request("echo", &vec![0.5; (2 << 20) / 4]);

@@ -10,8 +10,9 @@
 //! undecoded. A message unknown fields added stays intact on the way, too. The call goes to the
 //! node on the router's own HTTP/2 client ([`crate::endpoint::unary`]), not tonic's `Channel`.
 //!
-//! [`OipRoutes`] serves this path for `ModelInfer` and hands every other OIP method to the
-//! generated service ([`super::oip::OipService`]).
+//! [`OipRoutes`] serves this path for `ModelInfer`, answers the methods the router does not
+//! serve ([`super::oip::unserved`]) and hands every other OIP method to the generated service
+//! ([`super::oip::OipService`]).
 
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -170,6 +171,9 @@ impl Service<http::Request<Body>> for OipRoutes {
 
     fn call(&mut self, req: http::Request<Body>) -> RouteFuture {
         if req.uri().path() != MODEL_INFER_PATH {
+            if let Some(status) = super::oip::unserved(req.uri().path()) {
+                return Box::pin(std::future::ready(Ok(status.into_http())));
+            }
             return self.generated.call(req);
         }
         let state = self.state.clone();

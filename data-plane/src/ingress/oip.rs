@@ -5,8 +5,12 @@
 //! asked of a node that serves the model. `ModelInfer` is validated, routed (own region first)
 //! and forwarded; `ModelStreamInfer` opens one upstream stream per model named on the client's
 //! stream and multiplexes the answers back. `RepositoryIndex` lists the models the router
-//! routes: `READY` when a node is routable for it, `UNAVAILABLE` otherwise. Every answer from a node carries `x-fulcrum-node`
-//! and `x-fulcrum-region`; a unary answer also `x-fulcrum-attempts`.
+//! routes: `READY` when a node is routable for it, `UNAVAILABLE` otherwise. Triton's
+//! `ModelConfig` is asked of a node that serves the model, and its answer passed on as the node
+//! encoded it. The rest of Triton's service acts on one server's own state (statistics, loading
+//! models, shared memory, trace and log settings): [`unserved`] answers it with UNIMPLEMENTED,
+//! saying why. Every answer from a node carries `x-fulcrum-node` and `x-fulcrum-region`; a
+//! unary answer also `x-fulcrum-attempts`.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -16,11 +20,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use fulcrum_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use fulcrum_proto::inference::grpc_inference_service_server::GrpcInferenceService;
 use fulcrum_proto::inference::{
-    ModelInferRequest, ModelInferResponse, ModelMetadataRequest, ModelMetadataResponse,
-    ModelReadyRequest, ModelReadyResponse, ModelStreamInferResponse, RepositoryIndexRequest,
-    RepositoryIndexResponse, ServerLiveRequest, ServerLiveResponse, ServerMetadataRequest,
-    ServerMetadataResponse, ServerReadyRequest, ServerReadyResponse,
-    repository_index_response::ModelIndex,
+    ModelConfigRequest, ModelConfigResponse, ModelInferRequest, ModelInferResponse,
+    ModelMetadataRequest, ModelMetadataResponse, ModelReadyRequest, ModelReadyResponse,
+    ModelStreamInferResponse, RepositoryIndexRequest, RepositoryIndexResponse, ServerLiveRequest,
+    ServerLiveResponse, ServerMetadataRequest, ServerMetadataResponse, ServerReadyRequest,
+    ServerReadyResponse, repository_index_response::ModelIndex,
 };
 use futures::Stream;
 use tokio::sync::mpsc;
@@ -46,6 +50,72 @@ pub const REGION_HEADER: &str = "x-fulcrum-region";
 /// Response header of a unary call saying how many attempts the router started for it
 /// (retries and hedges included), so that clients and benchmarks can see failover at work.
 pub const ATTEMPTS_HEADER: &str = "x-fulcrum-attempts";
+
+/// The service's gRPC path prefix.
+const SERVICE_PREFIX: &str = "/inference.GRPCInferenceService/";
+
+/// The methods of `inference.GRPCInferenceService` the router serves.
+const SERVED: [&str; 9] = [
+    "ServerLive",
+    "ServerReady",
+    "ModelReady",
+    "ServerMetadata",
+    "ModelMetadata",
+    "ModelInfer",
+    "ModelStreamInfer",
+    "RepositoryIndex",
+    "ModelConfig",
+];
+
+/// Triton's methods that read or change one server's own state, and what that state is.
+const NODE_LOCAL: [(&str, &str); 11] = [
+    (
+        "ModelStatistics",
+        "its statistics count the calls that one server served",
+    ),
+    ("RepositoryModelLoad", "it loads a model into one server"),
+    (
+        "RepositoryModelUnload",
+        "it unloads a model from one server",
+    ),
+    ("SystemSharedMemoryStatus", "shared memory is one machine's"),
+    (
+        "SystemSharedMemoryRegister",
+        "shared memory is one machine's",
+    ),
+    (
+        "SystemSharedMemoryUnregister",
+        "shared memory is one machine's",
+    ),
+    ("CudaSharedMemoryStatus", "GPU memory is one machine's"),
+    ("CudaSharedMemoryRegister", "GPU memory is one machine's"),
+    ("CudaSharedMemoryUnregister", "GPU memory is one machine's"),
+    ("TraceSetting", "trace settings are one server's"),
+    ("LogSettings", "log settings are one server's"),
+];
+
+/// UNIMPLEMENTED, saying why, for a call to `path` on `inference.GRPCInferenceService` that
+/// the router does not serve (tonic's generated service would answer it with no message);
+/// `None` for every other path.
+pub fn unserved(path: &str) -> Option<Status> {
+    let method = path.strip_prefix(SERVICE_PREFIX)?;
+    if SERVED.contains(&method) {
+        return None;
+    }
+    Some(Status::unimplemented(
+        match NODE_LOCAL.iter().find(|(m, _)| *m == method) {
+            Some((_, why)) => format!(
+                "a Fulcrum router does not serve inference.GRPCInferenceService/{method}: \
+                 {why}, and the router spreads calls over many; call a node directly"
+            ),
+            None => format!(
+                "inference.GRPCInferenceService has no method {method:?} that a Fulcrum router \
+                 serves (it serves {})",
+                SERVED.join(", ")
+            ),
+        },
+    ))
+}
 
 /// The router's Open Inference Protocol service.
 #[derive(Debug, Clone)]
@@ -171,6 +241,24 @@ impl GrpcInferenceService for OipService {
         forward::unary(&self.state, &model, &metadata, message, |node, r| {
             let mut c = self.client(&node);
             async move { c.model_metadata(r).await }
+        })
+        .await
+    }
+
+    /// Asked of a node serving the model; the configuration comes back as that node encoded
+    /// it (`ModelConfigResponse.config` is bytes here), so no field is lost.
+    async fn model_config(
+        &self,
+        request: Request<ModelConfigRequest>,
+    ) -> Result<Response<ModelConfigResponse>, Status> {
+        let (metadata, _, message) = request.into_parts();
+        if message.name.is_empty() {
+            return Err(RouteError::InvalidRequest("model name is required".into()).into());
+        }
+        let model = message.name.clone();
+        forward::unary(&self.state, &model, &metadata, message, |node, r| {
+            let mut c = self.client(&node);
+            async move { c.model_config(r).await }
         })
         .await
     }
@@ -364,4 +452,40 @@ async fn pump(
         }
     }
     closed.store(true, Ordering::Release);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn served_methods_and_other_services_pass() {
+        for m in SERVED {
+            assert!(unserved(&format!("{SERVICE_PREFIX}{m}")).is_none(), "{m}");
+        }
+        assert!(unserved("/grpc.health.v1.Health/Check").is_none());
+        assert!(unserved("/inference.GRPCInferenceServiceX/ModelStatistics").is_none());
+    }
+
+    #[test]
+    fn node_local_methods_say_why() {
+        for (m, why) in NODE_LOCAL {
+            let s = unserved(&format!("{SERVICE_PREFIX}{m}")).expect(m);
+            assert_eq!(s.code(), tonic::Code::Unimplemented);
+            assert!(
+                s.message().contains(m) && s.message().contains(why),
+                "{s:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn unknown_methods_name_what_is_served() {
+        let s = unserved(&format!("{SERVICE_PREFIX}NoSuchMethod")).unwrap();
+        assert_eq!(s.code(), tonic::Code::Unimplemented);
+        assert!(
+            s.message().contains("\"NoSuchMethod\"") && s.message().contains("ModelConfig"),
+            "{s:?}"
+        );
+    }
 }

@@ -12,13 +12,15 @@ use fulcrum_proto::inference::grpc_inference_service_server::GrpcInferenceServic
 use fulcrum_proto::inference::model_infer_response::InferOutputTensor;
 use fulcrum_proto::inference::model_metadata_response::TensorMetadata;
 use fulcrum_proto::inference::{
-    ModelInferRequest, ModelInferResponse, ModelMetadataRequest, ModelMetadataResponse,
+    DataType, ModelConfig, ModelConfigRequest, ModelConfigResponse, ModelInferRequest,
+    ModelInferResponse, ModelInput, ModelMetadataRequest, ModelMetadataResponse, ModelOutput,
     ModelReadyRequest, ModelReadyResponse, ModelStreamInferResponse, RepositoryIndexRequest,
     RepositoryIndexResponse, ServerLiveRequest, ServerLiveResponse, ServerMetadataRequest,
     ServerMetadataResponse, ServerReadyRequest, ServerReadyResponse,
     repository_index_response::ModelIndex,
 };
 use futures::Stream;
+use prost::Message;
 use prost::bytes::Bytes;
 use rand::Rng;
 use tokio::sync::{TryAcquireError, mpsc};
@@ -392,6 +394,38 @@ impl GrpcInferenceService for InferenceService {
             inputs: vec![wildcard_tensor()],
             outputs: vec![wildcard_tensor()],
             parameters: Default::default(),
+        }))
+    }
+
+    async fn model_config(
+        &self,
+        request: Request<ModelConfigRequest>,
+    ) -> Result<Response<ModelConfigResponse>, Status> {
+        let name = request.into_inner().name;
+        if !self.shared.serves(&name) {
+            return Err(not_served(&name, &self.shared.name));
+        }
+        // The echo model as Triton would describe it: one tensor of any name, type and shape
+        // in (`TYPE_STRING`, Triton's `BYTES`, as in the metadata), the same out, no batching
+        // of its own.
+        let config = ModelConfig {
+            name,
+            platform: PLATFORM.to_string(),
+            max_batch_size: 0,
+            input: vec![ModelInput {
+                name: "*".to_string(),
+                data_type: DataType::TypeString.into(),
+                dims: vec![-1],
+            }],
+            output: vec![ModelOutput {
+                name: "*".to_string(),
+                data_type: DataType::TypeString.into(),
+                dims: vec![-1],
+            }],
+            backend: String::new(),
+        };
+        Ok(Response::new(ModelConfigResponse {
+            config: config.encode_to_vec(),
         }))
     }
 
