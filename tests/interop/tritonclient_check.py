@@ -74,6 +74,13 @@ def check_router(url, region):
     check(np.array_equal(r.as_numpy("y"), y), f"{url}: INT64 echo")
     check(list(r.as_numpy("s")) == list(s), f"{url}: BYTES echo")
 
+    # Compressed requests, as tritonclient sends them when asked (Triton takes both): the
+    # router decompresses them and answers.
+    for alg in ("gzip", "deflate"):
+        r = c.infer("echo", inputs, compression_algorithm=alg)
+        check(np.array_equal(r.as_numpy("x"), x) and list(r.as_numpy("s")) == list(s),
+              f"{url}: {alg}-compressed echo")
+
     # ModelInfer with typed contents, through tritonclient's generated stubs, reading the
     # routing metadata.
     stub = pbg.GRPCInferenceServiceStub(grpc.insecure_channel(url))
@@ -105,9 +112,10 @@ def check_router(url, region):
     except grpc.RpcError as e:
         check(e.code() == grpc.StatusCode.INVALID_ARGUMENT, f"{url}: bad tensor gave {e.code()}")
 
-    # ModelStreamInfer through tritonclient's streaming API.
+    # ModelStreamInfer through tritonclient's streaming API, its requests gzip-compressed.
     answers = queue.Queue()
-    c.start_stream(callback=lambda result, error: answers.put((result, error)))
+    c.start_stream(callback=lambda result, error: answers.put((result, error)),
+                   compression_algorithm="gzip")
     for k in range(5):
         c.async_stream_infer("echo", inputs, request_id=str(k))
     ids = set()

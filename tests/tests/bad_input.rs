@@ -13,6 +13,7 @@ use fulcrum_tests::eventually;
 use fulcrum_tests::infer::echo_request;
 use fulcrum_tests::stack::{self, admin, oip, register, spec, wait_ready};
 use tonic::Code;
+use tonic::codec::CompressionEncoding;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn router_refuses_bad_calls_precisely() {
@@ -101,6 +102,21 @@ async fn router_refuses_bad_calls_precisely() {
         node.controls().calls(),
         calls_before,
         "an oversized request reached the node"
+    );
+    // Compressed, the same message is small on the wire; it is still refused once it
+    // decompresses past the limit (no decompression bomb gets through), and never forwarded.
+    let err = c
+        .clone()
+        .send_compressed(CompressionEncoding::Gzip)
+        .model_infer(echo_request("echo", &vec![0.5; (2 << 20) / 4]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("limit"), "{}", err.message());
+    assert_eq!(
+        node.controls().calls(),
+        calls_before,
+        "an oversized compressed request reached the node"
     );
 
     // The router still serves after all that.

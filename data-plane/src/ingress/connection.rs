@@ -132,7 +132,7 @@ async fn call(
 }
 
 /// Whether `ModelInfer` takes the direct path: every request but a compressed one (tonic
-/// answers that: the router supports no compression).
+/// decompresses that, or refuses a compression the router does not take).
 fn is_direct(request: &http::request::Parts) -> bool {
     request.uri.path() == MODEL_INFER_PATH
         && request
@@ -280,7 +280,12 @@ mod tests {
     const GRPC: &[(&str, &str)] = &[("content-type", "application/grpc"), ("te", "trailers")];
 
     fn framed(message: &[u8]) -> Bytes {
-        let mut b = vec![0u8];
+        framed_with(0, message)
+    }
+
+    /// `message` framed with compression flag `flag`.
+    fn framed_with(flag: u8, message: &[u8]) -> Bytes {
+        let mut b = vec![flag];
         b.extend_from_slice(&u32::try_from(message.len()).unwrap().to_be_bytes());
         b.extend_from_slice(message);
         b.into()
@@ -456,18 +461,30 @@ mod tests {
         let (code, message) = a.status();
         assert_eq!(code, Code::Unimplemented, "{message}");
         assert!(message.contains("/no.Such/Method"), "{message}");
-        // A compressed ModelInfer is left to tonic, which supports no compression.
+        // A compressed ModelInfer is left to tonic, which decompresses gzip (and deflate): the
+        // request is read, and refused for its model (this router has none).
         let mut headers = GRPC.to_vec();
         headers.push(("grpc-encoding", "gzip"));
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        std::io::Write::write_all(&mut gz, &infer_request("m")).unwrap();
+        let compressed = framed_with(1, &gz.finish().unwrap());
         let a = call(
             &mut c,
             request(MODEL_INFER_PATH, &headers),
-            Some(framed(&infer_request("m"))),
+            Some(compressed),
         )
         .await;
         let (code, message) = a.status();
+        assert_eq!(code, Code::NotFound, "{message}");
+        assert!(message.contains("model \"m\" is not served"), "{message}");
+        // A compression the router does not take is refused, naming it.
+        let mut headers = GRPC.to_vec();
+        headers.push(("grpc-encoding", "snappy"));
+        let frame = framed_with(1, &infer_request("m"));
+        let a = call(&mut c, request(MODEL_INFER_PATH, &headers), Some(frame)).await;
+        let (code, message) = a.status();
         assert_eq!(code, Code::Unimplemented, "{message}");
-        assert!(message.contains("gzip"), "{message}");
+        assert!(message.contains("snappy"), "{message}");
         // Over the size limit on the routes too.
         let a = call(
             &mut c,

@@ -10,6 +10,9 @@
 //! undecoded. A message unknown fields added stays intact on the way, too. The call goes to the
 //! node on the router's own HTTP/2 client ([`crate::endpoint::unary`]), not tonic's `Channel`.
 //!
+//! A compressed request (gzip or deflate) is decompressed by tonic on the way in, within the
+//! router's message size limit, and goes to the node uncompressed.
+//!
 //! [`OipRoutes`] serves this path for `ModelInfer`, answers the methods the router does not
 //! serve ([`super::oip::unserved`]) and hands every other OIP method to the generated service
 //! ([`super::oip::OipService`]).
@@ -24,7 +27,9 @@ use fulcrum_proto::inference::ModelInferRequest;
 use fulcrum_proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
 use prost::Message;
 use tonic::body::Body;
-use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::codec::{
+    Codec, CompressionEncoding, DecodeBuf, Decoder, EnabledCompressionEncodings, EncodeBuf, Encoder,
+};
 use tonic::server::{NamedService, UnaryService};
 use tonic::{Request, Response, Status};
 use tower::Service;
@@ -34,6 +39,16 @@ use super::oip::OipService;
 use crate::error::RouteError;
 use crate::router::RouterState;
 use crate::validate;
+
+/// The compressions a request may come in (gzip and deflate: what gRPC's clients send and
+/// Triton accepts). Answers go uncompressed, as Triton's do by default: compressing every
+/// answer would cost CPU on every call, and the node's answer is passed on as it came.
+fn accepted() -> EnabledCompressionEncodings {
+    let mut e = EnabledCompressionEncodings::default();
+    e.enable(CompressionEncoding::Gzip);
+    e.enable(CompressionEncoding::Deflate);
+    e
+}
 
 /// The gRPC path of `ModelInfer`.
 pub const MODEL_INFER_PATH: &str = "/inference.GRPCInferenceService/ModelInfer";
@@ -147,11 +162,14 @@ impl OipRoutes {
     /// The service routing with `state`.
     pub fn new(state: Arc<RouterState>) -> Self {
         let max = state.max_message_size;
+        // The generated service takes the compressions of `accepted` one by one.
         let generated = GrpcInferenceServiceServer::new(OipService::new(state.clone()))
             // Backstop only: the size layer answers oversized messages first, with the right
             // status.
             .max_decoding_message_size(max)
-            .max_encoding_message_size(max);
+            .max_encoding_message_size(max)
+            .accept_compressed(CompressionEncoding::Gzip)
+            .accept_compressed(CompressionEncoding::Deflate);
         Self { state, generated }
     }
 }
@@ -179,8 +197,9 @@ impl Service<http::Request<Body>> for OipRoutes {
         let state = self.state.clone();
         Box::pin(async move {
             let max = Some(state.max_message_size);
-            let mut grpc =
-                tonic::server::Grpc::new(ServerCodec).apply_max_message_size_config(max, max);
+            let mut grpc = tonic::server::Grpc::new(ServerCodec)
+                .apply_max_message_size_config(max, max)
+                .apply_compression_config(accepted(), EnabledCompressionEncodings::default());
             Ok(grpc.unary(InferService(state), req).await)
         })
     }

@@ -194,7 +194,10 @@ impl NodeSim {
         );
         let inference = GrpcInferenceServiceServer::new(InferenceService::new(shared))
             .max_decoding_message_size(MAX_MESSAGE_SIZE)
-            .max_encoding_message_size(MAX_MESSAGE_SIZE);
+            .max_encoding_message_size(MAX_MESSAGE_SIZE)
+            // As Triton: gzip and deflate requests accepted, answers uncompressed.
+            .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
+            .accept_compressed(tonic::codec::CompressionEncoding::Deflate);
         let control = NodeSimControlServer::new(ControlService::new(controls));
         // Without TCP_NODELAY, Nagle's algorithm holds small response frames back until the
         // client acknowledges earlier ones, adding up to tens of milliseconds to measured
