@@ -94,6 +94,15 @@ def with_tritonclient(router, mlserver, ml_node):
     e = c.infer("echo", [inp], client_timeout=TIMEOUT)
     check(np.array_equal(e.as_numpy("x"), x), "echo (node-sim) answers its input")
 
+    # The caller's metadata reaches the model through the router (MLServer hands it to the
+    # model, which answers with what it saw), as it does when MLServer is called directly.
+    def tag_seen(client):
+        r = client.infer("doubler", [inp], headers={"x-test-tag": "t-1"}, client_timeout=TIMEOUT)
+        p = r.get_response().parameters.get("tag-seen")
+        return p.string_param if p is not None else None
+    check(tag_seen(direct) == "t-1", f"MLServer directly saw tag {tag_seen(direct)!r}")
+    check(tag_seen(c) == "t-1", f"MLServer through the router saw tag {tag_seen(c)!r}")
+
     # The same request through the router and directly get the same answer, field for field.
     stub = pbg.GRPCInferenceServiceStub(grpc.insecure_channel(router))
     raw = pb.ModelInferRequest(model_name="doubler", id="cmp")
@@ -148,7 +157,7 @@ def with_tritonclient(router, mlserver, ml_node):
     # One client stream carries both models (MLServer and a node-sim) and a refused request.
     answers = queue.Queue()
     c.start_stream(callback=lambda result, error: answers.put((result, error)),
-                   stream_timeout=TIMEOUT)
+                   stream_timeout=TIMEOUT, headers={"x-test-tag": "s-1"})
     for k in range(5):
         c.async_stream_infer("doubler", [inp], request_id=f"d{k}")
         c.async_stream_infer("echo", [inp], request_id=f"e{k}")
@@ -159,6 +168,9 @@ def with_tritonclient(router, mlserver, ml_node):
         rid = result.get_response().id
         if result.get_response().model_name == "doubler":
             check(np.array_equal(result.as_numpy("x"), 2 * x), f"stream doubler answer {rid}")
+            seen = result.get_response().parameters.get("tag-seen")
+            check(seen is not None and seen.string_param == "s-1",
+                  f"stream metadata did not reach MLServer's model: {seen}")
             doubled.append(rid)
         else:
             check(np.array_equal(result.as_numpy("x"), x), f"stream echo answer {rid}")

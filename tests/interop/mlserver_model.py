@@ -6,6 +6,10 @@ folder on PYTHONPATH.
 Inputs of any datatype other than FP32 are refused with MLServer's own `InferenceError` (gRPC
 INVALID_ARGUMENT), so error mapping through a router can be checked against a real server.
 
+A request carrying the gRPC metadata `x-test-tag` (MLServer hands a model its request's metadata
+as `parameters.headers`) is answered with a response parameter `tag-seen` holding its value, so
+a client can check that metadata reaches the model through a router.
+
 `predict_stream` answers every request of a stream (MLServer's default answers only the first),
 so a `ModelStreamInfer` stream carries many requests, as Triton's does.
 """
@@ -16,7 +20,7 @@ import numpy as np
 from mlserver import MLModel
 from mlserver.codecs import NumpyCodec
 from mlserver.errors import InferenceError
-from mlserver.types import InferenceRequest, InferenceResponse
+from mlserver.types import InferenceRequest, InferenceResponse, Parameters
 
 
 class Doubler(MLModel):
@@ -33,11 +37,14 @@ class Doubler(MLModel):
             x = NumpyCodec.decode_input(inp)
             y = (x * 2).astype(np.float32).reshape(inp.shape)
             outputs.append(NumpyCodec.encode_output(inp.name, y))
+        headers = (payload.parameters.headers if payload.parameters else None) or {}
+        tag = headers.get("x-test-tag")
         return InferenceResponse(
             model_name=self.name,
             model_version=self.version,
             id=payload.id,
             outputs=outputs,
+            parameters=Parameters(**{"tag-seen": tag}) if tag is not None else None,
         )
 
     async def predict_stream(

@@ -11,6 +11,9 @@
 //! - when every node is at its concurrency limit the call waits briefly in a bounded queue,
 //!   then is shed with RESOURCE_EXHAUSTED.
 //!
+//! Every attempt carries the caller's metadata ([`forwarded`]: all but what the router sets
+//! itself), so credentials, trace context and custom headers reach the node.
+//!
 //! Unary calls only: a response is never partially sent, so a retry can never duplicate data
 //! the caller has seen. (Streams are never retried once data flowed.)
 
@@ -196,6 +199,32 @@ fn next_finished<'a, F: Future>(
     })
 }
 
+/// The request headers a router does not pass on to a node: those it writes itself on its own
+/// call to the node (`te`, `content-type`, `user-agent`, and `grpc-timeout`, which carries
+/// each attempt's remaining budget), and the compression ones (the router sends a node the
+/// message uncompressed and reads its answers only so).
+const NOT_FORWARDED: [HeaderName; 6] = [
+    http::header::TE,
+    http::header::CONTENT_TYPE,
+    http::header::USER_AGENT,
+    fulcrum_grpc_h2::timeout::GRPC_TIMEOUT,
+    HeaderName::from_static("grpc-encoding"),
+    HeaderName::from_static("grpc-accept-encoding"),
+];
+
+/// The caller's metadata as a node gets it: every entry (custom headers, credentials,
+/// trace context such as `traceparent`, binary `-bin` values) but [`NOT_FORWARDED`], as a
+/// proxy passes request headers on.
+pub fn forwarded(metadata: &MetadataMap) -> HeaderMap {
+    let mut out = HeaderMap::new();
+    for (name, value) in metadata.as_ref() {
+        if !NOT_FORWARDED.contains(name) {
+            out.append(name.clone(), value.clone());
+        }
+    }
+    out
+}
+
 /// Forwards a unary call for `model` with `call`, which sends one attempt to a node.
 pub async fn unary<Req, T, F, Fut>(
     state: &RouterState,
@@ -243,6 +272,7 @@ where
         Hedge::P95 => latency.p95(),
     };
     let mut hedge_at = hedge_delay.map(|d| started + d);
+    let headers = forwarded(metadata);
 
     // Starts one attempt, or says why none can start.
     let start = |picked: Picked, remaining: Duration| {
@@ -250,7 +280,11 @@ where
         let per_try = settings
             .per_try_timeout
             .map_or(remaining, |t| t.min(remaining));
-        let mut request = Request::new(message.clone());
+        let mut request = Request::from_parts(
+            MetadataMap::from_headers(headers.clone()),
+            http::Extensions::default(),
+            message.clone(),
+        );
         if let Some(timeout) = grpc_timeout_value(node_timeout(per_try)) {
             let headers: &mut HeaderMap = request.metadata_mut().as_mut();
             headers.insert(fulcrum_grpc_h2::timeout::GRPC_TIMEOUT, timeout);
@@ -400,6 +434,47 @@ mod tests {
     use rand::rngs::SmallRng;
     use std::sync::Mutex;
     use std::sync::atomic::{AtomicBool, Ordering};
+
+    #[test]
+    fn the_callers_metadata_is_forwarded_but_what_the_router_sets() {
+        let mut h = HeaderMap::new();
+        for (k, v) in [
+            ("te", "trailers"),
+            ("content-type", "application/grpc"),
+            ("user-agent", "grpc-python/1.0"),
+            ("grpc-timeout", "5S"),
+            ("grpc-encoding", "gzip"),
+            ("grpc-accept-encoding", "identity,deflate,gzip"),
+            ("authorization", "Bearer t"),
+            (
+                "traceparent",
+                "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            ),
+            ("x-tag", "one"),
+            ("x-tag", "two"),
+            ("trace-bin", "AAEC"),
+        ] {
+            h.append(HeaderName::from_static(k), HeaderValue::from_static(v));
+        }
+        let out = forwarded(&MetadataMap::from_headers(h));
+        let kept: Vec<(&str, &str)> = out
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.to_str().unwrap()))
+            .collect();
+        assert_eq!(
+            kept,
+            [
+                ("authorization", "Bearer t"),
+                (
+                    "traceparent",
+                    "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+                ),
+                ("x-tag", "one"),
+                ("x-tag", "two"),
+                ("trace-bin", "AAEC"),
+            ]
+        );
+    }
 
     /// A router state whose model `m` has three healthy nodes and `policy`.
     fn state_with(policy: ModelPolicy) -> RouterState {

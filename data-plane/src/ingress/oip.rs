@@ -285,10 +285,11 @@ impl GrpcInferenceService for OipService {
         &self,
         request: Request<Streaming<ModelInferRequest>>,
     ) -> Result<Response<Self::ModelStreamInferStream>, Status> {
-        let mut inbound = request.into_inner();
+        let (metadata, _, mut inbound) = request.into_parts();
         let (out, out_rx) = mpsc::channel(STREAM_BUFFER);
         let mut session = StreamSession {
             service: self.clone(),
+            metadata: forward::forwarded(&metadata),
             upstreams: HashMap::new(),
             out,
         };
@@ -331,6 +332,8 @@ struct Upstream {
 /// The state of one client `ModelStreamInfer` stream.
 struct StreamSession {
     service: OipService,
+    /// The client's metadata, as each upstream stream passes it on.
+    metadata: http::HeaderMap,
     upstreams: HashMap<String, Upstream>,
     out: mpsc::Sender<Result<ModelStreamInferResponse, Status>>,
 }
@@ -395,7 +398,14 @@ impl StreamSession {
         let channel = node.conn.channel();
         let max_size = self.service.state.max_message_size;
         let requests = ReceiverStream::new(rx);
-        let upstream = match stream_dialect::model_stream_infer(channel, max_size, requests).await {
+        let upstream = match stream_dialect::model_stream_infer(
+            channel,
+            max_size,
+            self.metadata.clone(),
+            requests,
+        )
+        .await
+        {
             Ok(resp) => resp.into_inner(),
             Err(status) => {
                 let msg = format!("node {}: {}", node.conn.id, status.message());

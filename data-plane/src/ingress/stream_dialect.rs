@@ -21,11 +21,13 @@ use tonic::{GrpcMethod, Request, Response, Status};
 /// Highest field number of Triton's `ModelStreamInferResponse`.
 const TRITON_LAST_FIELD: u64 = 2;
 
-/// Opens `ModelStreamInfer` on a node, sending `requests`; answers come back in Triton's form
+/// Opens `ModelStreamInfer` on a node, sending `requests` with `metadata` (the client's, as
+/// [`super::forward::forwarded`] passes it on); answers come back in Triton's form
 /// whichever dialect the node speaks.
 pub(crate) async fn model_stream_infer(
     channel: Channel,
     max_message_size: usize,
+    metadata: http::HeaderMap,
     requests: impl Stream<Item = ModelInferRequest> + Send + 'static,
 ) -> Result<Response<Streaming<ModelStreamInferResponse>>, Status> {
     let mut grpc = tonic::client::Grpc::new(channel)
@@ -35,6 +37,7 @@ pub(crate) async fn model_stream_infer(
         .await
         .map_err(|e| Status::unavailable(format!("node not ready: {e}")))?;
     let mut request = Request::new(requests);
+    *request.metadata_mut() = tonic::metadata::MetadataMap::from_headers(metadata);
     request.extensions_mut().insert(GrpcMethod::new(
         "inference.GRPCInferenceService",
         "ModelStreamInfer",
