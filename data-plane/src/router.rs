@@ -1,7 +1,9 @@
 //! The router's shared state, and the one function that turns a model name into a node:
 //! [`RouterState::pick`]. It builds the candidates of the model's nodes (weights from the
 //! control plane; in-flight calls, latency, outlier state and limits from this router), applies
-//! the spill-over rule between regions, and lets the model's balancing policy choose.
+//! the spill-over rule between regions, and lets the model's balancing policy choose. A request
+//! of a Triton sequence is placed by [`RouterState::pick_sequence`] instead: on the node that
+//! holds the sequence.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -149,6 +151,58 @@ impl RouterState {
         Err(RouteError::AllNodesBusy {
             model: model.to_owned(),
         })
+    }
+
+    /// Picks the node for a request of a Triton sequence (`key`: [`crate::ingress::infer::sequence_key`]),
+    /// avoiding `tried`, and takes a slot on it. Every request of a sequence must reach the
+    /// node holding its state, so the node is the sequence's by [`balance::rendezvous`] over
+    /// the model's available nodes of one region: this router's own while any of them is
+    /// available, else the other's. Load, weights and the spill-over share play no part (they
+    /// change all the time; a sequence must not move with them); a node leaving (unhealthy,
+    /// ejected, deregistered) moves only its own sequences. When the sequence's node is at its
+    /// concurrency limit the call waits for it ([`RouteError::AllNodesBusy`]), never goes
+    /// elsewhere.
+    pub fn pick_sequence(
+        &self,
+        table: &RoutingTable,
+        model: &str,
+        tried: &[Arc<NodeConn>],
+        key: u64,
+    ) -> Result<Picked, RouteError> {
+        let route = table
+            .models
+            .get(model)
+            .ok_or_else(|| RouteError::UnknownModel(model.to_owned()))?;
+        let panic = !route.is_routable() && route.settings.panic_mode;
+        let now_ms = now_ns() / 1_000_000;
+        let members = |nodes: &[RoutedNode]| -> Vec<balance::rendezvous::Member> {
+            nodes
+                .iter()
+                .map(|n| balance::rendezvous::Member {
+                    id_hash: balance::ring::hash(n.conn.id.as_bytes()),
+                    capacity: n.capacity,
+                    eligible: (n.routable || panic)
+                        && !tried.iter().any(|t| Arc::ptr_eq(t, &n.conn))
+                        && !n.conn.is_out(now_ms),
+                })
+                .collect()
+        };
+        let picked = [&route.local, &route.remote].into_iter().find_map(|nodes| {
+            balance::rendezvous::pick(&members(nodes), key).map(|i| nodes[i].clone())
+        });
+        let Some(node) = picked else {
+            return Err(RouteError::NoHealthyNode {
+                model: model.to_owned(),
+                region: self.region.clone(),
+                version: table.version,
+            });
+        };
+        match node.conn.try_start_call() {
+            Some(slot) => Ok(Picked { node, slot }),
+            None => Err(RouteError::AllNodesBusy {
+                model: model.to_owned(),
+            }),
+        }
     }
 
     fn pick_in(

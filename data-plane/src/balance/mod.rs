@@ -5,11 +5,14 @@
 //! - [`least_request`]: weighted least-connections.
 //! - [`round_robin`]: smooth weighted round robin (nginx's algorithm).
 //! - [`ring`]: consistent hashing with bounded load, for affinity.
+//! - [`rendezvous`]: weighted rendezvous hashing, for Triton sequences (moved by membership
+//!   only).
 //! - [`locality`]: regions as priority levels, with Envoy-style spill-over and gradual return.
 
 pub mod least_request;
 pub mod locality;
 pub mod p2c;
+pub mod rendezvous;
 pub mod ring;
 pub mod round_robin;
 

@@ -225,11 +225,26 @@ pub fn forwarded(metadata: &MetadataMap) -> HeaderMap {
     out
 }
 
-/// Forwards a unary call for `model` with `call`, which sends one attempt to a node.
+/// A request of a Triton sequence (a stateful model's requests sharing a `sequence_id`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sequence {
+    /// Where it goes ([`RouterState::pick_sequence`]): the hash of model and sequence id.
+    pub key: u64,
+    /// Whether it starts the sequence (`sequence_start`): then no node holds the sequence's
+    /// state yet, and a failed attempt may be retried on another node. A later request is not:
+    /// its state is on the node it failed on, and another node would refuse it for want of a
+    /// start, hiding the real failure.
+    pub start: bool,
+}
+
+/// Forwards a unary call for `model` with `call`, which sends one attempt to a node. A request
+/// of a `sequence` goes to the sequence's node, is never hedged, and is retried only when it
+/// starts the sequence.
 pub async fn unary<Req, T, F, Fut>(
     state: &RouterState,
     model: &str,
     metadata: &MetadataMap,
+    sequence: Option<Sequence>,
     message: Req,
     call: F,
 ) -> Result<Response<T>, Status>
@@ -248,7 +263,10 @@ where
     let started = Instant::now();
     let deadline_at = started + budget;
     let key = affinity_key(&table, model, metadata);
-    let attempts = settings.attempts();
+    let attempts = match sequence {
+        Some(Sequence { start: false, .. }) => 1,
+        _ => settings.attempts(),
+    };
     let retry_budget = route.state.budget.clone();
     let latency = route.state.latency.clone();
     retry_budget.deposit();
@@ -266,7 +284,8 @@ where
     let mut started_attempts = 0u32;
     let mut last_failure: Option<Status> = None;
     let hedge_delay = match settings.hedge {
-        _ if !settings.idempotent => None,
+        // Two attempts of one sequence step would both change the sequence's state.
+        _ if !settings.idempotent || sequence.is_some() => None,
         Hedge::Off => None,
         Hedge::After(d) => Some(d),
         Hedge::P95 => latency.p95(),
@@ -327,7 +346,11 @@ where
                     .into()
                 }));
             }
-            match state.pick(&table, model, &tried, key) {
+            let picked = match sequence {
+                Some(seq) => state.pick_sequence(&table, model, &tried, seq.key),
+                None => state.pick(&table, model, &tried, key),
+            };
+            match picked {
                 Ok(picked) => {
                     tried.push(picked.node.conn.clone());
                     started_attempts += 1;
@@ -544,6 +567,15 @@ mod tests {
     /// Forwards one call whose attempts go as `steps` says, in the order they start (events,
     /// not durations, order them: no assertion depends on timing).
     async fn scripted(policy: ModelPolicy, steps: &[Step]) -> Scripted {
+        scripted_in(policy, None, steps).await
+    }
+
+    /// [`scripted`] for a request of `sequence`.
+    async fn scripted_in(
+        policy: ModelPolicy,
+        sequence: Option<Sequence>,
+        steps: &[Step],
+    ) -> Scripted {
         let state = state_with(policy);
         let nodes = Arc::new(Mutex::new(Vec::new()));
         let cancelled = Arc::new(AtomicBool::new(false));
@@ -576,7 +608,7 @@ mod tests {
                     .map_err(|code| Status::new(code, "scripted"))
             }
         };
-        let result = unary(&state, "m", &MetadataMap::new(), (), call).await;
+        let result = unary(&state, "m", &MetadataMap::new(), sequence, (), call).await;
         let result = result
             .map(|r| {
                 let attempts = r
@@ -592,6 +624,69 @@ mod tests {
             nodes,
             cancelled: cancelled.load(Ordering::SeqCst),
         }
+    }
+
+    fn step_of(key: u64) -> Option<Sequence> {
+        Some(Sequence { key, start: false })
+    }
+
+    #[tokio::test]
+    async fn a_sequence_keeps_its_node_and_sequences_spread() {
+        let mut nodes_of = std::collections::HashMap::new();
+        for key in 0..24u64 {
+            for _ in 0..3 {
+                let s = scripted_in(
+                    ModelPolicy::default(),
+                    step_of(key),
+                    &[Step(Wait::Now, Ok("ok"))],
+                )
+                .await;
+                nodes_of
+                    .entry(key)
+                    .or_insert_with(std::collections::HashSet::new)
+                    .extend(s.nodes);
+            }
+        }
+        assert!(nodes_of.values().all(|n| n.len() == 1), "{nodes_of:?}");
+        let used: std::collections::HashSet<_> = nodes_of.values().flatten().collect();
+        assert_eq!(used.len(), 3, "24 sequences over 3 nodes used {used:?}");
+    }
+
+    #[tokio::test]
+    async fn a_sequence_step_is_not_retried_elsewhere_but_its_start_is() {
+        let policy = ModelPolicy {
+            max_attempts: 3,
+            ..Default::default()
+        };
+        let steps = [
+            Step(Wait::Now, Err(Code::Unavailable)),
+            Step(Wait::Now, Ok("retried")),
+        ];
+        let s = scripted_in(policy.clone(), step_of(7), &steps).await;
+        assert_eq!(s.result, Err(Code::Unavailable));
+        assert_eq!(s.nodes.len(), 1);
+        let start = Some(Sequence {
+            key: 7,
+            start: true,
+        });
+        let s = scripted_in(policy, start, &steps).await;
+        assert_eq!(s.result, Ok(("retried", "2".into())));
+        assert_eq!(s.nodes.len(), 2);
+        assert_ne!(s.nodes[0], s.nodes[1]);
+    }
+
+    #[tokio::test]
+    async fn a_sequence_step_is_never_hedged() {
+        // Without the sequence, the hedge would answer (see the hedging tests); with it, the
+        // one attempt runs into the deadline alone.
+        let policy = ModelPolicy {
+            timeout_ms: 300,
+            ..hedged()
+        };
+        let steps = [Step(Wait::Never, Ok("first")), Step(Wait::Now, Ok("hedge"))];
+        let s = scripted_in(policy, step_of(7), &steps).await;
+        assert_eq!(s.result, Err(Code::DeadlineExceeded));
+        assert_eq!(s.nodes.len(), 1);
     }
 
     fn hedged() -> ModelPolicy {

@@ -34,7 +34,7 @@ use tonic::server::{NamedService, UnaryService};
 use tonic::{Request, Response, Status};
 use tower::Service;
 
-use super::forward;
+use super::forward::{self, Sequence};
 use super::oip::OipService;
 use crate::error::RouteError;
 use crate::router::RouterState;
@@ -113,6 +113,36 @@ impl Codec for ServerCodec {
     }
 }
 
+/// The sequence a request belongs to: Triton's `sequence_id` parameter (a non-zero integer or
+/// a non-empty string), with `sequence_start`; `None` for a request of no sequence.
+pub fn sequence_of(request: &ModelInferRequest) -> Option<Sequence> {
+    use fulcrum_proto::inference::infer_parameter::ParameterChoice;
+    let id = match request
+        .parameters
+        .get("sequence_id")?
+        .parameter_choice
+        .as_ref()?
+    {
+        ParameterChoice::Int64Param(0) | ParameterChoice::Uint64Param(0) => return None,
+        ParameterChoice::Int64Param(v) => v.to_le_bytes().to_vec(),
+        ParameterChoice::Uint64Param(v) => v.to_le_bytes().to_vec(),
+        ParameterChoice::StringParam(s) if s.is_empty() => return None,
+        // A string id apart from an integer one: Triton keeps the two kinds apart, too.
+        ParameterChoice::StringParam(s) => [b"s:", s.as_bytes()].concat(),
+        _ => return None,
+    };
+    let start = matches!(
+        request
+            .parameters
+            .get("sequence_start")
+            .and_then(|p| p.parameter_choice.as_ref()),
+        Some(ParameterChoice::BoolParam(true))
+    );
+    // The model is part of the key: sequences of different models are independent.
+    let key = crate::balance::ring::hash(&[request.model_name.as_bytes(), b"\0", &id].concat());
+    Some(Sequence { key, start })
+}
+
 /// Validates, routes and forwards one `ModelInfer` call.
 pub async fn model_infer(
     state: &RouterState,
@@ -120,17 +150,25 @@ pub async fn model_infer(
 ) -> Result<Response<Bytes>, Status> {
     let (metadata, _, raw) = request.into_parts();
     validate::check_infer_request(&raw.message).map_err(RouteError::InvalidRequest)?;
+    let sequence = sequence_of(&raw.message);
     let model = raw.message.model_name;
     let max_size = state.max_message_size;
-    forward::unary(state, &model, &metadata, raw.bytes, |node, request| {
-        let (metadata, _, message) = request.into_parts();
-        let path = http::uri::PathAndQuery::from_static(MODEL_INFER_PATH);
-        async move {
-            node.conn
-                .unary(path, metadata.into_headers(), message, max_size)
-                .await
-        }
-    })
+    forward::unary(
+        state,
+        &model,
+        &metadata,
+        sequence,
+        raw.bytes,
+        |node, request| {
+            let (metadata, _, message) = request.into_parts();
+            let path = http::uri::PathAndQuery::from_static(MODEL_INFER_PATH);
+            async move {
+                node.conn
+                    .unary(path, metadata.into_headers(), message, max_size)
+                    .await
+            }
+        },
+    )
     .await
 }
 
@@ -202,5 +240,61 @@ impl Service<http::Request<Body>> for OipRoutes {
                 .apply_compression_config(accepted(), EnabledCompressionEncodings::default());
             Ok(grpc.unary(InferService(state), req).await)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fulcrum_proto::inference::InferParameter;
+    use fulcrum_proto::inference::infer_parameter::ParameterChoice;
+
+    fn request(model: &str, params: &[(&str, ParameterChoice)]) -> ModelInferRequest {
+        ModelInferRequest {
+            model_name: model.into(),
+            parameters: params
+                .iter()
+                .map(|(k, v)| {
+                    let p = InferParameter {
+                        parameter_choice: Some(v.clone()),
+                    };
+                    ((*k).to_owned(), p)
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn what_belongs_to_a_sequence() {
+        use ParameterChoice::*;
+        let of = |model, p: &[(&str, ParameterChoice)]| sequence_of(&request(model, p));
+        assert_eq!(of("m", &[]), None);
+        assert_eq!(of("m", &[("sequence_id", Int64Param(0))]), None);
+        assert_eq!(of("m", &[("sequence_id", Uint64Param(0))]), None);
+        assert_eq!(
+            of("m", &[("sequence_id", StringParam(String::new()))]),
+            None
+        );
+        assert_eq!(of("m", &[("sequence_id", BoolParam(true))]), None);
+        let a = of("m", &[("sequence_id", Int64Param(42))]).unwrap();
+        assert!(!a.start);
+        // The same sequence whichever integer kind carries its id; its start says so.
+        let start = [
+            ("sequence_id", Uint64Param(42)),
+            ("sequence_start", BoolParam(true)),
+        ];
+        assert_eq!(of("m", &start), Some(Sequence { start: true, ..a }));
+        // Another id, a string id, another model: other sequences.
+        assert_ne!(
+            of("m", &[("sequence_id", Int64Param(43))]).unwrap().key,
+            a.key
+        );
+        let s = of("m", &[("sequence_id", StringParam("42".into()))]).unwrap();
+        assert_ne!(s.key, a.key);
+        assert_ne!(
+            of("n", &[("sequence_id", Int64Param(42))]).unwrap().key,
+            a.key
+        );
     }
 }

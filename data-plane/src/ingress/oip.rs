@@ -172,7 +172,7 @@ impl GrpcInferenceService for OipService {
             return Ok(Response::new(ModelReadyResponse { ready: false }));
         }
         let model = message.name.clone();
-        let answer = forward::unary(&self.state, &model, &metadata, message, |node, r| {
+        let answer = forward::unary(&self.state, &model, &metadata, None, message, |node, r| {
             let mut c = self.client(&node);
             async move { c.model_ready(r).await }
         })
@@ -238,7 +238,7 @@ impl GrpcInferenceService for OipService {
             return Err(RouteError::InvalidRequest("model name is required".into()).into());
         }
         let model = message.name.clone();
-        forward::unary(&self.state, &model, &metadata, message, |node, r| {
+        forward::unary(&self.state, &model, &metadata, None, message, |node, r| {
             let mut c = self.client(&node);
             async move { c.model_metadata(r).await }
         })
@@ -256,7 +256,7 @@ impl GrpcInferenceService for OipService {
             return Err(RouteError::InvalidRequest("model name is required".into()).into());
         }
         let model = message.name.clone();
-        forward::unary(&self.state, &model, &metadata, message, |node, r| {
+        forward::unary(&self.state, &model, &metadata, None, message, |node, r| {
             let mut c = self.client(&node);
             async move { c.model_config(r).await }
         })
@@ -272,10 +272,18 @@ impl GrpcInferenceService for OipService {
         let (metadata, _, message) = request.into_parts();
         validate::check_infer_request(&message).map_err(RouteError::InvalidRequest)?;
         let model = message.model_name.clone();
-        forward::unary(&self.state, &model, &metadata, message, |node, r| {
-            let mut c = self.client(&node);
-            async move { c.model_infer(r).await }
-        })
+        let sequence = super::infer::sequence_of(&message);
+        forward::unary(
+            &self.state,
+            &model,
+            &metadata,
+            sequence,
+            message,
+            |node, r| {
+                let mut c = self.client(&node);
+                async move { c.model_infer(r).await }
+            },
+        )
         .await
     }
 
@@ -377,7 +385,16 @@ impl StreamSession {
             self.upstreams.remove(&model);
         }
         let table = self.service.state.table.load();
-        let picked = match self.service.state.pick(&table, &model, &[], None) {
+        // A stream's requests for a model all go to one node, the stream's; a stream opened
+        // by a request of a sequence goes to the sequence's node.
+        let picked = match super::infer::sequence_of(&req) {
+            Some(seq) => self
+                .service
+                .state
+                .pick_sequence(&table, &model, &[], seq.key),
+            None => self.service.state.pick(&table, &model, &[], None),
+        };
+        let picked = match picked {
             Ok(picked) => picked,
             Err(e) => {
                 let status = Status::from(e);
