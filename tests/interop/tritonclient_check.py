@@ -74,6 +74,15 @@ def check_router(url, region):
     check(np.array_equal(r.as_numpy("y"), y), f"{url}: INT64 echo")
     check(list(r.as_numpy("s")) == list(s), f"{url}: BYTES echo")
 
+    # Triton sequences (a stateful model's requests sharing a sequence_id, integer or string):
+    # node-sims keep Triton's semantics (a step of a sequence a node never saw start is refused
+    # INVALID_ARGUMENT), so every step must reach the node that saw the sequence start.
+    for step in range(3):
+        for sid in list(range(1, 9)) + ["conv-a", "conv-b"]:
+            r = c.infer("echo", inputs, sequence_id=sid, sequence_start=step == 0,
+                        sequence_end=step == 2)
+            check(np.array_equal(r.as_numpy("x"), x), f"{url}: sequence {sid} step {step}")
+
     # Compressed requests, as tritonclient sends them when asked (Triton takes both): the
     # router decompresses them and answers.
     for alg in ("gzip", "deflate"):

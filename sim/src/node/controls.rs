@@ -135,6 +135,8 @@ pub(crate) struct Shared {
     pub(crate) rng: Mutex<SmallRng>,
     pub(crate) calls: AtomicU64,
     pub(crate) in_flight: AtomicU64,
+    /// Triton sequences open on this node.
+    pub(crate) sequences: super::sequences::Sequences,
     healthy: AtomicBool,
     /// `f64` bits.
     error_ratio: AtomicU64,
@@ -184,6 +186,7 @@ impl Shared {
             rng: Mutex::new(rng),
             calls: AtomicU64::new(0),
             in_flight: AtomicU64::new(0),
+            sequences: Default::default(),
             healthy: AtomicBool::new(true),
             error_ratio: AtomicU64::new(config.error_ratio.to_bits()),
             hang_ratio: AtomicU64::new(config.hang_ratio.to_bits()),
@@ -367,6 +370,11 @@ impl SimControls {
     /// Inference requests received so far (unary calls and stream messages).
     pub fn calls(&self) -> u64 {
         self.shared.calls.load(Ordering::Relaxed)
+    }
+
+    /// Triton sequences open on the node (started, not ended).
+    pub fn open_sequences(&self) -> usize {
+        self.shared.sequences.len()
     }
 
     /// Inference requests admitted and not yet answered.

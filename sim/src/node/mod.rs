@@ -6,7 +6,9 @@
 //!
 //! 1. health: an unhealthy node answers UNAVAILABLE;
 //! 2. model and request checks: NOT_FOUND for a model the node does not serve, INVALID_ARGUMENT
-//!    for a malformed request;
+//!    for a malformed request, and for a request of a Triton sequence this node never saw start
+//!    (`sequence_id`, `sequence_start`, `sequence_end`: the sequence's state is on the node that
+//!    saw its start, as on a Triton server; see `sequences.rs`);
 //! 3. admission: at most `slots + queue` requests are admitted at once; one more is answered
 //!    RESOURCE_EXHAUSTED at once, so at most `queue` requests ever wait for a slot;
 //! 4. a slot: at most `slots` requests are in service at once, the others wait in FIFO order;
@@ -23,6 +25,7 @@
 //! `x-fulcrum-sim-node: <name>`, and so do `ModelStreamInfer` streams.
 
 mod controls;
+mod sequences;
 mod service;
 mod service_time;
 

@@ -91,9 +91,15 @@ pub(crate) async fn infer(
     let Some(served) = shared.served.get(&request.model_name) else {
         return Err(not_served(&request.model_name, &shared.name));
     };
+    let sequence = super::sequences::Step::of(&request);
     // The answer is computed before admission: it is cheap, and a malformed request should not
     // take a place in the queue.
     let response = echo(request)?;
+    // A sequence's step is checked before admission too: Triton refuses a step of a sequence it
+    // does not hold as soon as it reads the request.
+    if let Some(step) = sequence {
+        shared.sequences.apply(&shared.name, step)?;
+    }
 
     let _admitted = match shared.admission.try_acquire() {
         Ok(permit) => permit,
