@@ -102,6 +102,16 @@ def with_tritonclient(router, mlserver, ml_node):
         return p.string_param if p is not None else None
     check(tag_seen(direct) == "t-1", f"MLServer directly saw tag {tag_seen(direct)!r}")
     check(tag_seen(c) == "t-1", f"MLServer through the router saw tag {tag_seen(c)!r}")
+    # ... and the metadata the model answers with reaches the caller (MLServer sends it as
+    # trailing metadata; a router may pass a unary answer's trailers on with its headers).
+    def echoed(target):
+        s = pbg.GRPCInferenceServiceStub(grpc.insecure_channel(target))
+        req = pb.ModelInferRequest(model_name="doubler")
+        req.inputs.add(name="x", datatype="FP32", shape=[1]).contents.fp32_contents.append(1.0)
+        _, call = s.ModelInfer.with_call(req, timeout=TIMEOUT, metadata=[("x-test-tag", "t-2")])
+        return (dict(call.initial_metadata()) | dict(call.trailing_metadata())).get("x-tag-echo")
+    check(echoed(mlserver) == "t-2", f"MLServer directly answered tag {echoed(mlserver)!r}")
+    check(echoed(router) == "t-2", f"MLServer through the router answered tag {echoed(router)!r}")
 
     # The same request through the router and directly get the same answer, field for field.
     stub = pbg.GRPCInferenceServiceStub(grpc.insecure_channel(router))

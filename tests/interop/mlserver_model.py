@@ -7,8 +7,9 @@ Inputs of any datatype other than FP32 are refused with MLServer's own `Inferenc
 INVALID_ARGUMENT), so error mapping through a router can be checked against a real server.
 
 A request carrying the gRPC metadata `x-test-tag` (MLServer hands a model its request's metadata
-as `parameters.headers`) is answered with a response parameter `tag-seen` holding its value, so
-a client can check that metadata reaches the model through a router.
+as `parameters.headers`) is answered with a response parameter `tag-seen` holding its value, and
+with the response metadata `x-tag-echo` (MLServer sends a model's `parameters.headers` as
+trailing metadata), so a client can check that metadata travels both ways through a router.
 
 `predict_stream` answers every request of a stream (MLServer's default answers only the first),
 so a `ModelStreamInfer` stream carries many requests, as Triton's does.
@@ -44,7 +45,8 @@ class Doubler(MLModel):
             model_version=self.version,
             id=payload.id,
             outputs=outputs,
-            parameters=Parameters(**{"tag-seen": tag}) if tag is not None else None,
+            parameters=(Parameters(**{"tag-seen": tag}, headers={"x-tag-echo": tag})
+                        if tag is not None else None),
         )
 
     async def predict_stream(

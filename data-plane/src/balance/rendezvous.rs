@@ -7,8 +7,10 @@
 //! weighted as Schindelhauer and Schomaker showed: each member wins a share of keys
 //! proportional to its capacity). Only membership moves keys: a member leaving moves only the
 //! keys it held, a member joining takes only the keys it wins. Load and control-plane weights
-//! play no part, unlike [`super::ring`], whose ring is built from weights that change at every
-//! control-loop tick (and whose bounded load moves keys off a busy node on purpose).
+//! play no part. Unlike [`super::ring`], nothing is built ahead (so it serves every model,
+//! whatever its balancer), and there is no load bound: the ring's moves keys off a busy node
+//! on purpose, which a sequence cannot afford. The cost is one hash per member at each pick,
+//! microseconds for the tens of nodes a model has in a region.
 //!
 //! Written here rather than taken from a crate for the same reason as [`super::ring::hash`]:
 //! the mapping must be identical on every router of every version, so it depends on nothing
