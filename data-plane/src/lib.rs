@@ -7,18 +7,20 @@
 //!
 //! Layout:
 //! - [`balance`]: pure node selection: policies ([`balance::p2c`], [`balance::least_request`],
-//!   [`balance::round_robin`], [`balance::ring`]) and regions ([`balance::locality`]).
+//!   [`balance::round_robin`], [`balance::ring`]), Triton sequences ([`balance::rendezvous`])
+//!   and regions ([`balance::locality`]).
 //! - [`endpoint`]: a node's pooled connection, in-flight calls, latency ([`endpoint::peak_ewma`])
 //!   and outlier ejection ([`endpoint::outlier`]); `ModelInfer` goes to nodes on the router's
 //!   own HTTP/2 client ([`endpoint::unary`]).
 //! - [`table`]: the immutable routing table.
 //! - [`policy`]: per-model settings from the control plane.
-//! - [`router`]: shared router state and the pick (spill-over, limits, ejection cap).
+//! - [`router`]: shared router state and the pick (spill-over, limits, ejection cap; a
+//!   sequence's node).
 //! - [`queue`]: the wait queue of calls that found every node full.
 //! - [`hedge`]: latency windows for hedging.
 //! - [`subscriber`]: following the control plane's routing stream.
 //! - [`ingress`]: the services clients call ([`ingress::oip`]), deadlines, and the router's
-//!   own HTTP/2 server (`ingress::connection`: `ModelInfer` answered on `h2` directly, every
+//!   own HTTP/2 server (`ingress::connection`: `ModelInfer` answered on it directly, every
 //!   other call through tonic's routes).
 //! - [`validate`]: request checks done before forwarding.
 //! - [`limits`]: the inbound message size limit.
