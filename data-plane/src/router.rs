@@ -16,6 +16,7 @@ use crate::balance::{self, Candidate, Policy};
 use crate::endpoint::outlier::CONSECUTIVE_FAILURES;
 use crate::endpoint::{InFlight, NodeConn, now_ns};
 use crate::error::RouteError;
+use crate::ingress::forward::Sequence;
 use crate::queue::{MAX_QUEUE_WAIT, Place, WaitQueue, Waited, expected_wait};
 use crate::table::{ModelRoute, RoutedNode, RoutingTable};
 
@@ -23,6 +24,17 @@ use crate::table::{ModelRoute, RoutedNode, RoutingTable};
 /// can never empty a region by itself (a region whose every node fails is left through the
 /// spill-over rule instead, which counts failing nodes as unavailable).
 pub const MAX_EJECTED_SHARE: f64 = 0.5;
+
+/// How long a router remembers the node of a Triton sequence that sent nothing: ten minutes,
+/// far beyond Triton's default idle timeout for a sequence (one second): forgetting one still
+/// open would cut it when its node is draining; remembering one the node already dropped
+/// costs an entry.
+const SEQUENCE_IDLE: Duration = Duration::from_secs(600);
+
+/// Most sequences a router remembers: bounds the memory clients can make it hold (an entry
+/// is a few dozen bytes); a sequence forgotten early falls back to rendezvous hashing, which
+/// sends it to the same node unless that node is draining.
+const MAX_SEQUENCES: u64 = 1 << 20;
 
 /// A node chosen for one attempt, with the slot it holds.
 #[derive(Debug)]
@@ -47,6 +59,9 @@ pub struct RouterState {
     /// Marked changed whenever a new table is stored (serving threads then connect to its
     /// nodes ahead of calls).
     pub table_updates: tokio::sync::watch::Sender<()>,
+    /// The node each open Triton sequence went to (sequence key → node id), so that a drained
+    /// node keeps its sequences to their end ([`RouterState::pick_sequence`]).
+    sequences: moka::sync::Cache<u64, Arc<str>>,
 }
 
 impl RouterState {
@@ -58,6 +73,10 @@ impl RouterState {
             max_message_size,
             queue: Arc::default(),
             table_updates: tokio::sync::watch::Sender::new(()),
+            sequences: moka::sync::Cache::builder()
+                .max_capacity(MAX_SEQUENCES)
+                .time_to_idle(SEQUENCE_IDLE)
+                .build(),
         }
     }
 
@@ -153,21 +172,29 @@ impl RouterState {
         })
     }
 
-    /// Picks the node for a request of a Triton sequence (`key`: [`crate::ingress::infer::sequence_key`]),
-    /// avoiding `tried`, and takes a slot on it. Every request of a sequence must reach the
-    /// node holding its state, so the node is the sequence's by [`balance::rendezvous`] over
-    /// the model's available nodes of one region: this router's own while any of them is
-    /// available, else the other's. Load, weights and the spill-over share play no part (they
-    /// change all the time; a sequence must not move with them); a node leaving (unhealthy,
-    /// ejected, deregistered) moves only its own sequences. When the sequence's node is at its
-    /// concurrency limit the call waits for it ([`RouteError::AllNodesBusy`]), never goes
-    /// elsewhere.
+    /// Picks the node for a request of a Triton `sequence`, avoiding `tried`, and takes a slot
+    /// on it. Every request of a sequence must reach the node holding its state:
+    /// - a request that starts a sequence goes to its node by [`balance::rendezvous`] over the
+    ///   model's routable nodes of one region (this router's own while any is routable, else
+    ///   the other's), and the router remembers that node for the sequence;
+    /// - a later request goes to the node remembered, as long as that node still serves the
+    ///   model, weight 0 included: a drained node finishes the sequences it holds and gets no
+    ///   new ones; a sequence this router does not know (started through another router, or
+    ///   forgotten) goes where rendezvous hashing sends it, the node it started on unless that
+    ///   node has left since;
+    /// - load, weights and the spill-over share play no part (they change all the time; a
+    ///   sequence must not move with them). A node that leaves (unhealthy, ejected,
+    ///   deregistered) takes its sequences with it: their next request goes to another node,
+    ///   which refuses it for want of a start, as Triton does.
+    ///
+    /// When the sequence's node is at its concurrency limit the call waits for it
+    /// ([`RouteError::AllNodesBusy`]), never goes elsewhere. An ending request is forgotten.
     pub fn pick_sequence(
         &self,
         table: &RoutingTable,
         model: &str,
         tried: &[Arc<NodeConn>],
-        key: u64,
+        sequence: Sequence,
     ) -> Result<Picked, RouteError> {
         let route = table
             .models
@@ -175,34 +202,55 @@ impl RouterState {
             .ok_or_else(|| RouteError::UnknownModel(model.to_owned()))?;
         let panic = !route.is_routable() && route.settings.panic_mode;
         let now_ms = now_ns() / 1_000_000;
-        let members = |nodes: &[RoutedNode]| -> Vec<balance::rendezvous::Member> {
-            nodes
-                .iter()
-                .map(|n| balance::rendezvous::Member {
-                    id_hash: balance::ring::hash(n.conn.id.as_bytes()),
-                    capacity: n.capacity,
-                    eligible: (n.routable || panic)
-                        && !tried.iter().any(|t| Arc::ptr_eq(t, &n.conn))
-                        && !n.conn.is_out(now_ms),
-                })
-                .collect()
+        let open = |n: &RoutedNode| {
+            !tried.iter().any(|t| Arc::ptr_eq(t, &n.conn)) && !n.conn.is_out(now_ms)
         };
-        let picked = [&route.local, &route.remote].into_iter().find_map(|nodes| {
-            balance::rendezvous::pick(&members(nodes), key).map(|i| nodes[i].clone())
-        });
-        let Some(node) = picked else {
-            return Err(RouteError::NoHealthyNode {
-                model: model.to_owned(),
-                region: self.region.clone(),
-                version: table.version,
+        let all = || route.local.iter().chain(&route.remote);
+        let remembered = (!sequence.start)
+            .then(|| self.sequences.get(&sequence.key))
+            .flatten()
+            .and_then(|id| {
+                all()
+                    .find(|n| *n.conn.id == *id && n.serving && open(n))
+                    .cloned()
             });
+        let node = match remembered {
+            Some(node) => node,
+            None => {
+                let members = |nodes: &[RoutedNode]| -> Vec<balance::rendezvous::Member> {
+                    nodes
+                        .iter()
+                        .map(|n| balance::rendezvous::Member {
+                            id_hash: balance::ring::hash(n.conn.id.as_bytes()),
+                            capacity: n.capacity,
+                            eligible: (n.routable || panic) && open(n),
+                        })
+                        .collect()
+                };
+                let picked = [&route.local, &route.remote].into_iter().find_map(|nodes| {
+                    balance::rendezvous::pick(&members(nodes), sequence.key)
+                        .map(|i| nodes[i].clone())
+                });
+                picked.ok_or_else(|| RouteError::NoHealthyNode {
+                    model: model.to_owned(),
+                    region: self.region.clone(),
+                    version: table.version,
+                })?
+            }
         };
-        match node.conn.try_start_call() {
-            Some(slot) => Ok(Picked { node, slot }),
-            None => Err(RouteError::AllNodesBusy {
+        let slot = node
+            .conn
+            .try_start_call()
+            .ok_or_else(|| RouteError::AllNodesBusy {
                 model: model.to_owned(),
-            }),
+            })?;
+        if sequence.end {
+            self.sequences.invalidate(&sequence.key);
+        } else {
+            self.sequences
+                .insert(sequence.key, Arc::from(node.conn.id.as_str()));
         }
+        Ok(Picked { node, slot })
     }
 
     fn pick_in(

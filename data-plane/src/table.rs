@@ -100,6 +100,10 @@ pub struct RoutedNode {
     pub capacity: f64,
     /// Whether the control plane routes to it (healthy or degraded, weight > 0, model ready).
     pub routable: bool,
+    /// Whether it can still answer for the model, whatever its weight (healthy, degraded,
+    /// draining or cordoned; model ready): a drained node serves the Triton sequences it holds
+    /// to their end.
+    pub serving: bool,
 }
 
 /// The local share of a model's calls as last applied, for the gradual return.
@@ -268,8 +272,17 @@ impl RoutingTable {
             };
             table.nodes.insert(spec.id.clone(), conn.clone());
             let node_routable = routable(e);
+            // Drained and cordoned nodes take no new calls but still answer.
+            let node_up = matches!(
+                e.health(),
+                HealthState::Healthy
+                    | HealthState::Degraded
+                    | HealthState::Draining
+                    | HealthState::Cordoned
+            );
             table.routable_nodes += usize::from(node_routable);
             for m in &spec.models {
+                let ready = e.ready_models.iter().any(|r| r == &m.name);
                 let (local, remote) = lists.entry(m.name.clone()).or_default();
                 let node = RoutedNode {
                     conn: conn.clone(),
@@ -280,7 +293,8 @@ impl RoutingTable {
                     },
                     capacity: spec.capacity.max(0) as f64,
                     // A node serves a model when the control plane saw it ready there.
-                    routable: node_routable && e.ready_models.iter().any(|r| r == &m.name),
+                    routable: node_routable && ready,
+                    serving: node_up && ready,
                 };
                 if spec.region == region {
                     local.push(node);

@@ -1,14 +1,14 @@
 //! Triton sequences through a router: every request of a sequence reaches the node that holds
 //! it (node-sims keep Triton's sequence semantics: a step of a sequence a node never saw start
-//! is refused), whatever the weights do; a sequence whose node leaves fails loudly on its next
-//! step, and new sequences go on.
+//! is refused), whatever the weights do; a drained node finishes its sequences and starts no
+//! new ones; a sequence whose node fails fails loudly on its next step, and new ones go on.
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use fulcrum_proto::fulcrum::v1::admin_client::AdminClient;
 use fulcrum_proto::fulcrum::v1::{
-    DrainNodeRequest, GetNodeRequest, GetStatusRequest, WeightOverrideRequest,
+    DrainNodeRequest, GetNodeRequest, GetStatusRequest, HealthState, WeightOverrideRequest,
 };
 use fulcrum_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use fulcrum_proto::inference::infer_parameter::ParameterChoice;
@@ -98,7 +98,8 @@ async fn applied(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_sequence_stays_on_its_node_through_weight_changes_and_fails_loudly_when_it_leaves() {
+async fn a_sequence_stays_on_its_node_through_weight_changes_and_drains_and_fails_loudly_when_it_fails()
+ {
     let cp = stack::control_plane("memory:").await;
     let mut admin = admin(cp.addr).await;
     let mut nodes = HashMap::new();
@@ -152,27 +153,53 @@ async fn a_sequence_stays_on_its_node_through_weight_changes_and_fails_loudly_wh
         assert_eq!(n.controls().open_sequences(), 0, "{id} has sequences open");
     }
 
-    // New sequences; the node of some of them is drained away after their first step. Their
-    // next step goes to another node, which refuses it for want of a start (as a Triton server
-    // would): a loud failure, not a silently wrong answer. The other sequences go on, and a new
-    // sequence starts fine.
+    // New sequences; the node of some of them is drained after their first step. A drained
+    // node finishes the sequences it holds (their next steps still reach it) and starts no new
+    // ones.
     let ids: Vec<u64> = (101..=112).collect();
-    let first = steps(&mut c, &ids, 0, 3).await;
-    let node_of: HashMap<u64, String> = first
-        .into_iter()
-        .map(|(id, a)| (id, a.expect("first step")))
-        .collect();
-    let leaving = node_of[&101].clone();
+    let mut node_of = HashMap::new();
+    same_nodes(&mut node_of, 0, steps(&mut c, &ids, 0, 3).await);
+    let drained = node_of[&101].clone();
     admin
         .drain_node(DrainNodeRequest {
-            id: leaving.clone(),
+            id: drained.clone(),
             drain: true,
         })
         .await
         .unwrap();
-    applied(&admin, &leaving, |n| n.drained).await;
+    applied(&admin, &drained, |n| n.drained).await;
+    same_nodes(&mut node_of, 1, steps(&mut c, &ids, 1, 3).await);
+    let new: Vec<u64> = (201..=212).collect();
+    let mut new_nodes = HashMap::new();
+    same_nodes(&mut new_nodes, 0, steps(&mut c, &new, 0, 2).await);
+    assert!(
+        new_nodes.values().all(|n| *n != drained),
+        "a sequence started on the drained node {drained}: {new_nodes:?}"
+    );
+    same_nodes(&mut node_of, 2, steps(&mut c, &ids, 2, 3).await);
+    same_nodes(&mut new_nodes, 1, steps(&mut c, &new, 1, 2).await);
+    assert_eq!(
+        nodes[drained.as_str()].controls().open_sequences(),
+        0,
+        "the drained node's sequences all ended there"
+    );
+
+    // A node that fails takes its sequences with it: their next step goes to another node,
+    // which refuses it for want of a start (as a Triton server would): a loud failure, not a
+    // silently wrong answer. The other sequences go on, and a new sequence starts fine.
+    let ids: Vec<u64> = (301..=312).collect();
+    let mut node_of = HashMap::new();
+    same_nodes(&mut node_of, 0, steps(&mut c, &ids, 0, 3).await);
+    let failing = node_of[&301].clone();
+    nodes[failing.as_str()].controls().set_healthy(false).await;
+    applied(&admin, &failing, |n| {
+        n.endpoint
+            .as_ref()
+            .is_some_and(|e| e.health() == HealthState::Unhealthy)
+    })
+    .await;
     for (id, answer) in steps(&mut c, &ids, 1, 3).await {
-        if node_of[&id] == leaving {
+        if node_of[&id] == failing {
             let s = answer.expect_err("a step reached a node without its sequence");
             assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
             assert!(s.message().contains("START flag"), "{}", s.message());
@@ -180,6 +207,6 @@ async fn a_sequence_stays_on_its_node_through_weight_changes_and_fails_loudly_wh
             assert_eq!(answer.expect("an unmoved sequence"), node_of[&id]);
         }
     }
-    let fresh = steps(&mut c, &[101], 0, 3).await.remove(&101).unwrap();
-    assert_ne!(fresh.expect("a restarted sequence"), leaving);
+    let fresh = steps(&mut c, &[301], 0, 3).await.remove(&301).unwrap();
+    assert_ne!(fresh.expect("a restarted sequence"), failing);
 }

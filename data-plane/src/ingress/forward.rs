@@ -235,6 +235,8 @@ pub struct Sequence {
     /// its state is on the node it failed on, and another node would refuse it for want of a
     /// start, hiding the real failure.
     pub start: bool,
+    /// Whether it ends the sequence (`sequence_end`): the router may forget its node.
+    pub end: bool,
 }
 
 /// Forwards a unary call for `model` with `call`, which sends one attempt to a node. A request
@@ -347,7 +349,7 @@ where
                 }));
             }
             let picked = match sequence {
-                Some(seq) => state.pick_sequence(&table, model, &tried, seq.key),
+                Some(seq) => state.pick_sequence(&table, model, &tried, seq),
                 None => state.pick(&table, model, &tried, key),
             };
             match picked {
@@ -627,7 +629,11 @@ mod tests {
     }
 
     fn step_of(key: u64) -> Option<Sequence> {
-        Some(Sequence { key, start: false })
+        Some(Sequence {
+            key,
+            start: false,
+            end: false,
+        })
     }
 
     #[tokio::test]
@@ -668,6 +674,7 @@ mod tests {
         let start = Some(Sequence {
             key: 7,
             start: true,
+            end: false,
         });
         let s = scripted_in(policy, start, &steps).await;
         assert_eq!(s.result, Ok(("retried", "2".into())));

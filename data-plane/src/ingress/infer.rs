@@ -114,7 +114,8 @@ impl Codec for ServerCodec {
 }
 
 /// The sequence a request belongs to: Triton's `sequence_id` parameter (a non-zero integer or
-/// a non-empty string), with `sequence_start`; `None` for a request of no sequence.
+/// a non-empty string), with `sequence_start` and `sequence_end`; `None` for a request of no
+/// sequence.
 pub fn sequence_of(request: &ModelInferRequest) -> Option<Sequence> {
     use fulcrum_proto::inference::infer_parameter::ParameterChoice;
     let id = match request
@@ -131,16 +132,19 @@ pub fn sequence_of(request: &ModelInferRequest) -> Option<Sequence> {
         ParameterChoice::StringParam(s) => [b"s:", s.as_bytes()].concat(),
         _ => return None,
     };
-    let start = matches!(
-        request
-            .parameters
-            .get("sequence_start")
-            .and_then(|p| p.parameter_choice.as_ref()),
-        Some(ParameterChoice::BoolParam(true))
-    );
+    let flag = |name: &str| {
+        matches!(
+            request
+                .parameters
+                .get(name)
+                .and_then(|p| p.parameter_choice.as_ref()),
+            Some(ParameterChoice::BoolParam(true))
+        )
+    };
+    let (start, end) = (flag("sequence_start"), flag("sequence_end"));
     // The model is part of the key: sequences of different models are independent.
     let key = crate::balance::ring::hash(&[request.model_name.as_bytes(), b"\0", &id].concat());
-    Some(Sequence { key, start })
+    Some(Sequence { key, start, end })
 }
 
 /// Validates, routes and forwards one `ModelInfer` call.
@@ -285,6 +289,11 @@ mod tests {
             ("sequence_start", BoolParam(true)),
         ];
         assert_eq!(of("m", &start), Some(Sequence { start: true, ..a }));
+        let end = [
+            ("sequence_id", Int64Param(42)),
+            ("sequence_end", BoolParam(true)),
+        ];
+        assert_eq!(of("m", &end), Some(Sequence { end: true, ..a }));
         // Another id, a string id, another model: other sequences.
         assert_ne!(
             of("m", &[("sequence_id", Int64Param(43))]).unwrap().key,

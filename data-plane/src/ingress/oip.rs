@@ -388,10 +388,7 @@ impl StreamSession {
         // A stream's requests for a model all go to one node, the stream's; a stream opened
         // by a request of a sequence goes to the sequence's node.
         let picked = match super::infer::sequence_of(&req) {
-            Some(seq) => self
-                .service
-                .state
-                .pick_sequence(&table, &model, &[], seq.key),
+            Some(seq) => self.service.state.pick_sequence(&table, &model, &[], seq),
             None => self.service.state.pick(&table, &model, &[], None),
         };
         let picked = match picked {
