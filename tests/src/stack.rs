@@ -11,7 +11,9 @@ use fulcrum_control_plane::health::prober::ProbeConfig;
 use fulcrum_control_plane::{AdminAuth, ControlPlaneConfig};
 use fulcrum_data_plane::RouterConfig;
 use fulcrum_proto::fulcrum::v1::admin_client::AdminClient;
-use fulcrum_proto::fulcrum::v1::{Model, NodeSpec, RegisterNodeRequest};
+use fulcrum_proto::fulcrum::v1::{
+    GetNodeRequest, GetStatusRequest, Model, NodeSpec, NodeStatus, RegisterNodeRequest,
+};
 use fulcrum_proto::inference::ServerReadyRequest;
 use fulcrum_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use tokio::net::TcpListener;
@@ -221,6 +223,32 @@ pub async fn wait_ready(addr: SocketAddr) {
         async move {
             let r = c.server_ready(ServerReadyRequest {}).await.ok()?;
             r.get_ref().ready.then_some(())
+        }
+    })
+    .await;
+}
+
+/// Waits until `check` holds for node `id` as the control plane at `admin` reports it, and
+/// every router has applied the control plane's current table.
+pub async fn wait_applied(
+    admin: &AdminClient<Channel>,
+    id: &str,
+    check: impl Fn(&NodeStatus) -> bool,
+) {
+    let what = format!("the routers applied the change to {id}");
+    crate::eventually(&what, Duration::from_secs(20), || {
+        let mut a = admin.clone();
+        let id = id.to_owned();
+        let check = &check;
+        async move {
+            let n = a.get_node(GetNodeRequest { id }).await.ok()?.into_inner();
+            let s = a.get_status(GetStatusRequest {}).await.ok()?.into_inner();
+            (check(&n)
+                && !s.routers.is_empty()
+                && s.routers
+                    .iter()
+                    .all(|r| r.acked_version >= s.routing_version))
+            .then_some(())
         }
     })
     .await;

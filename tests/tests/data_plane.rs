@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use fulcrum_proto::fulcrum::v1::admin_client::AdminClient;
 use fulcrum_proto::fulcrum::v1::node_sim_control_client::NodeSimControlClient;
-use fulcrum_proto::fulcrum::v1::{GetNodeRequest, HealthState, ModelPolicy, SimConfig};
+use fulcrum_proto::fulcrum::v1::{HealthState, ModelPolicy, SimConfig};
 use fulcrum_sim::load::{self, LoadConfig, LoadReport};
 use fulcrum_sim::node::{NodeSimConfig, RunningNodeSim, ServiceTime, spawn};
 use fulcrum_tests::etcd::Etcd;
@@ -73,24 +73,8 @@ fn share(counts: &BTreeMap<String, u64>, key: &str) -> f64 {
 /// Waits until the control plane says `id` is in state `want` and every router has applied
 /// that table.
 async fn wait_health(admin: &AdminClient<Channel>, id: &str, want: HealthState) {
-    let what = format!("{id} is {want:?} at the routers");
-    eventually(&what, Duration::from_secs(20), || {
-        let mut a = admin.clone();
-        let id = id.to_owned();
-        async move {
-            let n = a.get_node(GetNodeRequest { id }).await.ok()?.into_inner();
-            let s = a
-                .get_status(fulcrum_proto::fulcrum::v1::GetStatusRequest {})
-                .await
-                .ok()?
-                .into_inner();
-            (n.endpoint?.health() == want
-                && !s.routers.is_empty()
-                && s.routers
-                    .iter()
-                    .all(|r| r.acked_version >= s.routing_version))
-            .then_some(())
-        }
+    stack::wait_applied(admin, id, |n| {
+        n.endpoint.as_ref().is_some_and(|e| e.health() == want)
     })
     .await;
 }

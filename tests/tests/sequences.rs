@@ -4,19 +4,14 @@
 //! new ones; a sequence whose node fails fails loudly on its next step, and new ones go on.
 
 use std::collections::{HashMap, HashSet};
-use std::time::Duration;
 
-use fulcrum_proto::fulcrum::v1::admin_client::AdminClient;
-use fulcrum_proto::fulcrum::v1::{
-    DrainNodeRequest, GetNodeRequest, GetStatusRequest, HealthState, WeightOverrideRequest,
-};
+use fulcrum_proto::fulcrum::v1::{DrainNodeRequest, HealthState, WeightOverrideRequest};
 use fulcrum_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use fulcrum_proto::inference::infer_parameter::ParameterChoice;
 use fulcrum_proto::inference::{InferParameter, ModelInferRequest};
 use fulcrum_sim::node::{NodeSimConfig, spawn};
-use fulcrum_tests::eventually;
 use fulcrum_tests::infer::{echo_request, served_by};
-use fulcrum_tests::stack::{self, admin, oip, register, spec, wait_ready};
+use fulcrum_tests::stack::{self, admin, oip, register, spec, wait_applied, wait_ready};
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -68,35 +63,6 @@ fn same_nodes(
     }
 }
 
-/// Waits until every router has applied the control plane's current table and `check` holds
-/// for the node `id` as the control plane reports it.
-async fn applied(
-    admin: &AdminClient<Channel>,
-    id: &str,
-    check: impl Fn(&fulcrum_proto::fulcrum::v1::NodeStatus) -> bool,
-) {
-    eventually(
-        "the routers applied the change",
-        Duration::from_secs(20),
-        || {
-            let mut a = admin.clone();
-            let id = id.to_owned();
-            let check = &check;
-            async move {
-                let n = a.get_node(GetNodeRequest { id }).await.ok()?.into_inner();
-                let s = a.get_status(GetStatusRequest {}).await.ok()?.into_inner();
-                (check(&n)
-                    && !s.routers.is_empty()
-                    && s.routers
-                        .iter()
-                        .all(|r| r.acked_version >= s.routing_version))
-                .then_some(())
-            }
-        },
-    )
-    .await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sequence_stays_on_its_node_through_weight_changes_and_drains_and_fails_loudly_when_it_fails()
  {
@@ -144,7 +110,7 @@ async fn a_sequence_stays_on_its_node_through_weight_changes_and_drains_and_fail
         })
         .await
         .unwrap();
-    applied(&admin, &busiest, |n| n.weight_override == Some(0.5)).await;
+    wait_applied(&admin, &busiest, |n| n.weight_override == Some(0.5)).await;
     for k in 2..4 {
         same_nodes(&mut node_of, k, steps(&mut c, &ids, k, 4).await);
     }
@@ -167,7 +133,7 @@ async fn a_sequence_stays_on_its_node_through_weight_changes_and_drains_and_fail
         })
         .await
         .unwrap();
-    applied(&admin, &drained, |n| n.drained).await;
+    wait_applied(&admin, &drained, |n| n.drained).await;
     same_nodes(&mut node_of, 1, steps(&mut c, &ids, 1, 3).await);
     let new: Vec<u64> = (201..=212).collect();
     let mut new_nodes = HashMap::new();
@@ -192,7 +158,7 @@ async fn a_sequence_stays_on_its_node_through_weight_changes_and_drains_and_fail
     same_nodes(&mut node_of, 0, steps(&mut c, &ids, 0, 3).await);
     let failing = node_of[&301].clone();
     nodes[failing.as_str()].controls().set_healthy(false).await;
-    applied(&admin, &failing, |n| {
+    wait_applied(&admin, &failing, |n| {
         n.endpoint
             .as_ref()
             .is_some_and(|e| e.health() == HealthState::Unhealthy)

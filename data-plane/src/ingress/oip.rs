@@ -136,6 +136,30 @@ impl OipService {
     }
 }
 
+impl OipService {
+    /// Asks a node serving the model the request names (`name`; required) with `call`.
+    async fn ask_a_node<Req, T, Fut>(
+        &self,
+        request: Request<Req>,
+        name: impl Fn(&Req) -> &str,
+        call: impl Fn(GrpcInferenceServiceClient<Channel>, Request<Req>) -> Fut,
+    ) -> Result<Response<T>, Status>
+    where
+        Req: Clone,
+        Fut: Future<Output = Result<Response<T>, Status>>,
+    {
+        let (metadata, _, message) = request.into_parts();
+        let model = name(&message).to_owned();
+        if model.is_empty() {
+            return Err(RouteError::InvalidRequest("model name is required".into()).into());
+        }
+        forward::unary(&self.state, &model, &metadata, None, message, |node, r| {
+            call(self.client(&node), r)
+        })
+        .await
+    }
+}
+
 type StreamOut = Pin<Box<dyn Stream<Item = Result<ModelStreamInferResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -233,15 +257,11 @@ impl GrpcInferenceService for OipService {
         &self,
         request: Request<ModelMetadataRequest>,
     ) -> Result<Response<ModelMetadataResponse>, Status> {
-        let (metadata, _, message) = request.into_parts();
-        if message.name.is_empty() {
-            return Err(RouteError::InvalidRequest("model name is required".into()).into());
-        }
-        let model = message.name.clone();
-        forward::unary(&self.state, &model, &metadata, None, message, |node, r| {
-            let mut c = self.client(&node);
-            async move { c.model_metadata(r).await }
-        })
+        self.ask_a_node(
+            request,
+            |m| &m.name,
+            |mut c, r| async move { c.model_metadata(r).await },
+        )
         .await
     }
 
@@ -251,15 +271,11 @@ impl GrpcInferenceService for OipService {
         &self,
         request: Request<ModelConfigRequest>,
     ) -> Result<Response<ModelConfigResponse>, Status> {
-        let (metadata, _, message) = request.into_parts();
-        if message.name.is_empty() {
-            return Err(RouteError::InvalidRequest("model name is required".into()).into());
-        }
-        let model = message.name.clone();
-        forward::unary(&self.state, &model, &metadata, None, message, |node, r| {
-            let mut c = self.client(&node);
-            async move { c.model_config(r).await }
-        })
+        self.ask_a_node(
+            request,
+            |m| &m.name,
+            |mut c, r| async move { c.model_config(r).await },
+        )
         .await
     }
 
