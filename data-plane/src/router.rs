@@ -59,6 +59,8 @@ pub struct RouterState {
     /// Marked changed whenever a new table is stored (serving threads then connect to its
     /// nodes ahead of calls).
     pub table_updates: tokio::sync::watch::Sender<()>,
+    /// Whether a table from the control plane was ever applied.
+    applied: std::sync::atomic::AtomicBool,
     /// The node each open Triton sequence went to (sequence key → node id), so that a drained
     /// node keeps its sequences to their end ([`RouterState::pick_sequence`]).
     sequences: moka::sync::Cache<u64, Arc<str>>,
@@ -73,6 +75,7 @@ impl RouterState {
             max_message_size,
             queue: Arc::default(),
             table_updates: tokio::sync::watch::Sender::new(()),
+            applied: std::sync::atomic::AtomicBool::new(false),
             sequences: moka::sync::Cache::builder()
                 .max_capacity(MAX_SEQUENCES)
                 .time_to_idle(SEQUENCE_IDLE)
@@ -84,11 +87,19 @@ impl RouterState {
     pub fn set_table(&self, table: RoutingTable) {
         let more_room = table.more_room || table.routable_nodes > self.table.load().routable_nodes;
         self.table.store(Arc::new(table));
+        self.applied
+            .store(true, std::sync::atomic::Ordering::Release);
         self.table_updates.send_replace(());
         if more_room {
             // Limits rose or nodes came back: waiting calls look again.
             self.queue.wake_all();
         }
+    }
+
+    /// Whether the router holds a table from the control plane (it has applied one, however
+    /// old or empty).
+    pub fn has_table(&self) -> bool {
+        self.applied.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Picks a node for a call to `model`, avoiding `tried`, and takes a slot on it.

@@ -118,9 +118,7 @@ pub async fn serve_with_metrics(
         state.clone(),
     ));
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter
-        .set_serving::<GrpcInferenceServiceServer<OipService>>()
-        .await;
+    tokio::spawn(report_readiness(state.clone(), health_reporter));
     let threads = match config.threads {
         0 => shard::default_count(),
         n => n,
@@ -154,6 +152,28 @@ pub async fn serve_with_metrics(
         m.abort();
     }
     result
+}
+
+/// `grpc.health.v1` at the router: the whole server (`""`) is SERVING while the process runs
+/// (a liveness probe), the inference service (`inference.GRPCInferenceService`, a readiness
+/// probe) only once the router holds a routing table: before its first table it could only
+/// answer UNAVAILABLE. A table once held, it stays SERVING, also when the control plane is
+/// unreachable (the router routes on the last table) or no node is healthy (the router then
+/// answers UNAVAILABLE itself, promptly, which a client can act on; a router taken out of its
+/// load balancer would refuse connections instead).
+async fn report_readiness(state: Arc<RouterState>, reporter: tonic_health::server::HealthReporter) {
+    reporter
+        .set_not_serving::<GrpcInferenceServiceServer<OipService>>()
+        .await;
+    let mut updates = state.table_updates.subscribe();
+    while !state.has_table() {
+        if updates.changed().await.is_err() {
+            return;
+        }
+    }
+    reporter
+        .set_serving::<GrpcInferenceServiceServer<OipService>>()
+        .await;
 }
 
 /// On a serving thread: connects to the nodes of every new table ahead of the calls, so the

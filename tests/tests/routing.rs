@@ -306,3 +306,60 @@ async fn models_of_a_node_registered_without_any_are_listed_from_the_server() {
         bad.last_error
     );
 }
+
+/// `grpc.health.v1` as a load balancer's probes see it: the router is live at once (`""`), and
+/// ready (`inference.GRPCInferenceService`) only once it holds a routing table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn router_health_is_live_at_once_and_ready_once_it_holds_a_table() {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+
+    // The control plane the router follows is not up yet: its address is free.
+    let control = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let router = stack::router("a", control, None).await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", router.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = HealthClient::new(channel);
+    let status = |service: &str| {
+        let mut h = health.clone();
+        let service = service.to_owned();
+        async move {
+            h.check(HealthCheckRequest { service })
+                .await
+                .map(|r| r.into_inner().status())
+        }
+    };
+    assert_eq!(status("").await.unwrap(), ServingStatus::Serving);
+    let oip = "inference.GRPCInferenceService";
+    assert_eq!(status(oip).await.unwrap(), ServingStatus::NotServing);
+
+    // The control plane comes up at that address (no node registered: an empty table is a
+    // table); the router subscribes and becomes ready.
+    let _cp = stack::control_plane_at(
+        control,
+        "memory:",
+        fulcrum_control_plane::AdminAuth::Loopback(None),
+    )
+    .await;
+    eventually("the router is ready", Duration::from_secs(20), || {
+        let check = status(oip);
+        async move { (check.await.ok()? == ServingStatus::Serving).then_some(()) }
+    })
+    .await;
+    assert_eq!(status("").await.unwrap(), ServingStatus::Serving);
+    // An unknown service is not found, as grpc.health.v1 says.
+    let err = health
+        .check(HealthCheckRequest {
+            service: "no.such.Service".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+}
