@@ -225,8 +225,10 @@ impl RouterState {
                     .find(|n| *n.conn.id == *id && n.serving && open(n))
                     .cloned()
             });
-        let node = match remembered {
-            Some(node) => node,
+        // A sequence found in memory stays there (the look-up renewed its idle time); one
+        // placed afresh is remembered below.
+        let (node, known) = match remembered {
+            Some(node) => (node, true),
             None => {
                 let members = |nodes: &[RoutedNode]| -> Vec<balance::rendezvous::Member> {
                     nodes
@@ -242,11 +244,12 @@ impl RouterState {
                     balance::rendezvous::pick(&members(nodes), sequence.key)
                         .map(|i| nodes[i].clone())
                 });
-                picked.ok_or_else(|| RouteError::NoHealthyNode {
+                let node = picked.ok_or_else(|| RouteError::NoHealthyNode {
                     model: model.to_owned(),
                     region: self.region.clone(),
                     version: table.version,
-                })?
+                })?;
+                (node, false)
             }
         };
         let slot = node
@@ -257,7 +260,7 @@ impl RouterState {
             })?;
         if sequence.end {
             self.sequences.invalidate(&sequence.key);
-        } else {
+        } else if !known {
             self.sequences
                 .insert(sequence.key, Arc::from(node.conn.id.as_str()));
         }
