@@ -1,7 +1,7 @@
 //! Per-model routing policies: validated, stored under `/fulcrum/v1/policies/<model>`, and
 //! carried to every router inside the routing table.
 
-use fulcrum_proto::fulcrum::v1::{Balancer, ModelPolicy};
+use fulcrum_proto::fulcrum::v1::{Balancer, ModelPolicy, Priority};
 use prost::Message;
 
 use crate::error::Error;
@@ -44,6 +44,9 @@ pub fn validate(p: &ModelPolicy) -> Result<(), Error> {
     .map_err(|e| Error::InvalidArgument(e.to_string().replace("invalid node spec: ", "")))?;
     if Balancer::try_from(p.balancer).is_err() {
         return bad(format!("unknown balancer {}", p.balancer));
+    }
+    if Priority::try_from(p.default_priority).is_err() {
+        return bad(format!("unknown default_priority {}", p.default_priority));
     }
     if p.balancer() == Balancer::ConsistentHash && p.hash_header.is_empty() {
         return bad("consistent hashing needs hash_header".into());
@@ -183,6 +186,12 @@ mod tests {
         x.hedge_after_ms = 10;
         x.hedge_after_p95 = true;
         assert!(validate(&x).is_err());
+        let mut x = p("echo");
+        x.default_priority = Priority::Sheddable as i32;
+        validate(&x).unwrap();
+        x.default_priority = 7;
+        let e = validate(&x).unwrap_err().to_string();
+        assert!(e.contains("unknown default_priority 7"), "{e}");
     }
 
     #[tokio::test]

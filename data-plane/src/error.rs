@@ -39,6 +39,17 @@ pub enum RouteError {
         /// The model asked for.
         model: String,
     },
+    /// Every node that could serve the model is at its concurrency limit, and a call of higher
+    /// priority took this call's place in the full wait queue.
+    #[error(
+        "every node serving model {model:?} is at its concurrency limit and calls of higher priority took this {priority} call's place in the wait queue; call shed, back off and retry"
+    )]
+    Displaced {
+        /// The model asked for.
+        model: String,
+        /// The shed call's priority.
+        priority: crate::priority::Priority,
+    },
     /// The caller's deadline (or the model's default) ran out.
     #[error("deadline of {budget:?} exceeded{}", match waiting_for {
         Some(node) => format!(" waiting for node {node}"),
@@ -61,7 +72,9 @@ impl From<RouteError> for Status {
                 Status::not_found(msg)
             }
             RouteError::NoHealthyNode { .. } => Status::unavailable(msg),
-            RouteError::AllNodesBusy { .. } => Status::resource_exhausted(msg),
+            RouteError::AllNodesBusy { .. } | RouteError::Displaced { .. } => {
+                Status::resource_exhausted(msg)
+            }
             RouteError::DeadlineExceeded { .. } => Status::deadline_exceeded(msg),
         }
     }

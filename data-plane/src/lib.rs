@@ -16,7 +16,8 @@
 //! - [`policy`]: per-model settings from the control plane.
 //! - [`router`]: shared router state and the pick (spill-over, limits, ejection cap; a
 //!   sequence's node).
-//! - [`queue`]: the wait queue of calls that found every node full.
+//! - [`queue`]: the wait queue of calls that found every node full, served by priority.
+//! - [`priority`]: call priorities (the `fulcrum-priority` header, a model's default).
 //! - [`hedge`]: latency windows for hedging.
 //! - [`subscriber`]: following the control plane's routing stream.
 //! - [`ingress`]: the services clients call ([`ingress::oip`]), deadlines, and the router's
@@ -39,6 +40,7 @@ pub mod ingress;
 pub mod limits;
 pub mod metrics;
 pub mod policy;
+pub mod priority;
 pub mod queue;
 pub mod router;
 pub mod server;

@@ -10,7 +10,7 @@
 //! | `fulcrum_router_requests_total` | model, code | calls answered, by gRPC status |
 //! | `fulcrum_router_request_duration_seconds` | model | latency of answered calls (histogram) |
 //! | `fulcrum_router_retries_total`, `fulcrum_router_hedges_total` | model | extra attempts |
-//! | `fulcrum_router_shed_total` | model | calls shed by the router (every node full) |
+//! | `fulcrum_router_shed_total` | model, priority | calls shed by the router (every node full) |
 //! | `fulcrum_router_local_share` | model | share of calls the local region takes now |
 //! | `fulcrum_router_node_in_flight`, `fulcrum_router_node_limit` | node, region | calls in flight from this router, and its limit |
 //! | `fulcrum_router_node_attempts_total`, `fulcrum_router_node_failures_total` | node, region | attempts sent, and failed (the node's fault) |
@@ -33,6 +33,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use tokio::net::TcpListener;
 
 use crate::endpoint::now_ns;
+use crate::priority::Priority;
 use crate::router::RouterState;
 
 /// Upper bounds of the latency histogram's buckets, in seconds: from a millisecond (a cached or
@@ -52,7 +53,8 @@ pub struct ModelStats {
     by_code: [AtomicU64; CODES],
     retries: AtomicU64,
     hedges: AtomicU64,
-    shed: AtomicU64,
+    /// Calls shed, by priority ([`Priority::index`]).
+    shed: [AtomicU64; 3],
     /// Answered calls per latency bucket (not cumulative; the last one is above every bound).
     buckets: [AtomicU64; LATENCY_BUCKETS.len() + 1],
     latency_sum_us: AtomicU64,
@@ -64,7 +66,7 @@ impl Default for ModelStats {
             by_code: std::array::from_fn(|_| AtomicU64::new(0)),
             retries: AtomicU64::new(0),
             hedges: AtomicU64::new(0),
-            shed: AtomicU64::new(0),
+            shed: std::array::from_fn(|_| AtomicU64::new(0)),
             buckets: std::array::from_fn(|_| AtomicU64::new(0)),
             latency_sum_us: AtomicU64::new(0),
         }
@@ -93,9 +95,9 @@ impl ModelStats {
         self.hedges.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// A call was shed because every node was full.
-    pub fn shed(&self) {
-        self.shed.fetch_add(1, Ordering::Relaxed);
+    /// A call of `priority` was shed because every node was full.
+    pub fn shed(&self, priority: Priority) {
+        self.shed[priority.index()].fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -195,11 +197,6 @@ impl Collector for RouterCollector {
                 "Hedged attempts started",
                 |s: &ModelStats| s.hedges.load(Ordering::Relaxed),
             ),
-            (
-                "fulcrum_router_shed",
-                "Calls shed by the router because every node was at its limit",
-                |s: &ModelStats| s.shed.load(Ordering::Relaxed),
-            ),
         ] {
             family(
                 e,
@@ -211,6 +208,22 @@ impl Collector for RouterCollector {
                     .map(|(m, r)| (model(m), counter(read(&r.state.stats)))),
             )?;
         }
+        family(
+            e,
+            "fulcrum_router_shed",
+            "Calls shed by the router because every node was at its limit, by call priority",
+            MetricType::Counter,
+            models.iter().flat_map(|(m, r)| {
+                let stats = &r.state.stats;
+                Priority::ALL.into_iter().map(move |p| {
+                    let labels = vec![("model", (*m).clone()), ("priority", p.name().into())];
+                    (
+                        labels,
+                        counter(stats.shed[p.index()].load(Ordering::Relaxed)),
+                    )
+                })
+            }),
+        )?;
         family(
             e,
             "fulcrum_router_local_share",

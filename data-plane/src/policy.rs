@@ -8,6 +8,7 @@ use fulcrum_proto::fulcrum::v1::{Balancer, ModelPolicy};
 
 use crate::balance::Policy;
 use crate::balance::locality::DEFAULT_OVERPROVISIONING;
+use crate::priority::Priority;
 
 /// Default call deadline: the seed article's advice for model APIs (3–5 s) at its upper end,
 /// so a slow but healthy model is not cut off.
@@ -53,6 +54,8 @@ pub struct ModelSettings {
     pub panic_mode: bool,
     /// Overprovisioning factor of the spill-over rule.
     pub overprovisioning: f64,
+    /// Priority of the calls that name none.
+    pub priority: Priority,
 }
 
 impl Default for ModelSettings {
@@ -94,6 +97,7 @@ impl ModelSettings {
             hedge,
             panic_mode: p.panic_mode,
             overprovisioning,
+            priority: Priority::from_proto(p.default_priority),
         }
     }
 
@@ -119,6 +123,7 @@ mod tests {
         assert_eq!(d.max_attempts, DEFAULT_MAX_ATTEMPTS);
         assert_eq!(d.hedge, Hedge::Off);
         assert!(d.idempotent && !d.panic_mode);
+        assert_eq!(d.priority, Priority::Normal);
         let p = ModelPolicy {
             max_attempts: 99,
             overprovisioning: f64::NAN,

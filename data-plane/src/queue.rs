@@ -1,12 +1,14 @@
 //! The wait queue of calls that found every node they could use at its concurrency limit.
 //!
-//! First come, first served, and one wake-up per freed slot: when a call ends, its node's slot
-//! goes to the oldest waiting call that can use that node (one of its model's routable nodes,
-//! not one it already tried). The woken call then picks as usual (the freed node, or another
-//! one freed meanwhile); if a call that never queued took the slot first, it queues again in
-//! its old place. A call that leaves after being woken without taking a slot (its caller gave
-//! up) passes the wake-up on, so a free slot is never left unclaimed while calls that could use
-//! it wait.
+//! Served by priority ([`crate::priority`]), then first come, first served, with one wake-up
+//! per freed slot: when a call ends, its node's slot goes to the first waiting call in that
+//! order that can use that node (one of its model's routable nodes, not one it already tried).
+//! The woken call then picks as usual (the freed node, or another one freed meanwhile); if a
+//! call that never queued took the slot first, it queues again in its old place. A call that
+//! leaves after being woken without taking a slot (its caller gave up) passes the wake-up on,
+//! so a free slot is never left unclaimed while calls that could use it wait. A full queue
+//! lets a call in by shedding its newest call of the lowest priority, if that is below the
+//! arriving call's ([`Waited::Displaced`]).
 //!
 //! Why not `tokio::sync::Notify`: `notify_waiters` woke every waiter for every freed slot, and
 //! with hundreds of calls queued on a CPU-starved router that herd cost the CPU the calls
@@ -23,6 +25,7 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 
 use crate::endpoint::NodeConn;
+use crate::priority::Priority;
 
 /// Most calls that may wait at once, whatever their expected wait: a bound on the memory that
 /// queued requests hold (at inference's usual request sizes, tens of kilobytes, a few thousand
@@ -73,22 +76,33 @@ pub enum Waited {
     Woken,
     /// No slot freed in time.
     TimedOut,
-    /// The queue is full: shed the call.
+    /// The queue is full (of calls of this call's priority or higher): shed the call.
     QueueFull,
+    /// The call waited, and a call of higher priority took its place in a full queue: shed it.
+    Displaced,
 }
 
 #[derive(Debug)]
 struct Waiter {
     ticket: u64,
+    priority: Priority,
     /// The nodes the call can use.
     nodes: Vec<Arc<NodeConn>>,
-    wake: oneshot::Sender<Arc<NodeConn>>,
+    /// A node with a slot free (the call may pick again), or `None`: the call lost its place.
+    wake: oneshot::Sender<Option<Arc<NodeConn>>>,
+}
+
+impl Waiter {
+    /// The waiter's place in line: the highest priority first, the oldest first within one.
+    fn order(&self) -> (std::cmp::Reverse<Priority>, u64) {
+        (std::cmp::Reverse(self.priority), self.ticket)
+    }
 }
 
 #[derive(Debug, Default)]
 struct Inner {
     next_ticket: u64,
-    /// Ordered by ticket: the oldest call first.
+    /// In line ([`Waiter::order`]): the call served next first, the one shed next last.
     waiters: VecDeque<Waiter>,
 }
 
@@ -115,21 +129,30 @@ impl WaitQueue {
         self.len() == 0
     }
 
-    /// Calls waiting now that compete with a call for `nodes`: the most waiting for any one of
-    /// them. Calls for another model whose nodes these are not do not count (they wait for
-    /// other slots); calls that share only some nodes count once, not once per node.
-    pub fn waiting_for(&self, nodes: &[Arc<NodeConn>]) -> usize {
+    /// Calls waiting now ahead of a call of `priority` for `nodes`: the most waiting, at that
+    /// priority or higher, for any one of them. Calls for another model whose nodes these are
+    /// not do not count (they wait for other slots); calls that share only some nodes count
+    /// once, not once per node; calls of lower priority do not count (they are served after
+    /// it).
+    pub fn waiting_for(&self, nodes: &[Arc<NodeConn>], priority: Priority) -> usize {
         nodes
             .iter()
-            .map(|n| n.waiting.load(Ordering::Relaxed) as usize)
+            .map(|n| {
+                n.waiting[priority.index()..]
+                    .iter()
+                    .map(|c| c.load(Ordering::Relaxed) as usize)
+                    .sum::<usize>()
+            })
             .max()
             .unwrap_or(0)
     }
 
-    /// Waits up to `timeout` for a slot on one of `nodes`, keeping the call's `place` in line.
+    /// Waits up to `timeout` for a slot on one of `nodes`, keeping the call's `place` in line
+    /// among the calls of its `priority`.
     pub async fn wait(
         &self,
         place: &mut Place,
+        priority: Priority,
         nodes: Vec<Arc<NodeConn>>,
         timeout: Duration,
     ) -> Waited {
@@ -141,19 +164,30 @@ impl WaitQueue {
             let mut inner = self.lock();
             // A call queuing again keeps its place even when the queue has filled meanwhile.
             if place.0.is_none() && inner.waiters.len() >= MAX_QUEUED_CALLS {
-                return Waited::QueueFull;
+                // Full: the newest call of the lowest priority gives its place to a call of
+                // higher priority, or this call is turned away.
+                if inner.waiters.back().is_none_or(|w| w.priority >= priority) {
+                    return Waited::QueueFull;
+                }
+                if let Some(shed) = inner.waiters.pop_back() {
+                    count(&shed.nodes, shed.priority, false);
+                    self.waiting.fetch_sub(1, Ordering::SeqCst);
+                    let _ = shed.wake.send(None);
+                }
             }
             let ticket = *place.0.get_or_insert_with(|| {
                 inner.next_ticket += 1;
                 inner.next_ticket
             });
-            let at = inner.waiters.partition_point(|w| w.ticket < ticket);
+            let order = (std::cmp::Reverse(priority), ticket);
+            let at = inner.waiters.partition_point(|w| w.order() < order);
             let nodes = nodes.clone();
-            count(&nodes, true);
+            count(&nodes, priority, true);
             inner.waiters.insert(
                 at,
                 Waiter {
                     ticket,
+                    priority,
                     nodes,
                     wake,
                 },
@@ -175,13 +209,14 @@ impl WaitQueue {
             return Waited::Woken;
         }
         match tokio::time::timeout(timeout, &mut guard.woken).await {
-            Ok(Ok(_node)) => Waited::Woken,
+            Ok(Ok(Some(_node))) => Waited::Woken,
+            Ok(Ok(None)) => Waited::Displaced,
             // The sender is only dropped after a send or on removal by this call.
             Ok(Err(_)) | Err(_) => Waited::TimedOut,
         }
     }
 
-    /// A call on `node` ended and freed a slot: wakes the oldest waiter that can use it.
+    /// A call on `node` ended and freed a slot: wakes the first waiter in line that can use it.
     pub fn slot_freed(&self, node: &Arc<NodeConn>) {
         fence(Ordering::SeqCst);
         if self.waiting.load(Ordering::SeqCst) == 0 {
@@ -198,10 +233,10 @@ impl WaitQueue {
                 break;
             };
             self.waiting.fetch_sub(1, Ordering::SeqCst);
-            count(&waiter.nodes, false);
+            count(&waiter.nodes, waiter.priority, false);
             // A waiter whose call has gone is removed by it before its receiver drops, so a
             // failed send only happens in a race with that; try the next one.
-            if waiter.wake.send(node.clone()).is_ok() {
+            if waiter.wake.send(Some(node.clone())).is_ok() {
                 return;
             }
         }
@@ -211,23 +246,24 @@ impl WaitQueue {
     pub fn wake_all(&self) {
         let mut inner = self.lock();
         for waiter in inner.waiters.drain(..) {
-            count(&waiter.nodes, false);
+            count(&waiter.nodes, waiter.priority, false);
             if let Some(node) = waiter.nodes.first() {
-                let _ = waiter.wake.send(node.clone());
+                let _ = waiter.wake.send(Some(node.clone()));
             }
         }
         self.waiting.store(0, Ordering::SeqCst);
     }
 }
 
-/// Counts a waiter in (`true`) or out of the waiting count of each node it can use; called
-/// under the queue's lock, so a node's count is exact whenever the lock is free.
-fn count(nodes: &[Arc<NodeConn>], join: bool) {
+/// Counts a waiter of `priority` in (`true`) or out of the waiting count of each node it can
+/// use; called under the queue's lock, so a node's count is exact whenever the lock is free.
+fn count(nodes: &[Arc<NodeConn>], priority: Priority, join: bool) {
     for n in nodes {
+        let c = &n.waiting[priority.index()];
         if join {
-            n.waiting.fetch_add(1, Ordering::Relaxed);
+            c.fetch_add(1, Ordering::Relaxed);
         } else {
-            n.waiting.fetch_sub(1, Ordering::Relaxed);
+            c.fetch_sub(1, Ordering::Relaxed);
         }
     }
 }
@@ -237,7 +273,7 @@ fn count(nodes: &[Arc<NodeConn>], join: bool) {
 struct Registered<'a> {
     queue: &'a WaitQueue,
     ticket: u64,
-    woken: oneshot::Receiver<Arc<NodeConn>>,
+    woken: oneshot::Receiver<Option<Arc<NodeConn>>>,
 }
 
 impl Drop for Registered<'_> {
@@ -246,14 +282,14 @@ impl Drop for Registered<'_> {
             let mut inner = self.queue.lock();
             if let Some(at) = inner.waiters.iter().position(|w| w.ticket == self.ticket) {
                 if let Some(waiter) = inner.waiters.remove(at) {
-                    count(&waiter.nodes, false);
+                    count(&waiter.nodes, waiter.priority, false);
                 }
                 self.queue.waiting.fetch_sub(1, Ordering::SeqCst);
             }
         }
         // Woken, but the wait ended another way (timed out at the same moment, the call was
         // cancelled, or the re-check found a slot): the freed slot goes to the next in line.
-        if let Ok(node) = self.woken.try_recv() {
+        if let Ok(Some(node)) = self.woken.try_recv() {
             self.queue.slot_freed(&node);
         }
     }
@@ -262,6 +298,8 @@ impl Drop for Registered<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const N: Priority = Priority::Normal;
 
     fn node(id: &str, limit: u32, queue: &Arc<WaitQueue>) -> Arc<NodeConn> {
         Arc::new(NodeConn::new(id, "127.0.0.1:1", "a", limit, queue.clone()).unwrap())
@@ -278,35 +316,35 @@ mod tests {
         // The oldest waiter can only use b; the second can use a or b; the third only a.
         let q = queue.clone();
         let (bb, ab, aa) = (vec![b.clone()], vec![a.clone(), b.clone()], vec![a.clone()]);
-        let first = tokio::spawn(async move { q.wait(&mut Place::default(), bb, wait).await });
+        let first = tokio::spawn(async move { q.wait(&mut Place::default(), N, bb, wait).await });
         wait_len(&queue, 1).await;
         let q = queue.clone();
-        let second = tokio::spawn(async move { q.wait(&mut Place::default(), ab, wait).await });
+        let second = tokio::spawn(async move { q.wait(&mut Place::default(), N, ab, wait).await });
         wait_len(&queue, 2).await;
         let q = queue.clone();
-        let third = tokio::spawn(async move { q.wait(&mut Place::default(), aa, wait).await });
+        let third = tokio::spawn(async move { q.wait(&mut Place::default(), N, aa, wait).await });
         wait_len(&queue, 3).await;
         // a frees: the first waiter cannot use it, the second (oldest that can) gets it.
         // Competitors: two waiters can use a, two can use b; the three never all compete.
         let (just_a, just_b) = ([a.clone()], [b.clone()]);
-        assert_eq!(queue.waiting_for(&just_a), 2);
-        assert_eq!(queue.waiting_for(&just_b), 2);
-        assert_eq!(queue.waiting_for(&[a.clone(), b.clone()]), 2);
+        assert_eq!(queue.waiting_for(&just_a, N), 2);
+        assert_eq!(queue.waiting_for(&just_b, N), 2);
+        assert_eq!(queue.waiting_for(&[a.clone(), b.clone()], N), 2);
         drop(slot_a);
         assert_eq!(second.await.unwrap(), Waited::Woken);
         assert_eq!(queue.len(), 2);
-        assert_eq!(queue.waiting_for(&just_a), 1);
-        assert_eq!(queue.waiting_for(&just_b), 1);
+        assert_eq!(queue.waiting_for(&just_a, N), 1);
+        assert_eq!(queue.waiting_for(&just_b, N), 1);
         assert!(!first.is_finished() && !third.is_finished());
         drop(slot_b);
         assert_eq!(first.await.unwrap(), Waited::Woken);
         assert_eq!(queue.len(), 1);
-        assert_eq!(queue.waiting_for(&just_b), 0);
+        assert_eq!(queue.waiting_for(&just_b, N), 0);
         assert!(!third.is_finished());
         queue.wake_all();
         assert_eq!(third.await.unwrap(), Waited::Woken);
         assert!(queue.is_empty());
-        assert_eq!(queue.waiting_for(&just_a), 0);
+        assert_eq!(queue.waiting_for(&just_a, N), 0);
     }
 
     #[tokio::test]
@@ -317,6 +355,7 @@ mod tests {
         let got = queue
             .wait(
                 &mut Place::default(),
+                N,
                 vec![a.clone()],
                 Duration::from_secs(30),
             )
@@ -333,6 +372,7 @@ mod tests {
         let got = queue
             .wait(
                 &mut Place::default(),
+                N,
                 vec![a.clone()],
                 Duration::from_millis(10),
             )
@@ -340,7 +380,7 @@ mod tests {
         assert_eq!(got, Waited::TimedOut);
         assert!(queue.is_empty());
         assert_eq!(
-            queue.waiting_for(std::slice::from_ref(&a)),
+            queue.waiting_for(std::slice::from_ref(&a), N),
             0,
             "a timed-out call leaves the count"
         );
@@ -348,7 +388,7 @@ mod tests {
         for _ in 0..MAX_QUEUED_CALLS {
             let (q, a) = (queue.clone(), a.clone());
             waiting.push(tokio::spawn(async move {
-                q.wait(&mut Place::default(), vec![a], Duration::from_secs(60))
+                q.wait(&mut Place::default(), N, vec![a], Duration::from_secs(60))
                     .await
             }));
         }
@@ -356,6 +396,7 @@ mod tests {
         let got = queue
             .wait(
                 &mut Place::default(),
+                N,
                 vec![a.clone()],
                 Duration::from_secs(60),
             )
@@ -365,7 +406,7 @@ mod tests {
         let mut place = Place(Some(0));
         let again = tokio::time::timeout(
             Duration::from_millis(1),
-            queue.wait(&mut place, vec![a.clone()], Duration::from_secs(60)),
+            queue.wait(&mut place, N, vec![a.clone()], Duration::from_secs(60)),
         )
         .await;
         assert!(again.is_err(), "a call with a place must be let back in");
@@ -383,7 +424,7 @@ mod tests {
         let aa = vec![a.clone()];
         // The first waiter is woken but its call is dropped before it runs again.
         let first = async move {
-            q.wait(&mut Place::default(), aa, Duration::from_secs(30))
+            q.wait(&mut Place::default(), N, aa, Duration::from_secs(30))
                 .await
         };
         let mut first = Box::pin(first);
@@ -391,7 +432,7 @@ mod tests {
         let q = queue.clone();
         let aa = vec![a.clone()];
         let second = tokio::spawn(async move {
-            q.wait(&mut Place::default(), aa, Duration::from_secs(30))
+            q.wait(&mut Place::default(), N, aa, Duration::from_secs(30))
                 .await
         });
         wait_len(&queue, 2).await;
@@ -400,6 +441,124 @@ mod tests {
         drop(first);
         assert_eq!(second.await.unwrap(), Waited::Woken);
         assert!(queue.is_empty());
+    }
+
+    #[tokio::test]
+    async fn slots_go_to_the_highest_priority_first_and_the_oldest_within_it() {
+        let queue = Arc::new(WaitQueue::default());
+        let a = node("a", 1, &queue);
+        let slot = a.try_start_call().unwrap();
+        let wait = Duration::from_secs(30);
+        // Arrivals: sheddable, normal, critical, normal, critical.
+        let arrivals = [
+            Priority::Sheddable,
+            Priority::Normal,
+            Priority::Critical,
+            Priority::Normal,
+            Priority::Critical,
+        ];
+        let (done, mut order) = tokio::sync::mpsc::unbounded_channel();
+        let mut tasks = Vec::new();
+        for (i, p) in arrivals.into_iter().enumerate() {
+            let (q, nodes, done) = (queue.clone(), vec![a.clone()], done.clone());
+            tasks.push(tokio::spawn(async move {
+                let got = q.wait(&mut Place::default(), p, nodes, wait).await;
+                done.send((i, got)).unwrap();
+            }));
+            wait_len(&queue, i + 1).await;
+        }
+        // Ahead of a call of each priority: the calls at it or above.
+        let just_a = [a.clone()];
+        assert_eq!(queue.waiting_for(&just_a, Priority::Critical), 2);
+        assert_eq!(queue.waiting_for(&just_a, Priority::Normal), 4);
+        assert_eq!(queue.waiting_for(&just_a, Priority::Sheddable), 5);
+        // Each freed slot wakes the next in line: critical (oldest first), normal, sheddable.
+        drop(slot);
+        let mut served = Vec::new();
+        for _ in 0..arrivals.len() {
+            let (i, got) = order.recv().await.unwrap();
+            assert_eq!(got, Waited::Woken);
+            served.push(i);
+            // The woken call takes the slot and gives it back at once.
+            drop(a.try_start_call().expect("the freed slot is free"));
+        }
+        assert_eq!(served, [2, 4, 1, 3, 0]);
+        assert!(queue.is_empty());
+        assert_eq!(queue.waiting_for(&just_a, Priority::Sheddable), 0);
+        for t in tasks {
+            t.await.unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_sheds_its_newest_lowest_call_for_a_higher_one() {
+        let queue = Arc::new(WaitQueue::default());
+        let a = node("a", 1, &queue);
+        let _slot = a.try_start_call().unwrap();
+        let wait = Duration::from_secs(60);
+        let spawn = |p: Priority| {
+            let (q, nodes) = (queue.clone(), vec![a.clone()]);
+            tokio::spawn(async move { q.wait(&mut Place::default(), p, nodes, wait).await })
+        };
+        // Full: one sheddable call (the oldest), the rest normal.
+        let oldest_sheddable = spawn(Priority::Sheddable);
+        wait_len(&queue, 1).await;
+        let mut normal = Vec::new();
+        for _ in 1..MAX_QUEUED_CALLS {
+            normal.push(spawn(Priority::Normal));
+        }
+        wait_len(&queue, MAX_QUEUED_CALLS).await;
+        // Nothing below a sheddable call, nor below a normal one but sheddable ones: turned away.
+        let got = queue
+            .wait(
+                &mut Place::default(),
+                Priority::Sheddable,
+                vec![a.clone()],
+                wait,
+            )
+            .await;
+        assert_eq!(got, Waited::QueueFull);
+        // A critical call takes the sheddable call's place; the sheddable call learns it.
+        let critical = spawn(Priority::Critical);
+        assert_eq!(oldest_sheddable.await.unwrap(), Waited::Displaced);
+        wait_len(&queue, MAX_QUEUED_CALLS).await;
+        assert_eq!(
+            queue.waiting_for(std::slice::from_ref(&a), Priority::Critical),
+            1
+        );
+        assert_eq!(
+            queue.waiting_for(std::slice::from_ref(&a), Priority::Sheddable),
+            MAX_QUEUED_CALLS
+        );
+        // Now the queue holds nothing below normal: a normal call is turned away.
+        let got = queue
+            .wait(
+                &mut Place::default(),
+                Priority::Normal,
+                vec![a.clone()],
+                wait,
+            )
+            .await;
+        assert_eq!(got, Waited::QueueFull);
+        // The next critical call takes the place of the newest normal call.
+        let second_critical = spawn(Priority::Critical);
+        let newest_normal = normal.pop().unwrap();
+        assert_eq!(newest_normal.await.unwrap(), Waited::Displaced);
+        wait_len(&queue, MAX_QUEUED_CALLS).await;
+        assert_eq!(
+            queue.waiting_for(std::slice::from_ref(&a), Priority::Critical),
+            2
+        );
+        assert!(normal.iter().all(|t| !t.is_finished()));
+        // And the critical calls are served first.
+        queue.slot_freed(&a);
+        assert_eq!(critical.await.unwrap(), Waited::Woken);
+        queue.slot_freed(&a);
+        assert_eq!(second_critical.await.unwrap(), Waited::Woken);
+        assert!(normal.iter().all(|t| !t.is_finished()));
+        for t in normal {
+            t.abort();
+        }
     }
 
     #[test]

@@ -17,6 +17,7 @@ use crate::endpoint::outlier::CONSECUTIVE_FAILURES;
 use crate::endpoint::{InFlight, NodeConn, now_ns};
 use crate::error::RouteError;
 use crate::ingress::forward::Sequence;
+use crate::priority::Priority;
 use crate::queue::{MAX_QUEUE_WAIT, Place, WaitQueue, Waited, expected_wait};
 use crate::table::{ModelRoute, RoutedNode, RoutingTable};
 
@@ -339,24 +340,26 @@ impl RouterState {
     }
 
     /// Waits up to `wait` (at most [`MAX_QUEUE_WAIT`]) for a slot on one of the nodes a call
-    /// to `model` could use (routable, not in `tried`), in line behind the calls that queued
-    /// before it ([`crate::queue`]); returns whether it may pick again. `place` keeps the call's
+    /// of `priority` to `model` could use (routable, not in `tried`), in line behind the calls
+    /// of its priority that queued before it and every call of higher priority
+    /// ([`crate::queue`]); [`Waited::Woken`] when it may pick again. `place` keeps the call's
     /// place between waits.
     ///
-    /// A call joining the queue is shed at once (`false`) when the calls ahead of it (those
-    /// waiting for any of its nodes) would take longer than [`MAX_QUEUE_WAIT`] to drain at the
-    /// rate its nodes finish calls: fast shedding, and a queue whose length follows the nodes'
-    /// speed rather than a fixed count.
+    /// A call joining the queue is shed at once ([`Waited::QueueFull`]) when the calls ahead of
+    /// it (those of its priority or higher waiting for any of its nodes) would take longer than
+    /// [`MAX_QUEUE_WAIT`] to drain at the rate its nodes finish calls: fast shedding, and a
+    /// queue whose length follows the nodes' speed rather than a fixed count.
     pub async fn wait_for_slot(
         &self,
         table: &RoutingTable,
         model: &str,
         tried: &[Arc<NodeConn>],
         wait: Duration,
+        priority: Priority,
         place: &mut Place,
-    ) -> bool {
+    ) -> Waited {
         let Some(route) = table.models.get(model) else {
-            return false;
+            return Waited::QueueFull;
         };
         let panic = !route.is_routable() && route.settings.panic_mode;
         let nodes: Vec<Arc<NodeConn>> = route
@@ -378,14 +381,14 @@ impl RouterState {
                     hold.unwrap_or_else(|| n.latency.estimate_ms(now)),
                 )
             });
-            if expected_wait(self.queue.waiting_for(&nodes), drain)
+            if expected_wait(self.queue.waiting_for(&nodes, priority), drain)
                 .is_some_and(|w| w > MAX_QUEUE_WAIT)
             {
-                return false;
+                return Waited::QueueFull;
             }
         }
         let wait = wait.min(MAX_QUEUE_WAIT);
-        self.queue.wait(place, nodes, wait).await == Waited::Woken
+        self.queue.wait(place, priority, nodes, wait).await
     }
 }
 

@@ -8,12 +8,14 @@
 //! - [`eventually`]: poll a condition until it holds or a deadline passes.
 //! - [`infer`]: building and checking Open Inference Protocol requests.
 //! - [`mlserver`]: a real MLServer (from PyPI) serving a small Python model.
+//! - [`scrape`]: reading a Prometheus scrape.
 
 #![warn(missing_docs)]
 
 pub mod etcd;
 pub mod infer;
 pub mod mlserver;
+pub mod scrape;
 pub mod stack;
 
 use std::future::Future;

@@ -172,6 +172,28 @@ pub async fn router_configured(
     .await
 }
 
+/// Starts a router for `region` following `control` and serving its Prometheus metrics;
+/// returns it and the metrics address.
+pub async fn router_with_metrics(region: &str, control: SocketAddr) -> (Running, SocketAddr) {
+    let metrics = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind metrics");
+    let metrics_addr = metrics.local_addr().expect("metrics address");
+    let config = RouterConfig::new(region, vec![control.to_string()]);
+    let router = Running::spawn(move |listener, stopped| async move {
+        let shutdown = async move {
+            let _ = stopped.await;
+        };
+        if let Err(e) =
+            fulcrum_data_plane::serve_with_metrics(config, listener, Some(metrics), shutdown).await
+        {
+            panic!("router failed: {e}");
+        }
+    })
+    .await;
+    (router, metrics_addr)
+}
+
 /// An admin client for the control plane at `addr`.
 pub async fn admin(addr: SocketAddr) -> AdminClient<Channel> {
     AdminClient::connect(format!("http://{addr}"))
@@ -226,6 +248,39 @@ pub async fn wait_ready(addr: SocketAddr) {
         }
     })
     .await;
+}
+
+/// Waits until the control plane at `admin` publishes a routing table newer than `version`
+/// (say, one with a policy set since) and every router has applied it.
+pub async fn wait_published_after(admin: &AdminClient<Channel>, version: u64) {
+    crate::eventually(
+        "the routers applied a newer table",
+        Duration::from_secs(20),
+        || {
+            let mut a = admin.clone();
+            async move {
+                let s = a.get_status(GetStatusRequest {}).await.ok()?.into_inner();
+                (s.routing_version > version
+                    && !s.routers.is_empty()
+                    && s.routers
+                        .iter()
+                        .all(|r| r.acked_version >= s.routing_version))
+                .then_some(())
+            }
+        },
+    )
+    .await;
+}
+
+/// The routing version the control plane at `admin` publishes now.
+pub async fn routing_version(admin: &AdminClient<Channel>) -> u64 {
+    admin
+        .clone()
+        .get_status(GetStatusRequest {})
+        .await
+        .expect("get status")
+        .into_inner()
+        .routing_version
 }
 
 /// Waits until `check` holds for node `id` as the control plane at `admin` reports it, and

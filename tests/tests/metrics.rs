@@ -1,31 +1,15 @@
 //! Prometheus metrics over real HTTP: after calls through a router, its scrape shows them per
 //! model and per node; the control plane's shows the leader, the table and its routers.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use fulcrum_control_plane::{AdminAuth, ControlPlaneConfig};
-use fulcrum_data_plane::RouterConfig;
 use fulcrum_sim::node::{NodeSimConfig, spawn};
 use fulcrum_tests::eventually;
 use fulcrum_tests::infer::echo_request;
+use fulcrum_tests::scrape::{get, sample};
 use fulcrum_tests::stack::{self, Running, admin, oip, register, spec, wait_ready};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-
-/// `GET path` over HTTP/1.1; returns the status line and the body.
-async fn get(addr: SocketAddr, path: &str) -> (String, String) {
-    let mut s = TcpStream::connect(addr).await.expect("connect to metrics");
-    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).await.unwrap();
-    let (head, body) = raw.split_once("\r\n\r\n").expect("an HTTP answer");
-    (
-        head.lines().next().unwrap_or("").to_owned(),
-        body.to_owned(),
-    )
-}
+use tokio::net::TcpListener;
 
 /// The metric families a scrape declares (`# TYPE name kind`), counters with their `_total`.
 fn families(body: &str) -> std::collections::BTreeSet<String> {
@@ -66,14 +50,6 @@ fn referenced(path: &str) -> std::collections::BTreeSet<String> {
     names
 }
 
-/// The value of the sample whose name and labels start with `prefix`.
-fn sample(body: &str, prefix: &str) -> Option<f64> {
-    body.lines()
-        .find(|l| l.starts_with(prefix))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
-
 /// A control plane on the in-memory store serving metrics on `metrics`.
 async fn control_plane(metrics: TcpListener) -> Running {
     let store = fulcrum_control_plane::store::open("memory:").await.unwrap();
@@ -106,18 +82,7 @@ async fn a_scrape_shows_calls_per_model_and_per_node() {
     .await
     .unwrap();
     register(&mut admin, spec("a-1", node.addr, "a", &["echo"], 4)).await;
-    let metrics = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let metrics_addr = metrics.local_addr().unwrap();
-    let config = RouterConfig::new("a", vec![cp.addr.to_string()]);
-    let router = Running::spawn(move |listener, stopped| async move {
-        let shutdown = async move {
-            let _ = stopped.await;
-        };
-        fulcrum_data_plane::serve_with_metrics(config, listener, Some(metrics), shutdown)
-            .await
-            .expect("router");
-    })
-    .await;
+    let (router, metrics_addr) = stack::router_with_metrics("a", cp.addr).await;
     wait_ready(router.addr).await;
     let mut c = oip(router.addr).await;
     for _ in 0..5 {

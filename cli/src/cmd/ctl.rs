@@ -9,7 +9,7 @@ use fulcrum_proto::fulcrum::v1::node_sim_control_client::NodeSimControlClient;
 use fulcrum_proto::fulcrum::v1::{
     Balancer, CordonNodeRequest, DeregisterNodeRequest, DrainNodeRequest, GetModelPolicyRequest,
     GetNodeRequest, GetRoutingRequest, GetStatusRequest, HealthState, ListModelPoliciesRequest,
-    ListNodesRequest, Model, ModelPolicy, NodeSpec, NodeStatus, RegionStateRequest,
+    ListNodesRequest, Model, ModelPolicy, NodeSpec, NodeStatus, Priority, RegionStateRequest,
     RegisterNodeRequest, SimConfig, WatchRequest, WeightOverrideRequest,
 };
 use serde_json::json;
@@ -210,6 +210,10 @@ enum PolicyCommand {
         /// Overprovisioning factor of the spill-over rule (default 1.4).
         #[arg(long, default_value_t = 0.0)]
         overprovisioning: f64,
+        /// Priority of the calls that name none in the fulcrum-priority header: critical,
+        /// normal (default) or sheddable.
+        #[arg(long, default_value = "normal")]
+        default_priority: String,
     },
     /// Remove a model's policy (back to the defaults).
     Clear {
@@ -243,8 +247,13 @@ fn print_policy(p: &ModelPolicy) -> anyhow::Result<()> {
     } else {
         or_default(p.hedge_after_ms, "off", "ms")
     };
+    let priority = match p.default_priority() {
+        Priority::Unspecified | Priority::Normal => "normal",
+        Priority::Critical => "critical",
+        Priority::Sheddable => "sheddable",
+    };
     outln!(
-        "{}: balancer={balancer}{} timeout={} max_attempts={} per_try_timeout={} idempotent={} hedge={hedge} panic_mode={} overprovisioning={}",
+        "{}: balancer={balancer}{} timeout={} max_attempts={} per_try_timeout={} idempotent={} hedge={hedge} panic_mode={} overprovisioning={} default_priority={priority}",
         p.model,
         if p.hash_header.is_empty() {
             String::new()
@@ -299,6 +308,7 @@ async fn policy(admin: &mut Admin, command: PolicyCommand) -> anyhow::Result<()>
             hedge_after,
             panic_mode,
             overprovisioning,
+            default_priority,
         } => {
             let balancer = match balancer.as_str() {
                 "p2c-ewma" | "p2c" => Balancer::P2cEwma,
@@ -308,6 +318,12 @@ async fn policy(admin: &mut Admin, command: PolicyCommand) -> anyhow::Result<()>
                 other => bail!(
                     "unknown balancer {other:?}: use p2c-ewma, round-robin, least-request or consistent-hash"
                 ),
+            };
+            let default_priority = match default_priority.as_str() {
+                "critical" => Priority::Critical,
+                "normal" => Priority::Normal,
+                "sheddable" => Priority::Sheddable,
+                other => bail!("unknown priority {other:?}: use critical, normal or sheddable"),
             };
             let (hedge_after_ms, hedge_after_p95) = match hedge_after.as_deref() {
                 None => (0, false),
@@ -326,6 +342,7 @@ async fn policy(admin: &mut Admin, command: PolicyCommand) -> anyhow::Result<()>
                 hedge_after_p95,
                 panic_mode,
                 overprovisioning,
+                default_priority: default_priority as i32,
             };
             let p = admin
                 .set_model_policy(p)

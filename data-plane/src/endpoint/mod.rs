@@ -117,8 +117,8 @@ pub struct NodeConn {
     /// `calls` and `errors` since the start, for metrics (those two are reset by load reports).
     calls_total: AtomicU64,
     errors_total: AtomicU64,
-    /// Calls in the wait queue that could use this node (kept by [`WaitQueue`]).
-    pub(crate) waiting: AtomicU32,
+    /// Calls in the wait queue that could use this node, by priority (kept by [`WaitQueue`]).
+    pub(crate) waiting: [AtomicU32; 3],
     queue: Arc<WaitQueue>,
 }
 
@@ -169,7 +169,7 @@ impl NodeConn {
             errors: AtomicU64::new(0),
             calls_total: AtomicU64::new(0),
             errors_total: AtomicU64::new(0),
-            waiting: AtomicU32::new(0),
+            waiting: std::array::from_fn(|_| AtomicU32::new(0)),
             queue,
         })
     }

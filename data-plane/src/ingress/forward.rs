@@ -37,7 +37,8 @@ use super::{deadline, node_status};
 use crate::endpoint::{NodeConn, Outcome};
 use crate::error::RouteError;
 use crate::policy::Hedge;
-use crate::queue::{MAX_QUEUE_WAIT, Place};
+use crate::priority::Priority;
+use crate::queue::{MAX_QUEUE_WAIT, Place, Waited};
 use crate::router::{Picked, RouterState};
 use crate::table::{RoutedNode, RoutingTable};
 
@@ -239,6 +240,15 @@ pub struct Sequence {
     pub end: bool,
 }
 
+/// Why a call of `priority` that waited for a slot (and did not get one: `waited`) was shed.
+pub fn shed_error(model: &str, priority: Priority, waited: Waited) -> RouteError {
+    let model = model.to_owned();
+    match waited {
+        Waited::Displaced => RouteError::Displaced { model, priority },
+        Waited::Woken | Waited::TimedOut | Waited::QueueFull => RouteError::AllNodesBusy { model },
+    }
+}
+
 /// Forwards a unary call for `model` with `call`, which sends one attempt to a node. A request
 /// of a `sequence` goes to the sequence's node, is never hedged, and is retried only when it
 /// starts the sequence.
@@ -261,6 +271,7 @@ where
         .get(model)
         .ok_or_else(|| RouteError::UnknownModel(model.to_owned()))?;
     let settings = route.settings.clone();
+    let priority = Priority::of(metadata.as_ref(), settings.priority)?;
     let budget = deadline::budget(metadata, settings.timeout);
     let started = Instant::now();
     let deadline_at = started + budget;
@@ -364,19 +375,19 @@ where
                     let wait = queue_end
                         .min(deadline_at)
                         .saturating_duration_since(Instant::now());
-                    if !wait.is_zero()
-                        && state
-                            .wait_for_slot(&table, model, &tried, wait, &mut place)
+                    let waited = if wait.is_zero() {
+                        Waited::TimedOut
+                    } else {
+                        state
+                            .wait_for_slot(&table, model, &tried, wait, priority, &mut place)
                             .await
-                    {
+                    };
+                    if waited == Waited::Woken {
                         continue;
                     }
                     return Err(last_failure.unwrap_or_else(|| {
-                        stats.shed();
-                        RouteError::AllNodesBusy {
-                            model: model.to_owned(),
-                        }
-                        .into()
+                        stats.shed(priority);
+                        shed_error(model, priority, waited).into()
                     }));
                 }
                 Err(e) => return Err(last_failure.unwrap_or_else(|| e.into())),

@@ -36,6 +36,7 @@ use super::forward::{self, tag};
 use super::stream_dialect;
 use crate::endpoint::InFlight;
 use crate::error::RouteError;
+use crate::priority::Priority;
 use crate::router::RouterState;
 use crate::table::RoutedNode;
 use crate::validate;
@@ -310,6 +311,10 @@ impl GrpcInferenceService for OipService {
         request: Request<Streaming<ModelInferRequest>>,
     ) -> Result<Response<Self::ModelStreamInferStream>, Status> {
         let (metadata, _, mut inbound) = request.into_parts();
+        // A stream's requests are not queued (a request finding every node full gets its
+        // error in-band at once), so its priority changes nothing; a malformed one is refused
+        // all the same, as on every other call.
+        Priority::of(metadata.as_ref(), Priority::Normal)?;
         let (out, out_rx) = mpsc::channel(STREAM_BUFFER);
         let mut session = StreamSession {
             service: self.clone(),

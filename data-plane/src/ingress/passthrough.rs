@@ -22,7 +22,8 @@ use tower::Service;
 use super::forward::{outcome_of, tag};
 use crate::endpoint::{InFlight, Outcome};
 use crate::error::RouteError;
-use crate::queue::{MAX_QUEUE_WAIT, Place};
+use crate::priority::Priority;
+use crate::queue::{MAX_QUEUE_WAIT, Place, Waited};
 use crate::router::RouterState;
 
 /// The request header naming the model of a pass-through call.
@@ -59,19 +60,30 @@ async fn try_forward(
     let table = state.table.load_full();
     let metadata = tonic::metadata::MetadataMap::from_headers(req.headers().clone());
     let key = super::forward::affinity_key(&table, &model, &metadata);
+    let default = table
+        .models
+        .get(&model)
+        .map_or(Priority::Normal, |r| r.settings.priority);
+    let priority = Priority::of(req.headers(), default)?;
     let mut place = Place::default();
     let queue_end = Instant::now() + MAX_QUEUE_WAIT;
     let picked = loop {
         match state.pick(&table, &model, &[], key) {
             Ok(p) => break p,
-            Err(busy @ RouteError::AllNodesBusy { .. }) => {
+            Err(RouteError::AllNodesBusy { .. }) => {
                 let wait = queue_end.saturating_duration_since(Instant::now());
-                if wait.is_zero()
-                    || !state
-                        .wait_for_slot(&table, &model, &[], wait, &mut place)
+                let waited = if wait.is_zero() {
+                    Waited::TimedOut
+                } else {
+                    state
+                        .wait_for_slot(&table, &model, &[], wait, priority, &mut place)
                         .await
-                {
-                    return Err(busy.into());
+                };
+                if waited != Waited::Woken {
+                    if let Some(route) = table.models.get(&model) {
+                        route.state.stats.shed(priority);
+                    }
+                    return Err(super::forward::shed_error(&model, priority, waited).into());
                 }
             }
             Err(e) => return Err(e.into()),
