@@ -161,6 +161,30 @@ fn up_serves_both_regions_and_fails_over_on_drain() {
         "{metrics}"
     );
 
+    // A model's default priority, set and read back through ctl; one that is not a priority
+    // is refused before anything is sent.
+    let policy = |args: &[&str]| {
+        let mut all = vec!["ctl", "--control", control.as_str(), "policy"];
+        all.extend_from_slice(args);
+        fulcrum(&all)
+    };
+    let out = policy(&["set", "echo", "--default-priority", "sheddable"]);
+    assert!(out.contains("default_priority=sheddable"), "{out}");
+    let refused = Command::new(BIN)
+        .args(["ctl", "--control", &control, "policy", "set", "echo"])
+        .args(["--default-priority", "urgent"])
+        .output()
+        .expect("run fulcrum");
+    assert!(
+        !refused.status.success(),
+        "priority \"urgent\" was accepted"
+    );
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("unknown priority \"urgent\""), "{stderr}");
+    let out = policy(&["get", "echo"]);
+    assert!(out.contains("default_priority=sheddable"), "{out}");
+    policy(&["clear", "echo"]);
+
     for id in ["a-1", "a-2", "a-3"] {
         fulcrum(&["ctl", "--control", &control, "drain", id]);
     }

@@ -90,6 +90,18 @@ def check_router(url, region):
         check(np.array_equal(r.as_numpy("x"), x) and list(r.as_numpy("s")) == list(s),
               f"{url}: {alg}-compressed echo")
 
+    # Call priorities, as tritonclient sends any header: each one is served; one that is not a
+    # priority is refused INVALID_ARGUMENT, naming what it was given.
+    for p in ("critical", "normal", "sheddable"):
+        r = c.infer("echo", inputs, headers={"fulcrum-priority": p})
+        check(np.array_equal(r.as_numpy("x"), x), f"{url}: echo at priority {p}")
+    try:
+        c.infer("echo", inputs, headers={"fulcrum-priority": "urgent"})
+        check(False, f"{url}: priority 'urgent' answered")
+    except tc.InferenceServerException as e:
+        check(e.status() == "StatusCode.INVALID_ARGUMENT" and '"urgent"' in e.message(),
+              f"{url}: priority 'urgent' gave {e.status()} {e.message()!r}")
+
     # ModelInfer with typed contents, through tritonclient's generated stubs, reading the
     # routing metadata.
     stub = pbg.GRPCInferenceServiceStub(grpc.insecure_channel(url))
