@@ -183,6 +183,29 @@ async fn a_priority_that_is_not_one_is_refused_and_never_forwarded() {
         "a refused call reached the node"
     );
 
+    // `fulcrum load --header` carries it on every call: every one refused, at once.
+    let report = fulcrum_sim::load::run(fulcrum_sim::load::LoadConfig {
+        target: router.addr.to_string(),
+        rps: 50.0,
+        duration: Duration::from_millis(200),
+        headers: vec![("fulcrum-priority".into(), "urgent".into())],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert!(report.sent > 0);
+    assert_eq!(
+        report.errors.get("INVALID_ARGUMENT"),
+        Some(&report.sent),
+        "{report:?}"
+    );
+    assert!(report.error_latency.max_us > 0, "{report:?}");
+    assert_eq!(
+        node.controls().calls(),
+        before,
+        "a refused call reached the node"
+    );
+
     // Each priority, in any case, is accepted.
     for p in ["critical", "Normal", "SHEDDABLE"] {
         c.model_infer(request(Some(p))).await.expect(p);

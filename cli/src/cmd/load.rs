@@ -44,6 +44,10 @@ pub(crate) struct LoadArgs {
     /// call's send). One caller measures sequential calls.
     #[arg(long, value_name = "CALLERS")]
     closed_loop: Option<usize>,
+    /// A request header every call carries, `NAME=VALUE` (repeatable): `--header
+    /// fulcrum-priority=critical`.
+    #[arg(long = "header", value_name = "NAME=VALUE", value_parser = parse_header)]
+    headers: Vec<(String, String)>,
     /// Also report outcomes by the time calls were due, in buckets this wide (`100ms`).
     #[arg(long, value_parser = humantime::parse_duration)]
     timeline: Option<Duration>,
@@ -73,6 +77,7 @@ pub(crate) async fn run(args: LoadArgs) -> anyhow::Result<()> {
         },
         timeline: args.timeline,
         closed_loop: args.closed_loop,
+        headers: args.headers,
     };
     let mut report = load::run(config).await?;
     if !args.histogram {
@@ -84,6 +89,17 @@ pub(crate) async fn run(args: LoadArgs) -> anyhow::Result<()> {
         outln!("{report}");
     }
     Ok(())
+}
+
+/// `NAME=VALUE` as a header (checked further by the load generator).
+fn parse_header(s: &str) -> Result<(String, String), String> {
+    let (name, value) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not NAME=VALUE"))?;
+    if name.is_empty() {
+        return Err(format!("{s:?} has no header name"));
+    }
+    Ok((name.to_ascii_lowercase(), value.to_owned()))
 }
 
 /// Timer slack this process asks for, in nanoseconds: how late Linux may wake a sleeping thread

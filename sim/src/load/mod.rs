@@ -124,6 +124,9 @@ pub struct LoadConfig {
     /// calls" with one caller). A closed loop hides queueing (a slow answer delays the next
     /// call instead of showing up in its latency), which is why rates are measured open loop.
     pub closed_loop: Option<usize>,
+    /// Request headers (gRPC metadata) every call carries, as (name, value): a router's
+    /// `fulcrum-priority`, an affinity key, a credential.
+    pub headers: Vec<(String, String)>,
 }
 
 impl Default for LoadConfig {
@@ -148,6 +151,7 @@ impl Default for LoadConfig {
             arrivals: Arrivals::Uniform,
             timeline: None,
             closed_loop: None,
+            headers: Vec::new(),
         }
     }
 }
@@ -195,6 +199,7 @@ impl LoadConfig {
                 ));
             }
         }
+        metadata(&self.headers).map_err(LoadError::InvalidConfig)?;
         let limit = (MAX_MESSAGE_SIZE - MESSAGE_OVERHEAD) / 4;
         if self.payload_elems > limit {
             return invalid(format!(
@@ -235,10 +240,29 @@ pub enum LoadError {
     Scheduler(String),
 }
 
+/// The gRPC metadata of `headers`, or what is wrong with one of them.
+fn metadata(headers: &[(String, String)]) -> Result<MetadataMap, String> {
+    let mut map = MetadataMap::new();
+    for (name, value) in headers {
+        let key = tonic::metadata::AsciiMetadataKey::from_bytes(name.as_bytes())
+            .map_err(|_| format!("header name {name:?} is not a valid gRPC metadata key"))?;
+        if name.ends_with("-bin") {
+            return Err(format!("header {name:?}: binary metadata is not supported"));
+        }
+        let value = value
+            .parse()
+            .map_err(|_| format!("header {name:?}: value {value:?} is not printable ASCII"))?;
+        map.append(key, value);
+    }
+    Ok(map)
+}
+
 /// The request every call sends (with its own id), and what must come back.
 struct Template {
     request: ModelInferRequest,
     payload: Bytes,
+    /// The metadata every call carries ([`LoadConfig::headers`]).
+    metadata: MetadataMap,
 }
 
 impl Template {
@@ -258,7 +282,11 @@ impl Template {
             raw_input_contents: vec![payload.clone()],
             ..ModelInferRequest::default()
         };
-        Self { request, payload }
+        Self {
+            request,
+            payload,
+            metadata: MetadataMap::new(),
+        }
     }
 }
 
@@ -335,7 +363,8 @@ struct Schedule {
 pub async fn run(config: LoadConfig) -> Result<LoadReport, LoadError> {
     config.validate()?;
     let clients = connect(&config).await?;
-    let template = Template::new(&config.model, config.payload_elems);
+    let mut template = Template::new(&config.model, config.payload_elems);
+    template.metadata = metadata(&config.headers).map_err(LoadError::InvalidConfig)?;
     let tally = Tally::new(config.timeline)?;
     let lag = Histogram::<u64>::new_with_bounds(1, MAX_LATENCY_US, SIGNIFICANT_DIGITS)?;
     let (tx, rx) = mpsc::unbounded_channel::<Outcome>();
@@ -512,6 +541,7 @@ fn schedule(plan: Plan) -> Schedule {
             id: id.clone(),
             ..template.request.clone()
         });
+        *request.metadata_mut() = template.metadata.clone();
         request.set_timeout(config.timeout);
         lag.saturating_record(micros(
             std::time::Instant::now().saturating_duration_since(due),
@@ -580,6 +610,7 @@ async fn run_closed_loop(plan: Plan, callers: usize) -> Schedule {
                     id: id.clone(),
                     ..template.request.clone()
                 });
+                *request.metadata_mut() = template.metadata.clone();
                 request.set_timeout(timeout);
                 let due = Instant::now();
                 let expected = Expected {
@@ -667,19 +698,21 @@ async fn call(
         _ = stopped.changed() => return,
     };
     let at_us = expected.at_us;
+    let latency_us = micros(expected.due.elapsed());
     let outcome = match result {
         Err(_) => Outcome::Failed {
             code: "DEADLINE_EXCEEDED",
             at_us,
+            latency_us,
             message: None,
         },
         Ok(Err(status)) => Outcome::Failed {
             code: status_name(&status),
             at_us,
+            latency_us,
             message: Some(status.message().to_owned()),
         },
         Ok(Ok(response)) => {
-            let latency_us = micros(expected.due.elapsed());
             let (metadata, answer, _) = response.into_parts();
             if echoes(&answer, &expected) {
                 Outcome::Ok {
@@ -701,6 +734,7 @@ async fn call(
                 Outcome::Failed {
                     code: "DATA_MISMATCH",
                     at_us,
+                    latency_us,
                     message: None,
                 }
             }
@@ -754,6 +788,25 @@ mod tests {
     }
 
     #[test]
+    fn headers_become_the_metadata_of_every_call() {
+        let headers = vec![
+            ("fulcrum-priority".to_owned(), "critical".to_owned()),
+            ("x-tag".to_owned(), "a".to_owned()),
+            ("x-tag".to_owned(), "b".to_owned()),
+        ];
+        let md = metadata(&headers).unwrap();
+        assert_eq!(md.get("fulcrum-priority").unwrap(), "critical");
+        let tags: Vec<_> = md.get_all("x-tag").iter().collect();
+        assert_eq!(tags, ["a", "b"]);
+        LoadConfig {
+            headers,
+            ..config()
+        }
+        .validate()
+        .unwrap();
+    }
+
+    #[test]
     fn rejects_unbounded_or_meaningless_runs() {
         for c in [
             LoadConfig {
@@ -787,6 +840,18 @@ mod tests {
             },
             LoadConfig {
                 connections: 0,
+                ..config()
+            },
+            LoadConfig {
+                headers: vec![("bad name".into(), "x".into())],
+                ..config()
+            },
+            LoadConfig {
+                headers: vec![("x-value".into(), "line\nbreak".into())],
+                ..config()
+            },
+            LoadConfig {
+                headers: vec![("x-data-bin".into(), "AAAA".into())],
                 ..config()
             },
             LoadConfig {

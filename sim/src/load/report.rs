@@ -72,6 +72,10 @@ pub struct LoadReport {
     pub achieved_rps: f64,
     /// Latency of the successful calls.
     pub latency: LatencySummary,
+    /// Latency of the failed calls, from the same start: how fast failures come back (a router
+    /// shedding load answers in microseconds, a call that waited in vain takes its wait, a
+    /// timeout its deadline). All zero when none failed.
+    pub error_latency: LatencySummary,
     /// The latency histogram itself, as `[latency_us, calls]` pairs (each bucket's highest
     /// equivalent value, ascending; empty buckets left out), so that the reports of several
     /// generators can be merged into exact percentiles of all their calls. Left out of the JSON
@@ -197,6 +201,8 @@ pub(crate) enum Outcome {
     /// Failed, with the code's name.
     Failed {
         code: &'static str,
+        /// Microseconds from the scheduled start to the failure.
+        latency_us: u64,
         /// The status message, if the target sent one.
         message: Option<String>,
         /// When the call was due, in microseconds from the start of the run.
@@ -211,6 +217,7 @@ pub(crate) struct Tally {
     ok: u64,
     errors: BTreeMap<String, u64>,
     latency: Histogram<u64>,
+    error_latency: Histogram<u64>,
     nodes: BTreeMap<String, u64>,
     regions: BTreeMap<String, u64>,
     retried: u64,
@@ -232,6 +239,7 @@ impl Tally {
             ok: 0,
             errors: BTreeMap::new(),
             latency: Histogram::new_with_bounds(1, MAX_LATENCY_US, SIGNIFICANT_DIGITS)?,
+            error_latency: Histogram::new_with_bounds(1, MAX_LATENCY_US, SIGNIFICANT_DIGITS)?,
             nodes: BTreeMap::new(),
             regions: BTreeMap::new(),
         })
@@ -263,9 +271,11 @@ impl Tally {
             Outcome::Failed {
                 code,
                 at_us,
+                latency_us,
                 message,
             } => {
                 self.fail(code, 1);
+                self.error_latency.saturating_record(latency_us);
                 if let Some(m) = message {
                     self.error_samples.entry(code.to_string()).or_insert(m);
                 }
@@ -303,6 +313,7 @@ impl Tally {
                 0.0
             },
             latency,
+            error_latency: summarize(&self.error_latency),
             latency_histogram: self
                 .latency
                 .iter_recorded()
@@ -428,6 +439,14 @@ impl fmt::Display for LoadReport {
                     None => writeln!(f)?,
                 }
             }
+            let e = &self.error_latency;
+            writeln!(
+                f,
+                "latency of failed calls (ms): p50 {:.3}  p99 {:.3}  max {:.3}",
+                ms(e.p50_us),
+                ms(e.p99_us),
+                ms(e.max_us)
+            )?;
         }
         let l = &self.latency;
         let from = if self.closed_loop.is_some() {
@@ -499,6 +518,7 @@ mod tests {
         t.record(Outcome::Failed {
             code: "UNAVAILABLE",
             at_us: 250_000,
+            latency_us: 120,
             message: Some("node x is down".into()),
         });
         // Saturates instead of failing.
@@ -525,7 +545,14 @@ mod tests {
         assert_eq!(r.nodes["a"], 3);
         assert!(r.latency.max_us >= MAX_LATENCY_US);
         assert!(r.latency.p50_us >= 2990 && r.latency.p50_us <= 3010);
+        // The failure's latency is apart from the successes'.
+        assert_eq!(r.error_latency.p50_us, 120);
+        assert_eq!(r.error_latency.max_us, 120);
         let text = r.to_string();
+        assert!(
+            text.contains("latency of failed calls (ms): p50 0.120"),
+            "{text}"
+        );
         assert!(text.contains("UNAVAILABLE"), "{text}");
         assert!(text.contains("regions:"), "{text}");
         assert!(text.contains("60.00%"), "{text}");
