@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Fulcrum's benchmark suite against its peers: overhead (scenario 1, this file), routing
 quality (scenario 2, quality.py), data-center failover (scenario 3, failover.py),
-control-plane scale (scenario 4, cp_scale.py: Fulcrum alone, against its targets) and many
-routers with a global or a local load view (scenario 5, many_routers.py).
+control-plane scale (scenario 4, cp_scale.py: Fulcrum alone, against its targets), many
+routers with a global or a local load view (scenario 5, many_routers.py) and overload with
+call priorities (scenario 6, overload.py).
 
 Started by bench/run.sh, which installs the peers and builds `fulcrum` first. Everything runs on
 127.0.0.1 and every load loop is bounded in count and time. The suite
@@ -1551,10 +1552,11 @@ def main() -> int:
                     help="wait at most this long for the machine to be quiet before starting "
                          "(default: 0 quick, 180 full)")
     ap.add_argument("--keep-temp", action="store_true", help="keep the temporary directory")
-    ap.add_argument("--scenarios", default="1,2,3,4,5",
-                    help="comma-separated scenarios to run (default 1,2,3,4,5): 1 overhead, "
+    ap.add_argument("--scenarios", default="1,2,3,4,5,6",
+                    help="comma-separated scenarios to run (default 1,2,3,4,5,6): 1 overhead, "
                          "2 routing quality, 3 data-center failover, 4 control-plane scale, "
-                         "5 many routers (global versus local load view)")
+                         "5 many routers (global versus local load view), 6 overload with "
+                         "call priorities")
     ap.add_argument("--render", metavar="RESULTS_JSON",
                     help="run nothing: print the tables of saved results (and rewrite "
                          "docs/benchmarks.md with --write-docs)")
@@ -1575,8 +1577,8 @@ def main() -> int:
     # Processes start in the run's temporary directory: paths must not be relative.
     args.fulcrum = str(Path(args.fulcrum).resolve())
     scenarios = {int(x) for x in args.scenarios.split(",") if x.strip()}
-    if not scenarios <= {1, 2, 3, 4, 5}:
-        print(f"unknown scenario in {args.scenarios!r}: there are 1, 2, 3, 4 and 5",
+    if not scenarios <= {1, 2, 3, 4, 5, 6}:
+        print(f"unknown scenario in {args.scenarios!r}: there are 1 to 6",
               file=sys.stderr)
         return 2
     if args.envoy is None:
@@ -1705,11 +1707,11 @@ def main() -> int:
     return 0
 
 
-# Scenarios 2 to 5 live in their own modules, imported when run (they import this one).
-SCENARIO_NAMES = {2: "quality", 3: "failover", 4: "cp_scale", 5: "many_routers"}
+# Scenarios 2 to 6 live in their own modules, imported when run (they import this one).
+SCENARIO_NAMES = {2: "quality", 3: "failover", 4: "cp_scale", 5: "many_routers", 6: "overload"}
 # Upper bounds of their durations, in seconds, for the run's alarm.
-SCENARIO_LIMIT_S = {"quick": {2: 600, 3: 600, 4: 900, 5: 300},
-                    "full": {2: 2400, 3: 1800, 4: 2400, 5: 1200}}
+SCENARIO_LIMIT_S = {"quick": {2: 600, 3: 600, 4: 900, 5: 300, 6: 300},
+                    "full": {2: 2400, 3: 1800, 4: 2400, 5: 1200, 6: 900}}
 
 
 def scenario_module(n: int):
@@ -1720,12 +1722,12 @@ def scenario_module(n: int):
 
 def doc_sections(text: str) -> tuple[str, dict[int, str]]:
     """Splits docs/benchmarks.md into its head (everything up to the first section of scenarios
-    2 to 5: the run, the setup and scenario 1) and those sections by number."""
+    2 to 6: the run, the setup and scenario 1) and those sections by number."""
     head: list[str] = []
     sections: dict[int, list[str]] = {}
     current: list[str] = head
     for line in text.splitlines():
-        m = re.match(r"## Scenario ([2-5]):", line)
+        m = re.match(r"## Scenario ([2-6]):", line)
         if m:
             current = sections.setdefault(int(m.group(1)), [])
         current.append(line)

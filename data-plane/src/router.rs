@@ -18,7 +18,7 @@ use crate::endpoint::{InFlight, NodeConn, now_ns};
 use crate::error::RouteError;
 use crate::ingress::forward::Sequence;
 use crate::priority::Priority;
-use crate::queue::{MAX_QUEUE_WAIT, Place, WaitQueue, Waited, expected_wait};
+use crate::queue::{ADMIT_WAIT, MAX_QUEUE_WAIT, Place, WaitQueue, Waited, drain_rate};
 use crate::table::{ModelRoute, RoutedNode, RoutingTable};
 
 /// Most nodes of one region that may be ejected at once, as a share: half, so outlier ejection
@@ -347,7 +347,7 @@ impl RouterState {
     ///
     /// A call joining the queue is shed at once ([`Waited::QueueFull`]) when the calls ahead of
     /// it (those of its priority or higher waiting for any of its nodes) would take longer than
-    /// [`MAX_QUEUE_WAIT`] to drain at the rate its nodes finish calls: fast shedding, and a
+    /// [`ADMIT_WAIT`] to drain at the rate its nodes finish calls: fast shedding, and a
     /// queue whose length follows the nodes' speed rather than a fixed count.
     pub async fn wait_for_slot(
         &self,
@@ -370,25 +370,32 @@ impl RouterState {
             .filter(|n| !tried.iter().any(|t| Arc::ptr_eq(t, &n.conn)))
             .map(|n| n.conn.clone())
             .collect();
+        let mut drain_per_sec = None;
         if !place.has_queued() {
             let now = now_ns();
             // How fast slots free up: each node's mean slot hold time (its peak latency
             // estimate before any call has ended there).
-            let drain = nodes.iter().map(|n| {
+            drain_per_sec = drain_rate(nodes.iter().map(|n| {
                 let hold = n.hold.mean_ms();
                 (
                     n.in_flight(),
                     hold.unwrap_or_else(|| n.latency.estimate_ms(now)),
                 )
-            });
-            if expected_wait(self.queue.waiting_for(&nodes, priority), drain)
-                .is_some_and(|w| w > MAX_QUEUE_WAIT)
-            {
+            }));
+            // Calls of higher priority overtake this one: it drains at the rate of freed slots
+            // they leave it (all of them when none queue).
+            let in_line = self.queue.waiting_for(&nodes, priority) as f64 + 1.0;
+            if drain_per_sec.is_some_and(|rate| {
+                let left = self.queue.rate_left_for(priority, rate);
+                left <= 0.0 || in_line / left > ADMIT_WAIT.as_secs_f64()
+            }) {
                 return Waited::QueueFull;
             }
         }
         let wait = wait.min(MAX_QUEUE_WAIT);
-        self.queue.wait(place, priority, nodes, wait).await
+        self.queue
+            .wait(place, priority, nodes, wait, drain_per_sec)
+            .await
     }
 }
 
