@@ -18,7 +18,7 @@ use crate::endpoint::{InFlight, NodeConn, now_ns};
 use crate::error::RouteError;
 use crate::ingress::forward::Sequence;
 use crate::priority::Priority;
-use crate::queue::{ADMIT_WAIT, MAX_QUEUE_WAIT, Place, WaitQueue, Waited, drain_rate};
+use crate::queue::{MAX_QUEUE_WAIT, Place, WaitQueue, Waited, admit_wait, drain_rate};
 use crate::table::{ModelRoute, RoutedNode, RoutingTable};
 
 /// Most nodes of one region that may be ejected at once, as a share: half, so outlier ejection
@@ -347,7 +347,8 @@ impl RouterState {
     ///
     /// A call joining the queue is shed at once ([`Waited::QueueFull`]) when the calls ahead of
     /// it (those of its priority or higher waiting for any of its nodes) would take longer than
-    /// [`ADMIT_WAIT`] to drain at the rate its nodes finish calls: fast shedding, and a
+    /// [`admit_wait`] (half a second; a quarter for sheddable calls) to drain at the rate its
+    /// nodes finish calls, less what calls above it take: fast shedding, and a
     /// queue whose length follows the nodes' speed rather than a fixed count.
     pub async fn wait_for_slot(
         &self,
@@ -387,7 +388,7 @@ impl RouterState {
             let in_line = self.queue.waiting_for(&nodes, priority) as f64 + 1.0;
             if drain_per_sec.is_some_and(|rate| {
                 let left = self.queue.rate_left_for(priority, rate);
-                left <= 0.0 || in_line / left > ADMIT_WAIT.as_secs_f64()
+                left <= 0.0 || in_line / left > admit_wait(priority).as_secs_f64()
             }) {
                 return Waited::QueueFull;
             }
