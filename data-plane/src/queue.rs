@@ -317,12 +317,21 @@ impl WaitQueue {
         rate: f64,
     ) {
         inner.handoffs.decay_to(crate::endpoint::now_ns());
-        while let Some(i) = inner.waiters.iter().rposition(|w| {
-            w.priority < priority
-                && w.nodes
+        // The waiters below `priority` are the back of the line (it is ordered by priority):
+        // look only there, newest first, not through the whole queue on every join.
+        while let Some(i) = inner
+            .waiters
+            .iter()
+            .enumerate()
+            .rev()
+            .take_while(|(_, w)| w.priority < priority)
+            .find(|(_, w)| {
+                w.nodes
                     .iter()
                     .any(|n| nodes.iter().any(|m| Arc::ptr_eq(n, m)))
-        }) {
+            })
+            .map(|(i, _)| i)
+        {
             let below = inner.waiters[i].priority;
             // The waiter and every call ahead of it, exact: counts change only under the lock.
             let in_line = self.waiting_for(nodes, below) as f64;
