@@ -183,6 +183,18 @@ fn up_serves_both_regions_and_fails_over_on_drain() {
     assert!(stderr.contains("unknown priority \"urgent\""), "{stderr}");
     let out = policy(&["get", "echo"]);
     assert!(out.contains("default_priority=sheddable"), "{out}");
+    let out = policy(&[
+        "set",
+        "echo",
+        "--rate-limit",
+        "50",
+        "--rate-limit-key",
+        "x-api-key",
+    ]);
+    assert!(
+        out.contains("rate_limit=\"50/s burst=1s per x-api-key\""),
+        "{out}"
+    );
     policy(&["clear", "echo"]);
 
     for id in ["a-1", "a-2", "a-3"] {

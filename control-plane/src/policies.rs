@@ -19,6 +19,15 @@ const MAX_ATTEMPTS: u32 = 5;
 /// its capacity gone, which is no longer failover.
 const MAX_OVERPROVISIONING: f64 = 10.0;
 
+/// Highest rate limit a policy may set, calls a second per router: far above what one router
+/// serves (tens of thousands a second), so any real limit fits, while nonsense (1e300) is
+/// refused.
+const MAX_RATE_LIMIT_RPS: f64 = 1e6;
+
+/// Largest burst a policy may set: a minute at the highest rate would be pointless; this is
+/// ten seconds of it.
+const MAX_RATE_LIMIT_BURST: u32 = 10_000_000;
+
 /// Checks a policy; the error names the first bad field.
 pub fn validate(p: &ModelPolicy) -> Result<(), Error> {
     let bad = |m: String| {
@@ -44,6 +53,29 @@ pub fn validate(p: &ModelPolicy) -> Result<(), Error> {
     .map_err(|e| Error::InvalidArgument(e.to_string().replace("invalid node spec: ", "")))?;
     if Balancer::try_from(p.balancer).is_err() {
         return bad(format!("unknown balancer {}", p.balancer));
+    }
+    if p.rate_limit_rps != 0.0
+        && !(p.rate_limit_rps.is_finite() && (0.0..=MAX_RATE_LIMIT_RPS).contains(&p.rate_limit_rps))
+    {
+        return bad(format!(
+            "rate_limit_rps {} is outside [0, {MAX_RATE_LIMIT_RPS}]",
+            p.rate_limit_rps
+        ));
+    }
+    if p.rate_limit_rps == 0.0 && (p.rate_limit_burst != 0 || !p.rate_limit_key_header.is_empty()) {
+        return bad("rate_limit_burst and rate_limit_key_header need rate_limit_rps".into());
+    }
+    if p.rate_limit_burst > MAX_RATE_LIMIT_BURST {
+        return bad(format!(
+            "rate_limit_burst {} is above {MAX_RATE_LIMIT_BURST}",
+            p.rate_limit_burst
+        ));
+    }
+    if !p.rate_limit_key_header.is_empty() && http_header_name_invalid(&p.rate_limit_key_header) {
+        return bad(format!(
+            "rate_limit_key_header {:?} is not a valid header name",
+            p.rate_limit_key_header
+        ));
     }
     if Priority::try_from(p.default_priority).is_err() {
         return bad(format!("unknown default_priority {}", p.default_priority));
@@ -192,6 +224,27 @@ mod tests {
         x.default_priority = 7;
         let e = validate(&x).unwrap_err().to_string();
         assert!(e.contains("unknown default_priority 7"), "{e}");
+        let mut x = p("echo");
+        x.rate_limit_rps = 50.0;
+        x.rate_limit_burst = 75;
+        x.rate_limit_key_header = "x-api-key".into();
+        validate(&x).unwrap();
+        for (rps, burst, key, says) in [
+            (-1.0, 0, "", "rate_limit_rps -1"),
+            (f64::NAN, 0, "", "rate_limit_rps NaN"),
+            (2e6, 0, "", "rate_limit_rps 2000000"),
+            (0.0, 10, "", "need rate_limit_rps"),
+            (0.0, 0, "x-api-key", "need rate_limit_rps"),
+            (5.0, 20_000_000, "", "rate_limit_burst 20000000"),
+            (5.0, 0, "bad key", "not a valid header name"),
+        ] {
+            let mut x = p("echo");
+            x.rate_limit_rps = rps;
+            x.rate_limit_burst = burst;
+            x.rate_limit_key_header = key.into();
+            let e = validate(&x).unwrap_err().to_string();
+            assert!(e.contains(says), "{e}");
+        }
     }
 
     #[tokio::test]

@@ -50,6 +50,21 @@ pub enum RouteError {
         /// The shed call's priority.
         priority: crate::priority::Priority,
     },
+    /// The caller (or all callers together) is over the model's rate limit on this router.
+    #[error("{} over model {model:?}'s rate limit of {rps} calls/s on this router; retry in {} ms", match caller {
+        Some(c) => format!("caller {c} is"),
+        None => "calls are".to_owned(),
+    }, retry_after.as_millis().max(1))]
+    RateLimited {
+        /// The model asked for.
+        model: String,
+        /// The caller's key (header name and value), if the limit is per caller.
+        caller: Option<String>,
+        /// The limit.
+        rps: f64,
+        /// When a call would be admitted again.
+        retry_after: Duration,
+    },
     /// The caller's deadline (or the model's default) ran out.
     #[error("deadline of {budget:?} exceeded{}", match waiting_for {
         Some(node) => format!(" waiting for node {node}"),
@@ -72,9 +87,9 @@ impl From<RouteError> for Status {
                 Status::not_found(msg)
             }
             RouteError::NoHealthyNode { .. } => Status::unavailable(msg),
-            RouteError::AllNodesBusy { .. } | RouteError::Displaced { .. } => {
-                Status::resource_exhausted(msg)
-            }
+            RouteError::AllNodesBusy { .. }
+            | RouteError::Displaced { .. }
+            | RouteError::RateLimited { .. } => Status::resource_exhausted(msg),
             RouteError::DeadlineExceeded { .. } => Status::deadline_exceeded(msg),
         }
     }

@@ -18,6 +18,7 @@
 //!   sequence's node).
 //! - [`queue`]: the wait queue of calls that found every node full, served by priority.
 //! - [`priority`]: call priorities (the `fulcrum-priority` header, a model's default).
+//! - [`rate_limit`]: per-model token buckets, per caller key, on each router.
 //! - [`hedge`]: latency windows for hedging.
 //! - [`subscriber`]: following the control plane's routing stream.
 //! - [`ingress`]: the services clients call ([`ingress::oip`]), deadlines, and the router's
@@ -42,6 +43,7 @@ pub mod metrics;
 pub mod policy;
 pub mod priority;
 pub mod queue;
+pub mod rate_limit;
 pub mod router;
 pub mod server;
 pub mod shard;

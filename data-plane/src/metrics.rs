@@ -11,6 +11,7 @@
 //! | `fulcrum_router_request_duration_seconds` | model | latency of answered calls (histogram) |
 //! | `fulcrum_router_retries_total`, `fulcrum_router_hedges_total` | model | extra attempts |
 //! | `fulcrum_router_shed_total` | model, priority | calls shed by the router (every node full) |
+//! | `fulcrum_router_rate_limited_total` | model | calls refused by the model's rate limit |
 //! | `fulcrum_router_local_share` | model | share of calls the local region takes now |
 //! | `fulcrum_router_node_in_flight`, `fulcrum_router_node_limit` | node, region | calls in flight from this router, and its limit |
 //! | `fulcrum_router_node_attempts_total`, `fulcrum_router_node_failures_total` | node, region | attempts sent, and failed (the node's fault) |
@@ -55,6 +56,8 @@ pub struct ModelStats {
     hedges: AtomicU64,
     /// Calls shed, by priority ([`Priority::index`]).
     shed: [AtomicU64; 3],
+    /// Calls refused by the model's rate limit.
+    rate_limited: AtomicU64,
     /// Answered calls per latency bucket (not cumulative; the last one is above every bound).
     buckets: [AtomicU64; LATENCY_BUCKETS.len() + 1],
     latency_sum_us: AtomicU64,
@@ -67,6 +70,7 @@ impl Default for ModelStats {
             retries: AtomicU64::new(0),
             hedges: AtomicU64::new(0),
             shed: std::array::from_fn(|_| AtomicU64::new(0)),
+            rate_limited: AtomicU64::new(0),
             buckets: std::array::from_fn(|_| AtomicU64::new(0)),
             latency_sum_us: AtomicU64::new(0),
         }
@@ -93,6 +97,11 @@ impl ModelStats {
     /// A hedged attempt was started.
     pub fn hedged(&self) {
         self.hedges.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A call was refused by the model's rate limit.
+    pub fn rate_limited(&self) {
+        self.rate_limited.fetch_add(1, Ordering::Relaxed);
     }
 
     /// A call of `priority` was shed because every node was full.
@@ -196,6 +205,11 @@ impl Collector for RouterCollector {
                 "fulcrum_router_hedges",
                 "Hedged attempts started",
                 |s: &ModelStats| s.hedges.load(Ordering::Relaxed),
+            ),
+            (
+                "fulcrum_router_rate_limited",
+                "Calls refused by the model's rate limit on this router",
+                |s: &ModelStats| s.rate_limited.load(Ordering::Relaxed),
             ),
         ] {
             family(

@@ -9,6 +9,7 @@ use fulcrum_proto::fulcrum::v1::{Balancer, ModelPolicy};
 use crate::balance::Policy;
 use crate::balance::locality::DEFAULT_OVERPROVISIONING;
 use crate::priority::Priority;
+use crate::rate_limit::RateLimitSpec;
 
 /// Default call deadline: the seed article's advice for model APIs (3–5 s) at its upper end,
 /// so a slow but healthy model is not cut off.
@@ -56,6 +57,8 @@ pub struct ModelSettings {
     pub overprovisioning: f64,
     /// Priority of the calls that name none.
     pub priority: Priority,
+    /// The model's rate limit on this router, if any.
+    pub rate_limit: Option<RateLimitSpec>,
 }
 
 impl Default for ModelSettings {
@@ -98,6 +101,11 @@ impl ModelSettings {
             panic_mode: p.panic_mode,
             overprovisioning,
             priority: Priority::from_proto(p.default_priority),
+            rate_limit: RateLimitSpec::from_policy(
+                p.rate_limit_rps,
+                p.rate_limit_burst,
+                &p.rate_limit_key_header,
+            ),
         }
     }
 
@@ -124,6 +132,7 @@ mod tests {
         assert_eq!(d.hedge, Hedge::Off);
         assert!(d.idempotent && !d.panic_mode);
         assert_eq!(d.priority, Priority::Normal);
+        assert_eq!(d.rate_limit, None);
         let p = ModelPolicy {
             max_attempts: 99,
             overprovisioning: f64::NAN,

@@ -147,6 +147,8 @@ pub struct ModelState {
     pub latency: Arc<LatencyWindow>,
     /// Counters for metrics.
     pub stats: Arc<crate::metrics::ModelStats>,
+    /// Rate-limit buckets.
+    pub limiter: Arc<crate::rate_limit::Limiter>,
 }
 
 impl Default for ModelState {
@@ -156,6 +158,7 @@ impl Default for ModelState {
             share: Arc::new(AppliedShare::new(1.0)),
             latency: Arc::default(),
             stats: Arc::default(),
+            limiter: Arc::default(),
         }
     }
 }

@@ -214,6 +214,16 @@ enum PolicyCommand {
         /// normal (default) or sheddable.
         #[arg(long, default_value = "normal")]
         default_priority: String,
+        /// Token-bucket rate limit: calls a second each router admits for the model (default:
+        /// none).
+        #[arg(long, default_value_t = 0.0)]
+        rate_limit: f64,
+        /// Calls admitted at once after a quiet spell (default: one second's worth).
+        #[arg(long, default_value_t = 0)]
+        rate_limit_burst: u32,
+        /// Request header telling callers apart, each with a bucket of its own (an API key).
+        #[arg(long, default_value = "")]
+        rate_limit_key: String,
     },
     /// Remove a model's policy (back to the defaults).
     Clear {
@@ -252,8 +262,23 @@ fn print_policy(p: &ModelPolicy) -> anyhow::Result<()> {
         Priority::Critical => "critical",
         Priority::Sheddable => "sheddable",
     };
+    let rate_limit = if p.rate_limit_rps > 0.0 {
+        let burst = if p.rate_limit_burst == 0 {
+            "1s".to_owned()
+        } else {
+            p.rate_limit_burst.to_string()
+        };
+        let per = if p.rate_limit_key_header.is_empty() {
+            String::new()
+        } else {
+            format!(" per {}", p.rate_limit_key_header)
+        };
+        format!("{}/s burst={burst}{per}", p.rate_limit_rps)
+    } else {
+        "none".to_owned()
+    };
     outln!(
-        "{}: balancer={balancer}{} timeout={} max_attempts={} per_try_timeout={} idempotent={} hedge={hedge} panic_mode={} overprovisioning={} default_priority={priority}",
+        "{}: balancer={balancer}{} timeout={} max_attempts={} per_try_timeout={} idempotent={} hedge={hedge} panic_mode={} overprovisioning={} default_priority={priority} rate_limit={rate_limit:?}",
         p.model,
         if p.hash_header.is_empty() {
             String::new()
@@ -309,6 +334,9 @@ async fn policy(admin: &mut Admin, command: PolicyCommand) -> anyhow::Result<()>
             panic_mode,
             overprovisioning,
             default_priority,
+            rate_limit,
+            rate_limit_burst,
+            rate_limit_key,
         } => {
             let balancer = match balancer.as_str() {
                 "p2c-ewma" | "p2c" => Balancer::P2cEwma,
@@ -343,6 +371,9 @@ async fn policy(admin: &mut Admin, command: PolicyCommand) -> anyhow::Result<()>
                 panic_mode,
                 overprovisioning,
                 default_priority: default_priority as i32,
+                rate_limit_rps: rate_limit,
+                rate_limit_burst,
+                rate_limit_key_header: rate_limit_key,
             };
             let p = admin
                 .set_model_policy(p)

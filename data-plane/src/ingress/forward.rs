@@ -272,6 +272,12 @@ where
         .ok_or_else(|| RouteError::UnknownModel(model.to_owned()))?;
     let settings = route.settings.clone();
     let priority = Priority::of(metadata.as_ref(), settings.priority)?;
+    if let Some(limit) = &settings.rate_limit
+        && let Err(e) = route.state.limiter.check(model, limit, metadata.as_ref())
+    {
+        route.state.stats.rate_limited();
+        return Err(e.into());
+    }
     let budget = deadline::budget(metadata, settings.timeout);
     let started = Instant::now();
     let deadline_at = started + budget;

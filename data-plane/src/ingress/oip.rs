@@ -392,6 +392,28 @@ impl StreamSession {
             return None;
         }
         let model = req.model_name.clone();
+        // Every request of a stream is a call against the model's rate limit.
+        let limited = self
+            .service
+            .state
+            .table
+            .load()
+            .models
+            .get(&model)
+            .and_then(|r| {
+                let limit = r.settings.rate_limit.as_ref()?;
+                let refused = r.state.limiter.check(&model, limit, &self.metadata).err()?;
+                r.state.stats.rate_limited();
+                Some(refused)
+            });
+        if let Some(refused) = limited {
+            let status = Status::from(refused);
+            let _ = self
+                .out
+                .send(Ok(stream_error(&req, status.message().to_owned())))
+                .await;
+            return None;
+        }
         if let Some(up) = self.upstreams.get(&model) {
             if !up.closed.load(Ordering::Acquire) {
                 let node = up.node.clone();

@@ -60,11 +60,16 @@ async fn try_forward(
     let table = state.table.load_full();
     let metadata = tonic::metadata::MetadataMap::from_headers(req.headers().clone());
     let key = super::forward::affinity_key(&table, &model, &metadata);
-    let default = table
-        .models
-        .get(&model)
-        .map_or(Priority::Normal, |r| r.settings.priority);
+    let route = table.models.get(&model);
+    let default = route.map_or(Priority::Normal, |r| r.settings.priority);
     let priority = Priority::of(req.headers(), default)?;
+    if let Some(r) = route
+        && let Some(limit) = &r.settings.rate_limit
+        && let Err(e) = r.state.limiter.check(&model, limit, req.headers())
+    {
+        r.state.stats.rate_limited();
+        return Err(e.into());
+    }
     let mut place = Place::default();
     let queue_end = Instant::now() + MAX_QUEUE_WAIT;
     let picked = loop {
