@@ -40,8 +40,8 @@ from pathlib import Path
 
 import oracle
 from quality import commands_block, machine_load, merge_counts, ms, ratio
-from suite import (Procs, busy_seconds, children_cpu_seconds, cpu_ns, free_port, log,
-                   run_until_ok)
+from suite import (EchoFleet, Procs, busy_seconds, children_cpu_seconds, cpu_ns, free_port,
+                   log, wait_router_serves)
 
 # The fleet. Service times of tens of milliseconds, so that routing decides the latencies
 # rather than the microseconds of eight routers and eight generators competing for two cores;
@@ -135,28 +135,11 @@ class Scenario:
 
     def start(self) -> None:
         f = self.f
-        self.ports: dict[str, int] = {}
-        self.node_pids: list[int] = []
-        for i, (name, spec) in enumerate(FLEET, 1):
-            port = free_port()
-            self.ports[name] = port
-            p = self.procs.start(f"node-{name}", [
-                f, "node-sim", "--listen", f"127.0.0.1:{port}", "--name", name,
-                "--service-time", spec, "--slots", str(SLOTS), "--queue", str(QUEUE),
-                "--seed", str(500 + i)])
-            self.node_pids.append(p.pid)
-        self.control = f"127.0.0.1:{free_port()}"
-        p = self.procs.start("control", [
-            f, "control", "--store", f"embedded:{self.tmp}/store.json", "--listen",
-            self.control, "--probe-interval", "500ms", "--admin-trust-loopback"])
-        self.control_pid = p.pid
-        self.register = []
-        for name, _ in FLEET:
-            cmd = [f, "ctl", "--control", self.control, "register", "--id", name, "--address",
-                   f"127.0.0.1:{self.ports[name]}", "--region", "a", "--models", "echo",
-                   "--capacity", str(SLOTS)]
-            self.register.append(cmd)
-            run_until_ok(cmd, f"registering {name}")
+        fleet = EchoFleet(self.procs, f, self.tmp, FLEET, SLOTS, QUEUE, seed_base=500)
+        self.node_pids = fleet.node_pids
+        self.control = fleet.control
+        self.control_pid = fleet.control_pid
+        self.register = fleet.register
         self.targets: dict[str, list[str]] = {v: [] for v in VIEWS}
         self.router_pids: dict[str, list[int]] = {v: [] for v in VIEWS}
         for view in VIEWS:
@@ -171,7 +154,7 @@ class Scenario:
         self.wait_fleet()
         for view in VIEWS:
             for addr in self.targets[view]:
-                self.wait_ready(addr)
+                wait_router_serves(self.procs, f, addr, f"scenario 5: router {addr}")
         log(f"scenario 5: {ROUTERS} routers per view ready")
 
     def nodes_json(self) -> list[dict]:
@@ -198,24 +181,6 @@ class Scenario:
             time.sleep(0.3)
         raise RuntimeError(f"scenario 5: the fleet is not routable within {within_s:g}s: "
                            f"{[(n['id'], n['health'], n['weight']) for n in nodes]}")
-
-    def wait_ready(self, addr: str, within_s: float = 40) -> None:
-        deadline = time.time() + within_s
-        last = None
-        while time.time() < deadline:
-            self.procs.check_alive()
-            p = subprocess.run([self.f, "load", "--target", addr, "--rps", "20", "--duration",
-                                "0.5s", "--timeout", "2s", "--json"],
-                               capture_output=True, text=True, timeout=30)
-            if p.returncode == 0:
-                r = json.loads(p.stdout)
-                if r["ok"] == r["sent"] > 0:
-                    return
-                last = r["errors"]
-            else:
-                last = p.stderr.strip()[-200:]
-            time.sleep(0.3)
-        raise RuntimeError(f"scenario 5: router {addr} not ready within {within_s:g}s ({last})")
 
     # -- load ---------------------------------------------------------------------------------
 

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 from quality import commands_block, machine_load, ms
-from suite import Procs, cpu_ns, free_port, log, memory_kib, run_until_ok
+from suite import EchoFleet, Procs, cpu_ns, free_port, log, memory_kib, wait_router_serves
 
 # The fleet: two nodes of 4 slots at 50 ms, 160 calls/s in all. Slow enough that ten times
 # its capacity (1,600 calls/s) leaves this two-core machine room for the router, the two
@@ -70,54 +70,17 @@ class Scenario:
         self.commands: dict[str, list[str]] = {}
 
     def start(self) -> None:
-        f = self.f
-        self.ports = {}
-        self.node_pids = []
-        for i, name in enumerate(NODES, 1):
-            port = free_port()
-            self.ports[name] = port
-            p = self.procs.start(f"node-{name}", [
-                f, "node-sim", "--listen", f"127.0.0.1:{port}", "--name", name,
-                "--service-time", SERVICE, "--slots", str(SLOTS), "--queue", str(QUEUE),
-                "--seed", str(600 + i)])
-            self.node_pids.append(p.pid)
-        self.control = f"127.0.0.1:{free_port()}"
-        self.procs.start("control", [
-            f, "control", "--store", f"embedded:{self.tmp}/store.json", "--listen",
-            self.control, "--probe-interval", "500ms", "--admin-trust-loopback"])
-        self.register = []
-        for name in NODES:
-            cmd = [f, "ctl", "--control", self.control, "register", "--id", name, "--address",
-                   f"127.0.0.1:{self.ports[name]}", "--region", "a", "--models", "echo",
-                   "--capacity", str(SLOTS)]
-            self.register.append(cmd)
-            run_until_ok(cmd, f"registering {name}")
+        fleet = EchoFleet(self.procs, self.f, self.tmp, [(n, SERVICE) for n in NODES], SLOTS,
+                          QUEUE, seed_base=600)
+        self.node_pids = fleet.node_pids
+        self.register = fleet.register
         self.target = f"127.0.0.1:{free_port()}"
         p = self.procs.start("router", [
-            f, "router", "--region", "a", "--control", self.control, "--listen", self.target,
-            "--id", "router-overload"])
+            self.f, "router", "--region", "a", "--control", fleet.control, "--listen",
+            self.target, "--id", "router-overload"])
         self.router_pid = p.pid
-        self.wait_ready()
+        wait_router_serves(self.procs, self.f, self.target, "scenario 6: the router", NODES)
         log("scenario 6: router ready")
-
-    def wait_ready(self, within_s: float = 40) -> None:
-        deadline = time.time() + within_s
-        last = None
-        while time.time() < deadline:
-            self.procs.check_alive()
-            p = subprocess.run([self.f, "load", "--target", self.target, "--rps", "20",
-                                "--duration", "0.5s", "--timeout", "2s", "--json"],
-                               capture_output=True, text=True, timeout=30)
-            if p.returncode == 0:
-                r = json.loads(p.stdout)
-                nodes = set(r["nodes"])
-                if r["ok"] == r["sent"] > 0 and nodes == set(NODES):
-                    return
-                last = (r["errors"], sorted(nodes))
-            else:
-                last = p.stderr.strip()[-200:]
-            time.sleep(0.3)
-        raise RuntimeError(f"scenario 6: router not ready within {within_s:g}s ({last})")
 
     def load_cmd(self, rps: float, seconds: float, seed: int, priority: str | None) -> list[str]:
         cmd = [self.f, "load", "--target", self.target, "--model", "echo", "--rps", f"{rps:.1f}",

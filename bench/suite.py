@@ -243,6 +243,62 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class EchoFleet:
+    """What scenarios 5 and 6 start from: node-sims serving `echo` in region `a` (one per
+    `(name, service time)`, each with `slots` slots and a `queue`-deep queue, seeded
+    `seed_base + i`), a control plane on the embedded store in `tmp`, and the nodes registered
+    with their slots as capacity. Keeps the ports, the pids and the commands the report shows."""
+
+    def __init__(self, procs: Procs, fulcrum: str, tmp: Path, nodes: list[tuple[str, str]],
+                 slots: int, queue: int, seed_base: int):
+        self.ports: dict[str, int] = {}
+        self.node_pids: list[int] = []
+        for i, (name, service) in enumerate(nodes, 1):
+            port = free_port()
+            self.ports[name] = port
+            p = procs.start(f"node-{name}", [
+                fulcrum, "node-sim", "--listen", f"127.0.0.1:{port}", "--name", name,
+                "--service-time", service, "--slots", str(slots), "--queue", str(queue),
+                "--seed", str(seed_base + i)])
+            self.node_pids.append(p.pid)
+        self.control = f"127.0.0.1:{free_port()}"
+        p = procs.start("control", [
+            fulcrum, "control", "--store", f"embedded:{tmp}/store.json", "--listen",
+            self.control, "--probe-interval", "500ms", "--admin-trust-loopback"])
+        self.control_pid = p.pid
+        self.register: list[list[str]] = []
+        for name, _ in nodes:
+            cmd = [fulcrum, "ctl", "--control", self.control, "register", "--id", name,
+                   "--address", f"127.0.0.1:{self.ports[name]}", "--region", "a", "--models",
+                   "echo", "--capacity", str(slots)]
+            self.register.append(cmd)
+            run_until_ok(cmd, f"registering {name}")
+
+
+def wait_router_serves(procs: Procs, fulcrum: str, target: str, what: str,
+                       nodes: list[str] | None = None, within_s: float = 40) -> None:
+    """Until a short `fulcrum load` through the router at `target` has every call answered
+    (and, given `nodes`, answered by exactly those nodes). Raises naming `what` and the last
+    complaint after `within_s`; a process of `procs` that died raises at once."""
+    deadline = time.time() + within_s
+    last = None
+    while time.time() < deadline:
+        procs.check_alive()
+        p = subprocess.run([fulcrum, "load", "--target", target, "--rps", "20",
+                            "--duration", "0.5s", "--timeout", "2s", "--json"],
+                           capture_output=True, text=True, timeout=30)
+        if p.returncode == 0:
+            r = json.loads(p.stdout)
+            seen = set(r["nodes"])
+            if r["ok"] == r["sent"] > 0 and (nodes is None or seen == set(nodes)):
+                return
+            last = (r["errors"], sorted(seen))
+        else:
+            last = p.stderr.strip()[-200:]
+        time.sleep(0.3)
+    raise RuntimeError(f"{what}: not serving within {within_s:g}s ({last})")
+
+
 def children(pid: int) -> list[int]:
     """Direct children of `pid` (nginx's workers)."""
     found = []

@@ -30,7 +30,8 @@ use crate::priority::Priority;
 /// Most calls that may wait at once, whatever their expected wait: a bound on the memory that
 /// queued requests hold (at inference's usual request sizes, tens of kilobytes, a few thousand
 /// calls are some tens of megabytes). The bound that sheds in practice is the expected wait
-/// ([`expected_wait`] against [`MAX_QUEUE_WAIT`]), which scales with how fast the nodes drain.
+/// (the calls ahead at the nodes' [`drain_rate`], against [`admit_wait`]), which scales with
+/// how fast the nodes drain.
 pub const MAX_QUEUED_CALLS: usize = 4096;
 
 /// Longest a call waits in the queue in all: a slot that does not free up within half a second
@@ -80,17 +81,6 @@ pub fn drain_rate(nodes: impl IntoIterator<Item = (u32, f64)>) -> Option<f64> {
         .map(|(in_flight, ms)| f64::from(in_flight) * 1e3 / ms)
         .sum();
     (per_sec > 0.0 && per_sec.is_finite()).then_some(per_sec)
-}
-
-/// How long a call joining a queue of `queued` calls can expect to wait for a slot on nodes
-/// with the given (calls in flight, latency estimate in milliseconds): it is served once the
-/// calls ahead of it are, at the nodes' [`drain_rate`]. `None` when that is unknown.
-pub fn expected_wait(
-    queued: usize,
-    nodes: impl IntoIterator<Item = (u32, f64)>,
-) -> Option<Duration> {
-    let per_sec = drain_rate(nodes)?;
-    Duration::try_from_secs_f64((queued as f64 + 1.0) / per_sec).ok()
 }
 
 /// How a wait ended.
@@ -789,22 +779,19 @@ mod tests {
     }
 
     #[test]
-    fn the_expected_wait_follows_the_drain_rate() {
-        // Two nodes, 6 calls each, 20 ms: 600 slots a second; 299 ahead: half a second.
-        let w = expected_wait(299, [(6, 20.0), (6, 20.0)]).unwrap();
-        assert!((w.as_secs_f64() - 0.5).abs() < 1e-9, "{w:?}");
+    fn the_drain_rate_is_little_s_law_over_the_nodes() {
+        // Two nodes, 6 calls each, 20 ms: 600 slots a second.
+        let r = drain_rate([(6, 20.0), (6, 20.0)]).unwrap();
+        assert!((r - 600.0).abs() < 1e-9, "{r}");
         // A hung node (a minute's estimate) adds next to nothing; a slow one its share.
-        let hung = expected_wait(299, [(6, 20.0), (6, 20.0), (6, 60_000.0)]).unwrap();
-        assert!(hung > Duration::from_millis(499), "{hung:?}");
-        let slow = expected_wait(299, [(6, 20.0), (6, 20.0), (6, 60.0)]).unwrap();
-        assert!(
-            (slow.as_secs_f64() - 300.0 / 700.0).abs() < 1e-9,
-            "{slow:?}"
-        );
+        let hung = drain_rate([(6, 20.0), (6, 20.0), (6, 60_000.0)]).unwrap();
+        assert!(hung < 600.2, "{hung}");
+        let slow = drain_rate([(6, 20.0), (6, 20.0), (6, 60.0)]).unwrap();
+        assert!((slow - 700.0).abs() < 1e-9, "{slow}");
         // Nothing in flight, or nonsense estimates: unknown.
-        assert_eq!(expected_wait(3, [(0, 20.0)]), None);
-        assert_eq!(expected_wait(3, [(4, f64::NAN), (4, 0.0), (4, -1.0)]), None);
-        assert_eq!(expected_wait(3, []), None);
+        assert_eq!(drain_rate([(0, 20.0)]), None);
+        assert_eq!(drain_rate([(4, f64::NAN), (4, 0.0), (4, -1.0)]), None);
+        assert_eq!(drain_rate([]), None);
     }
 
     async fn wait_len(queue: &WaitQueue, n: usize) {

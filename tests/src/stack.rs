@@ -16,10 +16,13 @@ use fulcrum_proto::fulcrum::v1::{
 };
 use fulcrum_proto::inference::ServerReadyRequest;
 use fulcrum_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
+use fulcrum_sim::node::{NodeSimConfig, RunningNodeSim};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tonic::transport::Channel;
+
+use crate::etcd::Etcd;
 
 /// A server running on a tokio task until stopped (or dropped).
 #[derive(Debug)]
@@ -130,6 +133,45 @@ pub async fn control_plane_configured(
         }
     })
     .await
+}
+
+/// The smallest stack most tests start from: a real etcd, a control plane on it, an admin
+/// client, and one node-sim registered as node `a-1` in region `a`, serving model `echo`.
+/// Fields drop in the order they are declared, node first and etcd last, as locals would.
+#[derive(Debug)]
+pub struct OneNode {
+    /// The node-sim `a-1`.
+    pub node: RunningNodeSim,
+    /// An admin client for the control plane.
+    pub admin: AdminClient<Channel>,
+    /// The control plane.
+    pub cp: Running,
+    /// The etcd the control plane stores its state in.
+    pub etcd: Etcd,
+}
+
+/// Starts [`OneNode`]: `sim` runs as node `a-1` (its name is set here) and is registered with
+/// `capacity` concurrent calls.
+pub async fn one_node(sim: NodeSimConfig, capacity: i64) -> OneNode {
+    let etcd = Etcd::start().await;
+    let cp = control_plane(&etcd.url()).await;
+    let mut admin = admin(cp.addr).await;
+    let node = fulcrum_sim::node::spawn(
+        NodeSimConfig {
+            name: "a-1".into(),
+            ..sim
+        },
+        "127.0.0.1:0".parse().expect("loopback"),
+    )
+    .await
+    .expect("start node-sim a-1");
+    register(&mut admin, spec("a-1", node.addr, "a", &["echo"], capacity)).await;
+    OneNode {
+        node,
+        admin,
+        cp,
+        etcd,
+    }
 }
 
 /// Starts a router for `region` following the control plane at `control`.

@@ -7,7 +7,7 @@ use fulcrum_proto::fulcrum::v1::{
     DeregisterNodeRequest, DrainNodeRequest, GetNodeRequest, RegisterNodeRequest,
 };
 use fulcrum_proto::inference::{ModelConfigRequest, ModelMetadataRequest};
-use fulcrum_sim::node::{NodeSimConfig, spawn};
+use fulcrum_sim::node::NodeSimConfig;
 use fulcrum_tests::etcd::Etcd;
 use fulcrum_tests::eventually;
 use fulcrum_tests::infer::echo_request;
@@ -17,19 +17,12 @@ use tonic::codec::CompressionEncoding;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn router_refuses_bad_calls_precisely() {
-    let etcd = Etcd::start().await;
-    let cp = stack::control_plane(&etcd.url()).await;
-    let mut admin = admin(cp.addr).await;
-    let node = spawn(
-        NodeSimConfig {
-            name: "a-1".into(),
-            ..Default::default()
-        },
-        "127.0.0.1:0".parse().unwrap(),
-    )
-    .await
-    .unwrap();
-    register(&mut admin, spec("a-1", node.addr, "a", &["echo"], 4)).await;
+    let stack::OneNode {
+        node,
+        cp,
+        etcd: _etcd,
+        ..
+    } = stack::one_node(NodeSimConfig::default(), 4).await;
     // A 1 MiB message limit, so the oversized case is cheap.
     let router = stack::router("a", cp.addr, Some(1 << 20)).await;
     wait_ready(router.addr).await;

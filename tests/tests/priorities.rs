@@ -6,12 +6,11 @@
 use std::time::Duration;
 
 use fulcrum_proto::fulcrum::v1::{ModelPolicy, Priority};
-use fulcrum_sim::node::{NodeSimConfig, spawn};
-use fulcrum_tests::etcd::Etcd;
+use fulcrum_sim::node::NodeSimConfig;
 use fulcrum_tests::eventually;
 use fulcrum_tests::infer::echo_request;
 use fulcrum_tests::scrape::metric;
-use fulcrum_tests::stack::{self, admin, oip, register, spec, wait_ready};
+use fulcrum_tests::stack::{self, oip, wait_ready};
 use tonic::Code;
 
 /// A request for the echo model naming `priority` in the header, or none.
@@ -27,22 +26,21 @@ fn request(priority: Option<&str>) -> tonic::Request<fulcrum_proto::inference::M
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn critical_calls_overtake_a_backlog_of_sheddable_ones() {
     let _serial = fulcrum_tests::exclusive().await;
-    let etcd = Etcd::start().await;
-    let cp = stack::control_plane(&etcd.url()).await;
-    let mut admin = admin(cp.addr).await;
     // Capacity 2: the router lets 3 calls at a time reach the node, and queues the rest.
-    let node = spawn(
+    let stack::OneNode {
+        node: _node,
+        mut admin,
+        cp,
+        etcd: _etcd,
+    } = stack::one_node(
         NodeSimConfig {
-            name: "a-1".into(),
             service_time: "const:100ms".parse().unwrap(),
             slots: 2,
             ..Default::default()
         },
-        "127.0.0.1:0".parse().unwrap(),
+        2,
     )
-    .await
-    .unwrap();
-    register(&mut admin, spec("a-1", node.addr, "a", &["echo"], 2)).await;
+    .await;
     // Calls that name no priority are sheddable for this model.
     let before = stack::routing_version(&admin).await;
     admin
@@ -132,19 +130,12 @@ async fn critical_calls_overtake_a_backlog_of_sheddable_ones() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_priority_that_is_not_one_is_refused_and_never_forwarded() {
-    let etcd = Etcd::start().await;
-    let cp = stack::control_plane(&etcd.url()).await;
-    let mut admin = admin(cp.addr).await;
-    let node = spawn(
-        NodeSimConfig {
-            name: "a-1".into(),
-            ..Default::default()
-        },
-        "127.0.0.1:0".parse().unwrap(),
-    )
-    .await
-    .unwrap();
-    register(&mut admin, spec("a-1", node.addr, "a", &["echo"], 4)).await;
+    let stack::OneNode {
+        node,
+        mut admin,
+        cp,
+        etcd: _etcd,
+    } = stack::one_node(NodeSimConfig::default(), 4).await;
     let router = stack::router("a", cp.addr, None).await;
     wait_ready(router.addr).await;
     let mut c = oip(router.addr).await;

@@ -4,11 +4,10 @@
 //! control plane and changes nothing.
 
 use fulcrum_proto::fulcrum::v1::{GetModelPolicyRequest, ModelPolicy};
-use fulcrum_sim::node::{NodeSimConfig, spawn};
-use fulcrum_tests::etcd::Etcd;
+use fulcrum_sim::node::NodeSimConfig;
 use fulcrum_tests::infer::echo_request;
 use fulcrum_tests::scrape::metric;
-use fulcrum_tests::stack::{self, admin, oip, register, spec, wait_ready};
+use fulcrum_tests::stack::{self, oip, wait_ready};
 use tonic::Code;
 
 fn request(key: &str) -> tonic::Request<fulcrum_proto::inference::ModelInferRequest> {
@@ -19,19 +18,12 @@ fn request(key: &str) -> tonic::Request<fulcrum_proto::inference::ModelInferRequ
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn callers_over_their_bucket_are_refused_and_others_are_not() {
-    let etcd = Etcd::start().await;
-    let cp = stack::control_plane(&etcd.url()).await;
-    let mut admin = admin(cp.addr).await;
-    let node = spawn(
-        NodeSimConfig {
-            name: "a-1".into(),
-            ..Default::default()
-        },
-        "127.0.0.1:0".parse().unwrap(),
-    )
-    .await
-    .unwrap();
-    register(&mut admin, spec("a-1", node.addr, "a", &["echo"], 8)).await;
+    let stack::OneNode {
+        node,
+        mut admin,
+        cp,
+        etcd: _etcd,
+    } = stack::one_node(NodeSimConfig::default(), 8).await;
     // One call a second per API key, bursts of three.
     let limit = ModelPolicy {
         model: "echo".into(),

@@ -1,5 +1,5 @@
 //! The mean time a call holds one of a node's slots: how fast the node frees slots, for the
-//! wait queue's admission estimate ([`crate::queue::expected_wait`]).
+//! wait queue's admission estimate ([`crate::queue::drain_rate`]).
 //!
 //! Not the peak EWMA that ranks nodes ([`super::peak_ewma`]): that one is pessimistic on
 //! purpose (a slow sample replaces it at once and decays over seconds), which is right for
