@@ -196,6 +196,20 @@ fn up_serves_both_regions_and_fails_over_on_drain() {
         "{out}"
     );
     policy(&["clear", "echo"]);
+    // A fallback model, set and read back; a model cannot be its own.
+    let out = policy(&["set", "big", "--fallback-model", "echo"]);
+    assert!(out.contains("fallback=echo"), "{out}");
+    let out = policy(&["get", "big"]);
+    assert!(out.contains("fallback=echo"), "{out}");
+    let refused = Command::new(BIN)
+        .args(["ctl", "--control", &control, "policy", "set", "big"])
+        .args(["--fallback-model", "big"])
+        .output()
+        .expect("run fulcrum");
+    assert!(!refused.status.success(), "a model was its own fallback");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("names the model itself"), "{stderr}");
+    policy(&["clear", "big"]);
 
     for id in ["a-1", "a-2", "a-3"] {
         fulcrum(&["ctl", "--control", &control, "drain", id]);

@@ -39,18 +39,13 @@ pub fn validate(p: &ModelPolicy) -> Result<(), Error> {
     if p.model.is_empty() {
         return Err(Error::InvalidArgument("policy.model is required".into()));
     }
-    crate::registry::validate(&fulcrum_proto::fulcrum::v1::NodeSpec {
-        id: "policy".into(),
-        address: "127.0.0.1:1".into(),
-        region: "r".into(),
-        capacity: 1,
-        models: vec![fulcrum_proto::fulcrum::v1::Model {
-            name: p.model.clone(),
-            versions: vec![],
-        }],
-        ..Default::default()
-    })
-    .map_err(|e| Error::InvalidArgument(e.to_string().replace("invalid node spec: ", "")))?;
+    model_name_valid(&p.model).map_err(Error::InvalidArgument)?;
+    if !p.fallback_model.is_empty() {
+        if p.fallback_model == p.model {
+            return bad("fallback_model names the model itself".into());
+        }
+        model_name_valid(&p.fallback_model).or_else(|e| bad(format!("fallback_model: {e}")))?;
+    }
     if Balancer::try_from(p.balancer).is_err() {
         return bad(format!("unknown balancer {}", p.balancer));
     }
@@ -126,6 +121,23 @@ pub fn validate(p: &ModelPolicy) -> Result<(), Error> {
         ));
     }
     Ok(())
+}
+
+/// Checks a model name by the rules a node's declared models follow (the registry's), so a
+/// policy can only name a model a node could serve.
+fn model_name_valid(model: &str) -> Result<(), String> {
+    crate::registry::validate(&fulcrum_proto::fulcrum::v1::NodeSpec {
+        id: "policy".into(),
+        address: "127.0.0.1:1".into(),
+        region: "r".into(),
+        capacity: 1,
+        models: vec![fulcrum_proto::fulcrum::v1::Model {
+            name: model.to_owned(),
+            versions: vec![],
+        }],
+        ..Default::default()
+    })
+    .map_err(|e| e.to_string().replace("invalid node spec: ", ""))
 }
 
 fn http_header_name_invalid(name: &str) -> bool {
@@ -245,6 +257,19 @@ mod tests {
             let e = validate(&x).unwrap_err().to_string();
             assert!(e.contains(says), "{e}");
         }
+    }
+
+    #[test]
+    fn a_fallback_is_another_valid_model_name() {
+        let mut x = p("big");
+        x.fallback_model = "small".into();
+        validate(&x).unwrap();
+        x.fallback_model = "big".into();
+        let e = validate(&x).unwrap_err().to_string();
+        assert!(e.contains("names the model itself"), "{e}");
+        x.fallback_model = "a/b".into();
+        let e = validate(&x).unwrap_err().to_string();
+        assert!(e.contains("fallback_model") && e.contains("\"a/b\""), "{e}");
     }
 
     #[tokio::test]

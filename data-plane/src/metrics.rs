@@ -12,6 +12,7 @@
 //! | `fulcrum_router_retries_total`, `fulcrum_router_hedges_total` | model | extra attempts |
 //! | `fulcrum_router_shed_total` | model, priority | calls shed by the router (every node full) |
 //! | `fulcrum_router_rate_limited_total` | model | calls refused by the model's rate limit |
+//! | `fulcrum_router_fallbacks_total` | model, fallback, reason, result | calls the model could not serve, sent to its fallback (`served` there or `failed`) |
 //! | `fulcrum_router_local_share` | model | share of calls the local region takes now |
 //! | `fulcrum_router_node_in_flight`, `fulcrum_router_node_limit` | node, region | calls in flight from this router, and its limit |
 //! | `fulcrum_router_node_attempts_total`, `fulcrum_router_node_failures_total` | node, region | attempts sent, and failed (the node's fault) |
@@ -34,6 +35,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use tokio::net::TcpListener;
 
 use crate::endpoint::now_ns;
+use crate::ingress::fallback::Reason;
 use crate::priority::Priority;
 use crate::router::RouterState;
 
@@ -58,6 +60,8 @@ pub struct ModelStats {
     shed: [AtomicU64; 3],
     /// Calls refused by the model's rate limit.
     rate_limited: AtomicU64,
+    /// Calls sent to the model's fallback, by [`Reason::index`], then served (0) or not (1).
+    fallbacks: [[AtomicU64; 2]; 2],
     /// Answered calls per latency bucket (not cumulative; the last one is above every bound).
     buckets: [AtomicU64; LATENCY_BUCKETS.len() + 1],
     latency_sum_us: AtomicU64,
@@ -71,6 +75,7 @@ impl Default for ModelStats {
             hedges: AtomicU64::new(0),
             shed: std::array::from_fn(|_| AtomicU64::new(0)),
             rate_limited: AtomicU64::new(0),
+            fallbacks: std::array::from_fn(|_| std::array::from_fn(|_| AtomicU64::new(0))),
             buckets: std::array::from_fn(|_| AtomicU64::new(0)),
             latency_sum_us: AtomicU64::new(0),
         }
@@ -102,6 +107,11 @@ impl ModelStats {
     /// A call was refused by the model's rate limit.
     pub fn rate_limited(&self) {
         self.rate_limited.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A call went to the model's fallback for `reason`, and was `served` there or not.
+    pub fn fell_back(&self, reason: Reason, served: bool) {
+        self.fallbacks[reason.index()][usize::from(!served)].fetch_add(1, Ordering::Relaxed);
     }
 
     /// A call of `priority` was shed because every node was full.
@@ -235,6 +245,31 @@ impl Collector for RouterCollector {
                         labels,
                         counter(stats.shed[p.index()].load(Ordering::Relaxed)),
                     )
+                })
+            }),
+        )?;
+        family(
+            e,
+            "fulcrum_router_fallbacks",
+            "Calls the model could not serve, sent to its fallback model: why, and whether the fallback served them",
+            MetricType::Counter,
+            models.iter().flat_map(|(m, r)| {
+                let stats = &r.state.stats;
+                let fallback = r.settings.fallback.clone();
+                Reason::ALL.into_iter().flat_map(move |reason| {
+                    let fallback = fallback.clone();
+                    [(0, "served"), (1, "failed")]
+                        .into_iter()
+                        .filter_map(move |(i, result)| {
+                            let labels = vec![
+                                ("model", (*m).clone()),
+                                ("fallback", fallback.clone()?),
+                                ("reason", reason.name().into()),
+                                ("result", result.into()),
+                            ];
+                            let n = stats.fallbacks[reason.index()][i].load(Ordering::Relaxed);
+                            Some((labels, counter(n)))
+                        })
                 })
             }),
         )?;

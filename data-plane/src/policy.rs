@@ -59,6 +59,9 @@ pub struct ModelSettings {
     pub priority: Priority,
     /// The model's rate limit on this router, if any.
     pub rate_limit: Option<RateLimitSpec>,
+    /// The model a call goes to when this one cannot serve it ([`crate::ingress::fallback`]).
+    /// Never the model itself: a policy naming it (the control plane refuses one) has none.
+    pub fallback: Option<String>,
 }
 
 impl Default for ModelSettings {
@@ -106,6 +109,8 @@ impl ModelSettings {
                 p.rate_limit_burst,
                 &p.rate_limit_key_header,
             ),
+            fallback: (!p.fallback_model.is_empty() && p.fallback_model != p.model)
+                .then(|| p.fallback_model.clone()),
         }
     }
 
@@ -133,6 +138,7 @@ mod tests {
         assert!(d.idempotent && !d.panic_mode);
         assert_eq!(d.priority, Priority::Normal);
         assert_eq!(d.rate_limit, None);
+        assert_eq!(d.fallback, None);
         let p = ModelPolicy {
             max_attempts: 99,
             overprovisioning: f64::NAN,
@@ -145,5 +151,18 @@ mod tests {
         assert_eq!(s.attempts(), 1);
         assert_eq!(s.overprovisioning, DEFAULT_OVERPROVISIONING);
         assert_eq!(s.hedge, Hedge::After(Duration::from_millis(20)));
+    }
+
+    #[test]
+    fn a_model_is_never_its_own_fallback() {
+        let p = |model: &str, fallback: &str| ModelPolicy {
+            model: model.into(),
+            fallback_model: fallback.into(),
+            ..Default::default()
+        };
+        let fallback = |model, fb| ModelSettings::from_policy(&p(model, fb)).fallback;
+        assert_eq!(fallback("big", "small").as_deref(), Some("small"));
+        assert_eq!(fallback("big", "big"), None);
+        assert_eq!(fallback("big", ""), None);
     }
 }

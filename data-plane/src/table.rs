@@ -194,8 +194,9 @@ pub struct RoutingTable {
     pub version: u64,
     /// Whether the control plane said this table may be out of date.
     pub stale: bool,
-    /// Every model any registered node declares. A model missing here is unknown (NOT_FOUND);
-    /// present with no routable node, it is UNAVAILABLE.
+    /// Every model any registered node declares, and every model whose policy names a
+    /// fallback. A model missing here is unknown (NOT_FOUND); present with no routable node,
+    /// it is UNAVAILABLE (or goes to its fallback).
     pub models: HashMap<String, ModelRoute>,
     /// Every node in the table, by id, for connection reuse and load reports.
     pub nodes: HashMap<String, Arc<NodeConn>>,
@@ -304,6 +305,14 @@ impl RoutingTable {
                 } else {
                     remote.push(node);
                 }
+            }
+        }
+        // A model whose policy names a fallback is known even while no node declares it (its
+        // fleet deregistered, or its leases expired): its calls then go to the fallback rather
+        // than being refused NOT_FOUND.
+        for (model, settings) in &policies {
+            if settings.fallback.is_some() {
+                lists.entry((*model).to_owned()).or_default();
             }
         }
         for (model, (local, remote)) in lists {
@@ -499,6 +508,26 @@ mod tests {
             t.models["echo"].settings.timeout,
             Duration::from_millis(1234)
         );
+    }
+
+    #[tokio::test]
+    async fn a_model_with_a_fallback_is_known_without_nodes() {
+        let policy = |model: &str, fallback: &str| ModelPolicy {
+            model: model.into(),
+            fallback_model: fallback.into(),
+            ..Default::default()
+        };
+        let update = RoutingUpdate {
+            endpoints: vec![ep("a1", "a", HealthState::Healthy, true)],
+            policies: vec![policy("big", "echo"), policy("typo", "")],
+            ..Default::default()
+        };
+        let t = build(&update, &RoutingTable::default());
+        let big = &t.models["big"];
+        assert!(big.local.is_empty() && big.remote.is_empty() && !big.is_routable());
+        assert_eq!(big.settings.fallback.as_deref(), Some("echo"));
+        // A policy without a fallback does not make its model known.
+        assert!(!t.models.contains_key("typo"));
     }
 
     #[tokio::test]

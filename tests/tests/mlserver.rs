@@ -4,6 +4,7 @@
 //!
 //! - tritonclient (and MLServer's own stubs) call every RPC MLServer serves through a router
 //!   that also fronts node-sims, and get the model's real answers;
+//! - a model no node serves falls back to MLServer's model, which reads the renamed request;
 //! - a killed MLServer makes the router answer UNAVAILABLE, promptly;
 //! - with two MLServers in the region, killing one fails over to the other without a failed
 //!   call, and calls return to it when it is back.
@@ -15,7 +16,7 @@ use std::net::SocketAddr;
 use std::process::Command;
 use std::time::Duration;
 
-use fulcrum_proto::fulcrum::v1::GetNodeRequest;
+use fulcrum_proto::fulcrum::v1::{GetNodeRequest, ModelPolicy};
 use fulcrum_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use fulcrum_proto::inference::{
     ModelInferRequest, ModelInferResponse, ModelReadyRequest, ServerReadyRequest,
@@ -180,9 +181,33 @@ async fn tritonclient_through_a_router_to_mlserver_and_node_sims_then_mlserver_d
         );
     }
 
+    // A model no node serves, whose policy falls back to MLServer's doubler: the router sends
+    // the request on with the fallback's name appended to the client's bytes, and MLServer's
+    // own protobuf parser (the last value of a field wins) reads it as a call for doubler.
+    let mut client = oip(router.addr).await;
+    let before = stack::routing_version(&admin).await;
+    admin
+        .set_model_policy(ModelPolicy {
+            model: "doubler-xl".into(),
+            fallback_model: "doubler".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("set the fallback policy");
+    stack::wait_published_after(&admin, before).await;
+    let xl = echo_request("doubler-xl", &[1.5, -4.0]);
+    let resp = infer(&mut client, &xl)
+        .await
+        .expect("doubler-xl falls back");
+    let md = resp.metadata();
+    assert_eq!(served_by(md).0, "ml-1");
+    assert_eq!(md.get("x-fulcrum-fallback").unwrap(), "doubler");
+    let out = resp.get_ref();
+    assert_eq!(out.model_name, "doubler", "{out:?}");
+    assert_eq!(f32s(&out.raw_output_contents[0]), [3.0, -8.0], "doubled");
+
     // MLServer dies: calls for its model are refused with UNAVAILABLE, never left hanging,
     // while the node-sims' model is still served.
-    let mut client = oip(router.addr).await;
     let doubler = echo_request("doubler", &[1.0, -2.5, 3.0]);
     let echo = echo_request("echo", &[4.0, 5.0]);
     let mut ml = ml;

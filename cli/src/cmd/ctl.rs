@@ -170,6 +170,9 @@ enum CtlCommand {
     },
 }
 
+// Parsed once per command: the size of its largest variant (`Set`, every policy field) costs
+// nothing, and boxing it would only make the match below harder to read.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 enum PolicyCommand {
     /// List every model's policy.
@@ -224,6 +227,10 @@ enum PolicyCommand {
         /// Request header telling callers apart, each with a bucket of its own (an API key).
         #[arg(long, default_value = "")]
         rate_limit_key: String,
+        /// Model that takes a call this model cannot serve (no node, every node full, or its
+        /// nodes failing): once, with what is left of the call's deadline.
+        #[arg(long, default_value = "")]
+        fallback_model: String,
     },
     /// Remove a model's policy (back to the defaults).
     Clear {
@@ -278,7 +285,7 @@ fn print_policy(p: &ModelPolicy) -> anyhow::Result<()> {
         "none".to_owned()
     };
     outln!(
-        "{}: balancer={balancer}{} timeout={} max_attempts={} per_try_timeout={} idempotent={} hedge={hedge} panic_mode={} overprovisioning={} default_priority={priority} rate_limit={rate_limit:?}",
+        "{}: balancer={balancer}{} timeout={} max_attempts={} per_try_timeout={} idempotent={} hedge={hedge} panic_mode={} overprovisioning={} default_priority={priority} rate_limit={rate_limit:?} fallback={}",
         p.model,
         if p.hash_header.is_empty() {
             String::new()
@@ -294,6 +301,11 @@ fn print_policy(p: &ModelPolicy) -> anyhow::Result<()> {
             "1.4".to_owned()
         } else {
             p.overprovisioning.to_string()
+        },
+        if p.fallback_model.is_empty() {
+            "none"
+        } else {
+            &p.fallback_model
         },
     );
     Ok(())
@@ -337,6 +349,7 @@ async fn policy(admin: &mut Admin, command: PolicyCommand) -> anyhow::Result<()>
             rate_limit,
             rate_limit_burst,
             rate_limit_key,
+            fallback_model,
         } => {
             let balancer = match balancer.as_str() {
                 "p2c-ewma" | "p2c" => Balancer::P2cEwma,
@@ -374,6 +387,7 @@ async fn policy(admin: &mut Admin, command: PolicyCommand) -> anyhow::Result<()>
                 rate_limit_rps: rate_limit,
                 rate_limit_burst,
                 rate_limit_key_header: rate_limit_key,
+                fallback_model,
             };
             let p = admin
                 .set_model_policy(p)

@@ -33,6 +33,7 @@ use tonic::metadata::MetadataMap;
 use tonic::{Code, Request, Response, Status};
 use tower::retry::budget::Budget;
 
+use super::fallback::{Failed, Reason};
 use super::{deadline, node_status};
 use crate::endpoint::{NodeConn, Outcome};
 use crate::error::RouteError;
@@ -77,7 +78,7 @@ pub fn node_timeout(per_try: Duration) -> Duration {
 /// on a miss and kept per thread for the next call: node deadlines are whole milliseconds
 /// ([`node_timeout`]), so consecutive calls with the same deadline repeat the value, and a hit
 /// spares the formatting and its two allocations.
-fn grpc_timeout_value(timeout: Duration) -> Option<HeaderValue> {
+pub(crate) fn grpc_timeout_value(timeout: Duration) -> Option<HeaderValue> {
     thread_local! {
         static LAST: RefCell<Option<(Duration, HeaderValue)>> = const { RefCell::new(None) };
     }
@@ -265,18 +266,38 @@ where
     F: Fn(RoutedNode, Request<Req>) -> Fut,
     Fut: Future<Output = Result<Response<T>, Status>>,
 {
+    unary_or_failed(state, model, metadata, sequence, message, call)
+        .await
+        .map_err(|f| f.status)
+}
+
+/// [`unary`], saying of a failed call whether the model could not serve it (and why), for its
+/// fallback ([`super::fallback`]).
+pub async fn unary_or_failed<Req, T, F, Fut>(
+    state: &RouterState,
+    model: &str,
+    metadata: &MetadataMap,
+    sequence: Option<Sequence>,
+    message: Req,
+    call: F,
+) -> Result<Response<T>, Failed>
+where
+    Req: Clone,
+    F: Fn(RoutedNode, Request<Req>) -> Fut,
+    Fut: Future<Output = Result<Response<T>, Status>>,
+{
     let table = state.table.load_full();
     let route = table
         .models
         .get(model)
-        .ok_or_else(|| RouteError::UnknownModel(model.to_owned()))?;
+        .ok_or_else(|| Failed::r#final(RouteError::UnknownModel(model.to_owned())))?;
     let settings = route.settings.clone();
-    let priority = Priority::of(metadata.as_ref(), settings.priority)?;
+    let priority = Priority::of(metadata.as_ref(), settings.priority).map_err(Failed::r#final)?;
     if let Some(limit) = &settings.rate_limit
         && let Err(e) = route.state.limiter.check(model, limit, metadata.as_ref())
     {
         route.state.stats.rate_limited();
-        return Err(e.into());
+        return Err(Failed::r#final(e));
     }
     let budget = deadline::budget(metadata, settings.timeout);
     let started = Instant::now();
@@ -291,7 +312,7 @@ where
     retry_budget.deposit();
 
     let stats = route.state.stats.clone();
-    let result: Result<Response<T>, Status> = async {
+    let result: Result<Response<T>, Failed> = async {
     let mut tried: Vec<Arc<NodeConn>> = Vec::new();
     let mut queued_until: Option<Instant> = None;
     let mut place = Place::default();
@@ -357,13 +378,13 @@ where
         if first.is_none() && others.as_ref().is_none_or(FuturesUnordered::is_empty) {
             let remaining = deadline_at.saturating_duration_since(Instant::now());
             if remaining.is_zero() {
-                return Err(last_failure.unwrap_or_else(|| {
+                return Err(Failed::r#final(last_failure.unwrap_or_else(|| {
                     RouteError::DeadlineExceeded {
                         budget,
                         waiting_for: None,
                     }
                     .into()
-                }));
+                })));
             }
             let picked = match sequence {
                 Some(seq) => state.pick_sequence(&table, model, &tried, seq),
@@ -391,12 +412,29 @@ where
                     if waited == Waited::Woken {
                         continue;
                     }
-                    return Err(last_failure.unwrap_or_else(|| {
-                        stats.shed(priority);
-                        shed_error(model, priority, waited).into()
-                    }));
+                    return Err(match last_failure {
+                        Some(status) => node_failed(status),
+                        None => {
+                            stats.shed(priority);
+                            Failed {
+                                status: shed_error(model, priority, waited).into(),
+                                unserved: Some(Reason::Overloaded),
+                                attempted: started_attempts > 0,
+                            }
+                        }
+                    });
                 }
-                Err(e) => return Err(last_failure.unwrap_or_else(|| e.into())),
+                Err(e) => {
+                    return Err(match last_failure {
+                        Some(status) => node_failed(status),
+                        None => Failed {
+                            unserved: matches!(e, RouteError::NoHealthyNode { .. })
+                                .then_some(Reason::Unavailable),
+                            status: e.into(),
+                            attempted: started_attempts > 0,
+                        },
+                    });
+                }
             }
         }
         let hedge_sleep = async {
@@ -427,7 +465,7 @@ where
                             continue;
                         }
                         if !can_retry || !retry_budget.withdraw() {
-                            return Err(last_failure.take().expect("just set"));
+                            return Err(node_failed(last_failure.take().expect("just set")));
                         }
                         tracing::debug!(node = %conn.id, attempt = started_attempts, "retrying on another node");
                         stats.retried();
@@ -457,15 +495,31 @@ where
                 if let Some(node) = tried.last() {
                     tag(status.metadata_mut(), node);
                 }
-                return Err(status);
+                return Err(Failed {
+                    status,
+                    unserved: None,
+                    attempted: true,
+                });
             }
         }
     }
     }
     .await;
-    let code = result.as_ref().map_or_else(Status::code, |_| Code::Ok);
+    let code = result
+        .as_ref()
+        .map_or_else(|f| f.status.code(), |_| Code::Ok);
     stats.answered(code, started.elapsed());
     result
+}
+
+/// A call whose last attempt failed with `status` at a node (its attempts or the retry budget
+/// spent).
+fn node_failed(status: Status) -> Failed {
+    Failed {
+        unserved: Reason::of_node_failure(&status),
+        status,
+        attempted: true,
+    }
 }
 
 #[cfg(test)]

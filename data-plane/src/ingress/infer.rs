@@ -34,7 +34,8 @@ use tonic::server::{NamedService, UnaryService};
 use tonic::{Request, Response, Status};
 use tower::Service;
 
-use super::forward::{self, Sequence};
+use super::fallback;
+use super::forward::Sequence;
 use super::oip::OipService;
 use crate::error::RouteError;
 use crate::router::RouterState;
@@ -147,7 +148,8 @@ pub fn sequence_of(request: &ModelInferRequest) -> Option<Sequence> {
     Some(Sequence { key, start, end })
 }
 
-/// Validates, routes and forwards one `ModelInfer` call.
+/// Validates, routes and forwards one `ModelInfer` call (to the model's fallback when the model
+/// cannot serve it).
 pub async fn model_infer(
     state: &RouterState,
     request: Request<RawInferRequest>,
@@ -157,12 +159,13 @@ pub async fn model_infer(
     let sequence = sequence_of(&raw.message);
     let model = raw.message.model_name;
     let max_size = state.max_message_size;
-    forward::unary(
+    fallback::unary(
         state,
         &model,
         &metadata,
         sequence,
         raw.bytes,
+        |bytes, fallback| fallback::renamed(&bytes, fallback),
         |node, request| {
             let (metadata, _, message) = request.into_parts();
             let path = http::uri::PathAndQuery::from_static(MODEL_INFER_PATH);

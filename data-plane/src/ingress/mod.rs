@@ -6,6 +6,7 @@
 //!   task, `ModelInfer` answered on `h2` directly, every other call handed to the routes.
 //! - [`infer`]: `ModelInfer` forwarded as the client's bytes, answered with the node's.
 //! - [`forward`]: one unary call's attempts, retries, hedging and deadline.
+//! - [`fallback`]: a call its model cannot serve, sent once to the model's fallback.
 //! - [`passthrough`]: any other gRPC API, forwarded undecoded by the `x-fulcrum-model` header.
 //! - [`deadline`]: the `grpc-timeout` header.
 //! - `node_status`: a failed call to a node as the caller sees it.
@@ -13,6 +14,7 @@
 
 pub(crate) mod connection;
 pub mod deadline;
+pub mod fallback;
 pub mod forward;
 pub mod infer;
 pub(crate) mod node_status;

@@ -32,6 +32,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
 
+use super::fallback::Reason;
 use super::forward::{self, tag};
 use super::stream_dialect;
 use crate::endpoint::InFlight;
@@ -290,12 +291,17 @@ impl GrpcInferenceService for OipService {
         validate::check_infer_request(&message).map_err(RouteError::InvalidRequest)?;
         let model = message.model_name.clone();
         let sequence = super::infer::sequence_of(&message);
-        forward::unary(
+        super::fallback::unary(
             &self.state,
             &model,
             &metadata,
             sequence,
             message,
+            |mut message, fallback| {
+                fallback.clone_into(&mut message.model_name);
+                message.model_version.clear();
+                message
+            },
             |node, r| {
                 let mut c = self.client(&node);
                 async move { c.model_infer(r).await }
@@ -379,17 +385,80 @@ fn stream_error(req: &ModelInferRequest, message: String) -> ModelStreamInferRes
     }
 }
 
+/// A stream request the router could not send on.
+struct Unrouted {
+    /// The request, for its in-band error.
+    req: ModelInferRequest,
+    /// Why, as the error message says it.
+    message: String,
+    /// Why the model could not serve it, when that is a reason to try its fallback.
+    unserved: Option<Reason>,
+}
+
 impl StreamSession {
     /// Forwards one request; errors go back in-band, as Triton does, and keep the stream open.
-    /// Returns the node the request went to.
+    /// A request its model cannot serve goes to the model's fallback, as a unary call would
+    /// ([`super::fallback`]; a request of a sequence does not). Returns the node the request
+    /// went to.
     async fn handle(&mut self, req: ModelInferRequest) -> Option<RoutedNode> {
+        let failed = match self.route(req).await {
+            Ok(node) => return Some(node),
+            Err(failed) => failed,
+        };
+        let model = failed.req.model_name.clone();
+        let fallback = self
+            .service
+            .state
+            .table
+            .load()
+            .models
+            .get(&model)
+            .and_then(|r| Some((r.settings.fallback.clone()?, r.state.stats.clone())));
+        let (reason, (fallback, stats)) = match (failed.unserved, fallback) {
+            (Some(reason), Some(fallback)) if super::infer::sequence_of(&failed.req).is_none() => {
+                (reason, fallback)
+            }
+            _ => {
+                let _ = self
+                    .out
+                    .send(Ok(stream_error(&failed.req, failed.message)))
+                    .await;
+                return None;
+            }
+        };
+        let mut req = failed.req.clone();
+        req.model_name.clone_from(&fallback);
+        req.model_version.clear();
+        let second = self.route(req).await;
+        stats.fell_back(reason, second.is_ok());
+        match second {
+            Ok(node) => Some(node),
+            Err(second) => {
+                let message = format!(
+                    "{} (then model {model:?}'s fallback, model {fallback:?}: {})",
+                    failed.message, second.message
+                );
+                let _ = self.out.send(Ok(stream_error(&failed.req, message))).await;
+                None
+            }
+        }
+    }
+
+    /// Sends one request on the stream of its model's node, opening one when there is none.
+    async fn route(&mut self, req: ModelInferRequest) -> Result<RoutedNode, Unrouted> {
+        let refused = |req, e: RouteError| Unrouted {
+            req,
+            unserved: match e {
+                RouteError::NoHealthyNode { .. } => Some(Reason::Unavailable),
+                RouteError::AllNodesBusy { .. } | RouteError::Displaced { .. } => {
+                    Some(Reason::Overloaded)
+                }
+                _ => None,
+            },
+            message: Status::from(e).message().to_owned(),
+        };
         if let Err(why) = validate::check_infer_request(&req) {
-            let status = Status::from(RouteError::InvalidRequest(why));
-            let _ = self
-                .out
-                .send(Ok(stream_error(&req, status.message().to_owned())))
-                .await;
-            return None;
+            return Err(refused(req, RouteError::InvalidRequest(why)));
         }
         let model = req.model_name.clone();
         // Every request of a stream is a call against the model's rate limit.
@@ -406,22 +475,17 @@ impl StreamSession {
                 r.state.stats.rate_limited();
                 Some(refused)
             });
-        if let Some(refused) = limited {
-            let status = Status::from(refused);
-            let _ = self
-                .out
-                .send(Ok(stream_error(&req, status.message().to_owned())))
-                .await;
-            return None;
+        if let Some(e) = limited {
+            return Err(refused(req, e));
         }
         if let Some(up) = self.upstreams.get(&model) {
             if !up.closed.load(Ordering::Acquire) {
                 let node = up.node.clone();
                 match up.tx.send(req).await {
-                    Ok(()) => return Some(node),
+                    Ok(()) => return Ok(node),
                     Err(mpsc::error::SendError(returned)) => {
                         self.upstreams.remove(&model);
-                        return Box::pin(self.handle(returned)).await;
+                        return Box::pin(self.route(returned)).await;
                     }
                 }
             }
@@ -436,14 +500,7 @@ impl StreamSession {
         };
         let picked = match picked {
             Ok(picked) => picked,
-            Err(e) => {
-                let status = Status::from(e);
-                let _ = self
-                    .out
-                    .send(Ok(stream_error(&req, status.message().to_owned())))
-                    .await;
-                return None;
-            }
+            Err(e) => return Err(refused(req, e)),
         };
         let node = picked.node;
         // A stream holds its slot until it ends, whatever its length.
@@ -465,9 +522,13 @@ impl StreamSession {
         {
             Ok(resp) => resp.into_inner(),
             Err(status) => {
-                let msg = format!("node {}: {}", node.conn.id, status.message());
-                let _ = self.out.send(Ok(stream_error(&first, msg))).await;
-                return None;
+                return Err(Unrouted {
+                    message: format!("node {}: {}", node.conn.id, status.message()),
+                    // The node may have taken the request: only a model's lack of nodes or
+                    // room sends a stream request to the fallback.
+                    unserved: None,
+                    req: first,
+                });
             }
         };
         let closed = Arc::new(AtomicBool::new(false));
@@ -486,7 +547,7 @@ impl StreamSession {
                 closed,
             },
         );
-        Some(node)
+        Ok(node)
     }
 }
 
