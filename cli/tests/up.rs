@@ -210,6 +210,17 @@ fn up_serves_both_regions_and_fails_over_on_drain() {
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(stderr.contains("names the model itself"), "{stderr}");
     policy(&["clear", "big"]);
+    // Response caching, set and read back.
+    let out = policy(&[
+        "set",
+        "echo",
+        "--cache-ttl",
+        "30s",
+        "--cache-key",
+        "x-tenant",
+    ]);
+    assert!(out.contains("cache=\"30000ms per x-tenant\""), "{out}");
+    policy(&["clear", "echo"]);
 
     for id in ["a-1", "a-2", "a-3"] {
         fulcrum(&["ctl", "--control", &control, "drain", id]);

@@ -28,6 +28,11 @@ const MAX_RATE_LIMIT_RPS: f64 = 1e6;
 /// ten seconds of it.
 const MAX_RATE_LIMIT_BURST: u32 = 10_000_000;
 
+/// Longest time a policy may keep a model's answers cached: an hour. Answers are only as fresh
+/// as their TTL (a model updated in place keeps being answered from the cache until then), so
+/// anything longer belongs to an application cache that knows when to invalidate.
+const MAX_CACHE_TTL_MS: u32 = 3_600_000;
+
 /// Checks a policy; the error names the first bad field.
 pub fn validate(p: &ModelPolicy) -> Result<(), Error> {
     let bad = |m: String| {
@@ -70,6 +75,27 @@ pub fn validate(p: &ModelPolicy) -> Result<(), Error> {
         return bad(format!(
             "rate_limit_key_header {:?} is not a valid header name",
             p.rate_limit_key_header
+        ));
+    }
+    if p.cache_ttl_ms > MAX_CACHE_TTL_MS {
+        return bad(format!(
+            "cache_ttl_ms {} is above {MAX_CACHE_TTL_MS}",
+            p.cache_ttl_ms
+        ));
+    }
+    if p.cache_ttl_ms > 0 && p.not_idempotent {
+        return bad(
+            "a not_idempotent model cannot be cached: a cached answer would skip its side effects"
+                .into(),
+        );
+    }
+    if p.cache_ttl_ms == 0 && !p.cache_key_header.is_empty() {
+        return bad("cache_key_header needs cache_ttl_ms".into());
+    }
+    if !p.cache_key_header.is_empty() && http_header_name_invalid(&p.cache_key_header) {
+        return bad(format!(
+            "cache_key_header {:?} is not a valid header name",
+            p.cache_key_header
         ));
     }
     if Priority::try_from(p.default_priority).is_err() {
@@ -254,6 +280,27 @@ mod tests {
             x.rate_limit_rps = rps;
             x.rate_limit_burst = burst;
             x.rate_limit_key_header = key.into();
+            let e = validate(&x).unwrap_err().to_string();
+            assert!(e.contains(says), "{e}");
+        }
+    }
+
+    #[test]
+    fn caching_is_bounded_and_only_for_idempotent_models() {
+        let mut x = p("echo");
+        x.cache_ttl_ms = 30_000;
+        x.cache_key_header = "x-tenant".into();
+        validate(&x).unwrap();
+        for (ttl, key, not_idempotent, says) in [
+            (3_600_001, "", false, "cache_ttl_ms 3600001"),
+            (1000, "", true, "not_idempotent model cannot be cached"),
+            (0, "x-tenant", false, "cache_key_header needs cache_ttl_ms"),
+            (1000, "bad key", false, "not a valid header name"),
+        ] {
+            let mut x = p("echo");
+            x.cache_ttl_ms = ttl;
+            x.cache_key_header = key.into();
+            x.not_idempotent = not_idempotent;
             let e = validate(&x).unwrap_err().to_string();
             assert!(e.contains(says), "{e}");
         }

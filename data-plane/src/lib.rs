@@ -19,6 +19,7 @@
 //! - [`queue`]: the wait queue of calls that found every node full, served by priority.
 //! - [`priority`]: call priorities (the `fulcrum-priority` header, a model's default).
 //! - [`rate_limit`]: per-model token buckets, per caller key, on each router.
+//! - [`cache`]: the router's response cache, for the models whose policy asks for one.
 //! - [`hedge`]: latency windows for hedging.
 //! - [`subscriber`]: following the control plane's routing stream.
 //! - [`ingress`]: the services clients call ([`ingress::oip`]), deadlines, and the router's
@@ -34,6 +35,7 @@
 #![warn(missing_docs)]
 
 pub mod balance;
+pub mod cache;
 pub mod endpoint;
 pub mod error;
 pub mod hedge;

@@ -12,6 +12,8 @@
 //! | `fulcrum_router_retries_total`, `fulcrum_router_hedges_total` | model | extra attempts |
 //! | `fulcrum_router_shed_total` | model, priority | calls shed by the router (every node full) |
 //! | `fulcrum_router_rate_limited_total` | model | calls refused by the model's rate limit |
+//! | `fulcrum_router_cache_hits_total`, `fulcrum_router_cache_misses_total` | model | calls answered from the response cache, and looked up in vain |
+//! | `fulcrum_router_cache_entries`, `fulcrum_router_cache_bytes` | | what the response cache holds |
 //! | `fulcrum_router_fallbacks_total` | model, fallback, reason, result | calls the model could not serve, sent to its fallback (`served` there or `failed`) |
 //! | `fulcrum_router_local_share` | model | share of calls the local region takes now |
 //! | `fulcrum_router_node_in_flight`, `fulcrum_router_node_limit` | node, region | calls in flight from this router, and its limit |
@@ -60,6 +62,9 @@ pub struct ModelStats {
     shed: [AtomicU64; 3],
     /// Calls refused by the model's rate limit.
     rate_limited: AtomicU64,
+    /// Calls answered from the response cache, and calls looked up there and not found.
+    cache_hits: AtomicU64,
+    cache_misses: AtomicU64,
     /// Calls sent to the model's fallback, by [`Reason::index`], then served (0) or not (1).
     fallbacks: [[AtomicU64; 2]; 2],
     /// Answered calls per latency bucket (not cumulative; the last one is above every bound).
@@ -75,6 +80,8 @@ impl Default for ModelStats {
             hedges: AtomicU64::new(0),
             shed: std::array::from_fn(|_| AtomicU64::new(0)),
             rate_limited: AtomicU64::new(0),
+            cache_hits: AtomicU64::new(0),
+            cache_misses: AtomicU64::new(0),
             fallbacks: std::array::from_fn(|_| std::array::from_fn(|_| AtomicU64::new(0))),
             buckets: std::array::from_fn(|_| AtomicU64::new(0)),
             latency_sum_us: AtomicU64::new(0),
@@ -107,6 +114,16 @@ impl ModelStats {
     /// A call was refused by the model's rate limit.
     pub fn rate_limited(&self) {
         self.rate_limited.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A call was answered from the response cache (`hit`), or looked up there in vain.
+    pub fn cache_lookup(&self, hit: bool) {
+        let counter = if hit {
+            &self.cache_hits
+        } else {
+            &self.cache_misses
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
     }
 
     /// A call went to the model's fallback for `reason`, and was `served` there or not.
@@ -178,6 +195,21 @@ impl Collector for RouterCollector {
             MetricType::Gauge,
             [(vec![], gauge(table.routable_nodes as f64))],
         )?;
+        let (entries, bytes) = state.cache.size();
+        family(
+            e,
+            "fulcrum_router_cache_entries",
+            "Answers held in the response cache",
+            MetricType::Gauge,
+            [(vec![], gauge(entries as f64))],
+        )?;
+        family(
+            e,
+            "fulcrum_router_cache_bytes",
+            "Bytes of answers held in the response cache",
+            MetricType::Gauge,
+            [(vec![], gauge(bytes as f64))],
+        )?;
         family(
             e,
             "fulcrum_router_queue_waiting",
@@ -220,6 +252,16 @@ impl Collector for RouterCollector {
                 "fulcrum_router_rate_limited",
                 "Calls refused by the model's rate limit on this router",
                 |s: &ModelStats| s.rate_limited.load(Ordering::Relaxed),
+            ),
+            (
+                "fulcrum_router_cache_hits",
+                "Calls answered from the router's response cache",
+                |s: &ModelStats| s.cache_hits.load(Ordering::Relaxed),
+            ),
+            (
+                "fulcrum_router_cache_misses",
+                "Calls of a cached model whose answer the router did not hold",
+                |s: &ModelStats| s.cache_misses.load(Ordering::Relaxed),
             ),
         ] {
             family(

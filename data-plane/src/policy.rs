@@ -8,6 +8,7 @@ use fulcrum_proto::fulcrum::v1::{Balancer, ModelPolicy};
 
 use crate::balance::Policy;
 use crate::balance::locality::DEFAULT_OVERPROVISIONING;
+use crate::cache::CacheSpec;
 use crate::priority::Priority;
 use crate::rate_limit::RateLimitSpec;
 
@@ -62,6 +63,8 @@ pub struct ModelSettings {
     /// The model a call goes to when this one cannot serve it ([`crate::ingress::fallback`]).
     /// Never the model itself: a policy naming it (the control plane refuses one) has none.
     pub fallback: Option<String>,
+    /// The model's response caching on this router, if any ([`crate::cache`]).
+    pub cache: Option<CacheSpec>,
 }
 
 impl Default for ModelSettings {
@@ -111,6 +114,7 @@ impl ModelSettings {
             ),
             fallback: (!p.fallback_model.is_empty() && p.fallback_model != p.model)
                 .then(|| p.fallback_model.clone()),
+            cache: CacheSpec::from_policy(p.cache_ttl_ms, &p.cache_key_header, !p.not_idempotent),
         }
     }
 
@@ -139,6 +143,7 @@ mod tests {
         assert_eq!(d.priority, Priority::Normal);
         assert_eq!(d.rate_limit, None);
         assert_eq!(d.fallback, None);
+        assert_eq!(d.cache, None);
         let p = ModelPolicy {
             max_attempts: 99,
             overprovisioning: f64::NAN,

@@ -65,6 +65,8 @@ pub struct RouterState {
     /// The node each open Triton sequence went to (sequence key → node id), so that a drained
     /// node keeps its sequences to their end ([`RouterState::pick_sequence`]).
     sequences: moka::sync::Cache<u64, Arc<str>>,
+    /// Answers kept for the models whose policy caches them.
+    pub cache: crate::cache::ResponseCache,
 }
 
 impl RouterState {
@@ -81,6 +83,7 @@ impl RouterState {
                 .max_capacity(MAX_SEQUENCES)
                 .time_to_idle(SEQUENCE_IDLE)
                 .build(),
+            cache: crate::cache::ResponseCache::default(),
         }
     }
 

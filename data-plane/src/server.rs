@@ -50,6 +50,8 @@ pub struct RouterConfig {
     pub load_view: LoadView,
     /// The token presented to the control plane on the routing stream (its --stream-token).
     pub stream_token: Option<String>,
+    /// Size of the response cache, in bytes ([`crate::cache`]).
+    pub cache_bytes: u64,
 }
 
 impl RouterConfig {
@@ -66,6 +68,7 @@ impl RouterConfig {
             busy_poll: Duration::ZERO,
             load_view: LoadView::Global,
             stream_token: None,
+            cache_bytes: crate::cache::DEFAULT_CACHE_BYTES,
         }
     }
 }
@@ -96,10 +99,9 @@ pub async fn serve_with_metrics(
     metrics: Option<TcpListener>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
-    let state = Arc::new(RouterState::new(
-        config.region.clone(),
-        config.max_message_size,
-    ));
+    let mut state = RouterState::new(config.region.clone(), config.max_message_size);
+    state.cache = crate::cache::ResponseCache::new(config.cache_bytes);
+    let state = Arc::new(state);
     let metrics = metrics.map(|l| {
         let state = state.clone();
         tokio::spawn(async move {

@@ -231,6 +231,14 @@ enum PolicyCommand {
         /// nodes failing): once, with what is left of the call's deadline.
         #[arg(long, default_value = "")]
         fallback_model: String,
+        /// Keep the model's answers this long (e.g. 30s; at most 1h) in each router's
+        /// response cache, and answer repeated requests from it (default: no caching).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        cache_ttl: Option<std::time::Duration>,
+        /// Request header whose value is part of the cache key (a tenant, an API key), so
+        /// callers with different values never share answers.
+        #[arg(long, default_value = "")]
+        cache_key: String,
     },
     /// Remove a model's policy (back to the defaults).
     Clear {
@@ -284,8 +292,13 @@ fn print_policy(p: &ModelPolicy) -> anyhow::Result<()> {
     } else {
         "none".to_owned()
     };
+    let cache = match (p.cache_ttl_ms, p.cache_key_header.as_str()) {
+        (0, _) => "none".to_owned(),
+        (ms, "") => format!("{ms}ms"),
+        (ms, key) => format!("{ms}ms per {key}"),
+    };
     outln!(
-        "{}: balancer={balancer}{} timeout={} max_attempts={} per_try_timeout={} idempotent={} hedge={hedge} panic_mode={} overprovisioning={} default_priority={priority} rate_limit={rate_limit:?} fallback={}",
+        "{}: balancer={balancer}{} timeout={} max_attempts={} per_try_timeout={} idempotent={} hedge={hedge} panic_mode={} overprovisioning={} default_priority={priority} rate_limit={rate_limit:?} fallback={} cache={cache:?}",
         p.model,
         if p.hash_header.is_empty() {
             String::new()
@@ -350,6 +363,8 @@ async fn policy(admin: &mut Admin, command: PolicyCommand) -> anyhow::Result<()>
             rate_limit_burst,
             rate_limit_key,
             fallback_model,
+            cache_ttl,
+            cache_key,
         } => {
             let balancer = match balancer.as_str() {
                 "p2c-ewma" | "p2c" => Balancer::P2cEwma,
@@ -388,6 +403,8 @@ async fn policy(admin: &mut Admin, command: PolicyCommand) -> anyhow::Result<()>
                 rate_limit_burst,
                 rate_limit_key_header: rate_limit_key,
                 fallback_model,
+                cache_ttl_ms: millis(cache_ttl)?,
+                cache_key_header: cache_key,
             };
             let p = admin
                 .set_model_policy(p)

@@ -41,6 +41,10 @@ pub(crate) struct RouterArgs {
     /// cordoned nodes still get nothing).
     #[arg(long, default_value = "global")]
     load_view: LoadView,
+    /// Size of the response cache, in MiB, for the models whose policy caches answers
+    /// (`ctl policy set M --cache-ttl 30s`); 0 keeps nothing.
+    #[arg(long, default_value_t = fulcrum_data_plane::cache::DEFAULT_CACHE_BYTES >> 20)]
+    cache_mib: u64,
     /// Token presented to the control plane on the routing stream (the control plane's
     /// --stream-token); not needed when the control plane trusts this machine (loopback). Of a
     /// comma-separated list (a rotation's `new,old`), the first is presented.
@@ -55,6 +59,7 @@ impl RouterArgs {
         c.threads = self.threads;
         c.busy_poll = self.busy_poll;
         c.load_view = self.load_view;
+        c.cache_bytes = self.cache_mib.saturating_mul(1 << 20);
         c.stream_token = self.stream_token.clone();
         if let Some(id) = &self.id {
             c.router_id = id.clone();

@@ -21,15 +21,18 @@ use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes};
 use fulcrum_proto::inference::ModelInferRequest;
 use fulcrum_proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
 use prost::Message;
+use tokio::time::Instant;
 use tonic::body::Body;
 use tonic::codec::{
     Codec, CompressionEncoding, DecodeBuf, Decoder, EnabledCompressionEncodings, EncodeBuf, Encoder,
 };
+use tonic::metadata::MetadataMap;
 use tonic::server::{NamedService, UnaryService};
 use tonic::{Request, Response, Status};
 use tower::Service;
@@ -38,6 +41,8 @@ use super::fallback;
 use super::forward::Sequence;
 use super::oip::OipService;
 use crate::error::RouteError;
+use crate::metrics::ModelStats;
+use crate::priority::Priority;
 use crate::router::RouterState;
 use crate::validate;
 
@@ -148,18 +153,31 @@ pub fn sequence_of(request: &ModelInferRequest) -> Option<Sequence> {
     Some(Sequence { key, start, end })
 }
 
-/// Validates, routes and forwards one `ModelInfer` call (to the model's fallback when the model
-/// cannot serve it).
+/// Validates, routes and forwards one `ModelInfer` call: from the response cache when the
+/// model caches answers and holds this one ([`crate::cache`]), else to a node (or to the
+/// model's fallback when the model cannot serve it).
 pub async fn model_infer(
     state: &RouterState,
     request: Request<RawInferRequest>,
 ) -> Result<Response<Bytes>, Status> {
+    let started = Instant::now();
     let (metadata, _, raw) = request.into_parts();
     validate::check_infer_request(&raw.message).map_err(RouteError::InvalidRequest)?;
     let sequence = sequence_of(&raw.message);
+    // A request of a sequence is never cached: its answer depends on the sequence's state.
+    let cached = match sequence {
+        None => cached(state, &raw.message, &metadata)?,
+        Some(_) => None,
+    };
+    if let Some(Cached::Hit(answer, stats)) = cached {
+        stats.answered(tonic::Code::Ok, started.elapsed());
+        let mut response = Response::new(answer);
+        mark(&mut response, "hit");
+        return Ok(response);
+    }
     let model = raw.message.model_name;
     let max_size = state.max_message_size;
-    fallback::unary(
+    let mut answer = fallback::unary(
         state,
         &model,
         &metadata,
@@ -176,7 +194,56 @@ pub async fn model_infer(
             }
         },
     )
-    .await
+    .await;
+    if let (Some(Cached::Miss(key, ttl)), Ok(response)) = (cached, &mut answer)
+        // An answer from the fallback model is not this model's.
+        && !response.metadata().contains_key(fallback::FALLBACK_HEADER)
+        && state.cache.insert(key, response.get_ref().clone(), ttl)
+    {
+        mark(response, "miss");
+    }
+    answer
+}
+
+/// What the response cache says of a call.
+enum Cached {
+    /// The answer, as this call gets it, and the model's counters.
+    Hit(Bytes, Arc<ModelStats>),
+    /// Not held: the key to keep the answer under, and for how long.
+    Miss(u128, Duration),
+}
+
+/// Looks the call up in the response cache, when its model caches answers. A hit is still a
+/// call: a priority that is not one is refused as it would be otherwise.
+fn cached(
+    state: &RouterState,
+    message: &ModelInferRequest,
+    metadata: &MetadataMap,
+) -> Result<Option<Cached>, Status> {
+    let table = state.table.load();
+    let Some(route) = table.models.get(&message.model_name) else {
+        return Ok(None);
+    };
+    let Some(spec) = &route.settings.cache else {
+        return Ok(None);
+    };
+    Priority::of(metadata.as_ref(), route.settings.priority)?;
+    let key = state.cache.key(spec, message, metadata.as_ref());
+    let hit = state.cache.get(key, &message.id);
+    route.state.stats.cache_lookup(hit.is_some());
+    Ok(Some(match hit {
+        Some(answer) => Cached::Hit(answer, route.state.stats.clone()),
+        None => Cached::Miss(key, spec.ttl),
+    }))
+}
+
+/// Says in the response headers where the answer came from ([`crate::cache::CACHE_HEADER`]).
+fn mark(response: &mut Response<Bytes>, how: &'static str) {
+    let headers: &mut http::HeaderMap = response.metadata_mut().as_mut();
+    headers.insert(
+        http::HeaderName::from_static(crate::cache::CACHE_HEADER),
+        http::HeaderValue::from_static(how),
+    );
 }
 
 /// `ModelInfer` as a tonic unary service.
