@@ -35,7 +35,7 @@ def check_router(url, region):
     check(mmeta["name"] == "echo", f"{url}: ModelMetadata {mmeta}")
     # The model repository index: the models the router routes, and their state.
     index = c.get_model_repository_index(as_json=True).get("models", [])
-    check([(m["name"], m.get("state")) for m in index] == [("echo", "READY")],
+    check([(m["name"], m.get("state")) for m in index] == [("cached", "READY"), ("echo", "READY")],
           f"{url}: RepositoryIndex {index}")
 
     # Triton's ModelConfig: a node serving the model answers, and its configuration arrives as
@@ -118,6 +118,25 @@ def check_router(url, region):
     check(resp.id == "typed", f"{url}: request id echoed")
     node, reg = served_by(call)
     check(reg == region, f"{url}: served by {node} in region {reg}, expected region {region}")
+
+    # Response caching (model `cached`'s policy keeps answers): the same tensors under another
+    # id are answered from the router's cache, with the caller's own id (which the router
+    # appends to the cached bytes: the stock parser must take the last value).
+    first = pb.ModelInferRequest(model_name="cached", id="first")
+    first.inputs.add(name="v", datatype="FP32", shape=[2]).contents.fp32_contents.extend([7.0, 8.0])
+    r1, call = stub.ModelInfer.with_call(first, timeout=5)
+    check(dict(call.initial_metadata()).get("x-fulcrum-cache") == "miss", f"{url}: first call stored")
+    second = pb.ModelInferRequest()
+    second.CopyFrom(first)
+    second.id = "second"
+    r2, call = stub.ModelInfer.with_call(second, timeout=5)
+    md = dict(call.initial_metadata())
+    check(md.get("x-fulcrum-cache") == "hit" and "x-fulcrum-node" not in md, f"{url}: hit {md}")
+    check(r2.id == "second" and r2.outputs == r1.outputs, f"{url}: cached answer {r2}")
+    r = c.infer("cached", inputs, request_id="via-tritonclient")
+    r = c.infer("cached", inputs, request_id="again")
+    check(r.get_response().id == "again" and np.array_equal(r.as_numpy("x"), x),
+          f"{url}: tritonclient reads a cached answer")
 
     # Errors come back as the right gRPC status.
     try:

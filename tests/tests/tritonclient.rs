@@ -8,6 +8,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
+use fulcrum_proto::fulcrum::v1::ModelPolicy;
 use fulcrum_sim::node::{NodeSimConfig, spawn};
 use fulcrum_tests::stack::{self, admin, register, spec, wait_ready};
 
@@ -28,19 +29,32 @@ async fn tritonclient_gets_correct_answers_from_both_routers() {
     let cp = stack::control_plane("memory:").await;
     let mut admin = admin(cp.addr).await;
     let mut nodes = Vec::new();
+    // Model `cached` echoes too, and its policy keeps answers in the routers' caches.
+    let models = ["echo", "cached"];
     for (id, region) in [("a-1", "a"), ("a-2", "a"), ("b-1", "b")] {
         let config = NodeSimConfig {
             name: id.into(),
+            models: models.map(str::to_owned).to_vec(),
             ..Default::default()
         };
         let n = spawn(config, "127.0.0.1:0".parse().unwrap()).await.unwrap();
-        register(&mut admin, spec(id, n.addr, region, &["echo"], 4)).await;
+        register(&mut admin, spec(id, n.addr, region, &models, 4)).await;
         nodes.push(n);
     }
+    let before = stack::routing_version(&admin).await;
+    admin
+        .set_model_policy(ModelPolicy {
+            model: "cached".into(),
+            cache_ttl_ms: 600_000,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
     let router_a = stack::router("a", cp.addr, None).await;
     let router_b = stack::router("b", cp.addr, None).await;
     wait_ready(router_a.addr).await;
     wait_ready(router_b.addr).await;
+    stack::wait_published_after(&admin, before).await;
 
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("interop/tritonclient_check.py");
     let (a, b) = (router_a.addr.to_string(), router_b.addr.to_string());
