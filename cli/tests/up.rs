@@ -220,6 +220,17 @@ fn up_serves_both_regions_and_fails_over_on_drain() {
         "x-tenant",
     ]);
     assert!(out.contains("cache=\"30000ms per x-tenant\""), "{out}");
+    let out = policy(&[
+        "set",
+        "echo",
+        "--canary-model",
+        "echo-next",
+        "--canary-percent",
+        "10",
+        "--canary-key",
+        "x-user",
+    ]);
+    assert!(out.contains("canary=\"echo-next 10% by x-user\""), "{out}");
     policy(&["clear", "echo"]);
 
     for id in ["a-1", "a-2", "a-3"] {

@@ -77,6 +77,27 @@ pub fn validate(p: &ModelPolicy) -> Result<(), Error> {
             p.rate_limit_key_header
         ));
     }
+    if !p.canary_model.is_empty() {
+        if p.canary_model == p.model {
+            return bad("canary_model names the model itself".into());
+        }
+        model_name_valid(&p.canary_model).or_else(|e| bad(format!("canary_model: {e}")))?;
+    }
+    if !(p.canary_percent.is_finite() && (0.0..=100.0).contains(&p.canary_percent)) {
+        return bad(format!(
+            "canary_percent {} is outside [0, 100]",
+            p.canary_percent
+        ));
+    }
+    if p.canary_model.is_empty() && (p.canary_percent != 0.0 || !p.canary_key_header.is_empty()) {
+        return bad("canary_percent and canary_key_header need canary_model".into());
+    }
+    if !p.canary_key_header.is_empty() && http_header_name_invalid(&p.canary_key_header) {
+        return bad(format!(
+            "canary_key_header {:?} is not a valid header name",
+            p.canary_key_header
+        ));
+    }
     if p.cache_ttl_ms > MAX_CACHE_TTL_MS {
         return bad(format!(
             "cache_ttl_ms {} is above {MAX_CACHE_TTL_MS}",
@@ -301,6 +322,40 @@ mod tests {
             x.cache_ttl_ms = ttl;
             x.cache_key_header = key.into();
             x.not_idempotent = not_idempotent;
+            let e = validate(&x).unwrap_err().to_string();
+            assert!(e.contains(says), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_canary_is_another_model_with_a_share_in_percent() {
+        let mut x = p("llm");
+        x.canary_model = "llm-next".into();
+        x.canary_percent = 12.5;
+        x.canary_key_header = "x-user".into();
+        validate(&x).unwrap();
+        // Staged: named, no traffic yet.
+        x.canary_percent = 0.0;
+        validate(&x).unwrap();
+        for (model, percent, key, says) in [
+            ("llm", 10.0, "", "canary_model names the model itself"),
+            ("a/b", 10.0, "", "canary_model"),
+            (
+                "llm-next",
+                100.5,
+                "",
+                "canary_percent 100.5 is outside [0, 100]",
+            ),
+            ("llm-next", -1.0, "", "canary_percent -1"),
+            ("llm-next", f64::NAN, "", "canary_percent NaN"),
+            ("", 10.0, "", "need canary_model"),
+            ("", 0.0, "x-user", "need canary_model"),
+            ("llm-next", 10.0, "bad key", "not a valid header name"),
+        ] {
+            let mut x = p("llm");
+            x.canary_model = model.into();
+            x.canary_percent = percent;
+            x.canary_key_header = key.into();
             let e = validate(&x).unwrap_err().to_string();
             assert!(e.contains(says), "{e}");
         }

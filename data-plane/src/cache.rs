@@ -191,12 +191,7 @@ fn with_id(answer: &Bytes, id: &str) -> Bytes {
     out.put_slice(answer);
     // Field 3, wire type 2 (length-delimited): tag (3 << 3) | 2.
     out.put_u8(0x1a);
-    let mut len = id.len() as u64;
-    while len >= 0x80 {
-        out.put_u8((len as u8 & 0x7f) | 0x80);
-        len >>= 7;
-    }
-    out.put_u8(len as u8);
+    crate::ingress::infer::put_varint(&mut out, id.len() as u64);
     out.put_slice(id.as_bytes());
     out.freeze()
 }

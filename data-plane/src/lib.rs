@@ -20,6 +20,7 @@
 //! - [`priority`]: call priorities (the `fulcrum-priority` header, a model's default).
 //! - [`rate_limit`]: per-model token buckets, per caller key, on each router.
 //! - [`cache`]: the router's response cache, for the models whose policy asks for one.
+//! - [`canary`]: which calls a model's canary takes (pure, property-tested).
 //! - [`hedge`]: latency windows for hedging.
 //! - [`subscriber`]: following the control plane's routing stream.
 //! - [`ingress`]: the services clients call ([`ingress::oip`]), deadlines, and the router's
@@ -36,6 +37,7 @@
 
 pub mod balance;
 pub mod cache;
+pub mod canary;
 pub mod endpoint;
 pub mod error;
 pub mod hedge;

@@ -14,6 +14,7 @@
 //! | `fulcrum_router_rate_limited_total` | model | calls refused by the model's rate limit |
 //! | `fulcrum_router_cache_hits_total`, `fulcrum_router_cache_misses_total` | model | calls answered from the response cache, and looked up in vain |
 //! | `fulcrum_router_cache_entries`, `fulcrum_router_cache_bytes` | | what the response cache holds |
+//! | `fulcrum_router_canary_total` | model, canary | calls of the model its canary took |
 //! | `fulcrum_router_fallbacks_total` | model, fallback, reason, result | calls the model could not serve, sent to its fallback (`served` there or `failed`) |
 //! | `fulcrum_router_local_share` | model | share of calls the local region takes now |
 //! | `fulcrum_router_node_in_flight`, `fulcrum_router_node_limit` | node, region | calls in flight from this router, and its limit |
@@ -65,6 +66,8 @@ pub struct ModelStats {
     /// Calls answered from the response cache, and calls looked up there and not found.
     cache_hits: AtomicU64,
     cache_misses: AtomicU64,
+    /// Calls the model's canary took.
+    canary: AtomicU64,
     /// Calls sent to the model's fallback, by [`Reason::index`], then served (0) or not (1).
     fallbacks: [[AtomicU64; 2]; 2],
     /// Answered calls per latency bucket (not cumulative; the last one is above every bound).
@@ -82,6 +85,7 @@ impl Default for ModelStats {
             rate_limited: AtomicU64::new(0),
             cache_hits: AtomicU64::new(0),
             cache_misses: AtomicU64::new(0),
+            canary: AtomicU64::new(0),
             fallbacks: std::array::from_fn(|_| std::array::from_fn(|_| AtomicU64::new(0))),
             buckets: std::array::from_fn(|_| AtomicU64::new(0)),
             latency_sum_us: AtomicU64::new(0),
@@ -124,6 +128,11 @@ impl ModelStats {
             &self.cache_misses
         };
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The model's canary took a call.
+    pub fn canary(&self) {
+        self.canary.fetch_add(1, Ordering::Relaxed);
     }
 
     /// A call went to the model's fallback for `reason`, and was `served` there or not.
@@ -288,6 +297,20 @@ impl Collector for RouterCollector {
                         counter(stats.shed[p.index()].load(Ordering::Relaxed)),
                     )
                 })
+            }),
+        )?;
+        family(
+            e,
+            "fulcrum_router_canary",
+            "Calls of the model its canary model took",
+            MetricType::Counter,
+            models.iter().filter_map(|(m, r)| {
+                let canary = r.settings.canary.as_ref()?;
+                let labels = vec![("model", (*m).clone()), ("canary", canary.model.clone())];
+                Some((
+                    labels,
+                    counter(r.state.stats.canary.load(Ordering::Relaxed)),
+                ))
             }),
         )?;
         family(

@@ -9,6 +9,7 @@ use fulcrum_proto::fulcrum::v1::{Balancer, ModelPolicy};
 use crate::balance::Policy;
 use crate::balance::locality::DEFAULT_OVERPROVISIONING;
 use crate::cache::CacheSpec;
+use crate::canary::Canary;
 use crate::priority::Priority;
 use crate::rate_limit::RateLimitSpec;
 
@@ -65,6 +66,8 @@ pub struct ModelSettings {
     pub fallback: Option<String>,
     /// The model's response caching on this router, if any ([`crate::cache`]).
     pub cache: Option<CacheSpec>,
+    /// The model's canary, if any ([`crate::canary`]).
+    pub canary: Option<Canary>,
 }
 
 impl Default for ModelSettings {
@@ -115,7 +118,18 @@ impl ModelSettings {
             fallback: (!p.fallback_model.is_empty() && p.fallback_model != p.model)
                 .then(|| p.fallback_model.clone()),
             cache: CacheSpec::from_policy(p.cache_ttl_ms, &p.cache_key_header, !p.not_idempotent),
+            canary: Canary::from_policy(
+                &p.model,
+                &p.canary_model,
+                p.canary_percent,
+                &p.canary_key_header,
+            ),
         }
+    }
+
+    /// Whether calls of the model go straight to a node: no canary, no cache, no fallback.
+    pub fn is_plain(&self) -> bool {
+        self.canary.is_none() && self.cache.is_none() && self.fallback.is_none()
     }
 
     /// Attempts allowed for this call (1 when the model is not idempotent).
@@ -144,6 +158,7 @@ mod tests {
         assert_eq!(d.rate_limit, None);
         assert_eq!(d.fallback, None);
         assert_eq!(d.cache, None);
+        assert!(d.is_plain());
         let p = ModelPolicy {
             max_attempts: 99,
             overprovisioning: f64::NAN,

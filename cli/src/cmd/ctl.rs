@@ -239,6 +239,17 @@ enum PolicyCommand {
         /// callers with different values never share answers.
         #[arg(long, default_value = "")]
         cache_key: String,
+        /// Canary release: the model (the next version, under its own name) that takes
+        /// --canary-percent of this model's calls.
+        #[arg(long, default_value = "")]
+        canary_model: String,
+        /// Share of the calls the canary takes, in percent (0 to 100).
+        #[arg(long, default_value_t = 0.0)]
+        canary_percent: f64,
+        /// Request header whose value decides which calls the canary takes (a user, a
+        /// session), so a caller keeps seeing one model (default: calls drawn at random).
+        #[arg(long, default_value = "")]
+        canary_key: String,
     },
     /// Remove a model's policy (back to the defaults).
     Clear {
@@ -292,13 +303,18 @@ fn print_policy(p: &ModelPolicy) -> anyhow::Result<()> {
     } else {
         "none".to_owned()
     };
+    let canary = match (p.canary_model.as_str(), p.canary_key_header.as_str()) {
+        ("", _) => "none".to_owned(),
+        (m, "") => format!("{m} {}%", p.canary_percent),
+        (m, key) => format!("{m} {}% by {key}", p.canary_percent),
+    };
     let cache = match (p.cache_ttl_ms, p.cache_key_header.as_str()) {
         (0, _) => "none".to_owned(),
         (ms, "") => format!("{ms}ms"),
         (ms, key) => format!("{ms}ms per {key}"),
     };
     outln!(
-        "{}: balancer={balancer}{} timeout={} max_attempts={} per_try_timeout={} idempotent={} hedge={hedge} panic_mode={} overprovisioning={} default_priority={priority} rate_limit={rate_limit:?} fallback={} cache={cache:?}",
+        "{}: balancer={balancer}{} timeout={} max_attempts={} per_try_timeout={} idempotent={} hedge={hedge} panic_mode={} overprovisioning={} default_priority={priority} rate_limit={rate_limit:?} fallback={} cache={cache:?} canary={canary:?}",
         p.model,
         if p.hash_header.is_empty() {
             String::new()
@@ -365,6 +381,9 @@ async fn policy(admin: &mut Admin, command: PolicyCommand) -> anyhow::Result<()>
             fallback_model,
             cache_ttl,
             cache_key,
+            canary_model,
+            canary_percent,
+            canary_key,
         } => {
             let balancer = match balancer.as_str() {
                 "p2c-ewma" | "p2c" => Balancer::P2cEwma,
@@ -405,6 +424,9 @@ async fn policy(admin: &mut Admin, command: PolicyCommand) -> anyhow::Result<()>
                 fallback_model,
                 cache_ttl_ms: millis(cache_ttl)?,
                 cache_key_header: cache_key,
+                canary_model,
+                canary_percent,
+                canary_key_header: canary_key,
             };
             let p = admin
                 .set_model_policy(p)

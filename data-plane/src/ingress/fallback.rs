@@ -25,7 +25,6 @@
 
 use std::time::{Duration, Instant};
 
-use bytes::{BufMut, Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue};
 use tonic::metadata::MetadataMap;
 use tonic::{Code, Response, Status};
@@ -111,32 +110,6 @@ impl Failed {
         }
         self.unserved
     }
-}
-
-/// `request`, an encoded `ModelInferRequest`, naming `model` (and no version) instead of its
-/// own. Appended as fields 1 (`model_name`) and 2 (`model_version`) rather than decoded and
-/// encoded again: protobuf parsers take the last value of a field that is not repeated ("last
-/// one wins", in the encoding spec), so the rest of the message — tensors, parameters, fields
-/// the router does not know — goes to the fallback byte for byte.
-pub fn renamed(request: &Bytes, model: &str) -> Bytes {
-    let mut out = BytesMut::with_capacity(request.len() + model.len() + 12);
-    out.put_slice(request);
-    // Field 1, wire type 2 (length-delimited): tag (1 << 3) | 2.
-    out.put_u8(0x0a);
-    put_varint(&mut out, model.len() as u64);
-    out.put_slice(model.as_bytes());
-    // Field 2, wire type 2, empty: the fallback's version is its own choice.
-    out.put_u8(0x12);
-    out.put_u8(0);
-    out.freeze()
-}
-
-fn put_varint(out: &mut BytesMut, mut v: u64) {
-    while v >= 0x80 {
-        out.put_u8((v as u8 & 0x7f) | 0x80);
-        v >>= 7;
-    }
-    out.put_u8(v as u8);
 }
 
 /// The status of a call whose fallback failed too: the primary's code and metadata, a message
@@ -246,42 +219,6 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use fulcrum_proto::inference::ModelInferRequest;
-    use fulcrum_proto::inference::model_infer_request::InferInputTensor;
-    use prost::Message;
-
-    #[test]
-    fn a_renamed_request_names_the_fallback_and_keeps_the_rest() {
-        let original = ModelInferRequest {
-            model_name: "big".into(),
-            model_version: "7".into(),
-            id: "call-1".into(),
-            inputs: vec![InferInputTensor {
-                name: "x".into(),
-                datatype: "FP32".into(),
-                shape: vec![2],
-                ..Default::default()
-            }],
-            raw_input_contents: vec![Bytes::from_static(&[0, 0, 128, 63, 0, 0, 0, 64])],
-            ..Default::default()
-        };
-        let bytes = Bytes::from(original.encode_to_vec());
-        // Long enough that its length takes a two-byte varint.
-        let long = "m".repeat(300);
-        for name in ["small", long.as_str()] {
-            let decoded = ModelInferRequest::decode(renamed(&bytes, name)).unwrap();
-            assert_eq!(decoded.model_name, name);
-            assert_eq!(decoded.model_version, "");
-            assert_eq!(
-                ModelInferRequest {
-                    model_name: "big".into(),
-                    model_version: "7".into(),
-                    ..decoded
-                },
-                original
-            );
-        }
-    }
 
     #[test]
     fn what_falls_back() {

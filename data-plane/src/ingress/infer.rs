@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::{Buf, BufMut, Bytes};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use fulcrum_proto::inference::ModelInferRequest;
 use fulcrum_proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
 use prost::Message;
@@ -37,13 +37,14 @@ use tonic::server::{NamedService, UnaryService};
 use tonic::{Request, Response, Status};
 use tower::Service;
 
-use super::fallback;
 use super::forward::Sequence;
 use super::oip::OipService;
+use super::{fallback, forward};
 use crate::error::RouteError;
 use crate::metrics::ModelStats;
 use crate::priority::Priority;
 use crate::router::RouterState;
+use crate::table::RoutedNode;
 use crate::validate;
 
 /// The compressions a request may come in (gzip and deflate: what gRPC's clients send and
@@ -161,8 +162,86 @@ pub async fn model_infer(
     request: Request<RawInferRequest>,
 ) -> Result<Response<Bytes>, Status> {
     let started = Instant::now();
-    let (metadata, _, raw) = request.into_parts();
+    let (metadata, _, mut raw) = request.into_parts();
     validate::check_infer_request(&raw.message).map_err(RouteError::InvalidRequest)?;
+    // Most models have no canary, cache or fallback: one look at the table, and the call goes
+    // to a node the usual way (an unknown model too: forwarding refuses it NOT_FOUND).
+    let plain = state
+        .table
+        .load()
+        .models
+        .get(&raw.message.model_name)
+        .is_none_or(|r| r.settings.is_plain());
+    if plain {
+        let sequence = sequence_of(&raw.message);
+        let model = raw.message.model_name;
+        let max_size = state.max_message_size;
+        return forward::unary(state, &model, &metadata, sequence, raw.bytes, |node, r| {
+            to_node(node, r, max_size)
+        })
+        .await;
+    }
+    // A call its model's canary takes is a call of the canary from here on.
+    let Some(canary) = canary_of(state, &raw.message, metadata.as_ref()) else {
+        return serve(state, started, metadata, raw).await;
+    };
+    raw.bytes = renamed(&raw.bytes, &canary);
+    canary.clone_into(&mut raw.message.model_name);
+    raw.message.model_version.clear();
+    let mut answer = serve(state, started, metadata, raw).await;
+    let value = http::HeaderValue::from_str(&canary).ok();
+    let headers: &mut http::HeaderMap = match &mut answer {
+        Ok(response) => response.metadata_mut().as_mut(),
+        Err(status) => status.metadata_mut().as_mut(),
+    };
+    if let Some(v) = value {
+        headers.insert(
+            http::HeaderName::from_static(crate::canary::CANARY_HEADER),
+            v,
+        );
+    }
+    answer
+}
+
+/// The canary a call of `message`'s model goes to, if the model's policy has one and the call
+/// falls in its share ([`crate::canary`]): placed by the key header's value, else by the call's
+/// sequence, else at random. A canary without a routable node takes nothing.
+pub fn canary_of(
+    state: &RouterState,
+    message: &ModelInferRequest,
+    headers: &http::HeaderMap,
+) -> Option<String> {
+    let table = state.table.load();
+    let route = table.models.get(&message.model_name)?;
+    let canary = route.settings.canary.as_ref()?;
+    let key = canary
+        .key_header
+        .as_deref()
+        .and_then(|h| headers.get(h))
+        .map(|v| crate::balance::ring::hash(v.as_bytes()))
+        .or_else(|| sequence_of(message).map(|s| s.key));
+    // A canary no node can serve now (not deployed yet, or down) takes no calls: they stay
+    // with the model the caller named.
+    let ready = || {
+        table
+            .models
+            .get(&canary.model)
+            .is_some_and(|r| r.is_routable())
+    };
+    if !canary.takes(key, &mut rand::rng()) || !ready() {
+        return None;
+    }
+    route.state.stats.canary();
+    Some(canary.model.clone())
+}
+
+/// [`model_infer`] once the model is settled.
+async fn serve(
+    state: &RouterState,
+    started: Instant,
+    metadata: MetadataMap,
+    raw: RawInferRequest,
+) -> Result<Response<Bytes>, Status> {
     let sequence = sequence_of(&raw.message);
     // A request of a sequence is never cached: its answer depends on the sequence's state.
     let cached = match sequence {
@@ -183,16 +262,8 @@ pub async fn model_infer(
         &metadata,
         sequence,
         raw.bytes,
-        |bytes, fallback| fallback::renamed(&bytes, fallback),
-        |node, request| {
-            let (metadata, _, message) = request.into_parts();
-            let path = http::uri::PathAndQuery::from_static(MODEL_INFER_PATH);
-            async move {
-                node.conn
-                    .unary(path, metadata.into_headers(), message, max_size)
-                    .await
-            }
-        },
+        |bytes, fallback| renamed(&bytes, fallback),
+        |node, r| to_node(node, r, max_size),
     )
     .await;
     if let (Some(Cached::Miss(key, ttl)), Ok(response)) = (cached, &mut answer)
@@ -203,6 +274,21 @@ pub async fn model_infer(
         mark(response, "miss");
     }
     answer
+}
+
+/// Sends one attempt's bytes to `node` on the router's own HTTP/2 client.
+fn to_node(
+    node: RoutedNode,
+    request: Request<Bytes>,
+    max_size: usize,
+) -> impl Future<Output = Result<Response<Bytes>, Status>> {
+    let (metadata, _, message) = request.into_parts();
+    let path = http::uri::PathAndQuery::from_static(MODEL_INFER_PATH);
+    async move {
+        node.conn
+            .unary(path, metadata.into_headers(), message, max_size)
+            .await
+    }
 }
 
 /// What the response cache says of a call.
@@ -244,6 +330,33 @@ fn mark(response: &mut Response<Bytes>, how: &'static str) {
         http::HeaderName::from_static(crate::cache::CACHE_HEADER),
         http::HeaderValue::from_static(how),
     );
+}
+
+/// `request`, an encoded `ModelInferRequest`, naming `model` (and no version) instead of its
+/// own. Appended as fields 1 (`model_name`) and 2 (`model_version`) rather than decoded and
+/// encoded again: protobuf parsers take the last value of a field that is not repeated ("last
+/// one wins", in the encoding spec), so the rest of the message — tensors, parameters, fields
+/// the router does not know — goes to the other model (a fallback, a canary) byte for byte.
+pub fn renamed(request: &Bytes, model: &str) -> Bytes {
+    let mut out = BytesMut::with_capacity(request.len() + model.len() + 12);
+    out.put_slice(request);
+    // Field 1, wire type 2 (length-delimited): tag (1 << 3) | 2.
+    out.put_u8(0x0a);
+    put_varint(&mut out, model.len() as u64);
+    out.put_slice(model.as_bytes());
+    // Field 2, wire type 2, empty: the other model's version is its own choice.
+    out.put_u8(0x12);
+    out.put_u8(0);
+    out.freeze()
+}
+
+/// Writes `v` as a protobuf varint.
+pub(crate) fn put_varint(out: &mut BytesMut, mut v: u64) {
+    while v >= 0x80 {
+        out.put_u8((v as u8 & 0x7f) | 0x80);
+        v >>= 7;
+    }
+    out.put_u8(v as u8);
 }
 
 /// `ModelInfer` as a tonic unary service.
@@ -322,6 +435,7 @@ mod tests {
     use super::*;
     use fulcrum_proto::inference::InferParameter;
     use fulcrum_proto::inference::infer_parameter::ParameterChoice;
+    use fulcrum_proto::inference::model_infer_request::InferInputTensor;
 
     fn request(model: &str, params: &[(&str, ParameterChoice)]) -> ModelInferRequest {
         ModelInferRequest {
@@ -336,6 +450,39 @@ mod tests {
                 })
                 .collect(),
             ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_renamed_request_names_the_other_model_and_keeps_the_rest() {
+        let original = ModelInferRequest {
+            model_name: "big".into(),
+            model_version: "7".into(),
+            id: "call-1".into(),
+            inputs: vec![InferInputTensor {
+                name: "x".into(),
+                datatype: "FP32".into(),
+                shape: vec![2],
+                ..Default::default()
+            }],
+            raw_input_contents: vec![Bytes::from_static(&[0, 0, 128, 63, 0, 0, 0, 64])],
+            ..Default::default()
+        };
+        let bytes = Bytes::from(original.encode_to_vec());
+        // Long enough that its length takes a two-byte varint.
+        let long = "m".repeat(300);
+        for name in ["small", long.as_str()] {
+            let decoded = ModelInferRequest::decode(renamed(&bytes, name)).unwrap();
+            assert_eq!(decoded.model_name, name);
+            assert_eq!(decoded.model_version, "");
+            assert_eq!(
+                ModelInferRequest {
+                    model_name: "big".into(),
+                    model_version: "7".into(),
+                    ..decoded
+                },
+                original
+            );
         }
     }
 

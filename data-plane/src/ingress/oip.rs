@@ -287,8 +287,12 @@ impl GrpcInferenceService for OipService {
         &self,
         request: Request<ModelInferRequest>,
     ) -> Result<Response<ModelInferResponse>, Status> {
-        let (metadata, _, message) = request.into_parts();
+        let (metadata, _, mut message) = request.into_parts();
         validate::check_infer_request(&message).map_err(RouteError::InvalidRequest)?;
+        if let Some(canary) = super::infer::canary_of(&self.state, &message, metadata.as_ref()) {
+            message.model_name = canary;
+            message.model_version.clear();
+        }
         let model = message.model_name.clone();
         let sequence = super::infer::sequence_of(&message);
         super::fallback::unary(
@@ -397,10 +401,15 @@ struct Unrouted {
 
 impl StreamSession {
     /// Forwards one request; errors go back in-band, as Triton does, and keep the stream open.
-    /// A request its model cannot serve goes to the model's fallback, as a unary call would
+    /// A request its model's canary takes goes to the canary. A request its model cannot serve goes to the model's fallback, as a unary call would
     /// ([`super::fallback`]; a request of a sequence does not). Returns the node the request
     /// went to.
-    async fn handle(&mut self, req: ModelInferRequest) -> Option<RoutedNode> {
+    async fn handle(&mut self, mut req: ModelInferRequest) -> Option<RoutedNode> {
+        // A request its model's canary takes goes to the canary's stream.
+        if let Some(canary) = super::infer::canary_of(&self.service.state, &req, &self.metadata) {
+            req.model_name = canary;
+            req.model_version.clear();
+        }
         let failed = match self.route(req).await {
             Ok(node) => return Some(node),
             Err(failed) => failed,
