@@ -65,17 +65,11 @@ pub fn validate(p: &ModelPolicy) -> Result<(), Error> {
     if p.rate_limit_rps == 0.0 && (p.rate_limit_burst != 0 || !p.rate_limit_key_header.is_empty()) {
         return bad("rate_limit_burst and rate_limit_key_header need rate_limit_rps".into());
     }
-    if p.rate_limit_burst > MAX_RATE_LIMIT_BURST {
-        return bad(format!(
-            "rate_limit_burst {} is above {MAX_RATE_LIMIT_BURST}",
-            p.rate_limit_burst
-        ));
+    if let Some(e) = above("rate_limit_burst", p.rate_limit_burst, MAX_RATE_LIMIT_BURST) {
+        return bad(e);
     }
-    if !p.rate_limit_key_header.is_empty() && http_header_name_invalid(&p.rate_limit_key_header) {
-        return bad(format!(
-            "rate_limit_key_header {:?} is not a valid header name",
-            p.rate_limit_key_header
-        ));
+    if let Some(e) = header_invalid("rate_limit_key_header", &p.rate_limit_key_header) {
+        return bad(e);
     }
     if !p.canary_model.is_empty() {
         if p.canary_model == p.model {
@@ -92,17 +86,11 @@ pub fn validate(p: &ModelPolicy) -> Result<(), Error> {
     if p.canary_model.is_empty() && (p.canary_percent != 0.0 || !p.canary_key_header.is_empty()) {
         return bad("canary_percent and canary_key_header need canary_model".into());
     }
-    if !p.canary_key_header.is_empty() && http_header_name_invalid(&p.canary_key_header) {
-        return bad(format!(
-            "canary_key_header {:?} is not a valid header name",
-            p.canary_key_header
-        ));
+    if let Some(e) = header_invalid("canary_key_header", &p.canary_key_header) {
+        return bad(e);
     }
-    if p.cache_ttl_ms > MAX_CACHE_TTL_MS {
-        return bad(format!(
-            "cache_ttl_ms {} is above {MAX_CACHE_TTL_MS}",
-            p.cache_ttl_ms
-        ));
+    if let Some(e) = above("cache_ttl_ms", p.cache_ttl_ms, MAX_CACHE_TTL_MS) {
+        return bad(e);
     }
     if p.cache_ttl_ms > 0 && p.not_idempotent {
         return bad(
@@ -113,11 +101,8 @@ pub fn validate(p: &ModelPolicy) -> Result<(), Error> {
     if p.cache_ttl_ms == 0 && !p.cache_key_header.is_empty() {
         return bad("cache_key_header needs cache_ttl_ms".into());
     }
-    if !p.cache_key_header.is_empty() && http_header_name_invalid(&p.cache_key_header) {
-        return bad(format!(
-            "cache_key_header {:?} is not a valid header name",
-            p.cache_key_header
-        ));
+    if let Some(e) = header_invalid("cache_key_header", &p.cache_key_header) {
+        return bad(e);
     }
     if Priority::try_from(p.default_priority).is_err() {
         return bad(format!("unknown default_priority {}", p.default_priority));
@@ -125,35 +110,20 @@ pub fn validate(p: &ModelPolicy) -> Result<(), Error> {
     if p.balancer() == Balancer::ConsistentHash && p.hash_header.is_empty() {
         return bad("consistent hashing needs hash_header".into());
     }
-    if !p.hash_header.is_empty() && http_header_name_invalid(&p.hash_header) {
-        return bad(format!(
-            "hash_header {:?} is not a valid header name",
-            p.hash_header
-        ));
+    if let Some(e) = header_invalid("hash_header", &p.hash_header) {
+        return bad(e);
     }
-    if p.timeout_ms > MAX_TIMEOUT_MS {
-        return bad(format!(
-            "timeout_ms {} is above {MAX_TIMEOUT_MS}",
-            p.timeout_ms
-        ));
+    if let Some(e) = above("timeout_ms", p.timeout_ms, MAX_TIMEOUT_MS) {
+        return bad(e);
     }
-    if p.per_try_timeout_ms > MAX_TIMEOUT_MS {
-        return bad(format!(
-            "per_try_timeout_ms {} is above {MAX_TIMEOUT_MS}",
-            p.per_try_timeout_ms
-        ));
+    if let Some(e) = above("per_try_timeout_ms", p.per_try_timeout_ms, MAX_TIMEOUT_MS) {
+        return bad(e);
     }
-    if p.max_attempts > MAX_ATTEMPTS {
-        return bad(format!(
-            "max_attempts {} is above {MAX_ATTEMPTS}",
-            p.max_attempts
-        ));
+    if let Some(e) = above("max_attempts", p.max_attempts, MAX_ATTEMPTS) {
+        return bad(e);
     }
-    if p.hedge_after_ms > MAX_TIMEOUT_MS {
-        return bad(format!(
-            "hedge_after_ms {} is above {MAX_TIMEOUT_MS}",
-            p.hedge_after_ms
-        ));
+    if let Some(e) = above("hedge_after_ms", p.hedge_after_ms, MAX_TIMEOUT_MS) {
+        return bad(e);
     }
     if p.hedge_after_ms > 0 && p.hedge_after_p95 {
         return bad("hedge after a fixed delay or after p95, not both".into());
@@ -185,6 +155,17 @@ fn model_name_valid(model: &str) -> Result<(), String> {
         ..Default::default()
     })
     .map_err(|e| e.to_string().replace("invalid node spec: ", ""))
+}
+
+/// Why `value` of `field` is too large, if it is.
+fn above(field: &str, value: u32, max: u32) -> Option<String> {
+    (value > max).then(|| format!("{field} {value} is above {max}"))
+}
+
+/// Why `value` of `field` is not a header name, if it is set and is not.
+fn header_invalid(field: &str, value: &str) -> Option<String> {
+    (!value.is_empty() && http_header_name_invalid(value))
+        .then(|| format!("{field} {value:?} is not a valid header name"))
 }
 
 fn http_header_name_invalid(name: &str) -> bool {
