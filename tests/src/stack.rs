@@ -12,7 +12,8 @@ use fulcrum_control_plane::{AdminAuth, ControlPlaneConfig};
 use fulcrum_data_plane::RouterConfig;
 use fulcrum_proto::fulcrum::v1::admin_client::AdminClient;
 use fulcrum_proto::fulcrum::v1::{
-    GetNodeRequest, GetStatusRequest, Model, NodeSpec, NodeStatus, RegisterNodeRequest,
+    GetNodeRequest, GetRoutingRequest, GetStatusRequest, Model, ModelPolicy, NodeSpec, NodeStatus,
+    RegisterNodeRequest,
 };
 use fulcrum_proto::inference::ServerReadyRequest;
 use fulcrum_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
@@ -292,37 +293,30 @@ pub async fn wait_ready(addr: SocketAddr) {
     .await;
 }
 
-/// Waits until the control plane at `admin` publishes a routing table newer than `version`
-/// (say, one with a policy set since) and every router has applied it.
-pub async fn wait_published_after(admin: &AdminClient<Channel>, version: u64) {
+/// Waits until the control plane at `admin` publishes a routing table that carries every one of
+/// `policies` as it is (a policy just set, say) and every router has applied that table.
+///
+/// It looks for the policies themselves, not just for a newer version: a node's health or load
+/// can bump the version before the store's watch brings the policy to the control loop.
+pub async fn wait_policies_applied(admin: &AdminClient<Channel>, policies: &[ModelPolicy]) {
     crate::eventually(
-        "the routers applied a newer table",
+        "the routers applied a table with the policies",
         Duration::from_secs(20),
         || {
             let mut a = admin.clone();
             async move {
+                let table = a.get_routing(GetRoutingRequest {}).await.ok()?.into_inner();
+                if !policies.iter().all(|p| table.policies.contains(p)) {
+                    return None;
+                }
                 let s = a.get_status(GetStatusRequest {}).await.ok()?.into_inner();
-                (s.routing_version > version
-                    && !s.routers.is_empty()
-                    && s.routers
-                        .iter()
-                        .all(|r| r.acked_version >= s.routing_version))
+                (!s.routers.is_empty()
+                    && s.routers.iter().all(|r| r.acked_version >= table.version))
                 .then_some(())
             }
         },
     )
     .await;
-}
-
-/// The routing version the control plane at `admin` publishes now.
-pub async fn routing_version(admin: &AdminClient<Channel>) -> u64 {
-    admin
-        .clone()
-        .get_status(GetStatusRequest {})
-        .await
-        .expect("get status")
-        .into_inner()
-        .routing_version
 }
 
 /// Waits until `check` holds for node `id` as the control plane at `admin` reports it, and

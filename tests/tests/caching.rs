@@ -37,7 +37,6 @@ async fn repeated_requests_are_answered_from_the_cache() {
         cp,
         etcd: _etcd,
     } = stack::one_node(NodeSimConfig::default(), 4).await;
-    let before = stack::routing_version(&admin).await;
     let policies = [
         ModelPolicy {
             model: "echo".into(),
@@ -52,12 +51,12 @@ async fn repeated_requests_are_answered_from_the_cache() {
             ..Default::default()
         },
     ];
-    for p in policies {
-        admin.set_model_policy(p).await.unwrap();
+    for p in &policies {
+        admin.set_model_policy(p.clone()).await.unwrap();
     }
     let (router, metrics) = stack::router_with_metrics("a", cp.addr).await;
     wait_ready(router.addr).await;
-    stack::wait_published_after(&admin, before).await;
+    stack::wait_policies_applied(&admin, &policies).await;
     let mut c = oip(router.addr).await;
     let calls = || node.controls().calls();
 
@@ -166,11 +165,10 @@ async fn a_key_header_keeps_callers_apart_and_entries_expire() {
         cache_key_header: "x-tenant".into(),
         ..Default::default()
     };
-    let before = stack::routing_version(&admin).await;
     admin.set_model_policy(policy(60_000)).await.unwrap();
     let router = stack::router("a", cp.addr, None).await;
     wait_ready(router.addr).await;
-    stack::wait_published_after(&admin, before).await;
+    stack::wait_policies_applied(&admin, &[policy(60_000)]).await;
     let c = oip(router.addr).await;
     let call = |tenant: &'static str, value: f32| {
         let mut c = c.clone();
@@ -189,9 +187,8 @@ async fn a_key_header_keeps_callers_apart_and_entries_expire() {
     assert_eq!(node.controls().calls(), 2);
 
     // Answers kept for 200 ms: once that has passed, the call reaches the node again.
-    let before = stack::routing_version(&admin).await;
     admin.set_model_policy(policy(200)).await.unwrap();
-    stack::wait_published_after(&admin, before).await;
+    stack::wait_policies_applied(&admin, &[policy(200)]).await;
     assert_eq!(call("a", 9.0).await, "miss");
     eventually(
         "tenant a's answer expires",

@@ -79,9 +79,8 @@ fn canary(percent: f64, key_header: &str) -> ModelPolicy {
 }
 
 async fn set(admin: &mut AdminClient<Channel>, policy: ModelPolicy) {
-    let before = stack::routing_version(admin).await;
-    admin.set_model_policy(policy).await.unwrap();
-    stack::wait_published_after(admin, before).await;
+    admin.set_model_policy(policy.clone()).await.unwrap();
+    stack::wait_policies_applied(admin, &[policy]).await;
 }
 
 /// Calls `llm` as `user` (or as nobody) with `req`; returns the model that answered, checking

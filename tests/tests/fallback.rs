@@ -56,13 +56,12 @@ async fn start(big: NodeSimConfig, big_capacity: i64, policies: &[ModelPolicy]) 
     )
     .await;
     register(&mut admin, spec("a-2", small.addr, "a", &["small"], 8)).await;
-    let before = stack::routing_version(&admin).await;
     for p in policies {
         admin.set_model_policy(p.clone()).await.unwrap();
     }
     let (router, metrics) = stack::router_with_metrics("a", cp.addr).await;
     wait_ready(router.addr).await;
-    stack::wait_published_after(&admin, before).await;
+    stack::wait_policies_applied(&admin, policies).await;
     for (id, model) in [("a-1", "big"), ("a-2", "small")] {
         stack::wait_applied(&admin, id, |n| {
             n.endpoint.as_ref().is_some_and(|e| {

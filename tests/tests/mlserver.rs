@@ -185,16 +185,16 @@ async fn tritonclient_through_a_router_to_mlserver_and_node_sims_then_mlserver_d
     // the request on with the fallback's name appended to the client's bytes, and MLServer's
     // own protobuf parser (the last value of a field wins) reads it as a call for doubler.
     let mut client = oip(router.addr).await;
-    let before = stack::routing_version(&admin).await;
+    let policy = ModelPolicy {
+        model: "doubler-xl".into(),
+        fallback_model: "doubler".into(),
+        ..Default::default()
+    };
     admin
-        .set_model_policy(ModelPolicy {
-            model: "doubler-xl".into(),
-            fallback_model: "doubler".into(),
-            ..Default::default()
-        })
+        .set_model_policy(policy.clone())
         .await
         .expect("set the fallback policy");
-    stack::wait_published_after(&admin, before).await;
+    stack::wait_policies_applied(&admin, &[policy]).await;
     let xl = echo_request("doubler-xl", &[1.5, -4.0]);
     let resp = infer(&mut client, &xl)
         .await

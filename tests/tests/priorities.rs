@@ -42,18 +42,15 @@ async fn critical_calls_overtake_a_backlog_of_sheddable_ones() {
     )
     .await;
     // Calls that name no priority are sheddable for this model.
-    let before = stack::routing_version(&admin).await;
-    admin
-        .set_model_policy(ModelPolicy {
-            model: "echo".into(),
-            default_priority: Priority::Sheddable as i32,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let policy = ModelPolicy {
+        model: "echo".into(),
+        default_priority: Priority::Sheddable as i32,
+        ..Default::default()
+    };
+    admin.set_model_policy(policy.clone()).await.unwrap();
     let (router, metrics) = stack::router_with_metrics("a", cp.addr).await;
     wait_ready(router.addr).await;
-    stack::wait_published_after(&admin, before).await;
+    stack::wait_policies_applied(&admin, &[policy]).await;
     let c = oip(router.addr).await;
 
     // A backlog: 30 calls naming no priority, 3 at the node and the rest waiting.

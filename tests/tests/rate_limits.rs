@@ -32,11 +32,10 @@ async fn callers_over_their_bucket_are_refused_and_others_are_not() {
         rate_limit_key_header: "x-api-key".into(),
         ..Default::default()
     };
-    let before = stack::routing_version(&admin).await;
     admin.set_model_policy(limit.clone()).await.unwrap();
     let (router, metrics) = stack::router_with_metrics("a", cp.addr).await;
     wait_ready(router.addr).await;
-    stack::wait_published_after(&admin, before).await;
+    stack::wait_policies_applied(&admin, std::slice::from_ref(&limit)).await;
     let mut c = oip(router.addr).await;
     let calls_before = node.controls().calls();
 

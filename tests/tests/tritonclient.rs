@@ -41,20 +41,17 @@ async fn tritonclient_gets_correct_answers_from_both_routers() {
         register(&mut admin, spec(id, n.addr, region, &models, 4)).await;
         nodes.push(n);
     }
-    let before = stack::routing_version(&admin).await;
-    admin
-        .set_model_policy(ModelPolicy {
-            model: "cached".into(),
-            cache_ttl_ms: 600_000,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let policy = ModelPolicy {
+        model: "cached".into(),
+        cache_ttl_ms: 600_000,
+        ..Default::default()
+    };
+    admin.set_model_policy(policy.clone()).await.unwrap();
     let router_a = stack::router("a", cp.addr, None).await;
     let router_b = stack::router("b", cp.addr, None).await;
     wait_ready(router_a.addr).await;
     wait_ready(router_b.addr).await;
-    stack::wait_published_after(&admin, before).await;
+    stack::wait_policies_applied(&admin, &[policy]).await;
 
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("interop/tritonclient_check.py");
     let (a, b) = (router_a.addr.to_string(), router_b.addr.to_string());
