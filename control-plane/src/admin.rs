@@ -96,10 +96,14 @@ impl AdminService {
             .map(|(spec, leased)| {
                 let routed = table.as_ref().and_then(|t| t.endpoint(&spec.id));
                 let h = health.get(&spec.id).cloned().unwrap_or_default();
+                // The entry the routers hold, when there is one: its health, weight and ready
+                // models together (the prober may already know newer ones; the table says what
+                // routing does now).
                 let endpoint = Endpoint {
                     health: routed.map_or(h.state as i32, |e| e.health),
                     weight: routed.map_or(0.0, |e| e.weight),
-                    ready_models: h.ready_models.clone(),
+                    ready_models: routed
+                        .map_or_else(|| h.ready_models.clone(), |e| e.ready_models.clone()),
                     spec: Some(spec.clone()),
                 };
                 let l = load.get(&spec.id).cloned().unwrap_or_default();
