@@ -12,8 +12,8 @@ use fulcrum_control_plane::{AdminAuth, ControlPlaneConfig};
 use fulcrum_data_plane::RouterConfig;
 use fulcrum_proto::fulcrum::v1::admin_client::AdminClient;
 use fulcrum_proto::fulcrum::v1::{
-    GetNodeRequest, GetRoutingRequest, GetStatusRequest, Model, ModelPolicy, NodeSpec, NodeStatus,
-    RegisterNodeRequest,
+    GetNodeRequest, GetRoutingRequest, GetStatusRequest, HealthState, Model, ModelPolicy, NodeSpec,
+    NodeStatus, RegisterNodeRequest,
 };
 use fulcrum_proto::inference::ServerReadyRequest;
 use fulcrum_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
@@ -316,6 +316,17 @@ pub async fn wait_policies_applied(admin: &AdminClient<Channel>, policies: &[Mod
             }
         },
     )
+    .await;
+}
+
+/// Waits until node `id` is healthy with `model` ready in the routing table, and every router
+/// has applied that table: calls for `model` can be routed to it.
+pub async fn wait_serving(admin: &AdminClient<Channel>, id: &str, model: &str) {
+    wait_applied(admin, id, |n| {
+        n.endpoint.as_ref().is_some_and(|e| {
+            e.health() == HealthState::Healthy && e.ready_models.iter().any(|m| m == model)
+        })
+    })
     .await;
 }
 

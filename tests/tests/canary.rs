@@ -50,12 +50,7 @@ async fn start() -> Stack {
     let (router, metrics) = stack::router_with_metrics("a", cp.addr).await;
     wait_ready(router.addr).await;
     for (id, model) in [("a-1", "llm"), ("a-2", "llm-next")] {
-        stack::wait_applied(&admin, id, |n| {
-            n.endpoint.as_ref().is_some_and(|e| {
-                e.health() == HealthState::Healthy && e.ready_models.iter().any(|m| m == model)
-            })
-        })
-        .await;
+        stack::wait_serving(&admin, id, model).await;
     }
     Stack {
         next,

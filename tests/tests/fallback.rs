@@ -63,12 +63,7 @@ async fn start(big: NodeSimConfig, big_capacity: i64, policies: &[ModelPolicy]) 
     wait_ready(router.addr).await;
     stack::wait_policies_applied(&admin, policies).await;
     for (id, model) in [("a-1", "big"), ("a-2", "small")] {
-        stack::wait_applied(&admin, id, |n| {
-            n.endpoint.as_ref().is_some_and(|e| {
-                e.health() == HealthState::Healthy && e.ready_models.iter().any(|m| m == model)
-            })
-        })
-        .await;
+        stack::wait_serving(&admin, id, model).await;
     }
     Stack {
         big,

@@ -144,10 +144,7 @@ fn with_deadline(metadata: &MetadataMap, left: Duration) -> MetadataMap {
     let mut out = metadata.clone();
     // `deadline::budget` takes its margin off again: give it back, so the fallback's budget is
     // what is left of the call's.
-    if let Some(v) = forward::grpc_timeout_value(left + deadline::DEADLINE_MARGIN) {
-        let headers: &mut HeaderMap = out.as_mut();
-        headers.insert(fulcrum_grpc_h2::timeout::GRPC_TIMEOUT, v);
-    }
+    forward::set_grpc_timeout(&mut out, left + deadline::DEADLINE_MARGIN);
     out
 }
 

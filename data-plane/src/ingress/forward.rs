@@ -78,7 +78,7 @@ pub fn node_timeout(per_try: Duration) -> Duration {
 /// on a miss and kept per thread for the next call: node deadlines are whole milliseconds
 /// ([`node_timeout`]), so consecutive calls with the same deadline repeat the value, and a hit
 /// spares the formatting and its two allocations.
-pub(crate) fn grpc_timeout_value(timeout: Duration) -> Option<HeaderValue> {
+fn grpc_timeout_value(timeout: Duration) -> Option<HeaderValue> {
     thread_local! {
         static LAST: RefCell<Option<(Duration, HeaderValue)>> = const { RefCell::new(None) };
     }
@@ -98,6 +98,14 @@ pub(crate) fn grpc_timeout_value(timeout: Duration) -> Option<HeaderValue> {
         *last = Some((timeout, value.clone()));
         Some(value)
     })
+}
+
+/// Sets `metadata`'s `grpc-timeout` to `timeout` (replacing the caller's).
+pub(crate) fn set_grpc_timeout(metadata: &mut MetadataMap, timeout: Duration) {
+    if let Some(v) = grpc_timeout_value(timeout) {
+        let headers: &mut HeaderMap = metadata.as_mut();
+        headers.insert(fulcrum_grpc_h2::timeout::GRPC_TIMEOUT, v);
+    }
 }
 
 /// Whether a failed attempt may be retried elsewhere: the node said it cannot serve now
@@ -344,10 +352,7 @@ where
             http::Extensions::default(),
             message.clone(),
         );
-        if let Some(timeout) = grpc_timeout_value(node_timeout(per_try)) {
-            let headers: &mut HeaderMap = request.metadata_mut().as_mut();
-            headers.insert(fulcrum_grpc_h2::timeout::GRPC_TIMEOUT, timeout);
-        }
+        set_grpc_timeout(request.metadata_mut(), node_timeout(per_try));
         let fut = call(node.clone(), request);
         async move {
             let t0 = Instant::now();

@@ -401,9 +401,9 @@ struct Unrouted {
 
 impl StreamSession {
     /// Forwards one request; errors go back in-band, as Triton does, and keep the stream open.
-    /// A request its model's canary takes goes to the canary. A request its model cannot serve goes to the model's fallback, as a unary call would
-    /// ([`super::fallback`]; a request of a sequence does not). Returns the node the request
-    /// went to.
+    /// A request its model's canary takes goes to the canary. A request its model cannot serve
+    /// goes to the model's fallback, as a unary call would ([`super::fallback`]; a request of a
+    /// sequence does not). Returns the node the request went to.
     async fn handle(&mut self, mut req: ModelInferRequest) -> Option<RoutedNode> {
         // A request its model's canary takes goes to the canary's stream.
         if let Some(canary) = super::infer::canary_of(&self.service.state, &req, &self.metadata) {
@@ -428,10 +428,7 @@ impl StreamSession {
                 (reason, fallback)
             }
             _ => {
-                let _ = self
-                    .out
-                    .send(Ok(stream_error(&failed.req, failed.message)))
-                    .await;
+                self.answer_error(&failed.req, failed.message).await;
                 return None;
             }
         };
@@ -447,10 +444,16 @@ impl StreamSession {
                     "{} (then model {model:?}'s fallback, model {fallback:?}: {})",
                     failed.message, second.message
                 );
-                let _ = self.out.send(Ok(stream_error(&failed.req, message))).await;
+                self.answer_error(&failed.req, message).await;
                 None
             }
         }
+    }
+
+    /// Answers `req` in-band with `message`: the stream stays open (a closed client stream has
+    /// nobody to tell, so a failed send is dropped).
+    async fn answer_error(&self, req: &ModelInferRequest, message: String) {
+        let _ = self.out.send(Ok(stream_error(req, message))).await;
     }
 
     /// Sends one request on the stream of its model's node, opening one when there is none.
