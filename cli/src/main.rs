@@ -42,6 +42,8 @@ enum Command {
     NodeSim(cmd::node_sim::NodeSimArgs),
     /// Send open-loop load to a router or node and report latency and shares.
     Load(cmd::load::LoadArgs),
+    /// Sign a caller token (JWT, HS256) for routers that check tokens.
+    Token(cmd::token::TokenArgs),
 }
 
 /// Completes on Ctrl-C or SIGTERM.
@@ -71,7 +73,7 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let default_level = match cli.command {
         // Operator and load commands print their own output; keep logs to warnings.
-        Command::Ctl(_) | Command::Load(_) => "warn",
+        Command::Ctl(_) | Command::Load(_) | Command::Token(_) => "warn",
         _ => "info",
     };
     tracing_subscriber::fmt()
@@ -87,6 +89,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Up(a) => cmd::up::run(a).await,
         Command::NodeSim(a) => cmd::node_sim::run(a).await,
         Command::Load(a) => cmd::load::run(a).await,
+        Command::Token(a) => cmd::token::run(a),
     };
     match done {
         // The reader of the output went away (`| head`): it had what it wanted.

@@ -94,3 +94,118 @@ impl From<RouteError> for Status {
         }
     }
 }
+
+/// Why a call's token was refused ([`crate::auth`]).
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    /// The call carries no `authorization` header.
+    #[error("no bearer token: this router admits calls with `authorization: Bearer <JWT>`")]
+    Missing,
+    /// The header or the token is not what a bearer JWT looks like.
+    #[error("the bearer token is malformed: {0}")]
+    Malformed(String),
+    /// No key of the router is for the token's algorithm (or key id).
+    #[error("the bearer token cannot be checked: {0}")]
+    UnknownKey(String),
+    /// No key the token could be signed with verifies it.
+    #[error("the bearer token is not valid: {0}")]
+    BadSignature(String),
+    /// The token expired (beyond the leeway).
+    #[error("the bearer token expired; get a new one")]
+    Expired,
+    /// The token's `nbf` is in the future (beyond the leeway).
+    #[error("the bearer token is not valid yet (nbf is in the future)")]
+    NotYetValid,
+    /// The token's issuer is not accepted.
+    #[error("the bearer token is not accepted: {0}")]
+    WrongIssuer(String),
+    /// The token's audience is not accepted.
+    #[error("the bearer token is not accepted: {0}")]
+    WrongAudience(String),
+    /// A claim the router reads is missing or wrong.
+    #[error("the bearer token's claims are not usable: {0}")]
+    BadClaim(String),
+    /// The call asks for a priority above the one its token allows.
+    #[error(
+        "caller {caller:?} may ask for priority {allowed} at most (its token's fulcrum_priority claim); this call asked for {asked}"
+    )]
+    PriorityNotAllowed {
+        /// The caller's identity.
+        caller: String,
+        /// The priority the call asked for.
+        asked: crate::priority::Priority,
+        /// The highest its token allows.
+        allowed: crate::priority::Priority,
+    },
+}
+
+impl AuthError {
+    /// Every [`AuthError::reason`], in the order of [`AuthError::reason_index`].
+    pub const REASONS: [&'static str; 10] = [
+        "missing",
+        "malformed",
+        "unknown_key",
+        "bad_signature",
+        "expired",
+        "not_yet_valid",
+        "wrong_issuer",
+        "wrong_audience",
+        "bad_claim",
+        "priority_not_allowed",
+    ];
+
+    /// Its place in [`AuthError::REASONS`].
+    pub fn reason_index(&self) -> usize {
+        match self {
+            AuthError::Missing => 0,
+            AuthError::Malformed(_) => 1,
+            AuthError::UnknownKey(_) => 2,
+            AuthError::BadSignature(_) => 3,
+            AuthError::Expired => 4,
+            AuthError::NotYetValid => 5,
+            AuthError::WrongIssuer(_) => 6,
+            AuthError::WrongAudience(_) => 7,
+            AuthError::BadClaim(_) => 8,
+            AuthError::PriorityNotAllowed { .. } => 9,
+        }
+    }
+
+    /// The reason, as the metrics label it.
+    pub fn reason(&self) -> &'static str {
+        Self::REASONS[self.reason_index()]
+    }
+}
+
+impl From<AuthError> for Status {
+    fn from(e: AuthError) -> Self {
+        let msg = e.to_string();
+        match e {
+            AuthError::PriorityNotAllowed { .. } => Status::permission_denied(msg),
+            _ => Status::unauthenticated(msg),
+        }
+    }
+}
+
+/// Why a router's token keys could not be loaded ([`crate::auth`]).
+#[derive(Debug, thiserror::Error)]
+pub enum AuthSetupError {
+    /// A key file cannot be read.
+    #[error("cannot read key file {}: {error}", path.display())]
+    Read {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        error: std::io::Error,
+    },
+    /// A key file holds no usable key.
+    #[error("key file {}: {why}", path.display())]
+    BadKey {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// A token could not be signed.
+    #[error("cannot sign the token: {0}")]
+    Sign(String),
+}

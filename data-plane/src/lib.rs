@@ -18,6 +18,8 @@
 //!   sequence's node).
 //! - [`queue`]: the wait queue of calls that found every node full, served by priority.
 //! - [`priority`]: call priorities (the `fulcrum-priority` header, a model's default).
+//! - [`auth`]: caller authentication by JSON Web Token (the caller's identity and highest
+//!   priority).
 //! - [`rate_limit`]: per-model token buckets, per caller key, on each router.
 //! - [`cache`]: the router's response cache, for the models whose policy asks for one.
 //! - [`canary`]: which calls a model's canary takes (pure, property-tested).
@@ -35,6 +37,7 @@
 
 #![warn(missing_docs)]
 
+pub mod auth;
 pub mod balance;
 pub mod cache;
 pub mod canary;

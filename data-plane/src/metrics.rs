@@ -16,6 +16,9 @@
 //! | `fulcrum_router_cache_entries`, `fulcrum_router_cache_bytes` | | what the response cache holds |
 //! | `fulcrum_router_canary_total` | model, canary | calls of the model its canary took |
 //! | `fulcrum_router_fallbacks_total` | model, fallback, reason, result | calls the model could not serve, sent to its fallback (`served` there or `failed`) |
+//! | `fulcrum_router_auth_refused_total` | reason | calls refused by the token check (`missing`, `expired`, `bad_signature`, ...) |
+//! | `fulcrum_router_auth_key_reloads_total` | result | key files read again: `ok` (keys changed), `failed` (kept the old ones) |
+//! | `fulcrum_router_auth_keys` | | keys the token check verifies with |
 //! | `fulcrum_router_local_share` | model | share of calls the local region takes now |
 //! | `fulcrum_router_node_in_flight`, `fulcrum_router_node_limit` | node, region | calls in flight from this router, and its limit |
 //! | `fulcrum_router_node_attempts_total`, `fulcrum_router_node_failures_total` | node, region | attempts sent, and failed (the node's fault) |
@@ -219,6 +222,35 @@ impl Collector for RouterCollector {
             MetricType::Gauge,
             [(vec![], gauge(bytes as f64))],
         )?;
+        if let Some(auth) = &state.auth {
+            family(
+                e,
+                "fulcrum_router_auth_refused",
+                "Calls refused by the token check, by reason",
+                MetricType::Counter,
+                auth.stats
+                    .refused()
+                    .map(|(reason, n)| (vec![("reason", reason.to_owned())], counter(n))),
+            )?;
+            let (changed, failed) = auth.stats.reloads();
+            family(
+                e,
+                "fulcrum_router_auth_key_reloads",
+                "Reads of the key files that changed the keys (ok) or could not be used (failed)",
+                MetricType::Counter,
+                [
+                    (vec![("result", "ok".to_owned())], counter(changed)),
+                    (vec![("result", "failed".to_owned())], counter(failed)),
+                ],
+            )?;
+            family(
+                e,
+                "fulcrum_router_auth_keys",
+                "Keys the token check verifies with",
+                MetricType::Gauge,
+                [(vec![], gauge(auth.key_count() as f64))],
+            )?;
+        }
         family(
             e,
             "fulcrum_router_queue_waiting",
@@ -484,5 +516,29 @@ mod tests {
         assert_eq!(s.by_code[14].load(Ordering::Relaxed), 1);
         assert_eq!(code_name(14), "UNAVAILABLE");
         assert_eq!(code_name(99), "UNKNOWN");
+    }
+
+    #[test]
+    fn token_refusals_are_rendered_by_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let secrets = dir.path().join("secrets");
+        std::fs::write(&secrets, "a secret\n").unwrap();
+        let auth = crate::auth::CallerAuth::load(crate::auth::AuthConfig {
+            secret_files: vec![secrets],
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(auth.authenticate(&mut http::HeaderMap::new()).is_err());
+        let mut state = RouterState::new("a".into(), 1 << 20);
+        assert!(!render(&Arc::new(RouterState::new("a".into(), 1 << 20))).contains("auth"));
+        state.auth = Some(Arc::new(auth));
+        let text = render(&Arc::new(state));
+        assert!(
+            text.contains("fulcrum_router_auth_refused_total{reason=\"missing\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("fulcrum_router_auth_refused_total{reason=\"expired\"} 0"));
+        assert!(text.contains("fulcrum_router_auth_keys 1"), "{text}");
+        assert!(text.contains("fulcrum_router_auth_key_reloads_total{result=\"failed\"} 0"));
     }
 }

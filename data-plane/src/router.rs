@@ -67,6 +67,8 @@ pub struct RouterState {
     sequences: moka::sync::Cache<u64, Arc<str>>,
     /// Answers kept for the models whose policy caches them.
     pub cache: crate::cache::ResponseCache,
+    /// Caller authentication, when the router checks tokens ([`crate::auth`]).
+    pub auth: Option<Arc<crate::auth::CallerAuth>>,
 }
 
 impl RouterState {
@@ -84,6 +86,7 @@ impl RouterState {
                 .time_to_idle(SEQUENCE_IDLE)
                 .build(),
             cache: crate::cache::ResponseCache::default(),
+            auth: None,
         }
     }
 

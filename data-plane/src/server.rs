@@ -52,6 +52,8 @@ pub struct RouterConfig {
     pub stream_token: Option<String>,
     /// Size of the response cache, in bytes ([`crate::cache`]).
     pub cache_bytes: u64,
+    /// Caller authentication ([`crate::auth`]); none: every call is admitted.
+    pub auth: Option<Arc<crate::auth::CallerAuth>>,
 }
 
 impl RouterConfig {
@@ -69,6 +71,7 @@ impl RouterConfig {
             load_view: LoadView::Global,
             stream_token: None,
             cache_bytes: crate::cache::DEFAULT_CACHE_BYTES,
+            auth: None,
         }
     }
 }
@@ -101,7 +104,12 @@ pub async fn serve_with_metrics(
 ) -> Result<(), tonic::transport::Error> {
     let mut state = RouterState::new(config.region.clone(), config.max_message_size);
     state.cache = crate::cache::ResponseCache::new(config.cache_bytes);
+    state.auth = config.auth.clone();
     let state = Arc::new(state);
+    let reload = config
+        .auth
+        .clone()
+        .map(|auth| tokio::spawn(crate::auth::reload_keys(auth)));
     let metrics = metrics.map(|l| {
         let state = state.clone();
         tokio::spawn(async move {
@@ -150,6 +158,9 @@ pub async fn serve_with_metrics(
         serve_sharded(&config, &mut shards, listener, shutdown).await
     };
     subscription.abort();
+    if let Some(r) = reload {
+        r.abort();
+    }
     if let Some(m) = metrics {
         m.abort();
     }

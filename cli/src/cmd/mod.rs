@@ -42,6 +42,7 @@ pub(crate) mod ctl;
 pub(crate) mod load;
 pub(crate) mod node_sim;
 pub(crate) mod router;
+pub(crate) mod token;
 pub(crate) mod up;
 
 /// Binds the metrics listener of `--metrics-listen`, when given.

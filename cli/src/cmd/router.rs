@@ -2,7 +2,10 @@
 
 use anyhow::Context;
 use clap::Args;
+use std::sync::Arc;
+
 use fulcrum_data_plane::RouterConfig;
+use fulcrum_data_plane::auth::{AuthConfig, CallerAuth};
 use fulcrum_data_plane::table::LoadView;
 
 /// Flags of `fulcrum router`.
@@ -50,9 +53,49 @@ pub(crate) struct RouterArgs {
     /// comma-separated list (a rotation's `new,old`), the first is presented.
     #[arg(long, env = "FULCRUM_STREAM_TOKEN", hide_env_values = true, value_parser = crate::cmd::presented_token)]
     stream_token: Option<String>,
+    /// Check callers' tokens (JWT): a file of HMAC secrets (HS256/384/512), one per line
+    /// (several while one is rotated). Repeatable. With any key given, every call but a health
+    /// check needs `authorization: Bearer <token>`. Files are read again every few seconds.
+    #[arg(long = "jwt-secret-file", value_name = "FILE")]
+    jwt_secret_files: Vec<std::path::PathBuf>,
+    /// Check callers' tokens (JWT): a file holding one public key in PEM (RSA, EC or Ed25519) or
+    /// a JWKS. Repeatable.
+    #[arg(long = "jwt-key-file", value_name = "FILE")]
+    jwt_key_files: Vec<std::path::PathBuf>,
+    /// Accept tokens from this issuer (`iss`) only; repeatable (any of them). Default: any.
+    #[arg(long = "jwt-issuer", value_name = "ISS")]
+    jwt_issuers: Vec<String>,
+    /// Accept tokens for this audience (`aud`) only; repeatable (any of them). Default: `aud`
+    /// is not checked.
+    #[arg(long = "jwt-audience", value_name = "AUD")]
+    jwt_audiences: Vec<String>,
+    /// Pass callers' `authorization` headers on to nodes (for nodes that check tokens
+    /// themselves); by default the router keeps them.
+    #[arg(long)]
+    jwt_forward_token: bool,
 }
 
 impl RouterArgs {
+    /// The token checks the flags ask for, if any; their key files read (an error says which
+    /// cannot be used).
+    fn auth(&self) -> anyhow::Result<Option<Arc<CallerAuth>>> {
+        let config = AuthConfig {
+            secret_files: self.jwt_secret_files.clone(),
+            key_files: self.jwt_key_files.clone(),
+            issuers: self.jwt_issuers.clone(),
+            audiences: self.jwt_audiences.clone(),
+            forward_token: self.jwt_forward_token,
+        };
+        if !config.is_enabled() {
+            anyhow::ensure!(
+                config.issuers.is_empty() && config.audiences.is_empty() && !config.forward_token,
+                "--jwt-issuer, --jwt-audience and --jwt-forward-token need keys: give --jwt-secret-file or --jwt-key-file"
+            );
+            return Ok(None);
+        }
+        Ok(Some(Arc::new(CallerAuth::load(config)?)))
+    }
+
     pub(crate) fn config(&self) -> RouterConfig {
         let mut c = RouterConfig::new(self.region.clone(), self.control.clone());
         c.max_message_size = self.max_message_size;
@@ -69,18 +112,18 @@ impl RouterArgs {
 }
 
 pub(crate) async fn run(args: RouterArgs) -> anyhow::Result<()> {
+    // Keys first: a router that cannot check tokens must not start serving without them.
+    let auth = args.auth()?;
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
     let metrics = crate::cmd::bind_metrics(args.metrics_listen.as_deref()).await?;
+    let mut config = args.config();
+    config.auth = auth;
     tracing::info!(listen = %args.listen, region = %args.region, control = ?args.control,
-        load_view = %args.load_view, metrics = ?args.metrics_listen, "router serving");
-    fulcrum_data_plane::serve_with_metrics(
-        args.config(),
-        listener,
-        metrics,
-        crate::shutdown_signal(),
-    )
-    .await?;
+        load_view = %args.load_view, metrics = ?args.metrics_listen,
+        token_keys = config.auth.as_ref().map_or(0, |a| a.key_count()), "router serving");
+    fulcrum_data_plane::serve_with_metrics(config, listener, metrics, crate::shutdown_signal())
+        .await?;
     Ok(())
 }

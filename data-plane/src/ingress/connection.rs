@@ -34,6 +34,10 @@
 //!   trailers-only answer;
 //! - cancellation: a call whose client resets its stream is dropped (so the node's call is
 //!   reset too).
+//!
+//! Every call but a health check first passes the router's token check, when it has one
+//! ([`crate::auth`]): a refused call is answered UNAUTHENTICATED (or PERMISSION_DENIED) before
+//! its body is read.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -101,11 +105,19 @@ where
 /// Serves one call: answers it on `respond`, unless the client resets the stream first.
 async fn call(
     services: &Services,
-    parts: http::request::Parts,
+    mut parts: http::request::Parts,
     body: RecvBody,
     mut respond: Respond,
 ) {
     crate::shard::mark_busy();
+    // The caller's token, before anything of the call is read ([`crate::auth`]).
+    if let Some(auth) = &services.state.auth
+        && !is_health_check(&parts)
+        && let Err(e) = auth.authenticate(&mut parts.headers)
+    {
+        tracing::debug!(path = parts.uri.path(), error = %e, "call refused");
+        return send_status(&mut respond, &Status::from(e));
+    }
     let limit = services.state.max_message_size;
     if !is_direct(&parts) {
         let request = http::Request::from_parts(parts, Body::new(LimitedBody::new(body, limit)));
@@ -129,6 +141,12 @@ async fn call(
         }
         Answered::Reset => {}
     }
+}
+
+/// Whether the call is a gRPC health check, which needs no token: load balancers and
+/// orchestrators probe without one.
+fn is_health_check(request: &http::request::Parts) -> bool {
+    request.uri.path().starts_with("/grpc.health.v1.Health/")
 }
 
 /// Whether `ModelInfer` takes the direct path: every request but a compressed one (tonic

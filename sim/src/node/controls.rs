@@ -135,6 +135,8 @@ pub(crate) struct Shared {
     pub(crate) rng: Mutex<SmallRng>,
     pub(crate) calls: AtomicU64,
     pub(crate) in_flight: AtomicU64,
+    /// The request headers of the last `ModelInfer` call: what a router passed on.
+    pub(crate) last_headers: Mutex<Option<http::HeaderMap>>,
     /// Triton sequences open on this node.
     pub(crate) sequences: super::sequences::Sequences,
     healthy: AtomicBool,
@@ -186,6 +188,7 @@ impl Shared {
             rng: Mutex::new(rng),
             calls: AtomicU64::new(0),
             in_flight: AtomicU64::new(0),
+            last_headers: Mutex::new(None),
             sequences: Default::default(),
             healthy: AtomicBool::new(true),
             error_ratio: AtomicU64::new(config.error_ratio.to_bits()),
@@ -370,6 +373,16 @@ impl SimControls {
     /// Inference requests received so far (unary calls and stream messages).
     pub fn calls(&self) -> u64 {
         self.shared.calls.load(Ordering::Relaxed)
+    }
+
+    /// The request headers of the last `ModelInfer` call received (what the caller, or a router
+    /// in front, sent), if there was one.
+    pub fn last_headers(&self) -> Option<http::HeaderMap> {
+        self.shared
+            .last_headers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// Triton sequences open on the node (started, not ended).

@@ -439,6 +439,12 @@ impl GrpcInferenceService for InferenceService {
         &self,
         request: Request<ModelInferRequest>,
     ) -> Result<Response<ModelInferResponse>, Status> {
+        *self
+            .shared
+            .last_headers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) =
+            Some(request.metadata().clone().into_headers());
         match infer(&self.shared, request.into_inner()).await {
             Ok(answer) => {
                 let mut response = Response::new(answer);
