@@ -29,8 +29,8 @@ need_venv() {
   if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv 2>/dev/null || { apt_install python3-venv; python3 -m venv .venv; }
   fi
-  if ! .venv/bin/python -c 'import importlib.util as u, tritonclient.grpc, numpy
+  if ! .venv/bin/python -c 'import importlib.util as u, tritonclient.grpc, numpy, jwt
 assert u.find_spec("mlserver")' 2>/dev/null; then
-    .venv/bin/pip install -q --disable-pip-version-check 'tritonclient[grpc]==2.*' numpy 'mlserver>=1.7,<2'
+    .venv/bin/pip install -q --disable-pip-version-check 'tritonclient[grpc]==2.*' numpy 'mlserver>=1.7,<2' 'PyJWT==2.*'
   fi
 }

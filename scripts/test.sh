@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Runs Fulcrum's whole test suite: unit, property and end-to-end tests (real etcd, real gRPC on
 # loopback, node-sims, the real binary, a stock tritonclient against the routers, and real
-# MLServers behind them).
+# MLServer, and PyJWT (to sign caller tokens as the seed article does). behind them).
 #
 # Installs what is missing first: protoc (protobuf-compiler) for the build, etcd (etcd-server)
-# for the end-to-end tests, and a project-local Python venv (.venv) with tritonclient and
-# MLServer.
+# for the end-to-end tests, and a project-local Python venv (.venv) with tritonclient,
+# MLServer, and PyJWT (to sign caller tokens as the seed article does).
 # Ends with one summary line over every test binary: "total: N passed, N failed".
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -2,7 +2,7 @@
 //! regions for every RPC and checks the answers. The control plane runs on the embedded store
 //! here, so that backend is exercised end to end too.
 //!
-//! Needs a Python with tritonclient: `scripts/test.sh` makes one in `.venv` and sets
+//! Needs a Python with tritonclient and PyJWT: `scripts/test.sh` makes one in `.venv` and sets
 //! `FULCRUM_PYTHON`.
 
 use std::path::PathBuf;
@@ -74,5 +74,64 @@ async fn tritonclient_gets_correct_answers_from_both_routers() {
     assert!(
         stdout.contains("ok: ") && stdout.matches("ok: ").count() == 2,
         "{stdout}"
+    );
+}
+
+/// A router checking caller tokens, called by tritonclient with a token PyJWT signs the seed
+/// article's way: admitted with it, UNAUTHENTICATED without or with a wrong one,
+/// PERMISSION_DENIED asking for a priority the token does not give.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tritonclient_with_a_pyjwt_token_is_admitted_and_without_refused() {
+    use std::sync::Arc;
+
+    use fulcrum_data_plane::auth::{AuthConfig, CallerAuth};
+
+    let cp = stack::control_plane("memory:").await;
+    let mut admin = admin(cp.addr).await;
+    let config = NodeSimConfig {
+        name: "a-1".into(),
+        models: vec!["echo".into()],
+        ..Default::default()
+    };
+    let node = spawn(config, "127.0.0.1:0".parse().unwrap()).await.unwrap();
+    register(&mut admin, spec("a-1", node.addr, "a", &["echo"], 4)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let secret = "the interop test's secret, long enough";
+    let secrets = dir.path().join("secrets");
+    std::fs::write(&secrets, format!("{secret}\n")).unwrap();
+    let auth = Arc::new(
+        CallerAuth::load(AuthConfig {
+            secret_files: vec![secrets],
+            ..Default::default()
+        })
+        .unwrap(),
+    );
+    let router = stack::router_configured("a", &[cp.addr], move |c| c.auth = Some(auth)).await;
+    stack::wait_serving(&admin, "a-1", "echo").await;
+
+    let script =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("interop/tritonclient_auth_check.py");
+    let addr = router.addr.to_string();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(python())
+            .arg(script)
+            .arg(addr)
+            .arg(secret)
+            .output()
+            .expect("run python")
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "tritonclient token check failed:\n{stdout}\n{stderr}"
+    );
+    assert!(stdout.contains("ok: tokens"), "{stdout}");
+    assert_eq!(
+        node.controls().served("echo"),
+        1,
+        "only the admitted call reached the node"
     );
 }
