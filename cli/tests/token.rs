@@ -27,6 +27,7 @@ fn a_signed_token_is_admitted_by_the_routers_check() {
             "--max-priority",
             "critical",
         ])
+        .args(["--models", "chat,embed-*"])
         .arg("--secret-file")
         .arg(&secrets)
         .output()
@@ -50,6 +51,7 @@ fn a_signed_token_is_admitted_by_the_routers_check() {
     let caller = auth.authenticate(&mut headers).unwrap();
     assert_eq!(caller.id, "svc-a");
     assert_eq!(caller.max_priority, Priority::Critical);
+    assert!(caller.may_call("embed-small") && !caller.may_call("rerank"));
 
     let out = Command::new(BIN)
         .args([

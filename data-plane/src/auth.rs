@@ -18,6 +18,12 @@
 //!   `normal` or `sheddable`; `normal` when absent). A call asking for more in its
 //!   `fulcrum-priority` header is refused PERMISSION_DENIED: with tokens, priorities are
 //!   credentials. A model's default priority is the operator's and applies as set.
+//! - the models the caller may call, the token's [`MODELS_CLAIM`] (`["chat", "embed-*"]`: names,
+//!   or prefixes ending in `*`; every model when absent). A call for another model, by any RPC
+//!   that names one (inference, streams, metadata, readiness, configuration, pass-through), is
+//!   refused PERMISSION_DENIED; the repository index lists only the allowed ones. A call its
+//!   model's canary or fallback takes is checked against the model it asked for: where the
+//!   operator sends it is not the caller's choice.
 //! - the `authorization` header is not passed on to nodes (they trust the router), unless the
 //!   router is told to (`--jwt-forward-token`, for nodes that check tokens themselves).
 //!
@@ -55,6 +61,13 @@ pub const CALLER_HEADER: HeaderName = HeaderName::from_static("x-fulcrum-caller"
 
 /// The claim naming the highest priority a caller may ask for.
 pub const PRIORITY_CLAIM: &str = "fulcrum_priority";
+
+/// The claim listing the models a caller may call (names, or prefixes ending in `*`).
+pub const MODELS_CLAIM: &str = "fulcrum_models";
+
+/// The most entries a token's [`MODELS_CLAIM`] may list: each call looks through them, and a
+/// caller needing more is better served by a naming scheme its prefixes can cover.
+const MAX_MODEL_PATTERNS: usize = 64;
 
 /// Clock skew tolerated on `exp` and `nbf`, in seconds. Hosts kept by NTP agree within
 /// milliseconds; half a minute covers a badly synced issuer or router, yet a leaked token is
@@ -122,6 +135,32 @@ pub struct Caller {
     pub max_priority: Priority,
     /// When the token expires (seconds since the Unix epoch).
     pub expires_at: u64,
+    /// The models it may call (names, or prefixes ending in `*`); `None`: every model.
+    pub models: Option<Vec<String>>,
+}
+
+impl Caller {
+    /// Whether the caller may call `model`.
+    pub fn may_call(&self, model: &str) -> bool {
+        self.models.as_ref().is_none_or(|patterns| {
+            patterns.iter().any(|p| match p.strip_suffix('*') {
+                Some(prefix) => model.starts_with(prefix),
+                None => p == model,
+            })
+        })
+    }
+
+    /// [`Caller::may_call`], as the error a refused call gets.
+    pub fn check_model(&self, model: &str) -> Result<(), AuthError> {
+        if self.may_call(model) {
+            return Ok(());
+        }
+        Err(AuthError::ModelNotAllowed {
+            caller: self.id.to_str().unwrap_or_default().to_owned(),
+            model: model.to_owned(),
+            allowed: self.models.as_deref().unwrap_or_default().join(", "),
+        })
+    }
 }
 
 /// The claims Fulcrum reads. `iss` and `aud` are checked by jsonwebtoken's validation, the
@@ -134,6 +173,8 @@ struct Claims {
     nbf: Option<u64>,
     #[serde(rename = "fulcrum_priority")]
     priority: Option<String>,
+    #[serde(rename = "fulcrum_models")]
+    models: Option<Vec<String>>,
 }
 
 /// Why calls were refused, for the metrics: one counter per [`AuthError::reason`].
@@ -220,6 +261,21 @@ impl CallerAuth {
         self.keys.store(Arc::new(keys));
         self.verified.invalidate_all();
         Ok(true)
+    }
+
+    /// Checks that the caller of a request with `extensions` (the [`Caller`] [`authenticate`]
+    /// admitted, which the router's server puts there) may call `model`.
+    ///
+    /// [`authenticate`]: CallerAuth::authenticate
+    pub fn check_model(&self, extensions: &http::Extensions, model: &str) -> Result<(), AuthError> {
+        let Some(caller) = extensions.get::<Arc<Caller>>() else {
+            return Ok(());
+        };
+        let result = caller.check_model(model);
+        if let Err(e) = &result {
+            self.stats.refused[e.reason_index()].fetch_add(1, Ordering::Relaxed);
+        }
+        result
     }
 
     /// Checks the call whose request headers are `headers`: its bearer token, and the priority
@@ -423,10 +479,27 @@ fn caller_of(claims: Claims, now: u64) -> Result<Caller, AuthError> {
                 ))
             })?,
     };
+    if let Some(models) = &claims.models {
+        if models.len() > MAX_MODEL_PATTERNS {
+            return Err(AuthError::BadClaim(format!(
+                "claim {MODELS_CLAIM} lists {} models, over {MAX_MODEL_PATTERNS}",
+                models.len()
+            )));
+        }
+        if let Some(bad) = models
+            .iter()
+            .find(|m| m.is_empty() || m.strip_suffix('*').unwrap_or(m).contains('*'))
+        {
+            return Err(AuthError::BadClaim(format!(
+                "claim {MODELS_CLAIM} lists {bad:?}: give model names, or prefixes ending in *"
+            )));
+        }
+    }
     Ok(Caller {
         id,
         max_priority,
         expires_at,
+        models: claims.models,
     })
 }
 
@@ -558,6 +631,8 @@ pub struct NewToken {
     /// When it is issued (`iat`, seconds since the Unix epoch); `None`: now. Its expiry is this
     /// plus `valid_for`.
     pub issued_at: Option<u64>,
+    /// The models the caller may call ([`MODELS_CLAIM`]); `None`: every model.
+    pub models: Option<Vec<String>>,
 }
 
 impl NewToken {
@@ -579,6 +654,9 @@ impl NewToken {
         }
         if let Some(p) = self.max_priority {
             claims[PRIORITY_CLAIM] = p.name().into();
+        }
+        if let Some(models) = &self.models {
+            claims[MODELS_CLAIM] = models.clone().into();
         }
         let bad = |e: jsonwebtoken::errors::Error| AuthSetupError::Sign(e.to_string());
         let key = jsonwebtoken::EncodingKey::from_secret(secret).map_err(bad)?;
@@ -842,6 +920,57 @@ mod tests {
         assert!(ask(&shed, "normal").is_err());
         // A value that is no priority is for the router to refuse later, as without tokens.
         assert!(ask(&normal, "urgent").is_ok());
+    }
+
+    #[test]
+    fn a_models_claim_limits_the_models_a_caller_may_call() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = auth(&dir, AuthConfig::default());
+        let exp = now() + 600;
+        let caller =
+            |claims: serde_json::Value| a.authenticate(&mut headers(&token(SECRET, &claims)));
+        let any = caller(json!({"sub": "a", "exp": exp})).unwrap();
+        assert!(any.may_call("anything"));
+        let some =
+            caller(json!({"sub": "a", "exp": exp, "fulcrum_models": ["chat", "embed-*"]})).unwrap();
+        for (model, allowed) in [
+            ("chat", true),
+            ("chat-2", false),
+            ("embed-", true),
+            ("embed-small", true),
+            ("embed", false),
+            ("", false),
+        ] {
+            assert_eq!(some.may_call(model), allowed, "{model:?}");
+        }
+        let e = some.check_model("chat-2").unwrap_err();
+        assert_eq!(e.reason(), "model_not_allowed");
+        assert!(
+            e.to_string()
+                .contains("caller \"a\" may not call model \"chat-2\" (its token's fulcrum_models claim allows: chat, embed-*)"),
+            "{e}"
+        );
+        assert_eq!(tonic::Status::from(e).code(), tonic::Code::PermissionDenied);
+        let none = caller(json!({"sub": "a", "exp": exp, "fulcrum_models": []})).unwrap();
+        assert!(!none.may_call("chat"));
+        // Every model a wildcard.
+        let all = caller(json!({"sub": "a", "exp": exp, "fulcrum_models": ["*"]})).unwrap();
+        assert!(all.may_call("chat"));
+        for bad in [json!(["a*b"]), json!([""]), json!("chat"), json!(["ü*x*"])] {
+            let e = caller(json!({"sub": "a", "exp": exp, "fulcrum_models": bad})).unwrap_err();
+            assert_eq!(e.reason(), "bad_claim", "{bad}: {e}");
+        }
+        let many: Vec<String> = (0..65).map(|i| format!("m{i}")).collect();
+        let e = caller(json!({"sub": "a", "exp": exp, "fulcrum_models": many})).unwrap_err();
+        assert!(e.to_string().contains("over 64"), "{e}");
+        // Counted where the model is checked.
+        let mut extensions = http::Extensions::new();
+        extensions.insert(some);
+        assert!(a.check_model(&extensions, "chat").is_ok());
+        assert!(a.check_model(&extensions, "chat-2").is_err());
+        assert!(a.check_model(&http::Extensions::new(), "chat-2").is_ok());
+        let refused: std::collections::HashMap<_, _> = a.stats.refused().collect();
+        assert_eq!(refused["model_not_allowed"], 1);
     }
 
     #[test]

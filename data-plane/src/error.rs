@@ -125,6 +125,18 @@ pub enum AuthError {
     /// A claim the router reads is missing or wrong.
     #[error("the bearer token's claims are not usable: {0}")]
     BadClaim(String),
+    /// The call is for a model its token does not list.
+    #[error(
+        "caller {caller:?} may not call model {model:?} (its token's fulcrum_models claim allows: {allowed})"
+    )]
+    ModelNotAllowed {
+        /// The caller's identity.
+        caller: String,
+        /// The model asked for.
+        model: String,
+        /// What the token allows, as listed.
+        allowed: String,
+    },
     /// The call asks for a priority above the one its token allows.
     #[error(
         "caller {caller:?} may ask for priority {allowed} at most (its token's fulcrum_priority claim); this call asked for {asked}"
@@ -141,7 +153,7 @@ pub enum AuthError {
 
 impl AuthError {
     /// Every [`AuthError::reason`], in the order of [`AuthError::reason_index`].
-    pub const REASONS: [&'static str; 10] = [
+    pub const REASONS: [&'static str; 11] = [
         "missing",
         "malformed",
         "unknown_key",
@@ -152,6 +164,7 @@ impl AuthError {
         "wrong_audience",
         "bad_claim",
         "priority_not_allowed",
+        "model_not_allowed",
     ];
 
     /// Its place in [`AuthError::REASONS`].
@@ -167,6 +180,7 @@ impl AuthError {
             AuthError::WrongAudience(_) => 7,
             AuthError::BadClaim(_) => 8,
             AuthError::PriorityNotAllowed { .. } => 9,
+            AuthError::ModelNotAllowed { .. } => 10,
         }
     }
 
@@ -180,7 +194,9 @@ impl From<AuthError> for Status {
     fn from(e: AuthError) -> Self {
         let msg = e.to_string();
         match e {
-            AuthError::PriorityNotAllowed { .. } => Status::permission_denied(msg),
+            AuthError::PriorityNotAllowed { .. } | AuthError::ModelNotAllowed { .. } => {
+                Status::permission_denied(msg)
+            }
             _ => Status::unauthenticated(msg),
         }
     }

@@ -90,6 +90,19 @@ impl RouterState {
         }
     }
 
+    /// Whether the caller of a request with `extensions` may call `model`: always, unless the
+    /// router checks tokens and the caller's does not list it ([`crate::auth`]).
+    pub fn check_model(
+        &self,
+        extensions: &http::Extensions,
+        model: &str,
+    ) -> Result<(), crate::error::AuthError> {
+        match &self.auth {
+            Some(auth) => auth.check_model(extensions, model),
+            None => Ok(()),
+        }
+    }
+
     /// Makes `table` the current table.
     pub fn set_table(&self, table: RoutingTable) {
         let more_room = table.more_room || table.routable_nodes > self.table.load().routable_nodes;

@@ -2,8 +2,8 @@
 //! without a valid token are refused UNAUTHENTICATED, saying why, and reach no node; health
 //! checks need none; an admitted call reaches the node naming its verified caller and without
 //! the token; rate limits keyed by the verified caller cannot be dodged by writing the header;
-//! a priority above the token's is refused PERMISSION_DENIED; a rotated secret takes effect
-//! without a restart.
+//! a priority above the token's is refused PERMISSION_DENIED, and so is a model the token does
+//! not list, by every RPC that names one; a rotated secret takes effect without a restart.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -13,7 +13,10 @@ use fulcrum_data_plane::auth::{AuthConfig, CALLER_HEADER, CallerAuth, NewToken};
 use fulcrum_data_plane::priority::Priority;
 use fulcrum_proto::fulcrum::v1::ModelPolicy;
 use fulcrum_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
-use fulcrum_proto::inference::{ModelMetadataRequest, ServerLiveRequest};
+use fulcrum_proto::inference::{
+    ModelConfigRequest, ModelMetadataRequest, ModelReadyRequest, RepositoryIndexRequest,
+    ServerLiveRequest,
+};
 use fulcrum_sim::node::{NodeSimConfig, RunningNodeSim};
 use fulcrum_tests::infer::{assert_echoed, echo_request};
 use fulcrum_tests::stack::{self, Running, oip};
@@ -356,4 +359,129 @@ async fn a_rotated_secret_takes_effect_without_a_restart() {
     })
     .await;
     infer(&mut c, Some(&new), &[]).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_the_token_does_not_list_is_refused_by_every_rpc() {
+    let s = start(&[]).await;
+    let mut c = oip(s.router.addr).await;
+    let scoped = |models: &[&str]| {
+        NewToken {
+            subject: "tenant-a".into(),
+            valid_for: Duration::from_secs(600),
+            models: Some(models.iter().map(|m| (*m).to_owned()).collect()),
+            ..Default::default()
+        }
+        .sign_hs256(SECRET.as_bytes())
+        .unwrap()
+    };
+    let (other, echo) = (scoped(&["chat", "embed-*"]), scoped(&["ech*"]));
+    let denied = |e: tonic::Status| {
+        assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+        assert!(
+            e.message()
+                .contains("caller \"tenant-a\" may not call model \"echo\""),
+            "{}",
+            e.message()
+        );
+    };
+    denied(infer(&mut c, Some(&other), &[]).await.unwrap_err());
+    let name = || "echo".to_owned();
+    let t = Some(other.as_str());
+    denied(
+        c.model_metadata(with_token(
+            ModelMetadataRequest {
+                name: name(),
+                version: String::new(),
+            },
+            t,
+            &[],
+        ))
+        .await
+        .unwrap_err(),
+    );
+    denied(
+        c.model_ready(with_token(
+            ModelReadyRequest {
+                name: name(),
+                version: String::new(),
+            },
+            t,
+            &[],
+        ))
+        .await
+        .unwrap_err(),
+    );
+    denied(
+        c.model_config(with_token(
+            ModelConfigRequest {
+                name: name(),
+                version: String::new(),
+            },
+            t,
+            &[],
+        ))
+        .await
+        .unwrap_err(),
+    );
+    // A stream's request gets its refusal in-band.
+    let mut r = tonic::Request::new(tokio_stream::iter(vec![echo_request("echo", &[1.0])]));
+    r.metadata_mut()
+        .insert("authorization", format!("Bearer {other}").parse().unwrap());
+    let mut answers = c.model_stream_infer(r).await.unwrap().into_inner();
+    let first = tokio::time::timeout(Duration::from_secs(10), answers.message())
+        .await
+        .expect("an answer in time")
+        .unwrap()
+        .expect("an answer");
+    assert!(
+        first.error_message.contains("may not call model \"echo\""),
+        "{}",
+        first.error_message
+    );
+    // The repository index shows the caller its models only.
+    let index = |t: &str| {
+        let mut c = c.clone();
+        let t = t.to_owned();
+        async move {
+            c.repository_index(with_token(RepositoryIndexRequest::default(), Some(&t), &[]))
+                .await
+                .unwrap()
+                .into_inner()
+                .models
+                .into_iter()
+                .map(|m| m.name)
+                .collect::<Vec<_>>()
+        }
+    };
+    assert!(index(&other).await.is_empty());
+    assert_eq!(index(&echo).await, ["echo"]);
+    // Pass-through (here the node-sim's own control API) names its model in a header.
+    let channel = Channel::from_shared(format!("http://{}", s.router.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let sim =
+        fulcrum_proto::fulcrum::v1::node_sim_control_client::NodeSimControlClient::new(channel);
+    let passthrough = |t: &str| {
+        let mut sim = sim.clone();
+        let r = with_token(
+            fulcrum_proto::fulcrum::v1::SimConfig::default(),
+            Some(t),
+            &[("x-fulcrum-model", "echo")],
+        );
+        async move { sim.configure(r).await }
+    };
+    denied(passthrough(&other).await.unwrap_err());
+    assert_eq!(
+        s.node.controls().calls(),
+        0,
+        "no refused call reached the node"
+    );
+    // A token listing the model (by prefix) is served.
+    infer(&mut c, Some(&echo), &[]).await.unwrap();
+    passthrough(&echo).await.unwrap();
+    let refused: std::collections::HashMap<_, _> = s.auth.stats.refused().collect();
+    assert_eq!(refused["model_not_allowed"], 6);
 }

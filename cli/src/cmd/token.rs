@@ -30,6 +30,10 @@ pub(crate) struct TokenArgs {
     /// The audience (`aud`), for routers that check it (`--jwt-audience`).
     #[arg(long)]
     aud: Option<String>,
+    /// The models the caller may call, comma-separated: names, or prefixes ending in `*`
+    /// (`chat,embed-*`). Default: every model.
+    #[arg(long, value_delimiter = ',')]
+    models: Option<Vec<String>>,
 }
 
 fn parse_priority(s: &str) -> Result<Priority, String> {
@@ -54,6 +58,7 @@ pub(crate) fn run(args: TokenArgs) -> anyhow::Result<()> {
         valid_for: args.ttl,
         max_priority: args.max_priority,
         issued_at: None,
+        models: args.models,
     }
     .sign_hs256(secret.as_bytes())?;
     outln!("{token}");

@@ -113,10 +113,17 @@ async fn call(
     // The caller's token, before anything of the call is read ([`crate::auth`]).
     if let Some(auth) = &services.state.auth
         && !is_health_check(&parts)
-        && let Err(e) = auth.authenticate(&mut parts.headers)
     {
-        tracing::debug!(path = parts.uri.path(), error = %e, "call refused");
-        return send_status(&mut respond, &Status::from(e));
+        match auth.authenticate(&mut parts.headers) {
+            // For the services' checks of the models it may call.
+            Ok(caller) => {
+                parts.extensions.insert(caller);
+            }
+            Err(e) => {
+                tracing::debug!(path = parts.uri.path(), error = %e, "call refused");
+                return send_status(&mut respond, &Status::from(e));
+            }
+        }
     }
     let limit = services.state.max_message_size;
     if !is_direct(&parts) {

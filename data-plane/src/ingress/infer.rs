@@ -162,8 +162,9 @@ pub async fn model_infer(
     request: Request<RawInferRequest>,
 ) -> Result<Response<Bytes>, Status> {
     let started = Instant::now();
-    let (metadata, _, mut raw) = request.into_parts();
+    let (metadata, extensions, mut raw) = request.into_parts();
     validate::check_infer_request(&raw.message).map_err(RouteError::InvalidRequest)?;
+    state.check_model(&extensions, &raw.message.model_name)?;
     // Most models have no canary, cache or fallback: one look at the table, and the call goes
     // to a node the usual way (an unknown model too: forwarding refuses it NOT_FOUND).
     let plain = state

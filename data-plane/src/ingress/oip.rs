@@ -35,6 +35,7 @@ use tonic::{Request, Response, Status, Streaming};
 use super::fallback::Reason;
 use super::forward::{self, tag};
 use super::stream_dialect;
+use crate::auth::Caller;
 use crate::endpoint::InFlight;
 use crate::error::RouteError;
 use crate::priority::Priority;
@@ -150,11 +151,12 @@ impl OipService {
         Req: Clone,
         Fut: Future<Output = Result<Response<T>, Status>>,
     {
-        let (metadata, _, message) = request.into_parts();
+        let (metadata, extensions, message) = request.into_parts();
         let model = name(&message).to_owned();
         if model.is_empty() {
             return Err(RouteError::InvalidRequest("model name is required".into()).into());
         }
+        self.state.check_model(&extensions, &model)?;
         forward::unary(&self.state, &model, &metadata, None, message, |node, r| {
             call(self.client(&node), r)
         })
@@ -185,7 +187,8 @@ impl GrpcInferenceService for OipService {
         &self,
         request: Request<ModelReadyRequest>,
     ) -> Result<Response<ModelReadyResponse>, Status> {
-        let (metadata, _, message) = request.into_parts();
+        let (metadata, extensions, message) = request.into_parts();
+        self.state.check_model(&extensions, &message.name)?;
         let routable = self
             .state
             .table
@@ -217,6 +220,8 @@ impl GrpcInferenceService for OipService {
         &self,
         request: Request<RepositoryIndexRequest>,
     ) -> Result<Response<RepositoryIndexResponse>, Status> {
+        // A caller whose token lists models sees those only.
+        let caller = request.extensions().get::<Arc<Caller>>().cloned();
         let request = request.into_inner();
         if !request.repository_name.is_empty() {
             return Err(RouteError::UnknownRepository(request.repository_name).into());
@@ -226,6 +231,7 @@ impl GrpcInferenceService for OipService {
             .models
             .iter()
             .filter(|(_, route)| !request.ready || route.is_routable())
+            .filter(|(name, _)| caller.as_ref().is_none_or(|c| c.may_call(name)))
             .map(|(name, route)| {
                 let ready = route.is_routable();
                 ModelIndex {
@@ -287,8 +293,9 @@ impl GrpcInferenceService for OipService {
         &self,
         request: Request<ModelInferRequest>,
     ) -> Result<Response<ModelInferResponse>, Status> {
-        let (metadata, _, mut message) = request.into_parts();
+        let (metadata, extensions, mut message) = request.into_parts();
         validate::check_infer_request(&message).map_err(RouteError::InvalidRequest)?;
+        self.state.check_model(&extensions, &message.model_name)?;
         if let Some(canary) = super::infer::canary_of(&self.state, &message, metadata.as_ref()) {
             message.model_name = canary;
             message.model_version.clear();
@@ -320,7 +327,7 @@ impl GrpcInferenceService for OipService {
         &self,
         request: Request<Streaming<ModelInferRequest>>,
     ) -> Result<Response<Self::ModelStreamInferStream>, Status> {
-        let (metadata, _, mut inbound) = request.into_parts();
+        let (metadata, extensions, mut inbound) = request.into_parts();
         // A stream's requests are not queued (a request finding every node full gets its
         // error in-band at once), so its priority changes nothing; a malformed one is refused
         // all the same, as on every other call.
@@ -331,6 +338,7 @@ impl GrpcInferenceService for OipService {
             metadata: forward::forwarded(&metadata),
             upstreams: HashMap::new(),
             out,
+            extensions,
         };
         // Route the first request before answering, so the response headers can name the node.
         let first_node = match inbound.message().await? {
@@ -375,6 +383,8 @@ struct StreamSession {
     metadata: http::HeaderMap,
     upstreams: HashMap<String, Upstream>,
     out: mpsc::Sender<Result<ModelStreamInferResponse, Status>>,
+    /// The call's extensions: the verified caller, when the router checks tokens.
+    extensions: http::Extensions,
 }
 
 fn stream_error(req: &ModelInferRequest, message: String) -> ModelStreamInferResponse {
@@ -405,6 +415,16 @@ impl StreamSession {
     /// goes to the model's fallback, as a unary call would ([`super::fallback`]; a request of a
     /// sequence does not). Returns the node the request went to.
     async fn handle(&mut self, mut req: ModelInferRequest) -> Option<RoutedNode> {
+        // The model asked for must be one the caller may call (its canary or fallback is the
+        // operator's choice, not the caller's).
+        if let Err(e) = self
+            .service
+            .state
+            .check_model(&self.extensions, &req.model_name)
+        {
+            self.answer_error(&req, e.to_string()).await;
+            return None;
+        }
         // A request its model's canary takes goes to the canary's stream.
         if let Some(canary) = super::infer::canary_of(&self.service.state, &req, &self.metadata) {
             req.model_name = canary;

@@ -57,6 +57,7 @@ async fn try_forward(
                 req.uri().path()
             ))
         })?;
+    state.check_model(req.extensions(), &model)?;
     let table = state.table.load_full();
     let metadata = tonic::metadata::MetadataMap::from_headers(req.headers().clone());
     let key = super::forward::affinity_key(&table, &model, &metadata);
