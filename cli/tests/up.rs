@@ -1,6 +1,7 @@
 //! `fulcrum up` as a new user runs it: the real binary, the whole two-region stack, then
 //! `fulcrum ctl` and `fulcrum load` against it, a manual failover by draining region a, and a
-//! clean stop on Ctrl-C (SIGINT).
+//! clean stop on Ctrl-C (SIGINT); and `fulcrum up --jwt-secret-file`, whose routers admit only
+//! callers with a token `fulcrum token` signed.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -81,10 +82,11 @@ fn http_get(port: u16, path: &str) -> String {
 /// A base port for `fulcrum up` whose ports (base to base + 2, and the node ports from base + 101
 /// and base + 201) are free now: below Linux's ephemeral range (32768 and up, where other
 /// programs' outgoing connections take ports at random), away from the default 7000 so that a
-/// developer's own `fulcrum up` does not collide, and probed rather than assumed.
-fn free_base() -> u16 {
+/// developer's own `fulcrum up` does not collide, and probed rather than assumed. Tests of this
+/// file run at once: each starts its search `offset` blocks apart, so they do not pick the same.
+fn free_base(offset: u16) -> u16 {
     let free = |port: u16| std::net::TcpListener::bind(("127.0.0.1", port)).is_ok();
-    let start = (std::process::id() % 40) as u16;
+    let start = (std::process::id() % 40) as u16 + offset;
     for k in 0..40 {
         let base = 20_000 + ((start + k) % 40) * 300;
         let ports = (0..3).chain(10..13).chain(101..111).chain(201..211);
@@ -98,7 +100,7 @@ fn free_base() -> u16 {
 #[test]
 fn up_serves_both_regions_and_fails_over_on_drain() {
     let state = tempfile::tempdir().unwrap();
-    let base = free_base();
+    let base = free_base(0);
     let mut child = Command::new(BIN)
         .args(["up", "--base-port", &base.to_string(), "--state-dir"])
         .arg(state.path())
@@ -281,4 +283,67 @@ fn up_serves_both_regions_and_fails_over_on_drain() {
         std::thread::sleep(Duration::from_millis(100));
     };
     assert!(status.success(), "fulcrum up exited with {status}");
+}
+
+#[test]
+fn up_with_a_secret_file_admits_only_callers_with_tokens() {
+    let state = tempfile::tempdir().unwrap();
+    let secrets = state.path().join("secrets");
+    std::fs::write(&secrets, "the secret of this test, long enough\n").unwrap();
+    let base = free_base(20);
+    let mut child = Command::new(BIN)
+        .args([
+            "up",
+            "--nodes-per-region",
+            "1",
+            "--base-port",
+            &base.to_string(),
+        ])
+        .arg("--state-dir")
+        .arg(state.path())
+        .arg("--jwt-secret-file")
+        .arg(&secrets)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start fulcrum up");
+    let stdout = child.stdout.take().unwrap();
+    let _stack = Stack(child);
+    let mut banner = String::new();
+    for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+        banner.push_str(&line);
+        banner.push('\n');
+        if line.contains("Ctrl-C stops everything") {
+            break;
+        }
+    }
+    assert!(banner.contains("the routers check tokens"), "{banner}");
+    let router = format!("127.0.0.1:{}", base + 1);
+    let secret_file = secrets.to_str().unwrap();
+    let token = fulcrum(&["token", "--secret-file", secret_file, "--sub", "me"]);
+    let header = format!("authorization=Bearer {}", token.trim());
+    let load = |extra: &[&str]| -> serde_json::Value {
+        let mut args = vec![
+            "load",
+            "--target",
+            &router,
+            "--rps",
+            "50",
+            "--duration",
+            "500ms",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        serde_json::from_str(&fulcrum(&args)).expect("load --json output")
+    };
+    // With a token: once the routers hold their table, every call is served.
+    eventually("calls with a token served", || {
+        let r = load(&["--header", &header]);
+        r["ok"] == r["sent"] && r["sent"].as_u64() > Some(0)
+    });
+    // Without one: every call refused.
+    let r = load(&[]);
+    assert_eq!(r["ok"], 0, "{r}");
+    assert_eq!(r["errors"]["UNAUTHENTICATED"], r["sent"], "{r}");
 }

@@ -309,7 +309,7 @@ impl CallerAuth {
                 allowed: caller.max_priority,
             });
         }
-        headers.remove(&CALLER_HEADER);
+        // Replaces every value the caller sent.
         headers.insert(CALLER_HEADER, caller.id.clone());
         if !self.config.forward_token {
             headers.remove(AUTHORIZATION);

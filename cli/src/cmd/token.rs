@@ -43,14 +43,19 @@ fn parse_priority(s: &str) -> Result<Priority, String> {
         .ok_or_else(|| format!("{s:?} is not critical, normal or sheddable"))
 }
 
-pub(crate) fn run(args: TokenArgs) -> anyhow::Result<()> {
-    let text = std::fs::read_to_string(&args.secret_file)
-        .with_context(|| format!("reading {}", args.secret_file.display()))?;
+/// `token` signed with the first secret of `secret_file` (a routers' `--jwt-secret-file`).
+pub(crate) fn sign(secret_file: &std::path::Path, token: &NewToken) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(secret_file)
+        .with_context(|| format!("reading {}", secret_file.display()))?;
     let secret = text
         .lines()
         .map(str::trim)
         .find(|l| !l.is_empty() && !l.starts_with('#'))
-        .with_context(|| format!("{} holds no secret", args.secret_file.display()))?;
+        .with_context(|| format!("{} holds no secret", secret_file.display()))?;
+    Ok(token.sign_hs256(secret.as_bytes())?)
+}
+
+pub(crate) fn run(args: TokenArgs) -> anyhow::Result<()> {
     let token = NewToken {
         subject: args.sub,
         issuer: args.iss,
@@ -59,8 +64,8 @@ pub(crate) fn run(args: TokenArgs) -> anyhow::Result<()> {
         max_priority: args.max_priority,
         issued_at: None,
         models: args.models,
-    }
-    .sign_hs256(secret.as_bytes())?;
+    };
+    let token = sign(&args.secret_file, &token)?;
     outln!("{token}");
     Ok(())
 }

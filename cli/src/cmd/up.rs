@@ -50,6 +50,10 @@ pub(crate) struct UpArgs {
     /// Concurrency slots of each simulated node.
     #[arg(long, default_value_t = 8)]
     slots: usize,
+    /// Make both routers check callers' tokens (JWT) signed with a secret of this file, one per
+    /// line (`fulcrum token --secret-file FILE --sub me` signs one). Default: no check.
+    #[arg(long, value_name = "FILE")]
+    jwt_secret_file: Option<PathBuf>,
 }
 
 fn addr(port: u16) -> String {
@@ -72,6 +76,28 @@ pub(crate) async fn run(args: UpArgs) -> anyhow::Result<()> {
     if base > u16::MAX - 200 - args.nodes_per_region {
         bail!("--base-port {base} leaves no room for the node ports");
     }
+    // The routers' token check, if asked for: read first, so a bad file starts nothing.
+    let auth = match &args.jwt_secret_file {
+        Some(file) => Some(std::sync::Arc::new(
+            fulcrum_data_plane::auth::CallerAuth::load(fulcrum_data_plane::auth::AuthConfig {
+                secret_files: vec![file.clone()],
+                ..Default::default()
+            })?,
+        )),
+        None => None,
+    };
+    // What `up` itself presents to its routers while it waits for them to be ready.
+    let probe_token = match &args.jwt_secret_file {
+        Some(file) => Some(super::token::sign(
+            file,
+            &fulcrum_data_plane::auth::NewToken {
+                subject: "fulcrum-up".into(),
+                valid_for: READY_DEADLINE * 2,
+                ..Default::default()
+            },
+        )?),
+        None => None,
+    };
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = move || {
         let mut rx = stop_rx.clone();
@@ -140,6 +166,7 @@ pub(crate) async fn run(args: UpArgs) -> anyhow::Result<()> {
         let metrics = bind(port + METRICS_OFFSET, &format!("router {region}'s metrics")).await?;
         let mut config = RouterConfig::new(*region, vec![addr(base)]);
         config.router_id = format!("router-{region}");
+        config.auth.clone_from(&auth);
         tasks.spawn(fulcrum_data_plane::serve_with_metrics(
             config,
             listener,
@@ -177,7 +204,7 @@ pub(crate) async fn run(args: UpArgs) -> anyhow::Result<()> {
         }
     }
     for (r, region) in REGIONS.iter().enumerate() {
-        wait_ready(&addr(base + 1 + r as u16), region).await?;
+        wait_ready(&addr(base + 1 + r as u16), region, probe_token.as_deref()).await?;
     }
 
     let exe = std::env::current_exe()
@@ -223,10 +250,20 @@ pub(crate) async fn run(args: UpArgs) -> anyhow::Result<()> {
     };
     outln!("Try:");
     outln!("  {exe} ctl{control_flag} nodes");
-    outln!(
-        "  {exe} load --target {} --model echo --rps 200 --duration 5s",
-        addr(base + 1)
-    );
+    match &args.jwt_secret_file {
+        Some(file) => {
+            outln!(
+                "  {exe} load --target {} --model echo --rps 200 --duration 5s --header \"authorization=Bearer $({exe} token --secret-file {} --sub me)\"",
+                addr(base + 1),
+                file.display()
+            );
+            outln!("  (the routers check tokens: calls without one are refused UNAUTHENTICATED)");
+        }
+        None => outln!(
+            "  {exe} load --target {} --model echo --rps 200 --duration 5s",
+            addr(base + 1)
+        ),
+    }
     outln!(
         "  {exe} ctl{control_flag} drain a-1        (and a-2, a-3: router a then serves from region b)"
     );
@@ -271,11 +308,17 @@ async fn connect_admin(addr: &str) -> anyhow::Result<AdminClient<tonic::transpor
     }
 }
 
-async fn wait_ready(addr: &str, region: &str) -> anyhow::Result<()> {
+/// Waits until the router at `addr` is ready (`ServerReady`, with `token` when its router checks
+/// tokens).
+async fn wait_ready(addr: &str, region: &str, token: Option<&str>) -> anyhow::Result<()> {
     let end = tokio::time::Instant::now() + READY_DEADLINE;
     loop {
+        let mut request = tonic::Request::new(ServerReadyRequest {});
+        if let Some(v) = token.and_then(|t| format!("Bearer {t}").parse().ok()) {
+            request.metadata_mut().insert("authorization", v);
+        }
         if let Ok(mut c) = GrpcInferenceServiceClient::connect(format!("http://{addr}")).await
-            && let Ok(r) = c.server_ready(ServerReadyRequest {}).await
+            && let Ok(r) = c.server_ready(request).await
             && r.get_ref().ready
         {
             return Ok(());
