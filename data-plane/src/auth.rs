@@ -742,6 +742,23 @@ mod tests {
     }
 
     #[test]
+    fn the_token_is_passed_on_when_told_to() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = auth(
+            &dir,
+            AuthConfig {
+                forward_token: true,
+                ..Default::default()
+            },
+        );
+        let t = token(SECRET, &json!({"sub": "alice", "exp": now() + 600}));
+        let mut h = headers(&t);
+        a.authenticate(&mut h).unwrap();
+        assert_eq!(h[AUTHORIZATION], format!("Bearer {t}"));
+        assert_eq!(h[CALLER_HEADER], "alice");
+    }
+
+    #[test]
     fn bad_tokens_are_refused_saying_why() {
         let dir = tempfile::tempdir().unwrap();
         let a = auth(&dir, AuthConfig::default());
