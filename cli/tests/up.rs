@@ -97,20 +97,20 @@ fn free_base(offset: u16) -> u16 {
     panic!("no free block of ports between 20000 and 32000");
 }
 
-#[test]
-fn up_serves_both_regions_and_fails_over_on_drain() {
-    let state = tempfile::tempdir().unwrap();
-    let base = free_base(0);
+/// Starts `fulcrum up` on `base` with its state in `state` and `extra` flags; the running
+/// stack and its banner, once printed (at most 60 s).
+fn start_up(base: u16, state: &std::path::Path, extra: &[&std::ffi::OsStr]) -> (Stack, String) {
     let mut child = Command::new(BIN)
         .args(["up", "--base-port", &base.to_string(), "--state-dir"])
-        .arg(state.path())
+        .arg(state)
+        .args(extra)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
         .expect("start fulcrum up");
     let stdout = child.stdout.take().unwrap();
-    let mut stack = Stack(child);
+    let stack = Stack(child);
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
@@ -127,9 +127,16 @@ fn up_serves_both_regions_and_fails_over_on_drain() {
         banner.push_str(&line);
         banner.push('\n');
         if line.contains("Ctrl-C stops everything") {
-            break;
+            return (stack, banner);
         }
     }
+}
+
+#[test]
+fn up_serves_both_regions_and_fails_over_on_drain() {
+    let state = tempfile::tempdir().unwrap();
+    let base = free_base(0);
+    let (mut stack, banner) = start_up(base, state.path(), &[]);
     let control = format!("127.0.0.1:{base}");
     let router_a = format!("127.0.0.1:{}", base + 1);
     let router_b = format!("127.0.0.1:{}", base + 2);
@@ -291,33 +298,14 @@ fn up_with_a_secret_file_admits_only_callers_with_tokens() {
     let secrets = state.path().join("secrets");
     std::fs::write(&secrets, "the secret of this test, long enough\n").unwrap();
     let base = free_base(20);
-    let mut child = Command::new(BIN)
-        .args([
-            "up",
-            "--nodes-per-region",
-            "1",
-            "--base-port",
-            &base.to_string(),
-        ])
-        .arg("--state-dir")
-        .arg(state.path())
-        .arg("--jwt-secret-file")
-        .arg(&secrets)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start fulcrum up");
-    let stdout = child.stdout.take().unwrap();
-    let _stack = Stack(child);
-    let mut banner = String::new();
-    for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-        banner.push_str(&line);
-        banner.push('\n');
-        if line.contains("Ctrl-C stops everything") {
-            break;
-        }
-    }
+    let flags = [
+        "--nodes-per-region".as_ref(),
+        "1".as_ref(),
+        "--jwt-secret-file".as_ref(),
+    ];
+    let mut extra: Vec<&std::ffi::OsStr> = flags.to_vec();
+    extra.push(secrets.as_os_str());
+    let (_stack, banner) = start_up(base, state.path(), &extra);
     assert!(banner.contains("the routers check tokens"), "{banner}");
     let router = format!("127.0.0.1:{}", base + 1);
     let secret_file = secrets.to_str().unwrap();

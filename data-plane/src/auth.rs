@@ -54,7 +54,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 
 use crate::error::{AuthError, AuthSetupError};
-use crate::priority::{PRIORITY_HEADER, Priority};
+use crate::priority::Priority;
 
 /// The request header carrying the verified caller's identity.
 pub const CALLER_HEADER: HeaderName = HeaderName::from_static("x-fulcrum-caller");
@@ -194,6 +194,10 @@ impl AuthStats {
             .map(|(r, c)| (*r, c.load(Ordering::Relaxed)))
     }
 
+    fn count(&self, refused: &AuthError) {
+        self.refused[refused.reason_index()].fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Key reloads that changed the keys, and reads that failed.
     pub fn reloads(&self) -> (u64, u64) {
         (
@@ -271,22 +275,17 @@ impl CallerAuth {
         let Some(caller) = extensions.get::<Arc<Caller>>() else {
             return Ok(());
         };
-        let result = caller.check_model(model);
-        if let Err(e) = &result {
-            self.stats.refused[e.reason_index()].fetch_add(1, Ordering::Relaxed);
-        }
-        result
+        caller
+            .check_model(model)
+            .inspect_err(|e| self.stats.count(e))
     }
 
     /// Checks the call whose request headers are `headers`: its bearer token, and the priority
     /// it asks for against the token's. On success the headers carry the caller's identity
     /// ([`CALLER_HEADER`]) and, unless forwarding is configured, no longer the token.
     pub fn authenticate(&self, headers: &mut HeaderMap) -> Result<Arc<Caller>, AuthError> {
-        let result = self.check(headers, jsonwebtoken::get_current_timestamp());
-        if let Err(e) = &result {
-            self.stats.refused[e.reason_index()].fetch_add(1, Ordering::Relaxed);
-        }
-        result
+        self.check(headers, jsonwebtoken::get_current_timestamp())
+            .inspect_err(|e| self.stats.count(e))
     }
 
     fn check(&self, headers: &mut HeaderMap, now: u64) -> Result<Arc<Caller>, AuthError> {
@@ -300,7 +299,9 @@ impl CallerAuth {
                 caller
             }
         };
-        if let Some(asked) = asked_priority(headers)
+        // A priority that is none is refused later, as without tokens; none named asks for
+        // nothing (the lowest passes every token).
+        if let Ok(asked) = Priority::of(headers, Priority::Sheddable)
             && asked > caller.max_priority
         {
             return Err(AuthError::PriorityNotAllowed {
@@ -418,20 +419,6 @@ fn bearer(headers: &HeaderMap) -> Result<&str, AuthError> {
     Ok(token)
 }
 
-/// The priority the request names, if it names a valid one (a bad value is refused later, as
-/// without tokens, by [`Priority::of`]).
-fn asked_priority(headers: &HeaderMap) -> Option<Priority> {
-    let mut values = headers.get_all(PRIORITY_HEADER).iter();
-    let value = values.next()?;
-    if values.next().is_some() {
-        return None;
-    }
-    let text = value.to_str().ok()?.trim();
-    Priority::ALL
-        .into_iter()
-        .find(|p| text.eq_ignore_ascii_case(p.name()))
-}
-
 /// The caller a verified token's claims name.
 fn caller_of(claims: Claims, now: u64) -> Result<Caller, AuthError> {
     let expires_at = claims.exp.ok_or_else(|| {
@@ -470,14 +457,11 @@ fn caller_of(claims: Claims, now: u64) -> Result<Caller, AuthError> {
         })?;
     let max_priority = match claims.priority.as_deref() {
         None => Priority::Normal,
-        Some(p) => Priority::ALL
-            .into_iter()
-            .find(|q| p.eq_ignore_ascii_case(q.name()))
-            .ok_or_else(|| {
-                AuthError::BadClaim(format!(
-                    "claim {PRIORITY_CLAIM} is {p:?}, not critical, normal or sheddable"
-                ))
-            })?,
+        Some(p) => Priority::from_name(p).ok_or_else(|| {
+            AuthError::BadClaim(format!(
+                "claim {PRIORITY_CLAIM} is {p:?}, not critical, normal or sheddable"
+            ))
+        })?,
     };
     if let Some(models) = &claims.models {
         if models.len() > MAX_MODEL_PATTERNS {
@@ -682,6 +666,7 @@ pub async fn reload_keys(auth: Arc<CallerAuth>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::priority::PRIORITY_HEADER;
     use jsonwebtoken::{EncodingKey, Header, encode};
     use serde_json::json;
 

@@ -51,6 +51,13 @@ impl Priority {
         }
     }
 
+    /// The priority named `name` (`critical`, `normal`, `sheddable`; any case), if it is one.
+    pub fn from_name(name: &str) -> Option<Priority> {
+        Priority::ALL
+            .into_iter()
+            .find(|p| name.eq_ignore_ascii_case(p.name()))
+    }
+
     /// The priority a policy sets (unknown values, which the control plane refuses, are normal).
     pub fn from_proto(p: i32) -> Self {
         match ProtoPriority::try_from(p) {
@@ -73,16 +80,12 @@ impl Priority {
                 "the {PRIORITY_HEADER} header is given more than once; give it once"
             )));
         }
-        let text = value.to_str().unwrap_or("").trim();
-        Priority::ALL
-            .into_iter()
-            .find(|p| text.eq_ignore_ascii_case(p.name()))
-            .ok_or_else(|| {
-                RouteError::InvalidRequest(format!(
-                    "{PRIORITY_HEADER} {:?} is not a priority: use critical, normal or sheddable",
-                    String::from_utf8_lossy(value.as_bytes())
-                ))
-            })
+        Priority::from_name(value.to_str().unwrap_or("").trim()).ok_or_else(|| {
+            RouteError::InvalidRequest(format!(
+                "{PRIORITY_HEADER} {:?} is not a priority: use critical, normal or sheddable",
+                String::from_utf8_lossy(value.as_bytes())
+            ))
+        })
     }
 }
 

@@ -24,6 +24,32 @@ fn python() -> PathBuf {
     venv
 }
 
+/// Runs the interop script `script` (in `tests/interop`) with `args`; its standard output, once
+/// it has exited successfully (else the test fails with both outputs).
+async fn run_check(script: &str, args: Vec<String>) -> String {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("interop")
+        .join(script);
+    let run = script.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(python())
+            .arg(run)
+            .args(args)
+            .output()
+            .expect("run python")
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "{} failed:\n{stdout}\n{stderr}",
+        script.display()
+    );
+    stdout
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tritonclient_gets_correct_answers_from_both_routers() {
     let cp = stack::control_plane("memory:").await;
@@ -53,24 +79,8 @@ async fn tritonclient_gets_correct_answers_from_both_routers() {
     wait_ready(router_b.addr).await;
     stack::wait_policies_applied(&admin, &[policy]).await;
 
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("interop/tritonclient_check.py");
-    let (a, b) = (router_a.addr.to_string(), router_b.addr.to_string());
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new(python())
-            .arg(script)
-            .arg(a)
-            .arg(b)
-            .output()
-            .expect("run python")
-    })
-    .await
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "tritonclient check failed:\n{stdout}\n{stderr}"
-    );
+    let args = vec![router_a.addr.to_string(), router_b.addr.to_string()];
+    let stdout = run_check("tritonclient_check.py", args).await;
     assert!(
         stdout.contains("ok: ") && stdout.matches("ok: ").count() == 2,
         "{stdout}"
@@ -109,25 +119,8 @@ async fn tritonclient_with_a_pyjwt_token_is_admitted_and_without_refused() {
     let router = stack::router_configured("a", &[cp.addr], move |c| c.auth = Some(auth)).await;
     stack::wait_serving(&admin, "a-1", "echo").await;
 
-    let script =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("interop/tritonclient_auth_check.py");
-    let addr = router.addr.to_string();
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new(python())
-            .arg(script)
-            .arg(addr)
-            .arg(secret)
-            .output()
-            .expect("run python")
-    })
-    .await
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "tritonclient token check failed:\n{stdout}\n{stderr}"
-    );
+    let args = vec![router.addr.to_string(), secret.to_owned()];
+    let stdout = run_check("tritonclient_auth_check.py", args).await;
     assert!(stdout.contains("ok: tokens"), "{stdout}");
     assert_eq!(
         node.controls().served("echo"),

@@ -37,10 +37,7 @@ pub(crate) struct TokenArgs {
 }
 
 fn parse_priority(s: &str) -> Result<Priority, String> {
-    Priority::ALL
-        .into_iter()
-        .find(|p| p.name().eq_ignore_ascii_case(s))
-        .ok_or_else(|| format!("{s:?} is not critical, normal or sheddable"))
+    Priority::from_name(s).ok_or_else(|| format!("{s:?} is not critical, normal or sheddable"))
 }
 
 /// `token` signed with the first secret of `secret_file` (a routers' `--jwt-secret-file`).
