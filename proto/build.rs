@@ -10,6 +10,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/fulcrum/v1/admin.proto",
         "proto/fulcrum/v1/sim.proto",
         "proto/fulcrum/v1/registration.proto",
+        "proto/fulcrum/v1/tasks.proto",
     ];
     tonic_prost_build::configure()
         .bytes(".inference.ModelInferRequest.raw_input_contents")

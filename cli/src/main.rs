@@ -6,6 +6,8 @@
 //! - `up`       — a whole two-region stack on one machine, embedded store, no etcd needed.
 //! - `node-sim` — a simulated inference node (`fulcrum-sim`).
 //! - `load`     — an open-loop load generator (`fulcrum-sim`).
+//! - `token`    — sign a caller token for routers that check tokens.
+//! - `task`     — background calls at a router (`fulcrum.v1.Tasks`).
 
 mod cmd;
 
@@ -44,6 +46,8 @@ enum Command {
     Load(cmd::load::LoadArgs),
     /// Sign a caller token (JWT, HS256) for routers that check tokens.
     Token(cmd::token::TokenArgs),
+    /// Background calls at a router: submit, get (or wait for), cancel, delete.
+    Task(cmd::task::TaskArgs),
 }
 
 /// Completes on Ctrl-C or SIGTERM.
@@ -73,7 +77,7 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let default_level = match cli.command {
         // Operator and load commands print their own output; keep logs to warnings.
-        Command::Ctl(_) | Command::Load(_) | Command::Token(_) => "warn",
+        Command::Ctl(_) | Command::Load(_) | Command::Token(_) | Command::Task(_) => "warn",
         _ => "info",
     };
     tracing_subscriber::fmt()
@@ -90,6 +94,7 @@ async fn main() -> anyhow::Result<()> {
         Command::NodeSim(a) => cmd::node_sim::run(a).await,
         Command::Load(a) => cmd::load::run(a).await,
         Command::Token(a) => cmd::token::run(a),
+        Command::Task(a) => cmd::task::run(a).await,
     };
     match done {
         // The reader of the output went away (`| head`): it had what it wanted.

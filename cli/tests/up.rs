@@ -1,5 +1,5 @@
 //! `fulcrum up` as a new user runs it: the real binary, the whole two-region stack, then
-//! `fulcrum ctl` and `fulcrum load` against it, a manual failover by draining region a, and a
+//! `fulcrum ctl`, `fulcrum load` and `fulcrum task` against it, a manual failover by draining region a, and a
 //! clean stop on Ctrl-C (SIGINT); and `fulcrum up --jwt-secret-file`, whose routers admit only
 //! callers with a token `fulcrum token` signed.
 
@@ -169,6 +169,35 @@ fn up_serves_both_regions_and_fails_over_on_drain() {
         metrics.contains("fulcrum_router_requests_total{model=\"echo\",code=\"OK\"}"),
         "{metrics}"
     );
+
+    // A background call, as README shows it: submitted, then waited for; the answer is the
+    // node's echo. One that is not the router's is refused, saying where to ask.
+    let id = fulcrum(&[
+        "task", "--router", &router_a, "submit", "--model", "echo", "--values", "1,2,3",
+    ]);
+    let id = id.trim();
+    assert!(id.contains('@'), "{id}");
+    let shown = fulcrum(&["task", "--router", &router_a, "get", id, "--wait"]);
+    assert!(shown.contains("state   SUCCEEDED"), "{shown}");
+    assert!(
+        shown.contains("output  INPUT0 FP32 [1, 3] = [1.0, 2.0, 3.0]"),
+        "{shown}"
+    );
+    assert!(shown.contains("x-fulcrum-region: a"), "{shown}");
+    let elsewhere = Command::new(BIN)
+        .args(["task", "--router", &router_b, "get", id])
+        .output()
+        .expect("run fulcrum");
+    assert!(
+        !elsewhere.status.success(),
+        "router b served router a's task"
+    );
+    let stderr = String::from_utf8_lossy(&elsewhere.stderr);
+    assert!(
+        stderr.contains("NotFound: task") && stderr.contains("held by router \"router-a\""),
+        "{stderr}"
+    );
+    fulcrum(&["task", "--router", &router_a, "delete", id]);
 
     // A model's default priority, set and read back through ctl; one that is not a priority
     // is refused before anything is sent.

@@ -225,3 +225,68 @@ pub enum AuthSetupError {
     #[error("cannot sign the token: {0}")]
     Sign(String),
 }
+
+/// Why a `fulcrum.v1.Tasks` call was refused ([`crate::tasks`]).
+#[derive(Debug, thiserror::Error)]
+pub enum TaskError {
+    /// `SubmitTask` without a request.
+    #[error("SubmitTaskRequest.request is missing: it is the ModelInferRequest to make")]
+    MissingRequest,
+    /// A task deadline over [`crate::tasks::MAX_TIMEOUT`].
+    #[error("timeout_ms {0} is over the longest a task may take, {max} ms", max = crate::tasks::MAX_TIMEOUT.as_millis())]
+    BadTimeout(u64),
+    /// Not a task id.
+    #[error(
+        "{0:?} is not a task id: one is 32 hex digits, '@' and the id of the router holding the task, as SubmitTask answered it"
+    )]
+    BadId(String),
+    /// Another router's task.
+    #[error(
+        "task {id} is held by router {holder:?}, not this one ({this:?}): ask the router that accepted it"
+    )]
+    Elsewhere {
+        /// The id asked for.
+        id: String,
+        /// The router it names.
+        holder: String,
+        /// This router.
+        this: String,
+    },
+    /// No such task here (or not the caller's).
+    #[error("no task {id} on this router: it was deleted, or ended more than {}s ago, or never existed (a router's restart ends its tasks)", keep.as_secs())]
+    NotFound {
+        /// The id asked for.
+        id: String,
+        /// How long ended tasks are kept.
+        keep: Duration,
+    },
+    /// The router holds as many tasks (or bytes of them) as it may.
+    #[error(
+        "this router holds {tasks} tasks in {bytes} bytes and may hold {max_tasks} in {max_bytes}; this one needs {asked} more bytes: fetch and delete ended tasks (DeleteTask) or retry later"
+    )]
+    Full {
+        /// Tasks held.
+        tasks: usize,
+        /// Bytes held.
+        bytes: u64,
+        /// Bytes the refused task's request needs.
+        asked: u64,
+        /// The router's bound on tasks.
+        max_tasks: usize,
+        /// The router's bound on bytes.
+        max_bytes: u64,
+    },
+}
+
+impl From<TaskError> for Status {
+    fn from(e: TaskError) -> Self {
+        let msg = e.to_string();
+        match e {
+            TaskError::MissingRequest | TaskError::BadTimeout(_) | TaskError::BadId(_) => {
+                Status::invalid_argument(msg)
+            }
+            TaskError::Elsewhere { .. } | TaskError::NotFound { .. } => Status::not_found(msg),
+            TaskError::Full { .. } => Status::resource_exhausted(msg),
+        }
+    }
+}

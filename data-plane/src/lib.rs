@@ -22,6 +22,8 @@
 //!   priority).
 //! - [`rate_limit`]: per-model token buckets, per caller key, on each router.
 //! - [`cache`]: the router's response cache, for the models whose policy asks for one.
+//! - [`tasks`]: calls made in the background (submit, then fetch or wait for the answer),
+//!   held by the router that accepted them.
 //! - [`canary`]: which calls a model's canary takes (pure, property-tested).
 //! - [`hedge`]: latency windows for hedging.
 //! - [`subscriber`]: following the control plane's routing stream.
@@ -56,6 +58,7 @@ pub mod server;
 pub mod shard;
 pub mod subscriber;
 pub mod table;
+pub mod tasks;
 pub mod validate;
 
 pub use server::{RouterConfig, serve, serve_with_metrics};

@@ -26,6 +26,11 @@
 //! | `fulcrum_router_node_weight` | node, region | the control plane's weight |
 //! | `fulcrum_router_node_ejected`, `fulcrum_router_node_ejections_total` | node, region | outlier ejection |
 //! | `fulcrum_router_queue_waiting` | | calls waiting for a slot |
+//! | `fulcrum_router_tasks` | state | background calls held: `running`, `ended` (kept for fetching) |
+//! | `fulcrum_router_task_bytes` | | bytes they hold (requests running, answers kept) |
+//! | `fulcrum_router_tasks_submitted_total`, `fulcrum_router_tasks_refused_total` | | background calls started, and refused (the router full) |
+//! | `fulcrum_router_tasks_ended_total` | state | background calls ended: `succeeded`, `failed`, `cancelled` |
+//! | `fulcrum_router_tasks_expired_total` | | ended ones forgotten unfetched (kept `--task-keep`) |
 //! | `fulcrum_router_routing_version`, `fulcrum_router_routing_stale`, `fulcrum_router_routable_nodes` | | the table held |
 
 use std::sync::Arc;
@@ -257,6 +262,62 @@ impl Collector for RouterCollector {
             "Calls waiting for a free slot",
             MetricType::Gauge,
             [(vec![], gauge(state.queue.len() as f64))],
+        )?;
+        let tasks = &state.tasks;
+        let held = tasks.held();
+        family(
+            e,
+            "fulcrum_router_tasks",
+            "Background calls held, running or ended (kept for fetching)",
+            MetricType::Gauge,
+            [
+                (
+                    vec![("state", "running".to_owned())],
+                    gauge(held.running as f64),
+                ),
+                (
+                    vec![("state", "ended".to_owned())],
+                    gauge(held.ended as f64),
+                ),
+            ],
+        )?;
+        family(
+            e,
+            "fulcrum_router_task_bytes",
+            "Bytes the background calls hold (requests running, answers kept)",
+            MetricType::Gauge,
+            [(vec![], gauge(held.bytes as f64))],
+        )?;
+        family(
+            e,
+            "fulcrum_router_tasks_submitted",
+            "Background calls started",
+            MetricType::Counter,
+            [(vec![], counter(tasks.stats.submitted()))],
+        )?;
+        family(
+            e,
+            "fulcrum_router_tasks_refused",
+            "Background calls refused because the router held as many as it may",
+            MetricType::Counter,
+            [(vec![], counter(tasks.stats.refused()))],
+        )?;
+        family(
+            e,
+            "fulcrum_router_tasks_ended",
+            "Background calls ended, by how (succeeded, failed, cancelled)",
+            MetricType::Counter,
+            tasks
+                .stats
+                .ended()
+                .map(|(how, n)| (vec![("state", how.to_owned())], counter(n))),
+        )?;
+        family(
+            e,
+            "fulcrum_router_tasks_expired",
+            "Ended background calls forgotten before anyone deleted them",
+            MetricType::Counter,
+            [(vec![], counter(tasks.stats.expired()))],
         )?;
 
         let mut models: Vec<_> = table.models.iter().collect();

@@ -69,6 +69,8 @@ pub struct RouterState {
     pub cache: crate::cache::ResponseCache,
     /// Caller authentication, when the router checks tokens ([`crate::auth`]).
     pub auth: Option<Arc<crate::auth::CallerAuth>>,
+    /// Calls made in the background for `fulcrum.v1.Tasks` ([`crate::tasks`]).
+    pub tasks: Arc<crate::tasks::TaskStore>,
 }
 
 impl RouterState {
@@ -87,6 +89,10 @@ impl RouterState {
                 .build(),
             cache: crate::cache::ResponseCache::default(),
             auth: None,
+            tasks: Arc::new(crate::tasks::TaskStore::new(
+                "router",
+                crate::tasks::TaskLimits::default(),
+            )),
         }
     }
 

@@ -54,14 +54,24 @@ pub struct RouterConfig {
     pub cache_bytes: u64,
     /// Caller authentication ([`crate::auth`]); none: every call is admitted.
     pub auth: Option<Arc<crate::auth::CallerAuth>>,
+    /// Bounds on the calls made in the background ([`crate::tasks`]).
+    pub task_limits: crate::tasks::TaskLimits,
 }
 
 impl RouterConfig {
     /// Defaults for a router of `region` following `control`.
     pub fn new(region: impl Into<String>, control: Vec<String>) -> Self {
         let region = region.into();
+        // The second and later routers of one process (tests, embedded use) get a number too:
+        // the control plane tells routers apart by id, and a task's id names its router's.
+        static MADE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let pid = std::process::id();
+        let router_id = match MADE.fetch_add(1, std::sync::atomic::Ordering::Relaxed) {
+            0 => format!("router-{region}-{pid}"),
+            n => format!("router-{region}-{pid}-{}", n + 1),
+        };
         Self {
-            router_id: format!("router-{region}-{}", std::process::id()),
+            router_id,
             region,
             control,
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
@@ -72,6 +82,7 @@ impl RouterConfig {
             stream_token: None,
             cache_bytes: crate::cache::DEFAULT_CACHE_BYTES,
             auth: None,
+            task_limits: crate::tasks::TaskLimits::default(),
         }
     }
 }
@@ -105,7 +116,12 @@ pub async fn serve_with_metrics(
     let mut state = RouterState::new(config.region.clone(), config.max_message_size);
     state.cache = crate::cache::ResponseCache::new(config.cache_bytes);
     state.auth = config.auth.clone();
+    state.tasks = Arc::new(crate::tasks::TaskStore::new(
+        config.router_id.clone(),
+        config.task_limits,
+    ));
     let state = Arc::new(state);
+    let expiry = tokio::spawn(crate::tasks::expire_every_second(state.tasks.clone()));
     let reload = config
         .auth
         .clone()
@@ -158,6 +174,7 @@ pub async fn serve_with_metrics(
         serve_sharded(&config, &mut shards, listener, shutdown).await
     };
     subscription.abort();
+    expiry.abort();
     if let Some(r) = reload {
         r.abort();
     }
@@ -325,7 +342,8 @@ where
 }
 
 /// What the router serves: `ModelInfer` on the server's direct path, and routes for the rest
-/// (health, the other OIP methods, pass-through by model header for any other call).
+/// (health, the other OIP methods, background calls, pass-through by model header for any
+/// other call).
 pub(crate) fn services<H: Health>(state: Arc<RouterState>, health: HealthServer<H>) -> Services {
     let oip = OipRoutes::new(state.clone());
     // Everything the router does not serve itself is passed through by model header.
@@ -342,6 +360,7 @@ pub(crate) fn services<H: Health>(state: Arc<RouterState>, health: HealthServer<
     };
     let routes = tonic::service::Routes::new(health)
         .add_service(oip)
+        .add_service(crate::ingress::tasks::TaskService::server(state.clone()))
         .into_axum_router()
         .fallback_service(passthrough);
     // The server applies the inbound size limit (`state.max_message_size`) to every call.

@@ -5,8 +5,8 @@
 //!   `ModelConfig` message a simulated node fills in, `model_config.proto`).
 //! - [`fulcrum::v1`]: Fulcrum's own API: node specs and endpoints (`node.proto`), the routing
 //!   stream between control plane and routers (`routing.proto`), operator RPCs (`admin.proto`),
-//!   nodes' self-registration (`registration.proto`), and the simulated node's control RPC
-//!   (`sim.proto`).
+//!   nodes' self-registration (`registration.proto`), calls made in the background by routers
+//!   (`tasks.proto`), and the simulated node's control RPC (`sim.proto`).
 //!
 //! The generated code is not documented item by item; the `.proto` files are.
 

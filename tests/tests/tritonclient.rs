@@ -1,6 +1,7 @@
 //! A stock Open Inference Protocol client (tritonclient, from PyPI) calls routers of both
 //! regions for every RPC and checks the answers. The control plane runs on the embedded store
-//! here, so that backend is exercised end to end too.
+//! here, so that backend is exercised end to end too. And a stock gRPC client (grpcio) uses
+//! the routers' background calls (`fulcrum.v1.Tasks`).
 //!
 //! Needs a Python with tritonclient and PyJWT: `scripts/test.sh` makes one in `.venv` and sets
 //! `FULCRUM_PYTHON`.
@@ -127,4 +128,40 @@ async fn tritonclient_with_a_pyjwt_token_is_admitted_and_without_refused() {
         1,
         "only the admitted call reached the node"
     );
+}
+
+/// A stock gRPC client (grpcio) submits background calls and polls them, the seed article's
+/// way, then waits for one in a long poll; its messages are read from Fulcrum's `.proto` files
+/// (a descriptor set `protoc` writes here), so the service's wire form is what is checked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpcio_client_submits_and_polls_background_calls() {
+    let cp = stack::control_plane("memory:").await;
+    let mut admin = admin(cp.addr).await;
+    let config = NodeSimConfig {
+        name: "a-1".into(),
+        models: vec!["echo".into()],
+        ..Default::default()
+    };
+    let node = spawn(config, "127.0.0.1:0".parse().unwrap()).await.unwrap();
+    register(&mut admin, spec("a-1", node.addr, "a", &["echo"], 4)).await;
+    let router = stack::router("a", cp.addr, None).await;
+    wait_ready(router.addr).await;
+    stack::wait_serving(&admin, "a-1", "echo").await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let descriptors = dir.path().join("tasks.pb");
+    let protos = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../proto/proto");
+    let protoc = std::env::var("PROTOC").unwrap_or_else(|_| "protoc".into());
+    let status = Command::new(&protoc)
+        .arg("--include_imports")
+        .arg(format!("--descriptor_set_out={}", descriptors.display()))
+        .arg(format!("-I{}", protos.display()))
+        .arg("fulcrum/v1/tasks.proto")
+        .status()
+        .unwrap_or_else(|e| panic!("run {protoc}: {e}"));
+    assert!(status.success(), "protoc failed");
+    let args = vec![router.addr.to_string(), descriptors.display().to_string()];
+    let stdout = run_check("tasks_check.py", args).await;
+    assert!(stdout.contains("ok: polled"), "{stdout}");
+    assert_eq!(node.controls().calls(), 2, "each task called the node once");
 }

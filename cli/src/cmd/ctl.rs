@@ -15,6 +15,8 @@ use fulcrum_proto::fulcrum::v1::{
 use serde_json::json;
 use tonic::transport::Channel;
 
+use crate::cmd::status_error;
+
 /// Flags of `fulcrum ctl`.
 #[derive(Debug, Args)]
 pub(crate) struct CtlArgs {
@@ -474,10 +476,6 @@ async fn connect(addr: &str, token: Option<&str>) -> anyhow::Result<Admin> {
         .transpose()
         .context("the token is not a valid header value")?;
     Ok(AdminClient::with_interceptor(channel, Token(token)))
-}
-
-fn status_error(s: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("{:?}: {}", s.code(), s.message())
 }
 
 fn health_name(h: i32) -> &'static str {

@@ -92,7 +92,7 @@ pub(crate) async fn run(args: LoadArgs) -> anyhow::Result<()> {
 }
 
 /// `NAME=VALUE` as a header (checked further by the load generator).
-fn parse_header(s: &str) -> Result<(String, String), String> {
+pub(crate) fn parse_header(s: &str) -> Result<(String, String), String> {
     let (name, value) = s
         .split_once('=')
         .ok_or_else(|| format!("{s:?} is not NAME=VALUE"))?;

@@ -42,8 +42,15 @@ pub(crate) mod ctl;
 pub(crate) mod load;
 pub(crate) mod node_sim;
 pub(crate) mod router;
+pub(crate) mod task;
 pub(crate) mod token;
 pub(crate) mod up;
+
+/// A gRPC status as a command's error: its code and message, as written (a status's own
+/// `Display` quotes the message and spells the code out).
+pub(crate) fn status_error(s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{:?}: {}", s.code(), s.message())
+}
 
 /// Binds the metrics listener of `--metrics-listen`, when given.
 pub(crate) async fn bind_metrics(

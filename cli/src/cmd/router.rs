@@ -23,7 +23,8 @@ pub(crate) struct RouterArgs {
     /// Largest inbound message, in bytes.
     #[arg(long, default_value_t = fulcrum_data_plane::limits::DEFAULT_MAX_MESSAGE_SIZE)]
     max_message_size: usize,
-    /// Router id reported to the control plane (default: router-REGION-PID).
+    /// Router id reported to the control plane, and named in the ids of its background calls
+    /// (default: router-REGION-PID).
     #[arg(long)]
     id: Option<String>,
     /// Serving threads, each a single-threaded runtime serving its share of the client
@@ -73,6 +74,17 @@ pub(crate) struct RouterArgs {
     /// themselves); by default the router keeps them.
     #[arg(long)]
     jwt_forward_token: bool,
+    /// Most background calls (`fulcrum.v1.Tasks`) held at once, running or ended and kept for
+    /// fetching; a submission beyond it is refused RESOURCE_EXHAUSTED.
+    #[arg(long, default_value_t = fulcrum_data_plane::tasks::DEFAULT_MAX_TASKS)]
+    max_tasks: usize,
+    /// Memory background calls may hold, in MiB (requests running, answers kept); a
+    /// submission beyond it is refused RESOURCE_EXHAUSTED.
+    #[arg(long, default_value_t = fulcrum_data_plane::tasks::DEFAULT_MAX_BYTES >> 20)]
+    task_mib: u64,
+    /// How long an ended background call's outcome is kept for its caller to fetch.
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    task_keep: std::time::Duration,
 }
 
 impl RouterArgs {
@@ -104,6 +116,11 @@ impl RouterArgs {
         c.load_view = self.load_view;
         c.cache_bytes = self.cache_mib.saturating_mul(1 << 20);
         c.stream_token = self.stream_token.clone();
+        c.task_limits = fulcrum_data_plane::tasks::TaskLimits {
+            max_tasks: self.max_tasks,
+            max_bytes: self.task_mib.saturating_mul(1 << 20),
+            keep: self.task_keep,
+        };
         if let Some(id) = &self.id {
             c.router_id = id.clone();
         }

@@ -8,6 +8,7 @@
 //! - [`forward`]: one unary call's attempts, retries, hedging and deadline.
 //! - [`fallback`]: a call its model cannot serve, sent once to the model's fallback.
 //! - [`passthrough`]: any other gRPC API, forwarded undecoded by the `x-fulcrum-model` header.
+//! - [`tasks`]: `fulcrum.v1.Tasks`, `ModelInfer` calls made in the background.
 //! - [`deadline`]: the `grpc-timeout` header.
 //! - `node_status`: a failed call to a node as the caller sees it.
 //! - `stream_dialect`: a node's `ModelStreamInfer` answers in Triton's or MLServer's form.
@@ -21,3 +22,4 @@ pub(crate) mod node_status;
 pub mod oip;
 pub mod passthrough;
 mod stream_dialect;
+pub mod tasks;
