@@ -355,3 +355,32 @@ pub async fn wait_applied(
     })
     .await;
 }
+
+/// A router's token check over one HMAC secret, kept in a file of a temporary folder (which
+/// lives as long as this does).
+#[derive(Debug)]
+pub struct TokenCheck {
+    /// The check, for [`RouterConfig::auth`].
+    pub auth: std::sync::Arc<fulcrum_data_plane::auth::CallerAuth>,
+    /// The secrets file it reads (write it again to rotate).
+    pub secrets: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+/// A token check that accepts tokens signed with `secret`.
+pub fn token_check(secret: &str) -> TokenCheck {
+    use fulcrum_data_plane::auth::{AuthConfig, CallerAuth};
+    let dir = tempfile::tempdir().expect("a temporary folder");
+    let secrets = dir.path().join("secrets");
+    std::fs::write(&secrets, format!("{secret}\n")).expect("write the secrets file");
+    let auth = CallerAuth::load(AuthConfig {
+        secret_files: vec![secrets.clone()],
+        ..Default::default()
+    })
+    .expect("a usable secret");
+    TokenCheck {
+        auth: std::sync::Arc::new(auth),
+        secrets,
+        _dir: dir,
+    }
+}

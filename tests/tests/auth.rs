@@ -5,11 +5,10 @@
 //! a priority above the token's is refused PERMISSION_DENIED, and so is a model the token does
 //! not list, by every RPC that names one; a rotated secret takes effect without a restart.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use fulcrum_data_plane::auth::{AuthConfig, CALLER_HEADER, CallerAuth, NewToken};
+use fulcrum_data_plane::auth::{CALLER_HEADER, CallerAuth, NewToken};
 use fulcrum_data_plane::priority::Priority;
 use fulcrum_proto::fulcrum::v1::ModelPolicy;
 use fulcrum_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
@@ -33,8 +32,8 @@ struct Stack {
     node: RunningNodeSim,
     router: Running,
     auth: Arc<CallerAuth>,
-    secrets: PathBuf,
-    _dir: tempfile::TempDir,
+    /// The router's secrets file, and the folder that holds it.
+    check: stack::TokenCheck,
     _cp: Running,
     _etcd: fulcrum_tests::etcd::Etcd,
 }
@@ -51,16 +50,8 @@ async fn start(policies: &[ModelPolicy]) -> Stack {
     for p in policies {
         admin.set_model_policy(p.clone()).await.unwrap();
     }
-    let dir = tempfile::tempdir().unwrap();
-    let secrets = dir.path().join("secrets");
-    std::fs::write(&secrets, format!("{SECRET}\n")).unwrap();
-    let auth = Arc::new(
-        CallerAuth::load(AuthConfig {
-            secret_files: vec![secrets.clone()],
-            ..Default::default()
-        })
-        .unwrap(),
-    );
+    let check = stack::token_check(SECRET);
+    let auth = check.auth.clone();
     let with = auth.clone();
     let router = stack::router_configured("a", &[cp.addr], move |c| c.auth = Some(with)).await;
     let channel = Channel::from_shared(format!("http://{}", router.addr))
@@ -88,8 +79,7 @@ async fn start(policies: &[ModelPolicy]) -> Stack {
         node,
         router,
         auth,
-        secrets,
-        _dir: dir,
+        check,
         _cp: cp,
         _etcd: etcd,
     }
@@ -331,7 +321,7 @@ async fn a_rotated_secret_takes_effect_without_a_restart() {
         Code::Unauthenticated
     );
     // Both secrets while the rotation runs, then the new one alone.
-    std::fs::write(&s.secrets, format!("{NEXT}\n{SECRET}\n")).unwrap();
+    std::fs::write(&s.check.secrets, format!("{NEXT}\n{SECRET}\n")).unwrap();
     let client = c.clone();
     fulcrum_tests::eventually("the new secret admitted", Duration::from_secs(30), || {
         let mut c = client.clone();
@@ -340,7 +330,7 @@ async fn a_rotated_secret_takes_effect_without_a_restart() {
     })
     .await;
     infer(&mut c, Some(&old), &[]).await.unwrap();
-    std::fs::write(&s.secrets, format!("{NEXT}\n")).unwrap();
+    std::fs::write(&s.check.secrets, format!("{NEXT}\n")).unwrap();
     fulcrum_tests::eventually("the old secret refused", Duration::from_secs(30), || {
         let mut c = client.clone();
         let old = old.clone();
@@ -352,7 +342,7 @@ async fn a_rotated_secret_takes_effect_without_a_restart() {
     .await;
     infer(&mut c, Some(&new), &[]).await.unwrap();
     // A file that no longer holds a key leaves the keys as they were.
-    std::fs::write(&s.secrets, "").unwrap();
+    std::fs::write(&s.check.secrets, "").unwrap();
     fulcrum_tests::eventually("the bad file seen", Duration::from_secs(30), || {
         let failed = s.auth.stats.reloads().1;
         async move { (failed > 0).then_some(()) }

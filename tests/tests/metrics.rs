@@ -157,17 +157,9 @@ async fn a_scrape_shows_calls_per_model_and_per_node() {
 
     // The alerting rules and the dashboard in deploy/ name only metrics that exist (those of
     // a router checking tokens too, which only such a router exports).
-    let dir = tempfile::tempdir().unwrap();
-    let secrets = dir.path().join("secrets");
-    std::fs::write(&secrets, "a secret for the metrics test, long enough\n").unwrap();
+    let check = stack::token_check("a secret for the metrics test, long enough");
     let mut with_tokens = fulcrum_data_plane::router::RouterState::new("a".into(), 1 << 20);
-    with_tokens.auth = Some(std::sync::Arc::new(
-        fulcrum_data_plane::auth::CallerAuth::load(fulcrum_data_plane::auth::AuthConfig {
-            secret_files: vec![secrets],
-            ..Default::default()
-        })
-        .unwrap(),
-    ));
+    with_tokens.auth = Some(check.auth.clone());
     let auth_body = fulcrum_data_plane::metrics::render(&std::sync::Arc::new(with_tokens));
     let exported = &(&families(&body) | &families(&cp_body)) | &families(&auth_body);
     for file in [

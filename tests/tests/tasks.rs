@@ -5,10 +5,9 @@
 //! RESOURCE_EXHAUSTED; a task is held by its router (another says which one) and belongs to
 //! its submitter when the router checks tokens.
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use fulcrum_data_plane::auth::{AuthConfig, CallerAuth, NewToken};
+use fulcrum_data_plane::auth::NewToken;
 use fulcrum_data_plane::tasks::TaskLimits;
 use fulcrum_proto::fulcrum::v1::tasks_client::TasksClient;
 use fulcrum_proto::fulcrum::v1::{GetTaskRequest, SubmitTaskRequest, Task, TaskRef, task};
@@ -340,16 +339,9 @@ async fn with_tokens_a_task_belongs_to_its_submitter() {
         cp,
         etcd: _etcd,
     } = stack::one_node(NodeSimConfig::default(), 8).await;
-    let dir = tempfile::tempdir().unwrap();
-    let secrets = dir.path().join("secrets");
-    std::fs::write(&secrets, format!("{SECRET}\n")).unwrap();
-    let auth = Arc::new(
-        CallerAuth::load(AuthConfig {
-            secret_files: vec![secrets],
-            ..Default::default()
-        })
-        .unwrap(),
-    );
+    // Kept to the end: the router reads its secrets file again every few seconds.
+    let check = stack::token_check(SECRET);
+    let auth = check.auth.clone();
     let router = stack::router_configured("a", &[cp.addr], move |c| c.auth = Some(auth)).await;
     stack::wait_serving(&admin, "a-1", "echo").await;
     let token = |sub: &str, models: Option<Vec<String>>| {

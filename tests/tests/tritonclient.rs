@@ -25,6 +25,25 @@ fn python() -> PathBuf {
     venv
 }
 
+/// An admin client of the control plane at `control`, and node-sim `a-1` serving `echo` in
+/// region `a`, registered with it.
+async fn echo_node(
+    control: std::net::SocketAddr,
+) -> (
+    fulcrum_proto::fulcrum::v1::admin_client::AdminClient<tonic::transport::Channel>,
+    fulcrum_sim::node::RunningNodeSim,
+) {
+    let mut admin = admin(control).await;
+    let config = NodeSimConfig {
+        name: "a-1".into(),
+        models: vec!["echo".into()],
+        ..Default::default()
+    };
+    let node = spawn(config, "127.0.0.1:0".parse().unwrap()).await.unwrap();
+    register(&mut admin, spec("a-1", node.addr, "a", &["echo"], 4)).await;
+    (admin, node)
+}
+
 /// Runs the interop script `script` (in `tests/interop`) with `args`; its standard output, once
 /// it has exited successfully (else the test fails with both outputs).
 async fn run_check(script: &str, args: Vec<String>) -> String {
@@ -93,30 +112,12 @@ async fn tritonclient_gets_correct_answers_from_both_routers() {
 /// PERMISSION_DENIED asking for a priority the token does not give.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tritonclient_with_a_pyjwt_token_is_admitted_and_without_refused() {
-    use std::sync::Arc;
-
-    use fulcrum_data_plane::auth::{AuthConfig, CallerAuth};
-
     let cp = stack::control_plane("memory:").await;
-    let mut admin = admin(cp.addr).await;
-    let config = NodeSimConfig {
-        name: "a-1".into(),
-        models: vec!["echo".into()],
-        ..Default::default()
-    };
-    let node = spawn(config, "127.0.0.1:0".parse().unwrap()).await.unwrap();
-    register(&mut admin, spec("a-1", node.addr, "a", &["echo"], 4)).await;
-    let dir = tempfile::tempdir().unwrap();
+    let (admin, node) = echo_node(cp.addr).await;
     let secret = "the interop test's secret, long enough";
-    let secrets = dir.path().join("secrets");
-    std::fs::write(&secrets, format!("{secret}\n")).unwrap();
-    let auth = Arc::new(
-        CallerAuth::load(AuthConfig {
-            secret_files: vec![secrets],
-            ..Default::default()
-        })
-        .unwrap(),
-    );
+    // Kept to the end: the router reads its secrets file again every few seconds.
+    let check = stack::token_check(secret);
+    let auth = check.auth.clone();
     let router = stack::router_configured("a", &[cp.addr], move |c| c.auth = Some(auth)).await;
     stack::wait_serving(&admin, "a-1", "echo").await;
 
@@ -136,14 +137,7 @@ async fn tritonclient_with_a_pyjwt_token_is_admitted_and_without_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_grpcio_client_submits_and_polls_background_calls() {
     let cp = stack::control_plane("memory:").await;
-    let mut admin = admin(cp.addr).await;
-    let config = NodeSimConfig {
-        name: "a-1".into(),
-        models: vec!["echo".into()],
-        ..Default::default()
-    };
-    let node = spawn(config, "127.0.0.1:0".parse().unwrap()).await.unwrap();
-    register(&mut admin, spec("a-1", node.addr, "a", &["echo"], 4)).await;
+    let (admin, node) = echo_node(cp.addr).await;
     let router = stack::router("a", cp.addr, None).await;
     wait_ready(router.addr).await;
     stack::wait_serving(&admin, "a-1", "echo").await;
