@@ -47,6 +47,11 @@ pub enum Error {
     /// No registered node is in this region.
     #[error("no registered node is in region {0:?}")]
     RegionNotFound(String),
+    /// No replica holds a stream of this router (with an address).
+    #[error(
+        "no router {0:?} is connected to the control plane with an address: it stopped, or it gives none (fulcrum router --advertise)"
+    )]
+    RouterNotFound(String),
     /// No policy is set for this model.
     #[error("no policy is set for model {0:?}")]
     PolicyNotFound(String),
@@ -76,9 +81,10 @@ impl From<Error> for Status {
             }
             Error::RegistrationLost(_) => Status::aborted(msg),
             Error::NodeSilent { .. } | Error::ShuttingDown => Status::unavailable(msg),
-            Error::NodeNotFound(_) | Error::PolicyNotFound(_) | Error::RegionNotFound(_) => {
-                Status::not_found(msg)
-            }
+            Error::NodeNotFound(_)
+            | Error::PolicyNotFound(_)
+            | Error::RegionNotFound(_)
+            | Error::RouterNotFound(_) => Status::not_found(msg),
             Error::Conflict(_) => Status::aborted(msg),
             // A lease that expired under a registration: the store was out of reach too long.
             Error::Store(StoreError::Unavailable(_) | StoreError::LeaseNotFound(_)) => {

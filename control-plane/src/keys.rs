@@ -17,6 +17,10 @@ pub const POLICIES: &str = "/fulcrum/v1/policies/";
 /// what that replica's routers report.
 pub const LOAD: &str = "/fulcrum/v1/load/";
 
+/// Prefix of the router directory: `/fulcrum/v1/routers/<id>` holds a protobuf `RouterEntry`,
+/// written with a lease by the replica holding the router's stream (see `directory.rs`).
+pub const ROUTERS: &str = "/fulcrum/v1/routers/";
+
 /// Prefix of the routing table the routers receive. It is split so that a change to one node
 /// rewrites one small key, not the whole table:
 /// - `/fulcrum/v1/routing/nodes/<id>`: the node's `Endpoint` (spec, health, weight);

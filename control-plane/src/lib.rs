@@ -21,6 +21,8 @@
 //!   encoded once.
 //! - [`subscribe`]: the `Subscribe` RPC, every stream sending the shared encoded versions,
 //!   served by hand on the replica's HTTP/2 server (`fulcrum-grpc-h2`).
+//! - [`directory`]: where routers are (for the background calls they hold), listed with a
+//!   lease while their streams last.
 //! - [`self_registration`]: nodes registering themselves with a lease, and their load reports.
 //! - [`admin`]: operator RPCs, and [`auth`]: who may call them and who may open the routers'
 //!   and nodes' streams.
@@ -34,6 +36,7 @@
 pub mod admin;
 pub mod auth;
 pub mod control_loop;
+pub mod directory;
 pub mod error;
 pub mod global_load;
 pub mod health;

@@ -9,6 +9,7 @@ use fulcrum_grpc_h2::server::{self, Handler, Peer, RecvBody, Settings};
 use fulcrum_proto::fulcrum::v1::SelfReport;
 use fulcrum_proto::fulcrum::v1::admin_server::AdminServer;
 use fulcrum_proto::fulcrum::v1::registration_server::RegistrationServer;
+use fulcrum_proto::fulcrum::v1::router_directory_server::RouterDirectoryServer;
 use h2::RecvStream;
 use h2::server::SendResponse;
 use tokio::net::TcpListener;
@@ -181,7 +182,7 @@ pub async fn serve_with_metrics(
         }))
     });
     let admin = AdminService::new(
-        store,
+        store.clone(),
         prober,
         publisher.clone(),
         changed,
@@ -196,9 +197,13 @@ pub async fn serve_with_metrics(
         .add_service(RegistrationServer::with_interceptor(
             registration,
             streams.clone(),
+        ))
+        .add_service(RouterDirectoryServer::with_interceptor(
+            crate::directory::DirectoryService::new(store.clone()),
+            streams.clone(),
         ));
     let calls = Calls {
-        subscriptions: Subscriptions::new(publisher, streams),
+        subscriptions: Subscriptions::new(publisher, streams, store.clone()),
         routes,
     };
     // TCP_NODELAY: a version is one small frame, sent at once.

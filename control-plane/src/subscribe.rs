@@ -28,6 +28,8 @@ use fulcrum_grpc_h2::frame::Deframer;
 use fulcrum_grpc_h2::server::{GRPC_CONTENT_TYPE, Peer, poll_capacity, send_status};
 use fulcrum_grpc_h2::{GrpcFrame, h2_status};
 use fulcrum_proto::fulcrum::v1::{RouterMessage, router_message};
+
+use crate::store::SharedStore;
 use h2::server::SendResponse;
 use h2::{RecvStream, SendStream};
 use http::header::CONTENT_TYPE;
@@ -190,12 +192,19 @@ pub const ROUTING_PREFIX: &str = "/fulcrum.v1.Routing/";
 pub struct Subscriptions {
     publisher: Publisher,
     auth: StreamInterceptor,
+    /// Where routers that give an address are listed ([`crate::directory`]).
+    store: SharedStore,
 }
 
 impl Subscriptions {
-    /// Serves the tables `publisher` follows to routers that pass `auth`.
-    pub fn new(publisher: Publisher, auth: StreamInterceptor) -> Self {
-        Self { publisher, auth }
+    /// Serves the tables `publisher` follows to routers that pass `auth`, listing those that
+    /// give an address in `store`'s router directory while their streams last.
+    pub fn new(publisher: Publisher, auth: StreamInterceptor, store: SharedStore) -> Self {
+        Self {
+            publisher,
+            auth,
+            store,
+        }
     }
 
     /// Serves one call to the service: a router's stream, from its hello until it hangs up
@@ -259,6 +268,17 @@ impl Subscriptions {
         tracing::info!(router = %hello.router_id, region = %hello.region,
             known_version = hello.known_version, "router subscribed");
         let router = Subscribed::new(&self.publisher, &hello.router_id, &hello.region);
+        // Unlisted when this call ends (the guard drops with it).
+        let _listed = (!hello.address.is_empty()).then(|| {
+            crate::directory::list(
+                self.store.clone(),
+                fulcrum_proto::fulcrum::v1::RouterEntry {
+                    router_id: hello.router_id.clone(),
+                    region: hello.region.clone(),
+                    address: hello.address.clone(),
+                },
+            )
+        });
         let mut body = UpdateBody::new(self.publisher.tables(), hello.known_version);
         // Claimed once; claimed again after each frame (see `stream`).
         tx.reserve_capacity(1);

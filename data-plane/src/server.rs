@@ -56,6 +56,10 @@ pub struct RouterConfig {
     pub auth: Option<Arc<crate::auth::CallerAuth>>,
     /// Bounds on the calls made in the background ([`crate::tasks`]).
     pub task_limits: crate::tasks::TaskLimits,
+    /// Where other routers reach this one (`host:port`), for the background calls it holds;
+    /// none: the address it listens on, unless that is a wildcard (0.0.0.0, ::), which names
+    /// no machine: then other routers cannot reach its tasks.
+    pub advertise: Option<String>,
 }
 
 impl RouterConfig {
@@ -83,6 +87,7 @@ impl RouterConfig {
             cache_bytes: crate::cache::DEFAULT_CACHE_BYTES,
             auth: None,
             task_limits: crate::tasks::TaskLimits::default(),
+            advertise: None,
         }
     }
 }
@@ -140,6 +145,13 @@ pub async fn serve_with_metrics(
             router_id: config.router_id.clone(),
             load_view: config.load_view,
             token: config.stream_token.clone(),
+            address: config.advertise.clone().or_else(|| {
+                listener
+                    .local_addr()
+                    .ok()
+                    .filter(|a| !a.ip().is_unspecified())
+                    .map(|a| a.to_string())
+            }),
         },
         state.clone(),
     ));

@@ -56,6 +56,9 @@ pub struct SubscriberConfig {
     /// The control plane's stream token, sent as `authorization: Bearer <token>` (none: the
     /// control plane must trust this router's address, loopback).
     pub token: Option<String>,
+    /// Where other routers reach this one (for the background calls it holds), listed in the
+    /// control plane's router directory; none: not listed.
+    pub address: Option<String>,
 }
 
 /// Follows the control plane forever, applying updates to `state`.
@@ -100,6 +103,7 @@ async fn session(
         router_id: config.router_id.clone(),
         region: state.region.clone(),
         known_version: state.table.load().version,
+        address: config.address.clone().unwrap_or_default(),
     })))
     .await?;
     let mut request = tonic::Request::new(ReceiverStream::new(rx));

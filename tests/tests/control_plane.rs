@@ -647,6 +647,7 @@ async fn under_repeated_leader_kills_router_versions_only_grow() {
                         router_id: "checker".into(),
                         region: "a".into(),
                         known_version: state.table.load().version,
+                        ..Default::default()
                     })),
                 };
                 let (tx, rx) = tokio::sync::mpsc::channel(4);

@@ -50,6 +50,7 @@ impl Router {
             router_id: "layout-test".into(),
             region: "a".into(),
             known_version: 0,
+            ..Default::default()
         })))
         .await
         .unwrap();
@@ -251,6 +252,7 @@ async fn a_large_fleet_is_stored_per_node_and_its_changes_arrive_as_whole_deltas
             router_id: "never-acks".into(),
             region: "a".into(),
             known_version: 0,
+            ..Default::default()
         })))
         .await
         .unwrap();

@@ -94,6 +94,7 @@ async fn snapshots_with_growing_versions() {
         region: "a".into(),
         // A version from the future gets a snapshot, not an error.
         known_version: u64::MAX,
+        ..Default::default()
     })))
     .await
     .unwrap();
@@ -206,4 +207,54 @@ async fn an_unknown_routing_method_is_unimplemented() {
         .unwrap_err();
     assert_eq!(err.code(), Code::Unimplemented, "{err:?}");
     assert!(err.message().contains("Nope"), "{}", err.message());
+}
+
+/// A router that gives an address (by default, the one it listens on) is listed in the router
+/// directory while its stream lasts, and unlisted when it stops; any replica's FindRouter
+/// answers from the store. Bad and unknown ids are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routers_are_listed_in_the_directory_while_their_streams_last() {
+    use fulcrum_proto::fulcrum::v1::FindRouterRequest;
+    use fulcrum_proto::fulcrum::v1::router_directory_client::RouterDirectoryClient;
+
+    let etcd = Etcd::start().await;
+    let cp = stack::control_plane(&etcd.url()).await;
+    // A second replica on the same store, which the router does not follow.
+    let other = stack::control_plane(&etcd.url()).await;
+    let router = stack::router_configured("a", &[cp.addr], |c| {
+        c.router_id = "listed-router".into();
+    })
+    .await;
+    let mut directory = RouterDirectoryClient::connect(format!("http://{}", other.addr))
+        .await
+        .unwrap();
+    let find = |id: &str| FindRouterRequest {
+        router_id: id.into(),
+    };
+    let entry = fulcrum_tests::eventually("the router listed", Duration::from_secs(20), || {
+        let mut d = directory.clone();
+        async move { d.find_router(find("listed-router")).await.ok() }
+    })
+    .await
+    .into_inner();
+    assert_eq!(entry.router_id, "listed-router");
+    assert_eq!(entry.region, "a");
+    assert_eq!(entry.address, router.addr.to_string());
+
+    let e = directory.find_router(find("")).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    let e = directory.find_router(find("nobody")).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    assert!(e.message().contains("\"nobody\""), "{}", e.message());
+
+    // Stopped, it is unlisted (its replica revokes the entry when the stream ends).
+    router.stop().await;
+    fulcrum_tests::eventually("the router unlisted", Duration::from_secs(20), || {
+        let mut d = directory.clone();
+        async move {
+            let r = d.find_router(find("listed-router")).await;
+            matches!(r, Err(e) if e.code() == Code::NotFound).then_some(())
+        }
+    })
+    .await;
 }

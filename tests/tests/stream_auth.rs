@@ -56,6 +56,7 @@ async fn subscribe(
             router_id: id.into(),
             region: "a".into(),
             known_version: 0,
+            ..Default::default()
         })),
     })
     .await
@@ -140,6 +141,32 @@ async fn routers_subscribe_only_with_the_stream_token() {
         .expect("a call through the router");
     assert_eq!(served_by(resp.metadata()), ("n-1".into(), "a".into()));
     assert_echoed(&req, resp.get_ref());
+
+    // The router directory takes the same credential.
+    use fulcrum_proto::fulcrum::v1::FindRouterRequest;
+    use fulcrum_proto::fulcrum::v1::router_directory_client::RouterDirectoryClient;
+    let mut directory = RouterDirectoryClient::connect(format!("http://{}", cp.addr))
+        .await
+        .unwrap();
+    let find = || FindRouterRequest {
+        router_id: "with-token".into(),
+    };
+    assert_refused(
+        directory.find_router(with_token(find(), None)).await,
+        "need a credential",
+    );
+    assert_refused(
+        directory
+            .find_router(with_token(find(), Some("guess")))
+            .await,
+        "wrong stream credential",
+    );
+    // With it, an answer: NOT_FOUND, as the hand-made subscriber gave no address.
+    let e = directory
+        .find_router(with_token(find(), Some(TOKEN)))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
 }
 
 fn spec_message(id: &str, addr: std::net::SocketAddr) -> NodeMessage {

@@ -158,6 +158,7 @@ async fn observe(control: SocketAddr, table: Table, version: Arc<AtomicU64>) -> 
         router_id: "bench-observer".into(),
         region: "a".into(),
         known_version: 0,
+        ..Default::default()
     })))
     .await?;
     let mut updates = client
@@ -250,6 +251,7 @@ async fn router(
             router_id: format!("bench-r{i:04}"),
             region: "a".into(),
             known_version: 0,
+            ..Default::default()
         }))),
         false,
     )?;

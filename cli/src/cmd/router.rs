@@ -82,6 +82,10 @@ pub(crate) struct RouterArgs {
     /// submission beyond it is refused RESOURCE_EXHAUSTED.
     #[arg(long, default_value_t = fulcrum_data_plane::tasks::DEFAULT_MAX_BYTES >> 20)]
     task_mib: u64,
+    /// Where other routers reach this one (host:port), to fetch the background calls it holds
+    /// for their callers. Default: --listen, unless it is a wildcard address (0.0.0.0, [::]).
+    #[arg(long)]
+    advertise: Option<String>,
     /// How long an ended background call's outcome is kept for its caller to fetch.
     #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
     task_keep: std::time::Duration,
@@ -121,6 +125,7 @@ impl RouterArgs {
             max_bytes: self.task_mib.saturating_mul(1 << 20),
             keep: self.task_keep,
         };
+        c.advertise.clone_from(&self.advertise);
         if let Some(id) = &self.id {
             c.router_id = id.clone();
         }
