@@ -137,6 +137,10 @@ pub struct Caller {
     pub expires_at: u64,
     /// The models it may call (names, or prefixes ending in `*`); `None`: every model.
     pub models: Option<Vec<String>>,
+    /// Its `authorization` header (`Bearer <token>`), for the calls the router makes on its
+    /// behalf to another router (a background call that router holds). Kept with the verified
+    /// caller, so it costs nothing per call.
+    pub bearer: HeaderValue,
 }
 
 impl Caller {
@@ -351,7 +355,7 @@ impl CallerAuth {
         let validation = self.validation(header.alg);
         for key in candidates {
             match jsonwebtoken::decode::<Claims>(token, &key.key, &validation) {
-                Ok(data) => return caller_of(data.claims, now),
+                Ok(data) => return caller_of(data.claims, now, token),
                 // Another key may have signed it.
                 Err(e)
                     if matches!(
@@ -420,7 +424,7 @@ fn bearer(headers: &HeaderMap) -> Result<&str, AuthError> {
 }
 
 /// The caller a verified token's claims name.
-fn caller_of(claims: Claims, now: u64) -> Result<Caller, AuthError> {
+fn caller_of(claims: Claims, now: u64, token: &str) -> Result<Caller, AuthError> {
     let expires_at = claims.exp.ok_or_else(|| {
         AuthError::BadClaim("the token has no exp claim; tokens must expire".into())
     })?;
@@ -479,11 +483,15 @@ fn caller_of(claims: Claims, now: u64) -> Result<Caller, AuthError> {
             )));
         }
     }
+    let mut bearer = HeaderValue::from_str(&format!("Bearer {token}"))
+        .map_err(|_| AuthError::Malformed("the token is not a header value".into()))?;
+    bearer.set_sensitive(true);
     Ok(Caller {
         id,
         max_priority,
         expires_at,
         models: claims.models,
+        bearer,
     })
 }
 

@@ -290,3 +290,57 @@ impl From<TaskError> for Status {
         }
     }
 }
+
+/// Why another router could not be asked for a task it holds ([`crate::peers`]).
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    /// The directory does not list the router.
+    #[error(
+        "router {0:?}, which holds the task, is not connected to the control plane: it stopped (its tasks ended with it) or gives no address; submit the call again"
+    )]
+    NotListed(String),
+    /// No control-plane replica answered the look-up.
+    #[error(
+        "cannot find router {router:?}, which holds the task: the control plane did not answer ({why})"
+    )]
+    DirectoryUnreachable {
+        /// The router looked up.
+        router: String,
+        /// The last replica's error.
+        why: String,
+    },
+    /// The directory's address for the router is not one.
+    #[error(
+        "router {router:?}, which holds the task, gives the address {address:?}, which is not one: {why}"
+    )]
+    BadAddress {
+        /// The router.
+        router: String,
+        /// What it gave.
+        address: String,
+        /// Why it is not an address.
+        why: String,
+    },
+    /// The router holding the task did not answer.
+    #[error("router {router:?} at {address}, which holds the task, cannot be reached: {why}")]
+    Unreachable {
+        /// The router.
+        router: String,
+        /// Its address.
+        address: String,
+        /// The call's error.
+        why: String,
+    },
+}
+
+impl From<PeerError> for Status {
+    fn from(e: PeerError) -> Self {
+        let msg = e.to_string();
+        match e {
+            PeerError::NotListed(_) => Status::not_found(msg),
+            PeerError::DirectoryUnreachable { .. }
+            | PeerError::BadAddress { .. }
+            | PeerError::Unreachable { .. } => Status::unavailable(msg),
+        }
+    }
+}

@@ -24,6 +24,7 @@
 //! - [`cache`]: the router's response cache, for the models whose policy asks for one.
 //! - [`tasks`]: calls made in the background (submit, then fetch or wait for the answer),
 //!   held by the router that accepted them.
+//! - [`peers`]: other routers (the control plane's directory), asked for the tasks they hold.
 //! - [`canary`]: which calls a model's canary takes (pure, property-tested).
 //! - [`hedge`]: latency windows for hedging.
 //! - [`subscriber`]: following the control plane's routing stream.
@@ -49,6 +50,7 @@ pub mod hedge;
 pub mod ingress;
 pub mod limits;
 pub mod metrics;
+pub mod peers;
 pub mod policy;
 pub mod priority;
 pub mod queue;

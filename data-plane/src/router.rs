@@ -71,6 +71,8 @@ pub struct RouterState {
     pub auth: Option<Arc<crate::auth::CallerAuth>>,
     /// Calls made in the background for `fulcrum.v1.Tasks` ([`crate::tasks`]).
     pub tasks: Arc<crate::tasks::TaskStore>,
+    /// Other routers, asked for the tasks they hold ([`crate::peers`]); none: not asked.
+    pub peers: Option<Arc<crate::peers::Peers>>,
 }
 
 impl RouterState {
@@ -93,6 +95,7 @@ impl RouterState {
                 "router",
                 crate::tasks::TaskLimits::default(),
             )),
+            peers: None,
         }
     }
 

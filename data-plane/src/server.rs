@@ -125,6 +125,10 @@ pub async fn serve_with_metrics(
         config.router_id.clone(),
         config.task_limits,
     ));
+    state.peers = Some(Arc::new(crate::peers::Peers::new(
+        &config.control,
+        config.stream_token.as_deref(),
+    )));
     let state = Arc::new(state);
     let expiry = tokio::spawn(crate::tasks::expire_every_second(state.tasks.clone()));
     let reload = config

@@ -448,6 +448,14 @@ impl TaskStore {
         }
     }
 
+    /// The router holding task `id` when it is a well-formed id of another router's task.
+    pub fn holder_elsewhere<'a>(&self, id: &'a str) -> Option<&'a str> {
+        match self.check_id(id) {
+            Err(TaskError::Elsewhere { .. }) => Some(&id[2 * ID_RANDOM_BYTES + 1..]),
+            _ => None,
+        }
+    }
+
     /// A task id is 32 hex digits, `@`, and the id of the router holding it; a well-formed id of
     /// another router's task is told apart, so the caller learns where to ask.
     fn check_id(&self, id: &str) -> Result<(), TaskError> {

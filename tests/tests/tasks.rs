@@ -2,8 +2,9 @@
 //! runs at once and its answer is fetched, or waited for in one long poll; a long task can be
 //! cancelled (its node call is reset) or ends FAILED at its own deadline; what `ModelInfer`
 //! would refuse is refused at submission and starts nothing; a full router refuses
-//! RESOURCE_EXHAUSTED; a task is held by its router (another says which one) and belongs to
-//! its submitter when the router checks tokens.
+//! RESOURCE_EXHAUSTED; a task is held by its router, and any other router answers for it by
+//! asking that one (found in the control plane's directory); it belongs to its submitter when
+//! the router checks tokens.
 
 use std::time::Duration;
 
@@ -296,9 +297,11 @@ async fn bad_submissions_and_ids_are_refused_and_change_nothing() {
         .get_task(task_id(&format!("{}@router-b-1", "0".repeat(32))))
         .await
         .unwrap_err();
+    // A router nobody knows of: not in the control plane's directory.
     assert_eq!(e.code(), Code::NotFound, "{e:?}");
     assert!(
-        e.message().contains("held by router \"router-b-1\""),
+        e.message()
+            .contains("router \"router-b-1\", which holds the task, is not connected"),
         "{}",
         e.message()
     );
@@ -310,16 +313,14 @@ async fn bad_submissions_and_ids_are_refused_and_change_nothing() {
     let e = c.submit_task(submit(&[2.0], 0)).await.unwrap_err();
     assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
     assert!(e.message().contains("may hold 1"), "{}", e.message());
-    // Another router does not hold it, and says which one does.
-    let e = tasks(other.addr)
+    // Deleting it makes room (and stops its call), through another router too.
+    tasks(other.addr)
         .await
-        .get_task(get(&held, false))
+        .delete_task(of(&held))
         .await
-        .unwrap_err();
+        .unwrap();
+    let e = c.get_task(get(&held, false)).await.unwrap_err();
     assert_eq!(e.code(), Code::NotFound, "{e:?}");
-    assert!(e.message().contains("held by router"), "{}", e.message());
-    // Deleting it makes room (and stops its call).
-    c.delete_task(of(&held)).await.unwrap();
     node.controls().set_hang_ratio(0.0).await.unwrap();
     let next = c.submit_task(submit(&[3.0], 0)).await.unwrap().into_inner();
     let done = c
@@ -341,8 +342,9 @@ async fn with_tokens_a_task_belongs_to_its_submitter() {
     } = stack::one_node(NodeSimConfig::default(), 8).await;
     // Kept to the end: the router reads its secrets file again every few seconds.
     let check = stack::token_check(SECRET);
-    let auth = check.auth.clone();
+    let (auth, also) = (check.auth.clone(), check.auth.clone());
     let router = stack::router_configured("a", &[cp.addr], move |c| c.auth = Some(auth)).await;
+    let other = stack::router_configured("a", &[cp.addr], move |c| c.auth = Some(also)).await;
     stack::wait_serving(&admin, "a-1", "echo").await;
     let token = |sub: &str, models: Option<Vec<String>>| {
         NewToken {
@@ -383,6 +385,34 @@ async fn with_tokens_a_task_belongs_to_its_submitter() {
     // Without a token nothing is served at all.
     let e = c.get_task(get(&submitted, false)).await.unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    // Through another router, the same: the caller's token goes with the call to the holder.
+    let mut via = tasks(other.addr).await;
+    let e = fulcrum_tests::eventually(
+        "an answer through the other router",
+        Duration::from_secs(20),
+        || {
+            let mut v = via.clone();
+            let r = as_caller(&bob, get(&submitted, false));
+            async move {
+                match v.get_task(r).await {
+                    Err(e)
+                        if e.code() == Code::NotFound && !e.message().contains("not connected") =>
+                    {
+                        Some(e)
+                    }
+                    _ => None,
+                }
+            }
+        },
+    )
+    .await;
+    assert!(e.message().contains("no task"), "{}", e.message());
+    let fetched = via
+        .get_task(as_caller(&alice, get(&submitted, false)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(fetched.state(), task::State::Succeeded);
     // Alice still has it.
     let kept = c
         .get_task(as_caller(&alice, get(&submitted, false)))
@@ -402,4 +432,88 @@ async fn with_tokens_a_task_belongs_to_its_submitter() {
         "{}",
         e.message()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn any_router_answers_for_a_task_another_one_holds() {
+    let stack::OneNode {
+        node,
+        admin,
+        cp,
+        etcd: _etcd,
+    } = stack::one_node(NodeSimConfig::default(), 8).await;
+    let holder = stack::router("a", cp.addr, None).await;
+    let other = stack::router("b", cp.addr, None).await;
+    wait_ready(holder.addr).await;
+    wait_ready(other.addr).await;
+    stack::wait_serving(&admin, "a-1", "echo").await;
+    let (mut at_holder, mut elsewhere) = (tasks(holder.addr).await, tasks(other.addr).await);
+
+    // Submitted at one router, waited for and fetched at the other.
+    let submitted = at_holder
+        .submit_task(submit(&[7.0, 8.0], 0))
+        .await
+        .unwrap()
+        .into_inner();
+    let done = fulcrum_tests::eventually(
+        "the task through the other router",
+        Duration::from_secs(20),
+        || {
+            let mut c = elsewhere.clone();
+            let r = wait_at_most(&submitted, Duration::from_secs(10));
+            // Until the holder is in the directory (its stream is up).
+            async move { c.get_task(r).await.ok() }
+        },
+    )
+    .await
+    .into_inner();
+    assert_eq!(done.state(), task::State::Succeeded, "{done:?}");
+    assert_echoed(
+        &echo_request("echo", &[7.0, 8.0]),
+        done.response.as_ref().unwrap(),
+    );
+    assert_eq!(node.controls().calls(), 1);
+
+    // A long task cancelled through the other router: its call at the node is reset.
+    node.controls().set_hang_ratio(1.0).await.unwrap();
+    let long = at_holder
+        .submit_task(submit(&[1.0], 60_000))
+        .await
+        .unwrap()
+        .into_inner();
+    let cancelled = elsewhere.cancel_task(of(&long)).await.unwrap().into_inner();
+    assert_eq!(cancelled.state(), task::State::Cancelled, "{cancelled:?}");
+    fulcrum_tests::eventually("the node's call reset", Duration::from_secs(10), || {
+        let n = node.controls().in_flight();
+        async move { (n == 0).then_some(()) }
+    })
+    .await;
+    // Deleted through it: gone at the holder.
+    elsewhere.delete_task(of(&submitted)).await.unwrap();
+    let e = at_holder
+        .get_task(get(&submitted, false))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+
+    // The holder stops: its tasks are gone, and the other router says so (at first, perhaps,
+    // that it cannot reach it; then that it is no longer connected to the control plane).
+    holder.stop().await;
+    let e = fulcrum_tests::eventually("the holder unlisted", Duration::from_secs(60), || {
+        let mut c = elsewhere.clone();
+        let r = get(&long, false);
+        async move {
+            match c.get_task(r).await {
+                Err(e) if e.code() == Code::NotFound => Some(e),
+                Err(e) => {
+                    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+                    assert!(e.message().contains("cannot be reached"), "{}", e.message());
+                    None
+                }
+                Ok(t) => panic!("a stopped router's task answered: {t:?}"),
+            }
+        }
+    })
+    .await;
+    assert!(e.message().contains("is not connected"), "{}", e.message());
 }

@@ -15,18 +15,21 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use fulcrum_proto::fulcrum::v1::tasks_client::TasksClient;
 use fulcrum_proto::fulcrum::v1::tasks_server::{Tasks, TasksServer};
 use fulcrum_proto::fulcrum::v1::{
     DeleteTaskResponse, GetTaskRequest, SubmitTaskRequest, Task as TaskMessage, TaskRef, task,
 };
 use prost::Message;
 use tonic::metadata::MetadataMap;
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use super::deadline;
 use super::infer::{self, RawInferRequest};
 use crate::auth::Caller;
-use crate::error::{RouteError, TaskError};
+use crate::error::{PeerError, RouteError, TaskError};
+use crate::peers::Peers;
 use crate::priority::Priority;
 use crate::router::RouterState;
 use crate::tasks::{MAX_TIMEOUT, Outcome, Task};
@@ -107,6 +110,10 @@ impl Tasks for TaskService {
         &self,
         request: Request<GetTaskRequest>,
     ) -> Result<Response<TaskMessage>, Status> {
+        if let Some(peer) = self.holder(&request, &request.get_ref().task_id).await? {
+            let forwarded = peer.request(&request, request.get_ref().clone());
+            return peer.answer(peer.client().get_task(forwarded).await);
+        }
         let owner = owner(request.extensions());
         let wait = request
             .get_ref()
@@ -127,6 +134,10 @@ impl Tasks for TaskService {
         &self,
         request: Request<TaskRef>,
     ) -> Result<Response<TaskMessage>, Status> {
+        if let Some(peer) = self.holder(&request, &request.get_ref().task_id).await? {
+            let forwarded = peer.request(&request, request.get_ref().clone());
+            return peer.answer(peer.client().cancel_task(forwarded).await);
+        }
         let owner = owner(request.extensions());
         let task = self
             .state
@@ -139,11 +150,101 @@ impl Tasks for TaskService {
         &self,
         request: Request<TaskRef>,
     ) -> Result<Response<DeleteTaskResponse>, Status> {
+        if let Some(peer) = self.holder(&request, &request.get_ref().task_id).await? {
+            let forwarded = peer.request(&request, request.get_ref().clone());
+            return peer.answer(peer.client().delete_task(forwarded).await);
+        }
         let owner = owner(request.extensions());
         self.state
             .tasks
             .delete(&request.get_ref().task_id, owner.as_deref())?;
         Ok(Response::new(DeleteTaskResponse {}))
+    }
+}
+
+/// The request header naming the router that passed a call on to the router holding its task:
+/// a router that gets such a call answers it itself, so calls never go round in circles.
+pub const FORWARDED_HEADER: &str = "x-fulcrum-forwarded-by";
+
+/// The router holding a task, and how to reach it.
+struct Holder {
+    id: String,
+    address: String,
+    channel: Channel,
+    peers: Arc<Peers>,
+    this: String,
+}
+
+impl TaskService {
+    /// The router holding task `id`, when it is another router and this call may be passed on
+    /// to it (not itself passed on already: that one is answered here, NOT_FOUND).
+    async fn holder<T>(&self, request: &Request<T>, id: &str) -> Result<Option<Holder>, Status> {
+        let Some(peers) = &self.state.peers else {
+            return Ok(None);
+        };
+        let Some(holder) = self.state.tasks.holder_elsewhere(id) else {
+            return Ok(None);
+        };
+        if request.metadata().contains_key(FORWARDED_HEADER) {
+            return Ok(None);
+        }
+        let (address, channel) = peers.channel(holder).await?;
+        Ok(Some(Holder {
+            id: holder.to_owned(),
+            address,
+            channel,
+            peers: peers.clone(),
+            this: self.state.tasks.router_id().to_owned(),
+        }))
+    }
+}
+
+impl Holder {
+    fn client(&self) -> TasksClient<Channel> {
+        // As large as a router's answers may be: the holder bounds them.
+        TasksClient::new(self.channel.clone()).max_decoding_message_size(usize::MAX)
+    }
+
+    /// `message` as this router passes the caller's `original` on: with the caller's token (the
+    /// holder checks it, and that the task is its caller's), its deadline, and this router's id.
+    fn request<T, M>(&self, original: &Request<T>, message: M) -> Request<M> {
+        let mut forwarded = Request::new(message);
+        let headers = forwarded.metadata_mut().as_mut();
+        let from = original.metadata().as_ref();
+        // The token this router verified (it took it off the call), else whatever the caller
+        // sent, for a holder that checks tokens when this router does not.
+        let bearer = match original.extensions().get::<Arc<Caller>>() {
+            Some(caller) => Some(caller.bearer.clone()),
+            None => from.get(http::header::AUTHORIZATION).cloned(),
+        };
+        if let Some(b) = bearer {
+            headers.insert(http::header::AUTHORIZATION, b);
+        }
+        if let Some(v) = from.get(fulcrum_grpc_h2::timeout::GRPC_TIMEOUT) {
+            headers.insert(fulcrum_grpc_h2::timeout::GRPC_TIMEOUT, v.clone());
+        }
+        if let Ok(v) = http::HeaderValue::from_str(&self.this) {
+            headers.insert(http::HeaderName::from_static(FORWARDED_HEADER), v);
+        }
+        forwarded
+    }
+
+    /// The holder's answer, as the caller gets it: its own status passed on as it is; a call
+    /// that did not reach it, UNAVAILABLE saying so (and its address is looked up again next
+    /// time).
+    fn answer<M>(&self, answer: Result<Response<M>, Status>) -> Result<Response<M>, Status> {
+        match answer {
+            Err(status) if std::error::Error::source(&status).is_some() => {
+                self.peers.forget(&self.id);
+                Err(PeerError::Unreachable {
+                    router: self.id.clone(),
+                    address: self.address.clone(),
+                    why: status.message().to_owned(),
+                }
+                .into())
+            }
+            answer => answer.map(|r| Response::new(r.into_inner())),
+        }
     }
 }
 
