@@ -276,6 +276,7 @@ impl Admin for AdminService {
                 region: r.region,
                 acked_version: r.acked_version,
                 nacks: r.nacks,
+                address: r.address,
             })
             .collect();
         routers.sort_by(|a, b| a.router_id.cmp(&b.router_id));

@@ -426,6 +426,8 @@ pub struct RouterInfo {
     pub acked_version: u64,
     /// NACKs received.
     pub nacks: u64,
+    /// Where other routers reach it; empty: it gives none.
+    pub address: String,
 }
 
 type Table = Option<Arc<Published>>;

@@ -267,7 +267,7 @@ impl Subscriptions {
         };
         tracing::info!(router = %hello.router_id, region = %hello.region,
             known_version = hello.known_version, "router subscribed");
-        let router = Subscribed::new(&self.publisher, &hello.router_id, &hello.region);
+        let router = Subscribed::new(&self.publisher, &hello);
         // Unlisted when this call ends (the guard drops with it).
         let _listed = (!hello.address.is_empty()).then(|| {
             crate::directory::list(
@@ -293,22 +293,24 @@ struct Subscribed {
 }
 
 impl Subscribed {
-    fn new(publisher: &Publisher, id: &str, region: &str) -> Self {
+    fn new(publisher: &Publisher, hello: &fulcrum_proto::fulcrum::v1::RouterHello) -> Self {
+        let id = &hello.router_id;
         publisher
             .routers
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .insert(
-                id.to_owned(),
+                id.clone(),
                 RouterInfo {
-                    id: id.to_owned(),
-                    region: region.to_owned(),
+                    id: id.clone(),
+                    region: hello.region.clone(),
                     acked_version: 0,
                     nacks: 0,
+                    address: hello.address.clone(),
                 },
             );
         Self {
-            id: id.to_owned(),
+            id: id.clone(),
             publisher: publisher.clone(),
         }
     }

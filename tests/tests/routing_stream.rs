@@ -240,6 +240,19 @@ async fn routers_are_listed_in_the_directory_while_their_streams_last() {
     assert_eq!(entry.router_id, "listed-router");
     assert_eq!(entry.region, "a");
     assert_eq!(entry.address, router.addr.to_string());
+    // Its replica's status (`fulcrum ctl routers`) shows the address too.
+    let status = admin(cp.addr)
+        .await
+        .get_status(fulcrum_proto::fulcrum::v1::GetStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let listed = status
+        .routers
+        .iter()
+        .find(|r| r.router_id == "listed-router")
+        .expect("the router in its replica's status");
+    assert_eq!(listed.address, router.addr.to_string());
 
     let e = directory.find_router(find("")).await.unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");

@@ -678,7 +678,7 @@ pub(crate) async fn run(args: CtlArgs) -> anyhow::Result<()> {
                 .map_err(status_error)?
                 .into_inner();
             outln!(
-                "{:<28} {:<8} {:>10} {:>6} {:>6}",
+                "{:<28} {:<8} {:>10} {:>6} {:>6}  ADDRESS",
                 "ROUTER",
                 "REGION",
                 "ACKED",
@@ -687,12 +687,17 @@ pub(crate) async fn run(args: CtlArgs) -> anyhow::Result<()> {
             );
             for r in &s.routers {
                 outln!(
-                    "{:<28} {:<8} {:>10} {:>6} {:>6}",
+                    "{:<28} {:<8} {:>10} {:>6} {:>6}  {}",
                     r.router_id,
                     r.region,
                     r.acked_version,
                     s.routing_version.saturating_sub(r.acked_version),
-                    r.nacks
+                    r.nacks,
+                    if r.address.is_empty() {
+                        "-"
+                    } else {
+                        &r.address
+                    }
                 );
             }
             outln!(
