@@ -53,6 +53,15 @@ fn as_caller<T>(t: &str, message: T) -> tonic::Request<T> {
     r
 }
 
+/// Waits (at most 10 s) until `node` has `n` calls in flight.
+async fn in_flight_at(node: &fulcrum_sim::node::RunningNodeSim, n: u64, what: &str) {
+    fulcrum_tests::eventually(what, Duration::from_secs(10), || {
+        let now = node.controls().in_flight();
+        async move { (now == n).then_some(()) }
+    })
+    .await;
+}
+
 /// A `GetTask` with `wait` whose call has `deadline`.
 fn wait_at_most(task: &Task, deadline: Duration) -> tonic::Request<GetTaskRequest> {
     let mut r = tonic::Request::new(get(task, true));
@@ -170,15 +179,7 @@ async fn a_long_task_is_waited_for_then_cancelled_or_ends_at_its_deadline() {
         .unwrap()
         .into_inner();
     assert_eq!(long.state(), task::State::Running);
-    fulcrum_tests::eventually(
-        "the task's call at the node",
-        Duration::from_secs(10),
-        || {
-            let n = node.controls().in_flight();
-            async move { (n == 1).then_some(()) }
-        },
-    )
-    .await;
+    in_flight_at(&node, 1, "the task's call at the node").await;
     // A long poll that ends before the task answers it as it is: still running, no error.
     let waited = c
         .get_task(wait_at_most(&long, Duration::from_millis(300)))
@@ -192,11 +193,7 @@ async fn a_long_task_is_waited_for_then_cancelled_or_ends_at_its_deadline() {
     let cancelled = c.cancel_task(of(&long)).await.unwrap().into_inner();
     assert_eq!(cancelled.state(), task::State::Cancelled);
     assert_eq!(cancelled.error_code, Code::Cancelled as i32);
-    fulcrum_tests::eventually("the node's call reset", Duration::from_secs(10), || {
-        let n = node.controls().in_flight();
-        async move { (n == 0).then_some(()) }
-    })
-    .await;
+    in_flight_at(&node, 0, "the node's call reset").await;
     let later = c.get_task(get(&long, false)).await.unwrap().into_inner();
     assert_eq!(later.state(), task::State::Cancelled);
 
@@ -483,11 +480,7 @@ async fn any_router_answers_for_a_task_another_one_holds() {
         .into_inner();
     let cancelled = elsewhere.cancel_task(of(&long)).await.unwrap().into_inner();
     assert_eq!(cancelled.state(), task::State::Cancelled, "{cancelled:?}");
-    fulcrum_tests::eventually("the node's call reset", Duration::from_secs(10), || {
-        let n = node.controls().in_flight();
-        async move { (n == 0).then_some(()) }
-    })
-    .await;
+    in_flight_at(&node, 0, "the node's call reset").await;
     // Deleted through it: gone at the holder.
     elsewhere.delete_task(of(&submitted)).await.unwrap();
     let e = at_holder
