@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Fulcrum's benchmark suite against its peers (see bench/README.md and docs/benchmarks.md).
 #
-#   ./bench/run.sh                 full run of every scenario (about 50 minutes): rewrites
+#   ./bench/run.sh                 full run of every scenario (about an hour): rewrites
 #                                  docs/benchmarks.md
 #   ./bench/run.sh --scenarios 2   one scenario (its section of the page is rewritten)
 #   ./bench/run.sh --quick         quick run (a few minutes): prints the tables, leaves the docs

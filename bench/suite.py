@@ -1278,7 +1278,7 @@ def markdown(res: dict) -> str:
         "## Running it",
         "",
         "```sh",
-        "./bench/run.sh                  # every scenario, full (about 50 minutes); rewrites "
+        "./bench/run.sh                  # every scenario, full (about an hour); rewrites "
         "this page",
         "./bench/run.sh --scenarios 2    # one scenario (its section of this page is rewritten; "
         "the others stay from their last full run)",
