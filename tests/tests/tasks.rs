@@ -53,6 +53,17 @@ fn as_caller<T>(t: &str, message: T) -> tonic::Request<T> {
     r
 }
 
+/// Waits until every one of `routers` holds a table and node `a-1` serves `echo` in it.
+async fn ready(
+    admin: &fulcrum_proto::fulcrum::v1::admin_client::AdminClient<Channel>,
+    routers: &[&stack::Running],
+) {
+    for r in routers {
+        wait_ready(r.addr).await;
+    }
+    stack::wait_serving(admin, "a-1", "echo").await;
+}
+
 /// Waits (at most 10 s) until `node` has `n` calls in flight.
 async fn in_flight_at(node: &fulcrum_sim::node::RunningNodeSim, n: u64, what: &str) {
     fulcrum_tests::eventually(what, Duration::from_secs(10), || {
@@ -78,8 +89,7 @@ async fn a_task_runs_in_the_background_and_its_answer_is_fetched() {
         etcd: _etcd,
     } = stack::one_node(NodeSimConfig::default(), 8).await;
     let (router, metrics) = stack::router_with_metrics("a", cp.addr).await;
-    wait_ready(router.addr).await;
-    stack::wait_serving(&admin, "a-1", "echo").await;
+    ready(&admin, &[&router]).await;
     let mut c = tasks(router.addr).await;
 
     let submitted = c
@@ -167,8 +177,7 @@ async fn a_long_task_is_waited_for_then_cancelled_or_ends_at_its_deadline() {
         etcd: _etcd,
     } = stack::one_node(NodeSimConfig::default(), 8).await;
     let router = stack::router("a", cp.addr, None).await;
-    wait_ready(router.addr).await;
-    stack::wait_serving(&admin, "a-1", "echo").await;
+    ready(&admin, &[&router]).await;
     let mut c = tasks(router.addr).await;
     // Every call hangs at the node until its caller gives up.
     node.controls().set_hang_ratio(1.0).await.unwrap();
@@ -236,9 +245,7 @@ async fn bad_submissions_and_ids_are_refused_and_change_nothing() {
     })
     .await;
     let other = stack::router("a", cp.addr, None).await;
-    wait_ready(router.addr).await;
-    wait_ready(other.addr).await;
-    stack::wait_serving(&admin, "a-1", "echo").await;
+    ready(&admin, &[&router, &other]).await;
     let mut c = tasks(router.addr).await;
 
     let mut mismatched = echo_request("echo", &[1.0, 2.0]);
@@ -441,9 +448,7 @@ async fn any_router_answers_for_a_task_another_one_holds() {
     } = stack::one_node(NodeSimConfig::default(), 8).await;
     let holder = stack::router("a", cp.addr, None).await;
     let other = stack::router("b", cp.addr, None).await;
-    wait_ready(holder.addr).await;
-    wait_ready(other.addr).await;
-    stack::wait_serving(&admin, "a-1", "echo").await;
+    ready(&admin, &[&holder, &other]).await;
     let (mut at_holder, mut elsewhere) = (tasks(holder.addr).await, tasks(other.addr).await);
 
     // Submitted at one router, waited for and fetched at the other.

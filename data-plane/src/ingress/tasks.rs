@@ -111,8 +111,7 @@ impl Tasks for TaskService {
         request: Request<GetTaskRequest>,
     ) -> Result<Response<TaskMessage>, Status> {
         if let Some(peer) = self.holder(&request, &request.get_ref().task_id).await? {
-            let forwarded = peer.request(&request, request.get_ref().clone());
-            return peer.answer(peer.client().get_task(forwarded).await);
+            return peer.answer(peer.client().get_task(peer.request(&request)).await);
         }
         let owner = owner(request.extensions());
         let wait = request
@@ -135,8 +134,7 @@ impl Tasks for TaskService {
         request: Request<TaskRef>,
     ) -> Result<Response<TaskMessage>, Status> {
         if let Some(peer) = self.holder(&request, &request.get_ref().task_id).await? {
-            let forwarded = peer.request(&request, request.get_ref().clone());
-            return peer.answer(peer.client().cancel_task(forwarded).await);
+            return peer.answer(peer.client().cancel_task(peer.request(&request)).await);
         }
         let owner = owner(request.extensions());
         let task = self
@@ -151,8 +149,7 @@ impl Tasks for TaskService {
         request: Request<TaskRef>,
     ) -> Result<Response<DeleteTaskResponse>, Status> {
         if let Some(peer) = self.holder(&request, &request.get_ref().task_id).await? {
-            let forwarded = peer.request(&request, request.get_ref().clone());
-            return peer.answer(peer.client().delete_task(forwarded).await);
+            return peer.answer(peer.client().delete_task(peer.request(&request)).await);
         }
         let owner = owner(request.extensions());
         self.state
@@ -205,10 +202,11 @@ impl Holder {
         TasksClient::new(self.channel.clone()).max_decoding_message_size(usize::MAX)
     }
 
-    /// `message` as this router passes the caller's `original` on: with the caller's token (the
-    /// holder checks it, and that the task is its caller's), its deadline, and this router's id.
-    fn request<T, M>(&self, original: &Request<T>, message: M) -> Request<M> {
-        let mut forwarded = Request::new(message);
+    /// The caller's `original` request as this router passes it on: with the caller's token
+    /// (the holder checks it, and that the task is its caller's), its deadline, and this
+    /// router's id.
+    fn request<M: Clone>(&self, original: &Request<M>) -> Request<M> {
+        let mut forwarded = Request::new(original.get_ref().clone());
         let headers = forwarded.metadata_mut().as_mut();
         let from = original.metadata().as_ref();
         // The token this router verified (it took it off the call), else whatever the caller
