@@ -14,7 +14,8 @@ Started by bench/run.sh, which installs the peers and builds `fulcrum` first. Ev
    the same router with opt-in busy polling (`fulcrum-poll`, latency runs only), Envoy (static
    cluster, HTTP/2, LEAST_REQUEST) and nginx (grpc_pass, least_conn); each proxy twice: once
    with its default threads on all cores (latency, CPU, RSS) and once pinned to one core with
-   one worker (highest sustained rate); and, for the latency runs, a floor: `relay`,
+   one worker (highest sustained rate, over the first node-sim only, as `direct`: see
+   ONE_CORE_MODEL); and, for the latency runs, a floor: `relay`,
    nginx's stream module passing TCP bytes through (what one more hop costs on this machine);
 3. runs the scenarios with `fulcrum load` (sequential calls as a closed loop of one caller;
    rates open loop, latency from each call's scheduled time; HDR histograms), the contenders
@@ -72,6 +73,14 @@ PROXIES = ["relay", "fulcrum", "fulcrum-poll", "envoy", "nginx"]
 BUSY_POLL = "200us"
 # The contenders of the one-core throughput ladder.
 ONE_CORE = ["direct", "fulcrum", "envoy", "nginx"]
+# The ladder's model, served by the first node-sim only (which also serves `echo`), so that
+# every contender of the ladder calls one node-sim, as `direct` does: the pinned Envoy and
+# nginx list only that node, and the pinned router is sent this model, which only it serves.
+# Over all three node-sims the harness's core filled at 8,000-10,000 calls/s whichever proxy
+# was in front (session 23's run: node-sims 0.48-0.54 cores at 8,000/s, direct's one node-sim
+# 0.23): three processes each woken for a third of the calls cost twice the CPU of one woken
+# for all of them, and every proxy's first failed step was the harness's, not its own.
+ONE_CORE_MODEL = "echo-one"
 NODES = 3
 PAYLOAD_ELEMS = 16  # one FP32 tensor of 64 bytes: the run measures call handling, not bandwidth
 SERVICE_TIME = "const:0ms"  # the node answers at once: any latency is the path's
@@ -571,7 +580,7 @@ class Bench:
     # -- load ---------------------------------------------------------------------------------
 
     def load_cmd(self, target: str, rps: float | None, seconds: float, connections: int,
-                 timeout: str = "2s") -> list[str]:
+                 timeout: str = "2s", model: str = "echo") -> list[str]:
         """`fulcrum load` at `rps` calls/s (open loop), or, when `rps` is None, as a closed
         loop of one caller per connection (each sends its next call once its previous one is
         answered: sequential calls)."""
@@ -579,11 +588,13 @@ class Bench:
                   else ["--rps", f"{rps:g}"])
         return [self.fulcrum, "load", "--target", target, *pacing,
                 "--duration", f"{seconds:g}s", "--connections", str(connections),
-                "--payload-elems", str(PAYLOAD_ELEMS), "--timeout", timeout, "--json"]
+                "--payload-elems", str(PAYLOAD_ELEMS), "--timeout", timeout,
+                "--model", model, "--json"]
 
     def load(self, target: str, rps: float | None, seconds: float, connections: int,
-             cpus: str | None = None, timeout: str = "2s", kind: str | None = None) -> dict:
-        cmd = self.load_cmd(target, rps, seconds, connections, timeout)
+             cpus: str | None = None, timeout: str = "2s", kind: str | None = None,
+             model: str = "echo") -> dict:
+        cmd = self.load_cmd(target, rps, seconds, connections, timeout, model)
         if cpus is not None:
             cmd = ["taskset", "-c", cpus] + cmd
         if kind is not None:
@@ -599,7 +610,7 @@ class Bench:
 
     def measured_load(self, target: str, rps: float | None, seconds: float, connections: int,
                       proxy_pids: list[int], cpus: str | None = None,
-                      kind: str | None = None) -> dict:
+                      kind: str | None = None, model: str = "echo") -> dict:
         """A load run, with where the machine's CPU went meanwhile, in cores (CPU seconds per
         second of the run): the load generator, the node-sims, the proxy under test, the
         suite's other processes (idle proxies, control plane), everything else on the machine
@@ -611,7 +622,7 @@ class Bench:
         b0, k0, s0 = busy_seconds(), children_cpu_seconds(), steal_seconds()
         n0, p0, a0 = cpu_ns(node_pids), cpu_ns(proxy_pids), cpu_ns(all_pids)
         t0 = time.time()
-        rep = self.load(target, rps, seconds, connections, cpus, kind=kind)
+        rep = self.load(target, rps, seconds, connections, cpus, kind=kind, model=model)
         wall = time.time() - t0
         b1, k1, s1 = busy_seconds(), children_cpu_seconds(), steal_seconds()
         n1, p1, a1 = cpu_ns(node_pids), cpu_ns(proxy_pids), cpu_ns(all_pids)
@@ -649,9 +660,15 @@ class Bench:
         a = self.args
         f = self.fulcrum
         self.node_ports = [free_port() for _ in range(NODES)]
+
+        def models(i: int) -> str:
+            """The first node-sim also serves the one-core ladder's model."""
+            return "echo," + ONE_CORE_MODEL if i == 1 else "echo"
+
         for i, port in enumerate(self.node_ports, 1):
             self.procs.start(f"node-{i}", [
                 f, "node-sim", "--listen", f"127.0.0.1:{port}", "--name", f"sim-{i}",
+                "--models", models(i),
                 "--service-time", SERVICE_TIME, "--slots", str(NODE_SLOTS),
                 "--queue", str(NODE_QUEUE), "--seed", str(i)])
         control = f"127.0.0.1:{free_port()}"
@@ -664,7 +681,7 @@ class Bench:
         self.register_commands = []
         for i, port in enumerate(self.node_ports, 1):
             cmd = [f, "ctl", "--control", control, "register", "--id", f"sim-{i}",
-                   "--address", f"127.0.0.1:{port}", "--region", "a", "--models", "echo",
+                   "--address", f"127.0.0.1:{port}", "--region", "a", "--models", models(i),
                    "--capacity", str(NODE_SLOTS)]
             self.register_commands.append(cmd)
             run_until_ok(cmd, f"registering sim-{i}")
@@ -690,7 +707,10 @@ class Bench:
 
             port, admin = free_port(), free_port()
             conf = self.tmp / f"envoy{suffix}.json"
-            conf.write_text(json.dumps(envoy_config(port, admin, self.node_ports), indent=2))
+            # The pinned peers run the one-core ladder only: over the one node-sim that serves
+            # its model (ONE_CORE_MODEL).
+            nodes = self.node_ports[:1] if pinned else self.node_ports
+            conf.write_text(json.dumps(envoy_config(port, admin, nodes), indent=2))
             if not pinned:
                 self.configs["envoy"] = conf.read_text()
             cmd = [a.envoy, "-c", str(conf), "--log-level", "warn", "--disable-hot-restart"]
@@ -703,7 +723,7 @@ class Bench:
             ndir = self.tmp / f"nginx{suffix}"
             ndir.mkdir()
             conf = ndir / "nginx.conf"
-            conf.write_text(nginx_config(ndir, port, self.node_ports, "1" if pinned else "auto"))
+            conf.write_text(nginx_config(ndir, port, nodes, "1" if pinned else "auto"))
             if not pinned:
                 self.configs["nginx"] = conf.read_text()
             self.procs.start(f"nginx{suffix}", [
@@ -761,10 +781,11 @@ class Bench:
 
     # -- scenario 1 ---------------------------------------------------------------------------
 
-    def warm_up(self, targets: dict[str, str], cpus: str | None) -> None:
+    def warm_up(self, targets: dict[str, str], cpus: str | None, model: str = "echo") -> None:
         """Opens every proxy's upstream connections before anything is measured."""
         for c in targets:
-            self.load(targets[c], 1000, self.mode["warm_s"], STEP_CONNECTIONS, cpus)
+            self.load(targets[c], 1000, self.mode["warm_s"], STEP_CONNECTIONS, cpus,
+                      model=model)
 
     def latency(self) -> None:
         rounds = self.mode["rounds"]
@@ -833,15 +854,16 @@ class Bench:
                                capture_output=True, check=False)
                 repinned.append(name)
         targets = dict(self.pinned_targets)
-        self.warm_up(targets, harness)
-        targets["direct"] = self.direct_target(0)
+        self.warm_up(targets, harness, ONE_CORE_MODEL)
+        targets["direct"] = self.direct_target(0)  # the node-sim serving ONE_CORE_MODEL
         pids = dict(self.pinned_pids)
         log(f"scenario 1, one core: proxies on CPU {self.proxy_cpu}, load generator and "
             f"node-sims on CPU {harness}")
         base = {}
         for c in ONE_CORE:
             r = self.measured_load(targets[c], m["base_rps"], m["base_s"], STEP_CONNECTIONS,
-                                   pids.get(c, []), harness, kind=f"one-core baseline {c}")
+                                   pids.get(c, []), harness, kind=f"one-core baseline {c}",
+                                   model=ONE_CORE_MODEL)
             base[c] = r
         direct_p99 = base["direct"].get("latency", {}).get("p99_us")
         bar_us = STEP_MAX_P99_FACTOR * direct_p99 if direct_p99 else None
@@ -863,7 +885,8 @@ class Bench:
                 for attempt in range(2):  # one retry, so that one disturbed run is not fatal
                     rep = self.measured_load(targets[c], rate, m["step_s"], STEP_CONNECTIONS,
                                              pids.get(c, []), harness,
-                                             kind=f"one-core step {c}")
+                                             kind=f"one-core step {c}",
+                                             model=ONE_CORE_MODEL)
                     rep["proxy_cpu_share"] = rep["cpu_cores"]["proxy"] if c in pids else None
                     rep["attempt"] = attempt
                     verdict = judge(rep, rate, bar_us)
@@ -887,7 +910,7 @@ class Bench:
             "proxy_cpu": self.proxy_cpu, "harness_cpus": harness, "base": base,
             "best": best, "failed_at": failed_at, "steps": steps, "p99_bar_us": bar_us,
             "unbounded": [c for c in alive], "budget_hit": budget_hit,
-            "step_s": m["step_s"], "rates": m["steps"],
+            "step_s": m["step_s"], "rates": m["steps"], "nodes": 1,
             "memory": {c: memory_kib(pids[c]) for c in pids},
         }
 
@@ -1339,7 +1362,9 @@ def markdown(res: dict) -> str:
         "figures (Fulcrum: one tokio worker per core; Envoy: one worker per core; nginx: "
         "`worker_processes auto`), and pinned with `taskset` to one core with one worker for "
         f"the throughput figure (CPU {res['throughput']['proxy_cpu']}; load generator and "
-        f"node-sims on CPU {res['throughput']['harness_cpus']}).",
+        f"node-sims on CPU {res['throughput']['harness_cpus']}"
+        + ("; over one node-sim, as `direct`" if res["throughput"].get("nodes") == 1 else "")
+        + ").",
         f"- Load: `fulcrum load`, HDR histograms, {PAYLOAD_ELEMS}-element FP32 tensor (64 "
         "bytes) echoed and checked. **Sequential** calls are a closed loop (`--closed-loop 1`: "
         "one caller sends each call as soon as the previous one is answered; latency from the "
@@ -1381,7 +1406,14 @@ def markdown(res: dict) -> str:
         + (f": {t['p99_bar_us'] / 1000:.2f} ms in this run" if t.get("p99_bar_us") else "")
         + "), or less than "
         f"{100 * STEP_MIN_ACHIEVED:.0f} % of the rate sent. A failed step is retried once. "
-        "`direct` has no proxy: its figure is the ceiling of the load generator and node-sims "
+        + ("Every contender calls **one node-sim** here (the pinned Envoy and nginx list only "
+           f"it, and the pinned router is sent a model, `{ONE_CORE_MODEL}`, that only it "
+           "serves), as `direct` does: over three node-sims the harness's core spends twice "
+           "what one costs it (three processes each woken for a third of the calls), and in "
+           "earlier runs it filled at 8,000-10,000 calls/s whichever proxy was in front, so "
+           "every proxy's first failed step was the harness's. "
+           if t.get("nodes") == 1 else "")
+        + "`direct` has no proxy: its figure is the ceiling of the load generator and node-sims "
         "on their core, so a proxy that reaches it was not the limit. The extrapolated column "
         "divides the highest sustained rate by the share of its core the proxy used there: "
         "where it would run out of CPU if nothing else gave out first (an estimate, not a "
