@@ -1366,7 +1366,12 @@ def markdown(res: dict) -> str:
         + ("; over one node-sim, as `direct`" if res["throughput"].get("nodes") == 1 else "")
         + ").",
         f"- Load: `fulcrum load`, HDR histograms, {PAYLOAD_ELEMS}-element FP32 tensor (64 "
-        "bytes) echoed and checked. **Sequential** calls are a closed loop (`--closed-loop 1`: "
+        "bytes) echoed and checked"
+        + (" (calls on Fulcrum's own HTTP/2 client, one `writev` each; until 2026-12-08 on "
+           "tonic's `Channel`, which cost the generator about half as much CPU again a call and "
+           "so left less of a shared core to the node-sims and the contenders: figures of "
+           "earlier runs are not comparable with these)" if res.get("load_client") else "")
+        + ". **Sequential** calls are a closed loop (`--closed-loop 1`: "
         "one caller sends each call as soon as the previous one is answered; latency from the "
         "send): one call's path through an otherwise idle system. Every **rate** is open loop "
         "(calls are sent on schedule whatever the answers do; latency is measured from each "
@@ -1772,6 +1777,9 @@ def main() -> int:
     res = {
         "mode": mode_name,
         "mode_params": mode,
+        # Since 2026-12-08 `fulcrum load` calls on Fulcrum's own HTTP/2 client (one writev a
+        # call), not tonic's Channel: earlier runs' generator cost more CPU a call.
+        "load_client": "fulcrum-grpc-h2",
         "rounds": mode["rounds"],
         "environment": env,
         "latency": bench.results["latency"],

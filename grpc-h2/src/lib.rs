@@ -10,6 +10,8 @@
 //! Fulcrum's own ([`own_server`], [`client`]), because there `h2` itself was the largest cost
 //! left in user space.
 //!
+//! - [`answer`]: a unary answer on [`client`] read as tonic's client reads it (its status, its
+//!   one message), for the router's calls to nodes and the load generator's calls.
 //! - [`client`]: an HTTP/2 client of Fulcrum's own for unary calls (the router's calls to its
 //!   nodes): the calling task writes its request to the socket itself, one task per
 //!   connection reads. Not on `h2`: there `h2` was the largest cost of the router's user space.
@@ -29,6 +31,7 @@
 
 #![warn(missing_docs)]
 
+pub mod answer;
 pub mod client;
 pub mod frame;
 #[cfg(test)]

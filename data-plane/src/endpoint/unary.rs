@@ -36,17 +36,15 @@
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use fulcrum_grpc_h2::{Received, client};
+use fulcrum_grpc_h2::{answer, client};
 use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
 use http::header::{CONTENT_TYPE, HeaderMap, HeaderValue, TE, USER_AGENT};
 use http::uri::{Authority, PathAndQuery};
 use tokio::net::TcpStream;
-use tonic::metadata::MetadataMap;
-use tonic::{Code, Response, Status};
+use tonic::{Response, Status};
 
 use super::{CONNECT_TIMEOUT, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT};
-use crate::ingress::node_status;
 
 /// The streams' and the connection's receive windows, hyper's client defaults (which the
 /// `Channel` used): large enough that a multi-megabyte tensor answer streams without waiting
@@ -228,7 +226,7 @@ impl UnaryConn {
                 message: message.clone(),
             };
             match live.conn.call(request, max_response).await {
-                Ok(answer) => return read_answer(answer, max_response),
+                Ok(answer) => return answer::read_answer(answer, max_response),
                 Err(e) if e.is_unprocessed() && !fresh => {
                     tracing::debug!(node = %target.address, error = %e, "call not processed; sending it again");
                     fresh = true;
@@ -284,121 +282,6 @@ async fn connect(target: Target) -> Result<Live, Arc<ConnectError>> {
     }
 }
 
-/// Reads a node's answer: headers, the one message, trailers.
-fn read_answer(answer: client::Answer, max_response: usize) -> Result<Response<Bytes>, Status> {
-    let client::Answer {
-        status: http_status,
-        headers,
-        body,
-        trailers,
-    } = answer;
-    // A trailers-only answer: the status is in the headers, there is no message.
-    if let Some(status) = node_status::from_headers(&headers) {
-        if status.code() != Code::Ok {
-            return Err(status);
-        }
-        return Err(Status::internal("Missing response message."));
-    }
-    check_prefix(&body, http_status, max_response)?;
-    let mut metadata = headers;
-    let ok = trailers
-        .as_ref()
-        .and_then(|t| t.get(node_status::GRPC_STATUS))
-        .is_some_and(|v| v.as_bytes() == b"0");
-    if !ok {
-        match trailers.as_ref().and_then(node_status::from_headers) {
-            Some(mut status) if status.code() != Code::Ok => {
-                let mut headers = metadata;
-                headers.extend(status.metadata().clone().into_headers());
-                *status.metadata_mut() = MetadataMap::from_headers(headers);
-                return Err(status);
-            }
-            Some(_) => {}
-            None => return Err(status_from_http(http_status)),
-        }
-    }
-    if let Some(trailers) = trailers {
-        metadata.extend(trailers);
-    }
-    let message = answer_message(body)?;
-    Ok(Response::from_parts(
-        MetadataMap::from_headers(metadata),
-        message,
-        http::Extensions::new(),
-    ))
-}
-
-/// The status of an answer that ended without a `grpc-status`, as tonic's client infers it
-/// (gRPC's HTTP-to-gRPC status mapping).
-fn status_from_http(status: http::StatusCode) -> Status {
-    use http::StatusCode as S;
-    let code = match status {
-        S::OK => {
-            return Status::unknown(
-                "protocol error: missing grpc-status trailer, stream was terminated without a \
-                 final status",
-            );
-        }
-        S::BAD_REQUEST => Code::Internal,
-        S::UNAUTHORIZED => Code::Unauthenticated,
-        S::FORBIDDEN => Code::PermissionDenied,
-        S::NOT_FOUND => Code::Unimplemented,
-        S::TOO_MANY_REQUESTS | S::BAD_GATEWAY | S::SERVICE_UNAVAILABLE | S::GATEWAY_TIMEOUT => {
-            Code::Unavailable
-        }
-        _ => Code::Unknown,
-    };
-    Status::new(
-        code,
-        format!(
-            "grpc-status header missing, mapped from HTTP status code {}",
-            status.as_u16()
-        ),
-    )
-}
-
-/// Refuses the message as soon as its prefix shows it cannot be read (compressed, or larger
-/// than the limit), with tonic's statuses.
-fn check_prefix(
-    received: &Received,
-    http_status: http::StatusCode,
-    max: usize,
-) -> Result<(), Status> {
-    let b = received.bytes();
-    if b.len() < 5 {
-        return Ok(());
-    }
-    fulcrum_grpc_h2::frame::uncompressed(
-        b[0],
-        format_args!(" while receiving response with status: {http_status}"),
-    )?;
-    let len = u32::from_be_bytes([b[1], b[2], b[3], b[4]]) as usize;
-    if len > max {
-        return Err(Status::out_of_range(format!(
-            "Error, decoded message length too large: found {len} bytes, the limit is: \
-             {max} bytes"
-        )));
-    }
-    Ok(())
-}
-
-/// The answer's first message (a unary answer has one; anything after it is ignored, as tonic does).
-fn answer_message(received: Received) -> Result<Bytes, Status> {
-    let all = match received {
-        Received::Nothing => return Err(Status::internal("Missing response message.")),
-        Received::One(b) => b,
-        Received::Many(b) => b.freeze(),
-    };
-    if all.len() < 5 {
-        return Err(Status::internal("Unexpected EOF decoding stream."));
-    }
-    let len = u32::from_be_bytes([all[1], all[2], all[3], all[4]]) as usize;
-    if all.len() - 5 < len {
-        return Err(Status::internal("Unexpected EOF decoding stream."));
-    }
-    Ok(all.slice(5..5 + len))
-}
-
 #[cfg(test)]
 mod tests {
     use std::net::SocketAddr;
@@ -412,8 +295,11 @@ mod tests {
 
     use bytes::BytesMut;
 
+    use tonic::Code;
+
     use super::*;
     use crate::endpoint::NodeConn;
+    use crate::ingress::node_status;
 
     const PATH: &str = "/inference.GRPCInferenceService/ModelInfer";
 

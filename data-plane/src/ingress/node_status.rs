@@ -11,38 +11,12 @@
 
 use std::error::Error;
 
-use base64::Engine as _;
-use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
-use http::{HeaderMap, HeaderName};
 use tonic::{Code, Status, TimeoutExpired};
 
-/// `grpc-status-details-bin` is base64, padded or not (gRPC's encoding of binary metadata, as
-/// tonic reads it).
-const DETAILS_BASE64: GeneralPurpose = GeneralPurpose::new(
-    &base64::alphabet::STANDARD,
-    GeneralPurposeConfig::new()
-        .with_encode_padding(false)
-        .with_decode_padding_mode(DecodePaddingMode::Indifferent),
-);
-
-/// The header (trailer) holding a call's status code.
-pub(crate) const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
-const GRPC_STATUS_DETAILS: HeaderName = HeaderName::from_static("grpc-status-details-bin");
-
 /// The status that a node's trailers (or the headers of a trailers-only answer) carry, if they
-/// carry one: tonic's `Status::from_header_map`, except that a `grpc-status-details-bin` that
-/// is not base64 is dropped — tonic panics on it, and a node's bytes must not panic the router.
-pub(crate) fn from_headers(headers: &HeaderMap) -> Option<Status> {
-    headers.get(GRPC_STATUS)?;
-    if let Some(details) = headers.get(GRPC_STATUS_DETAILS)
-        && DETAILS_BASE64.decode(details.as_bytes()).is_err()
-    {
-        let mut headers = headers.clone();
-        headers.remove(GRPC_STATUS_DETAILS);
-        return Status::from_header_map(&headers);
-    }
-    Status::from_header_map(headers)
-}
+/// carry one (details that are not base64 dropped rather than panicking, see
+/// [`fulcrum_grpc_h2::answer::status_from_headers`]).
+pub(crate) use fulcrum_grpc_h2::answer::status_from_headers as from_headers;
 
 /// Whether a failed call never reached the node: the router's client could not connect (the
 /// address refuses, or nothing answers the connection). Only a local error can say so, never a
@@ -155,25 +129,6 @@ mod tests {
         let s = from_node(broken);
         assert_eq!(s.code(), Code::Unavailable);
         assert!(s.message().contains("broken pipe"), "{s:?}");
-    }
-
-    #[test]
-    fn statuses_in_headers_are_read_and_bad_details_dropped() {
-        let mut h = HeaderMap::new();
-        assert!(from_headers(&h).is_none());
-        h.insert("grpc-status", "5".parse().unwrap());
-        h.insert("grpc-message", "no%20such%20model".parse().unwrap());
-        h.insert("x-extra", "1".parse().unwrap());
-        let s = from_headers(&h).unwrap();
-        assert_eq!((s.code(), s.message()), (Code::NotFound, "no such model"));
-        assert!(s.metadata().get("x-extra").is_some());
-        h.insert("grpc-status-details-bin", "aGVsbG8".parse().unwrap());
-        assert_eq!(from_headers(&h).unwrap().details(), b"hello");
-        // Not base64: tonic's own reading would panic.
-        h.insert("grpc-status-details-bin", "@@not base64@@".parse().unwrap());
-        let s = from_headers(&h).unwrap();
-        assert_eq!(s.code(), Code::NotFound);
-        assert!(s.details().is_empty());
     }
 
     #[test]
