@@ -1367,10 +1367,15 @@ def markdown(res: dict) -> str:
         + ").",
         f"- Load: `fulcrum load`, HDR histograms, {PAYLOAD_ELEMS}-element FP32 tensor (64 "
         "bytes) echoed and checked"
-        + (" (calls on Fulcrum's own HTTP/2 client, one `writev` each; until 2026-12-08 on "
-           "tonic's `Channel`, which cost the generator about half as much CPU again a call and "
-           "so left less of a shared core to the node-sims and the contenders: figures of "
-           "earlier runs are not comparable with these)" if res.get("load_client") else "")
+        + (" (calls on Fulcrum's own HTTP/2 client, one `writev` each, as gRPC's own clients "
+           "send a unary call; until 2026-12-08 on tonic's `Channel`, which cost the generator "
+           "about half as much CPU again a call, leaving less of a shared core to the node-sims "
+           "and the contenders, and sent each request in two writes, HEADERS then DATA, the "
+           "first of which woke the next process on the path before the request was whole: at "
+           "200 calls/s that made direct calls about 100 µs slower and calls through a router "
+           "about 55 µs faster (A/B in bench/README.md), so proxies' added latency at low "
+           "rates was flattered. Figures of earlier runs are not comparable with these)"
+           if res.get("load_client") else "")
         + ". **Sequential** calls are a closed loop (`--closed-loop 1`: "
         "one caller sends each call as soon as the previous one is answered; latency from the "
         "send): one call's path through an otherwise idle system. Every **rate** is open loop "
