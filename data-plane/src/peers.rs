@@ -150,3 +150,88 @@ impl Peers {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use fulcrum_proto::fulcrum::v1::RouterEntry;
+    use fulcrum_proto::fulcrum::v1::router_directory_server::{
+        RouterDirectory, RouterDirectoryServer,
+    };
+    use tonic::{Request, Response, Status};
+
+    use super::*;
+
+    /// A directory that lists `r1`, not `gone`, fails for anything else, and counts look-ups.
+    #[derive(Clone, Default)]
+    struct Directory {
+        lookups: Arc<AtomicUsize>,
+    }
+
+    #[tonic::async_trait]
+    impl RouterDirectory for Directory {
+        async fn find_router(
+            &self,
+            request: Request<FindRouterRequest>,
+        ) -> Result<Response<RouterEntry>, Status> {
+            self.lookups.fetch_add(1, Ordering::SeqCst);
+            match request.into_inner().router_id.as_str() {
+                "r1" => Ok(Response::new(RouterEntry {
+                    router_id: "r1".into(),
+                    region: "a".into(),
+                    address: "127.0.0.1:9".into(),
+                })),
+                "gone" => Err(Status::not_found("no router gone")),
+                _ => Err(Status::unavailable("the store is down")),
+            }
+        }
+    }
+
+    async fn directory() -> (String, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let dir = Directory::default();
+        let lookups = dir.lookups.clone();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(RouterDirectoryServer::new(dir))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        (addr, lookups)
+    }
+
+    #[tokio::test]
+    async fn addresses_and_absences_are_remembered_failures_are_not() {
+        let (addr, lookups) = directory().await;
+        let peers = Peers::new(&[addr], None);
+        let looked = || lookups.load(Ordering::SeqCst);
+
+        // Listed: looked up once, then remembered; forgotten, looked up again.
+        assert_eq!(peers.channel("r1").await.unwrap().0, "127.0.0.1:9");
+        assert_eq!(peers.channel("r1").await.unwrap().0, "127.0.0.1:9");
+        assert_eq!(looked(), 1);
+        peers.forget("r1");
+        peers.channel("r1").await.unwrap();
+        assert_eq!(looked(), 2);
+
+        // Not listed: one look-up answers every poll for MISSING_TTL.
+        for _ in 0..3 {
+            assert!(matches!(
+                peers.channel("gone").await,
+                Err(PeerError::NotListed(id)) if id == "gone"
+            ));
+        }
+        assert_eq!(looked(), 3);
+
+        // The directory failing is not remembered: each call asks again.
+        for _ in 0..2 {
+            assert!(matches!(
+                peers.channel("other").await,
+                Err(PeerError::DirectoryUnreachable { .. })
+            ));
+        }
+        assert_eq!(looked(), 5);
+    }
+}

@@ -4,7 +4,11 @@ way: submit, get a task id, poll until the task is done; then once more with one
 The messages come from Fulcrum's .proto files at run time (a descriptor set protoc wrote), not
 from code generated here, so nothing of Fulcrum's own is on the client side but its protocol.
 
-Usage: tasks_check.py ROUTER DESCRIPTOR_SET
+With a second router (OTHER_ROUTER), a task submitted to the first is fetched, waited for and
+deleted through the other, as a client behind a load balancer would (any router answers for
+any router's task).
+
+Usage: tasks_check.py ROUTER DESCRIPTOR_SET [OTHER_ROUTER]
 """
 
 import struct
@@ -15,6 +19,7 @@ import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
 router, descriptors = sys.argv[1], sys.argv[2]
+other_router = sys.argv[3] if len(sys.argv) > 3 else None
 with open(descriptors, "rb") as f:
     files = descriptor_pb2.FileDescriptorSet.FromString(f.read())
 pool = descriptor_pool.DescriptorPool()
@@ -37,10 +42,7 @@ Task = message("fulcrum.v1.Task")
 DeleteTaskResponse = message("fulcrum.v1.DeleteTaskResponse")
 STATE = {v.name: v.number for v in Task.DESCRIPTOR.enum_types_by_name["State"].values}
 
-channel = grpc.insecure_channel(router)
-
-
-def rpc(method, response):
+def rpc(method, response, channel=grpc.insecure_channel(router)):
     return channel.unary_unary(
         f"/fulcrum.v1.Tasks/{method}",
         request_serializer=lambda m: m.SerializeToString(),
@@ -109,5 +111,20 @@ try:
 except grpc.RpcError as e:
     assert e.code() == grpc.StatusCode.INVALID_ARGUMENT, e
     assert "request is missing" in e.details(), e.details()
+
+if other_router is not None:
+    # Submitted to one router, answered by another: a long poll, then a delete, through it.
+    via = grpc.insecure_channel(other_router)
+    get_via, delete_via = rpc("GetTask", Task, via), rpc("DeleteTask", DeleteTaskResponse, via)
+    values = [7.0, 8.0, 9.0]
+    task = submit(echo(values), timeout=10)
+    check_answer(get_via(GetTaskRequest(task_id=task.task_id, wait=True), timeout=20), values)
+    delete_via(TaskRef(task_id=task.task_id), timeout=10)
+    try:
+        get(GetTaskRequest(task_id=task.task_id), timeout=10)
+        raise AssertionError("a task deleted through the other router is still there")
+    except grpc.RpcError as e:
+        assert e.code() == grpc.StatusCode.NOT_FOUND, (e.code(), e.details())
+    print("ok: the other router answered for the task")
 
 print(f"ok: polled {polls} times, long poll answered")

@@ -134,12 +134,15 @@ async fn tritonclient_with_a_pyjwt_token_is_admitted_and_without_refused() {
 /// A stock gRPC client (grpcio) submits background calls and polls them, the seed article's
 /// way, then waits for one in a long poll; its messages are read from Fulcrum's `.proto` files
 /// (a descriptor set `protoc` writes here), so the service's wire form is what is checked.
+/// A task submitted to one router is then waited for and deleted through another.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_grpcio_client_submits_and_polls_background_calls() {
     let cp = stack::control_plane("memory:").await;
     let (admin, node) = echo_node(cp.addr).await;
     let router = stack::router("a", cp.addr, None).await;
+    let other = stack::router("a", cp.addr, None).await;
     wait_ready(router.addr).await;
+    wait_ready(other.addr).await;
     stack::wait_serving(&admin, "a-1", "echo").await;
 
     let dir = tempfile::tempdir().unwrap();
@@ -154,8 +157,13 @@ async fn a_grpcio_client_submits_and_polls_background_calls() {
         .status()
         .unwrap_or_else(|e| panic!("run {protoc}: {e}"));
     assert!(status.success(), "protoc failed");
-    let args = vec![router.addr.to_string(), descriptors.display().to_string()];
+    let args = vec![
+        router.addr.to_string(),
+        descriptors.display().to_string(),
+        other.addr.to_string(),
+    ];
     let stdout = run_check("tasks_check.py", args).await;
     assert!(stdout.contains("ok: polled"), "{stdout}");
-    assert_eq!(node.controls().calls(), 2, "each task called the node once");
+    assert!(stdout.contains("ok: the other router answered"), "{stdout}");
+    assert_eq!(node.controls().calls(), 3, "each task called the node once");
 }
