@@ -11,19 +11,8 @@ use std::process::Command;
 
 use fulcrum_proto::fulcrum::v1::ModelPolicy;
 use fulcrum_sim::node::{NodeSimConfig, spawn};
+use fulcrum_tests::mlserver::python;
 use fulcrum_tests::stack::{self, admin, register, spec, wait_ready};
-
-fn python() -> PathBuf {
-    if let Ok(p) = std::env::var("FULCRUM_PYTHON") {
-        return p.into();
-    }
-    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
-    assert!(
-        venv.exists(),
-        "no Python with tritonclient: run scripts/test.sh (it creates .venv) or set FULCRUM_PYTHON"
-    );
-    venv
-}
 
 /// An admin client of the control plane at `control`, and node-sim `a-1` serving `echo` in
 /// region `a`, registered with it.

@@ -264,9 +264,9 @@ fn metadata(headers: &[(String, String)]) -> Result<MetadataMap, String> {
 
 /// The request every call sends (with its own id), and what must come back.
 struct Template {
-    /// The request of every call but its id, encoded: a call's message is its id encoded, then these bytes (a protobuf
-    /// message may be cut anywhere between fields and its parts concatenated in any order), so
-    /// no call copies or encodes the tensor again.
+    /// The request of every call but its id, encoded: a call's message is its id encoded, then
+    /// these bytes (a protobuf message may be cut anywhere between fields and its parts
+    /// concatenated in any order), so no call copies or encodes the tensor again.
     encoded: Bytes,
     payload: Bytes,
     /// The headers every call carries: [`LoadConfig::headers`], the gRPC ones and the
@@ -317,14 +317,29 @@ fn call_headers(metadata: MetadataMap, timeout: Duration) -> HeaderMap {
     let mut headers = metadata.into_headers();
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
     headers.insert(TE, HeaderValue::from_static("trailers"));
-    headers.insert(USER_AGENT, HeaderValue::from_static(AGENT));
-    // gRPC's timeout: at most 8 digits and a unit; microseconds keep a sub-millisecond
-    // deadline exact, and 99,999,999 µs (100 s) is longer than any call a benchmark waits for.
-    let us = micros(timeout).clamp(1, 99_999_999);
-    if let Ok(value) = HeaderValue::from_str(&format!("{us}u")) {
-        headers.insert(GRPC_TIMEOUT, value);
-    }
+    // A `--header user-agent=...` of the caller's is kept.
     headers
+        .entry(USER_AGENT)
+        .or_insert(HeaderValue::from_static(AGENT));
+    headers.insert(GRPC_TIMEOUT, grpc_timeout(timeout));
+    headers
+}
+
+/// `timeout` as gRPC's `grpc-timeout` (at most eight digits and a unit): in microseconds while
+/// they fit (a sub-millisecond deadline stays exact), else milliseconds, else seconds (rounded
+/// up, so that the target never gives up before this side does).
+fn grpc_timeout(timeout: Duration) -> HeaderValue {
+    const MAX: u128 = 99_999_999;
+    let us = timeout.as_micros().max(1);
+    let text = if us <= MAX {
+        format!("{us}u")
+    } else if us.div_ceil(1_000) <= MAX {
+        format!("{}m", us.div_ceil(1_000))
+    } else {
+        format!("{}S", us.div_ceil(1_000_000).min(MAX))
+    };
+    // Digits and a letter are a valid header value.
+    HeaderValue::from_str(&text).unwrap_or(HeaderValue::from_static("99999999S"))
 }
 
 /// Sent as `user-agent`.
@@ -1103,9 +1118,29 @@ mod tests {
         assert_eq!(h["content-type"], "application/grpc");
         assert_eq!(h["te"], "trailers");
         assert_eq!(h["fulcrum-priority"], "critical");
-        // A deadline beyond what grpc-timeout's eight digits hold is capped, not dropped.
-        let h = call_headers(MetadataMap::new(), Duration::from_secs(3600));
-        assert_eq!(h["grpc-timeout"], "99999999u");
+        assert!(
+            h["user-agent"]
+                .to_str()
+                .unwrap()
+                .starts_with("fulcrum-load/")
+        );
+        // Longer deadlines in coarser units, never shorter than asked.
+        assert_eq!(grpc_timeout(Duration::from_secs(3600)), "3600000m");
+        assert_eq!(
+            grpc_timeout(Duration::from_micros(100_000_000_001)),
+            "100001S"
+        );
+        assert_eq!(grpc_timeout(Duration::ZERO), "1u");
+        assert_eq!(
+            fulcrum_grpc_h2::timeout::parse_grpc_timeout("3600000m"),
+            Some(Duration::from_secs(3600))
+        );
+        // The caller's own user-agent stays.
+        let md = metadata(&[("user-agent".into(), "mine".into())]).unwrap();
+        assert_eq!(
+            call_headers(md, Duration::from_secs(1))["user-agent"],
+            "mine"
+        );
     }
 
     #[test]
