@@ -81,6 +81,11 @@ async fn a_sequence_stays_on_its_node_through_weight_changes_and_drains_and_fail
     }
     let router = stack::router("a", cp.addr, None).await;
     wait_ready(router.addr).await;
+    // Every node of region a routable first: a router ready with one of them would put every
+    // sequence on it (it happened once in a full test run, 2026-12-08).
+    for id in ["a-1", "a-2", "a-3"] {
+        stack::wait_serving(&admin, id, "echo").await;
+    }
     let mut c = oip(router.addr).await;
 
     // Twelve sequences of four steps, interleaved step by step.

@@ -404,9 +404,10 @@ struct ClientInner {
     address: String,
     authority: String,
     connect_timeout: Duration,
-    /// The connection; replaced under this lock once it has ended, so that concurrent calls
-    /// make one new connection, not one each.
-    conn: tokio::sync::Mutex<client::Connection>,
+    /// The connection and how many were made before it; replaced under this lock once it has
+    /// ended (or refused a call it never processed), so that concurrent calls make one new
+    /// connection, not one each.
+    conn: tokio::sync::Mutex<(u64, client::Connection)>,
 }
 
 impl Client {
@@ -421,15 +422,20 @@ impl Client {
                 address: address.to_owned(),
                 authority: authority.to_owned(),
                 connect_timeout: timeout,
-                conn: tokio::sync::Mutex::new(conn),
+                conn: tokio::sync::Mutex::new((0, conn)),
             }),
         })
     }
 
-    /// The live connection, made again if it has ended.
-    async fn connection(&self) -> Result<client::Connection, tonic::Status> {
-        let mut conn = self.inner.conn.lock().await;
-        if conn.is_closed() {
+    /// The live connection and its number, made again if it has ended or if it is connection
+    /// number `stale` (which refused a call without processing it: it is going away).
+    async fn connection(
+        &self,
+        stale: Option<u64>,
+    ) -> Result<(u64, client::Connection), tonic::Status> {
+        let mut guard = self.inner.conn.lock().await;
+        let (number, conn) = &mut *guard;
+        if conn.is_closed() || stale == Some(*number) {
             *conn = open(&self.inner.address, self.inner.connect_timeout)
                 .await
                 .map_err(|e| {
@@ -438,33 +444,44 @@ impl Client {
                         self.inner.address
                     ))
                 })?;
+            *number += 1;
         }
-        Ok(conn.clone())
+        Ok((*number, conn.clone()))
     }
 
-    /// One `ModelInfer` call.
+    /// One `ModelInfer` call. A call the target never processed (the connection had ended, or
+    /// the target said GOAWAY before it, or refused its stream) is sent once more on a new
+    /// connection, as the router does with its nodes and tonic's `Channel` did (a proxy's
+    /// graceful restart must not show up as failed calls).
     async fn model_infer(
         &self,
         headers: &HeaderMap,
         message: Bytes,
     ) -> Result<tonic::Response<ModelInferResponse>, tonic::Status> {
-        let conn = self.connection().await?;
         let l = u32::try_from(message.len())
             .map_err(|_| tonic::Status::resource_exhausted("message too large"))?
             .to_be_bytes();
-        let request = client::Request {
-            path: MODEL_INFER_PATH,
-            authority: &self.inner.authority,
-            headers,
-            prefix: [0, l[0], l[1], l[2], l[3]],
-            message,
+        let mut stale = None;
+        let answer = loop {
+            let (number, conn) = self.connection(stale).await?;
+            let request = client::Request {
+                path: MODEL_INFER_PATH,
+                authority: &self.inner.authority,
+                headers,
+                prefix: [0, l[0], l[1], l[2], l[3]],
+                message: message.clone(),
+            };
+            match conn.call(request, MAX_MESSAGE_SIZE).await {
+                Ok(answer) => break answer,
+                Err(e) if e.is_unprocessed() && stale.is_none() => stale = Some(number),
+                Err(e) => {
+                    return Err(tonic::Status::new(
+                        e.code(),
+                        format!("call to {} failed: {e}", self.inner.address),
+                    ));
+                }
+            }
         };
-        let answer = conn.call(request, MAX_MESSAGE_SIZE).await.map_err(|e| {
-            tonic::Status::new(
-                e.code(),
-                format!("call to {} failed: {e}", self.inner.address),
-            )
-        })?;
         let (metadata, message, extensions) =
             answer::read_answer(answer, MAX_MESSAGE_SIZE)?.into_parts();
         let response = ModelInferResponse::decode(message).map_err(|e| {
@@ -1205,6 +1222,62 @@ mod tests {
         let answer = client.model_infer(&headers, t.message("3")).await.unwrap();
         assert_eq!(answer.get_ref().id, "3");
         node.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_call_the_target_refused_unprocessed_is_sent_again_on_a_new_connection() {
+        use std::sync::atomic::AtomicU32;
+        // The first connection refuses every stream (REFUSED_STREAM: never processed); later
+        // ones answer with an echo of id "7".
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let conns = Arc::new(AtomicU32::new(0));
+        let count = conns.clone();
+        tokio::spawn(async move {
+            while let Ok((socket, _)) = listener.accept().await {
+                let refuse = count.fetch_add(1, Ordering::SeqCst) == 0;
+                tokio::spawn(async move {
+                    let Ok(mut conn) = h2::server::handshake(socket).await else {
+                        return;
+                    };
+                    while let Some(Ok((_request, mut respond))) = conn.accept().await {
+                        if refuse {
+                            respond.send_reset(h2::Reason::REFUSED_STREAM);
+                            continue;
+                        }
+                        let answer = ModelInferResponse {
+                            id: "7".into(),
+                            ..ModelInferResponse::default()
+                        }
+                        .encode_to_vec();
+                        let mut body = vec![0];
+                        body.extend_from_slice(&(answer.len() as u32).to_be_bytes());
+                        body.extend_from_slice(&answer);
+                        let head = http::Response::builder()
+                            .header("content-type", "application/grpc")
+                            .body(())
+                            .unwrap();
+                        let mut send = respond.send_response(head, false).unwrap();
+                        send.send_data(body.into(), false).unwrap();
+                        let mut trailers = HeaderMap::new();
+                        trailers.insert("grpc-status", HeaderValue::from_static("0"));
+                        send.send_trailers(trailers).unwrap();
+                    }
+                });
+            }
+        });
+        let client = Client::connect(&addr, &addr, Duration::from_secs(2))
+            .await
+            .unwrap();
+        let t = Template::new("echo", 1);
+        let headers = call_headers(MetadataMap::new(), Duration::from_secs(2));
+        let answer = client.model_infer(&headers, t.message("7")).await.unwrap();
+        assert_eq!(answer.get_ref().id, "7");
+        assert_eq!(
+            conns.load(Ordering::SeqCst),
+            2,
+            "sent again on a second connection"
+        );
     }
 
     #[tokio::test]
