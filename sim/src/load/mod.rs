@@ -401,8 +401,8 @@ struct Client {
 }
 
 struct ClientInner {
+    /// `host:port`, which is also the `:authority` every call sends.
     address: String,
-    authority: String,
     connect_timeout: Duration,
     /// The connection and how many were made before it; replaced under this lock once it has
     /// ended (or refused a call it never processed), so that concurrent calls make one new
@@ -411,16 +411,11 @@ struct ClientInner {
 }
 
 impl Client {
-    async fn connect(
-        address: &str,
-        authority: &str,
-        timeout: Duration,
-    ) -> Result<Self, ConnectError> {
+    async fn connect(address: &str, timeout: Duration) -> Result<Self, ConnectError> {
         let conn = open(address, timeout).await?;
         Ok(Self {
             inner: Arc::new(ClientInner {
                 address: address.to_owned(),
-                authority: authority.to_owned(),
                 connect_timeout: timeout,
                 conn: tokio::sync::Mutex::new((0, conn)),
             }),
@@ -466,7 +461,7 @@ impl Client {
             let (number, conn) = self.connection(stale).await?;
             let request = client::Request {
                 path: MODEL_INFER_PATH,
-                authority: &self.inner.authority,
+                authority: &self.inner.address,
                 headers,
                 prefix: [0, l[0], l[1], l[2], l[3]],
                 message: message.clone(),
@@ -509,9 +504,9 @@ async fn open(address: &str, timeout: Duration) -> Result<client::Connection, Co
     Ok(client::Connection::handshake(tcp, config).await?)
 }
 
-/// The `host:port` to connect to and the `:authority` to send, from a target given as
+/// The `host:port` to connect to (and send as `:authority`), from a target given as
 /// `host:port` or as an `http://` URL.
-fn parse_target(target: &str) -> Result<(String, String), String> {
+fn parse_target(target: &str) -> Result<String, String> {
     let rest = match target.split_once("://") {
         Some(("http", rest)) => rest,
         Some((scheme, _)) => {
@@ -528,20 +523,19 @@ fn parse_target(target: &str) -> Result<(String, String), String> {
     if parsed.port_u16().is_none() {
         return Err(format!("{authority:?} has no port"));
     }
-    Ok((authority.to_owned(), authority.to_owned()))
+    Ok(authority.to_owned())
 }
 
 /// Opens `config.connections` connections to the target.
 async fn connect(config: &LoadConfig) -> Result<Vec<Client>, LoadError> {
-    let (address, authority) =
-        parse_target(&config.target).map_err(|why| LoadError::InvalidTarget {
-            target: config.target.clone(),
-            why,
-        })?;
+    let address = parse_target(&config.target).map_err(|why| LoadError::InvalidTarget {
+        target: config.target.clone(),
+        why,
+    })?;
     let mut clients = Vec::with_capacity(config.connections);
     for _ in 0..config.connections {
         // Connected up front, so that connection setup is not part of any call's latency.
-        let client = Client::connect(&address, &authority, config.timeout)
+        let client = Client::connect(&address, config.timeout)
             .await
             .map_err(|source| LoadError::Connect {
                 target: config.target.clone(),
@@ -1162,7 +1156,7 @@ mod tests {
 
     #[test]
     fn targets_are_host_port_or_http_urls() {
-        let ok = |t: &str| parse_target(t).unwrap().0;
+        let ok = |t: &str| parse_target(t).unwrap();
         assert_eq!(ok("127.0.0.1:8001"), "127.0.0.1:8001");
         assert_eq!(ok("http://127.0.0.1:8001"), "127.0.0.1:8001");
         assert_eq!(ok("http://localhost:8001/"), "localhost:8001");
@@ -1182,19 +1176,22 @@ mod tests {
         assert_eq!(&t.payload[4..8], &1.0f32.to_le_bytes());
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_call_after_the_connection_ended_makes_a_new_one() {
+    /// A node-sim answering at once, on `addr` (port 0: any free one).
+    async fn echo_node(addr: &str) -> crate::node::RunningNodeSim {
         use crate::node::{NodeSimConfig, ServiceTime, spawn};
-        let node_config = || NodeSimConfig {
+        let config = NodeSimConfig {
             name: "n1".into(),
             service_time: ServiceTime::Constant(Duration::ZERO),
             ..NodeSimConfig::default()
         };
-        let node = spawn(node_config(), "127.0.0.1:0".parse().unwrap())
-            .await
-            .unwrap();
+        spawn(config, addr.parse().unwrap()).await.unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_call_after_the_connection_ended_makes_a_new_one() {
+        let node = echo_node("127.0.0.1:0").await;
         let addr = node.url().trim_start_matches("http://").to_owned();
-        let client = Client::connect(&addr, &addr, Duration::from_secs(2))
+        let client = Client::connect(&addr, Duration::from_secs(2))
             .await
             .unwrap();
         let t = Template::new("echo", 4);
@@ -1218,7 +1215,7 @@ mod tests {
             .unwrap_err();
         assert_eq!(lost.code(), tonic::Code::Unavailable, "{lost:?}");
         // A node on the same address again: the next call connects anew.
-        let node = spawn(node_config(), addr.parse().unwrap()).await.unwrap();
+        let node = echo_node(&addr).await;
         let answer = client.model_infer(&headers, t.message("3")).await.unwrap();
         assert_eq!(answer.get_ref().id, "3");
         node.stop().await;
@@ -1266,7 +1263,7 @@ mod tests {
                 });
             }
         });
-        let client = Client::connect(&addr, &addr, Duration::from_secs(2))
+        let client = Client::connect(&addr, Duration::from_secs(2))
             .await
             .unwrap();
         let t = Template::new("echo", 1);
@@ -1282,17 +1279,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_unknown_model_is_the_targets_status() {
-        use crate::node::{NodeSimConfig, ServiceTime, spawn};
-        let node = spawn(
-            NodeSimConfig {
-                name: "n1".into(),
-                service_time: ServiceTime::Constant(Duration::ZERO),
-                ..NodeSimConfig::default()
-            },
-            "127.0.0.1:0".parse().unwrap(),
-        )
-        .await
-        .unwrap();
+        let node = echo_node("127.0.0.1:0").await;
         let report = run(LoadConfig {
             target: node.url(),
             model: "no-such-model".into(),
