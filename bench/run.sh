@@ -4,7 +4,9 @@
 #   ./bench/run.sh                 full run of every scenario (about an hour): rewrites
 #                                  docs/benchmarks.md
 #   ./bench/run.sh --scenarios 2   one scenario (its section of the page is rewritten)
-#   ./bench/run.sh --quick         quick run (a few minutes): prints the tables, leaves the docs
+#   ./bench/run.sh --quick         scenario 1 in about two minutes, after a change to a hot
+#                                  path: prints the tables, leaves the docs (with
+#                                  --scenarios, each named scenario's quick form)
 #
 # Installs what is missing into project-local places first: protoc (for the build), etcd
 # (Debian's etcd-server, for scenario 3), nginx (Debian's nginx-light, and libnginx-mod-stream
