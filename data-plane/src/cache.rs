@@ -24,10 +24,21 @@
 //!   (`not_idempotent`) cannot be cached (the control plane refuses the policy).
 //! - **Hits** answer with `x-fulcrum-cache: hit` and no node; misses that were stored with
 //!   `x-fulcrum-cache: miss`. Hits are not counted against the model's rate limit (they cost
-//!   the nodes nothing), and concurrent misses of one request are not merged: each goes to a
-//!   node.
+//!   the nodes nothing).
+//! - **Identical calls in flight are merged** ("request collapsing", as nginx's
+//!   `proxy_cache_lock` and Varnish's waiting list do): while one call of a request is on its
+//!   way to a node, identical calls wait for its answer instead of each calling a node — the
+//!   stampede a busy model sees when many callers ask the same thing at once, or when callers
+//!   retry a slow call before its first attempt is answered. They answer with
+//!   `x-fulcrum-cache: coalesced` and, like hits, cost no node and no rate limit. A waiting call
+//!   waits at most its own deadline. When the first call's outcome is not one to share (an
+//!   error, a fallback's answer), each waiting call goes to a node itself, as it would have; when
+//!   the first call gave up for reasons of its own (its caller left, its deadline ran out), one
+//!   of the waiting calls goes to a node for the others.
 
+use std::collections::HashMap;
 use std::hash::Hasher;
+use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -35,6 +46,7 @@ use fulcrum_proto::inference::ModelInferRequest;
 use http::HeaderMap;
 use prost::Message;
 use siphasher::sip128::{Hasher128, SipHasher13};
+use tokio::sync::watch;
 
 /// Default size of a router's response cache, in bytes: 256 MiB, a small share of an inference
 /// host's memory that still holds tens of thousands of typical answers (kilobytes each).
@@ -44,8 +56,8 @@ pub const DEFAULT_CACHE_BYTES: u64 = 256 << 20;
 /// long generations) cannot push out everything else.
 pub const MAX_ENTRY_SHARE: u64 = 64;
 
-/// Response header saying whether the answer came from the cache (`hit`) or was stored in it
-/// (`miss`).
+/// Response header saying whether the answer came from the cache (`hit`), from an identical
+/// call in flight (`coalesced`), or was stored in it (`miss`).
 pub const CACHE_HEADER: &str = "x-fulcrum-cache";
 
 /// A model's caching, from its policy.
@@ -89,6 +101,115 @@ pub struct ResponseCache {
     keys: (u64, u64),
     entries: moka::sync::Cache<u128, Entry>,
     max_entry: usize,
+    /// The misses on their way to a node, by key: what identical calls wait on. An entry lives
+    /// only while its call is in flight, so the map is bounded by the router's calls in flight.
+    /// Why not moka's `get_with` (which also merges concurrent loads): its loader's outcome is
+    /// the entry, while here the waiting calls must also learn of outcomes that are not kept
+    /// (errors, fallback answers, answers too large) and of a first call that gave up.
+    flights: Mutex<HashMap<u128, watch::Receiver<Flight>>>,
+}
+
+/// Where a miss that identical calls wait on stands.
+#[derive(Debug, Clone)]
+enum Flight {
+    /// Its call is on its way to a node.
+    Pending,
+    /// Answered: the answer, as its own caller got it.
+    Answered(Bytes),
+    /// Its outcome is not one to share (an error, a fallback's answer): each waiting call goes
+    /// to a node itself.
+    NotShared,
+    /// It gave up for reasons of its own (its caller left, its deadline ran out): the waiting
+    /// calls look the request up again, and one of them goes to a node for the others.
+    Abandoned,
+}
+
+/// What a look-up in the cache found.
+#[derive(Debug)]
+pub enum Lookup<'a> {
+    /// The answer kept, as this call gets it.
+    Hit(Bytes),
+    /// Neither kept nor in flight: this call goes to a node, and identical calls that come
+    /// meanwhile wait for its outcome, which it must report ([`Leader`]).
+    Lead(Leader<'a>),
+    /// An identical call is on its way to a node: wait for its outcome ([`Follower::wait`]).
+    Follow(Follower),
+}
+
+/// The call that goes to a node for identical calls too. Dropped without an outcome (its
+/// caller left), it counts as abandoned: a waiting call takes over.
+#[derive(Debug)]
+pub struct Leader<'a> {
+    cache: &'a ResponseCache,
+    key: u128,
+    tx: Option<watch::Sender<Flight>>,
+}
+
+impl Leader<'_> {
+    /// The call was answered: keeps `answer` for `ttl` (if it fits) and hands it to the waiting
+    /// calls; says whether it was kept.
+    pub fn answered(mut self, answer: Bytes, ttl: Duration) -> bool {
+        let kept = self.cache.insert(self.key, answer.clone(), ttl);
+        self.end(Flight::Answered(answer));
+        kept
+    }
+
+    /// The call's outcome is not one to share: each waiting call goes to a node itself.
+    pub fn not_shared(mut self) {
+        self.end(Flight::NotShared);
+    }
+
+    /// The call gave up for reasons of its own: a waiting call goes to a node for the others.
+    pub fn abandoned(mut self) {
+        self.end(Flight::Abandoned);
+    }
+
+    /// Ends the flight: later calls no longer find it (an answer kept is in the cache first),
+    /// and the waiting ones learn `how`.
+    fn end(&mut self, how: Flight) {
+        if let Some(tx) = self.tx.take() {
+            self.cache.flights().remove(&self.key);
+            tx.send_replace(how);
+        }
+    }
+}
+
+impl Drop for Leader<'_> {
+    fn drop(&mut self) {
+        self.end(Flight::Abandoned);
+    }
+}
+
+/// A call waiting for an identical call's outcome.
+#[derive(Debug)]
+pub struct Follower {
+    rx: watch::Receiver<Flight>,
+}
+
+/// What a waiting call learnt.
+#[derive(Debug, PartialEq)]
+pub enum Followed {
+    /// The identical call's answer, as this call (whose request has its own id) gets it.
+    Answer(Bytes),
+    /// Go to a node alone: the identical call's outcome was not one to share.
+    CallAlone,
+    /// Look the request up again: the identical call gave up.
+    LookAgain,
+}
+
+impl Follower {
+    /// Waits for the identical call's outcome; the answer carries `id`.
+    pub async fn wait(mut self, id: &str) -> Followed {
+        match self.rx.wait_for(|f| !matches!(f, Flight::Pending)).await {
+            Ok(flight) => match &*flight {
+                Flight::Answered(answer) => Followed::Answer(with_id(answer, id)),
+                Flight::NotShared => Followed::CallAlone,
+                Flight::Pending | Flight::Abandoned => Followed::LookAgain,
+            },
+            // The leader always reports before it goes (its `Drop`); should it not, look again.
+            Err(_) => Followed::LookAgain,
+        }
+    }
 }
 
 impl std::fmt::Debug for ResponseCache {
@@ -117,6 +238,7 @@ impl ResponseCache {
                 .expire_after(PerModelTtl)
                 .build(),
             max_entry: usize::try_from(bytes / MAX_ENTRY_SHARE).unwrap_or(usize::MAX),
+            flights: Mutex::new(HashMap::new()),
         }
     }
 
@@ -166,6 +288,41 @@ impl ResponseCache {
     pub fn get(&self, key: u128, id: &str) -> Option<Bytes> {
         let entry = self.entries.get(&key)?;
         Some(with_id(&entry.answer, id))
+    }
+
+    /// The answer kept for `key` (as the caller whose request has `id` gets it), else the
+    /// identical call on its way to a node to wait for, else the lead: this call goes to a node
+    /// for identical calls too.
+    pub fn lookup(&self, key: u128, id: &str) -> Lookup<'_> {
+        if let Some(hit) = self.get(key, id) {
+            return Lookup::Hit(hit);
+        }
+        let mut flights = self.flights();
+        if let Some(rx) = flights.get(&key) {
+            return Lookup::Follow(Follower { rx: rx.clone() });
+        }
+        // A leader keeps its answer before it ends its flight: one that ended since the look-up
+        // above left its answer here.
+        if let Some(hit) = self.get(key, id) {
+            return Lookup::Hit(hit);
+        }
+        let (tx, rx) = watch::channel(Flight::Pending);
+        flights.insert(key, rx);
+        Lookup::Lead(Leader {
+            cache: self,
+            key,
+            tx: Some(tx),
+        })
+    }
+
+    /// Misses on their way to a node now.
+    pub fn in_flight(&self) -> usize {
+        self.flights().len()
+    }
+
+    fn flights(&self) -> MutexGuard<'_, HashMap<u128, watch::Receiver<Flight>>> {
+        // The map is consistent whenever a holder panics: each change is one insert or remove.
+        self.flights.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Keeps `answer` for `key` for `ttl`; says whether it was kept (not too large).
@@ -333,6 +490,105 @@ mod tests {
         assert!(cache.insert(3, Bytes::from(vec![0; 1000]), Duration::from_secs(60)));
         let (_, bytes) = cache.size();
         assert!((1000..=2024).contains(&bytes), "{bytes}");
+    }
+
+    fn encoded(id: &str, value: u8) -> Bytes {
+        ModelInferResponse {
+            model_name: "m".into(),
+            id: id.into(),
+            raw_output_contents: vec![Bytes::from(vec![value])],
+            ..Default::default()
+        }
+        .encode_to_vec()
+        .into()
+    }
+
+    fn lead<'a>(cache: &'a ResponseCache, key: u128, id: &str) -> Leader<'a> {
+        match cache.lookup(key, id) {
+            Lookup::Lead(l) => l,
+            other => panic!("expected the lead, got {other:?}"),
+        }
+    }
+
+    fn follow(cache: &ResponseCache, key: u128, id: &str) -> Follower {
+        match cache.lookup(key, id) {
+            Lookup::Follow(f) => f,
+            other => panic!("expected to follow, got {other:?}"),
+        }
+    }
+
+    fn id_of(answer: &Bytes) -> String {
+        ModelInferResponse::decode(answer.clone()).unwrap().id
+    }
+
+    #[tokio::test]
+    async fn identical_misses_wait_for_the_first_and_get_its_answer() {
+        let cache = ResponseCache::default();
+        let leader = lead(&cache, 5, "first");
+        let waiting: Vec<_> = ["second", "third"]
+            .into_iter()
+            .map(|id| {
+                let f = follow(&cache, 5, id);
+                tokio::spawn(async move { f.wait(id).await })
+            })
+            .collect();
+        // Another request is not merged with this one.
+        drop(lead(&cache, 6, "other"));
+        assert_eq!(cache.in_flight(), 1);
+        assert!(leader.answered(encoded("first", 4), Duration::from_secs(60)));
+        for (w, id) in waiting.into_iter().zip(["second", "third"]) {
+            match w.await.unwrap() {
+                Followed::Answer(a) => assert_eq!(id_of(&a), id),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(cache.in_flight(), 0);
+        // And it was kept: the next identical call is a hit.
+        match cache.lookup(5, "fourth") {
+            Lookup::Hit(a) => assert_eq!(id_of(&a), "fourth"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_answer_too_large_to_keep_is_still_shared() {
+        let cache = ResponseCache::new(64 * 1024);
+        let leader = lead(&cache, 1, "a");
+        let f = follow(&cache, 1, "b");
+        let big = Bytes::from(vec![0; 2048]);
+        assert!(!leader.answered(big.clone(), Duration::from_secs(60)));
+        match f.wait("b").await {
+            Followed::Answer(a) => assert!(a.starts_with(&big)),
+            other => panic!("{other:?}"),
+        }
+        drop(lead(&cache, 1, "c"));
+    }
+
+    #[tokio::test]
+    async fn outcomes_not_to_share_send_each_waiting_call_alone() {
+        let cache = ResponseCache::default();
+        let leader = lead(&cache, 9, "a");
+        let f = follow(&cache, 9, "b");
+        leader.not_shared();
+        assert_eq!(f.wait("b").await, Followed::CallAlone);
+        // Nothing was kept, and the flight is over: the next call leads.
+        drop(lead(&cache, 9, "c"));
+    }
+
+    #[tokio::test]
+    async fn a_leader_that_gives_up_or_goes_hands_over_the_lead() {
+        let cache = ResponseCache::default();
+        let leader = lead(&cache, 3, "a");
+        let f = follow(&cache, 3, "b");
+        leader.abandoned();
+        assert_eq!(f.wait("b").await, Followed::LookAgain);
+        // A leader whose caller left (dropped, never reporting) hands over too.
+        let leader = lead(&cache, 3, "b");
+        let f = follow(&cache, 3, "c");
+        drop(leader);
+        assert_eq!(f.wait("c").await, Followed::LookAgain);
+        assert_eq!(cache.in_flight(), 0);
+        drop(lead(&cache, 3, "c"));
     }
 
     #[test]

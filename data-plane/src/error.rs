@@ -76,6 +76,15 @@ pub enum RouteError {
         /// The node whose answer was awaited, if one was called.
         waiting_for: Option<String>,
     },
+    /// The caller's deadline (or the model's default) ran out while the call waited for an
+    /// identical call's answer ([`crate::cache`]).
+    #[error(
+        "deadline of {budget:?} exceeded waiting for the answer to an identical call in flight (the router sends identical calls of a cached model to a node once)"
+    )]
+    DeadlineWaitingForIdentical {
+        /// The call's time budget.
+        budget: Duration,
+    },
 }
 
 impl From<RouteError> for Status {
@@ -90,7 +99,8 @@ impl From<RouteError> for Status {
             RouteError::AllNodesBusy { .. }
             | RouteError::Displaced { .. }
             | RouteError::RateLimited { .. } => Status::resource_exhausted(msg),
-            RouteError::DeadlineExceeded { .. } => Status::deadline_exceeded(msg),
+            RouteError::DeadlineExceeded { .. }
+            | RouteError::DeadlineWaitingForIdentical { .. } => Status::deadline_exceeded(msg),
         }
     }
 }

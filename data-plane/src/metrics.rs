@@ -13,7 +13,9 @@
 //! | `fulcrum_router_shed_total` | model, priority | calls shed by the router (every node full) |
 //! | `fulcrum_router_rate_limited_total` | model | calls refused by the model's rate limit |
 //! | `fulcrum_router_cache_hits_total`, `fulcrum_router_cache_misses_total` | model | calls answered from the response cache, and looked up in vain |
+//! | `fulcrum_router_cache_coalesced_total` | model | misses answered with an identical call's answer, waited for while it was in flight |
 //! | `fulcrum_router_cache_entries`, `fulcrum_router_cache_bytes` | | what the response cache holds |
+//! | `fulcrum_router_cache_in_flight` | | misses on their way to a node that identical calls can wait for |
 //! | `fulcrum_router_canary_total` | model, canary | calls of the model its canary took |
 //! | `fulcrum_router_fallbacks_total` | model, fallback, reason, result | calls the model could not serve, sent to its fallback (`served` there or `failed`) |
 //! | `fulcrum_router_auth_refused_total` | reason | calls refused by the token check (`missing`, `expired`, `bad_signature`, ...) |
@@ -74,6 +76,8 @@ pub struct ModelStats {
     /// Calls answered from the response cache, and calls looked up there and not found.
     cache_hits: AtomicU64,
     cache_misses: AtomicU64,
+    /// Misses answered with the answer of an identical call they waited for.
+    cache_coalesced: AtomicU64,
     /// Calls the model's canary took.
     canary: AtomicU64,
     /// Calls sent to the model's fallback, by [`Reason::index`], then served (0) or not (1).
@@ -93,6 +97,7 @@ impl Default for ModelStats {
             rate_limited: AtomicU64::new(0),
             cache_hits: AtomicU64::new(0),
             cache_misses: AtomicU64::new(0),
+            cache_coalesced: AtomicU64::new(0),
             canary: AtomicU64::new(0),
             fallbacks: std::array::from_fn(|_| std::array::from_fn(|_| AtomicU64::new(0))),
             buckets: std::array::from_fn(|_| AtomicU64::new(0)),
@@ -136,6 +141,11 @@ impl ModelStats {
             &self.cache_misses
         };
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A miss was answered with the answer of an identical call it waited for.
+    pub fn cache_coalesced(&self) {
+        self.cache_coalesced.fetch_add(1, Ordering::Relaxed);
     }
 
     /// The model's canary took a call.
@@ -226,6 +236,13 @@ impl Collector for RouterCollector {
             "Bytes of answers held in the response cache",
             MetricType::Gauge,
             [(vec![], gauge(bytes as f64))],
+        )?;
+        family(
+            e,
+            "fulcrum_router_cache_in_flight",
+            "Misses on their way to a node that identical calls can wait for",
+            MetricType::Gauge,
+            [(vec![], gauge(state.cache.in_flight() as f64))],
         )?;
         if let Some(auth) = &state.auth {
             family(
@@ -364,6 +381,11 @@ impl Collector for RouterCollector {
                 "fulcrum_router_cache_misses",
                 "Calls of a cached model whose answer the router did not hold",
                 |s: &ModelStats| s.cache_misses.load(Ordering::Relaxed),
+            ),
+            (
+                "fulcrum_router_cache_coalesced",
+                "Misses answered with the answer of an identical call in flight, waited for",
+                |s: &ModelStats| s.cache_coalesced.load(Ordering::Relaxed),
             ),
         ] {
             family(

@@ -1,20 +1,23 @@
 //! Response caching end to end (real etcd, real gRPC, a node-sim): a model whose policy caches
 //! answers is answered from the router's memory for a request it has answered before, whatever
-//! the request's id; a key header keeps callers apart; sequences, errors and fallback answers
-//! are never kept; entries expire; bad caching policies are refused and change nothing.
+//! the request's id; identical calls in flight reach the node once; a key header keeps callers
+//! apart; sequences, errors and fallback answers are never kept; entries expire; bad caching
+//! policies are refused and change nothing.
 
 use std::time::Duration;
 
 use fulcrum_proto::fulcrum::v1::{GetModelPolicyRequest, ModelPolicy};
+use fulcrum_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use fulcrum_proto::inference::infer_parameter::ParameterChoice;
-use fulcrum_proto::inference::{InferParameter, ModelInferRequest};
-use fulcrum_sim::node::NodeSimConfig;
+use fulcrum_proto::inference::{InferParameter, ModelInferRequest, ModelInferResponse};
+use fulcrum_sim::node::{NodeSimConfig, ServiceTime};
 use fulcrum_tests::eventually;
 use fulcrum_tests::infer::{assert_echoed, echo_request, served_by};
 use fulcrum_tests::scrape::metric;
 use fulcrum_tests::stack::{self, oip, wait_ready};
 use tonic::Code;
 use tonic::metadata::MetadataMap;
+use tonic::transport::Channel;
 
 fn cache_header(md: &MetadataMap) -> Option<String> {
     md.get("x-fulcrum-cache")
@@ -149,6 +152,138 @@ async fn repeated_requests_are_answered_from_the_cache() {
         Some(2.0)
     );
     assert_eq!(sample("fulcrum_router_cache_entries ").await, Some(4.0));
+}
+
+/// Sends `req` with a `grpc-timeout` header (not tonic's own timer, so the router's answer is
+/// what the caller sees) and says how it ended: the cache header, or the error.
+async fn call_with_deadline(
+    mut c: GrpcInferenceServiceClient<Channel>,
+    req: ModelInferRequest,
+    timeout: &'static str,
+) -> Result<(String, ModelInferRequest, ModelInferResponse), tonic::Status> {
+    let mut r = tonic::Request::new(req.clone());
+    r.metadata_mut()
+        .insert("grpc-timeout", timeout.parse().unwrap());
+    let resp = c.model_infer(r).await?;
+    let how = cache_header(resp.metadata()).unwrap_or_default();
+    Ok((how, req, resp.into_inner()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identical_calls_in_flight_reach_the_node_once() {
+    // Every call takes 2 s at the node: identical calls sent meanwhile find the first in flight.
+    let stack::OneNode {
+        node,
+        mut admin,
+        cp,
+        etcd: _etcd,
+    } = stack::one_node(
+        NodeSimConfig {
+            service_time: ServiceTime::Constant(Duration::from_secs(2)),
+            slots: 16,
+            ..Default::default()
+        },
+        16,
+    )
+    .await;
+    let policy = ModelPolicy {
+        model: "echo".into(),
+        cache_ttl_ms: 60_000,
+        ..Default::default()
+    };
+    admin.set_model_policy(policy.clone()).await.unwrap();
+    let (router, metrics) = stack::router_with_metrics("a", cp.addr).await;
+    wait_ready(router.addr).await;
+    stack::wait_policies_applied(&admin, &[policy]).await;
+    let c = oip(router.addr).await;
+    let controls = node.controls();
+    let node_has = |n: u64| {
+        let controls = controls.clone();
+        async move { (controls.in_flight() == n).then_some(()) }
+    };
+    let before = controls.calls();
+
+    // The first call goes to the node; seven identical ones (other ids) sent while it is there
+    // wait for its answer and get it with their own ids; one whose deadline is shorter than
+    // the wait is told so.
+    let first = tokio::spawn(call_with_deadline(
+        c.clone(),
+        with_id("first", &[1.0, 2.0]),
+        "10S",
+    ));
+    eventually(
+        "the first call reaches the node",
+        Duration::from_secs(10),
+        || node_has(1),
+    )
+    .await;
+    let others: Vec<_> = (0..7)
+        .map(|i| {
+            let req = with_id(&format!("other-{i}"), &[1.0, 2.0]);
+            tokio::spawn(call_with_deadline(c.clone(), req, "10S"))
+        })
+        .collect();
+    let short = call_with_deadline(c.clone(), with_id("short", &[1.0, 2.0]), "300m")
+        .await
+        .unwrap_err();
+    assert_eq!(short.code(), Code::DeadlineExceeded, "{short:?}");
+    assert!(
+        short.message().contains("identical call"),
+        "{}",
+        short.message()
+    );
+    let (how, req, resp) = first.await.unwrap().unwrap();
+    assert_eq!(how, "miss");
+    assert_echoed(&req, &resp);
+    for o in others {
+        let (how, req, resp) = o.await.unwrap().unwrap();
+        assert_eq!(how, "coalesced");
+        assert_eq!(resp.id, req.id);
+        assert_echoed(&req, &resp);
+    }
+    assert_eq!(
+        controls.calls() - before,
+        1,
+        "identical calls reached the node"
+    );
+
+    // A first call that gives up (its own deadline, shorter than the node's 2 s) hands over:
+    // one of the calls waiting goes to the node for the others.
+    let quitter = tokio::spawn(call_with_deadline(
+        c.clone(),
+        with_id("quitter", &[3.0]),
+        "1S",
+    ));
+    eventually(
+        "the quitter reaches the node",
+        Duration::from_secs(10),
+        || node_has(1),
+    )
+    .await;
+    let waiting: Vec<_> = (0..4)
+        .map(|i| {
+            let req = with_id(&format!("waiting-{i}"), &[3.0]);
+            tokio::spawn(call_with_deadline(c.clone(), req, "20S"))
+        })
+        .collect();
+    let err = quitter.await.unwrap().unwrap_err();
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+    let mut hows = Vec::new();
+    for w in waiting {
+        let (how, req, resp) = w.await.unwrap().unwrap();
+        assert_echoed(&req, &resp);
+        hows.push(how);
+    }
+    hows.sort();
+    assert_eq!(hows, ["coalesced", "coalesced", "coalesced", "miss"]);
+    assert_eq!(controls.calls() - before, 3);
+
+    let sample = |name: &'static str| metric(metrics, name);
+    assert_eq!(
+        sample("fulcrum_router_cache_coalesced_total{model=\"echo\"}").await,
+        Some(10.0)
+    );
+    assert_eq!(sample("fulcrum_router_cache_in_flight ").await, Some(0.0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

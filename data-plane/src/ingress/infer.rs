@@ -39,7 +39,8 @@ use tower::Service;
 
 use super::forward::Sequence;
 use super::oip::OipService;
-use super::{fallback, forward};
+use super::{deadline, fallback, forward};
+use crate::cache::{Followed, Leader, Lookup};
 use crate::error::RouteError;
 use crate::metrics::ModelStats;
 use crate::priority::Priority;
@@ -240,21 +241,25 @@ pub fn canary_of(
 async fn serve(
     state: &RouterState,
     started: Instant,
-    metadata: MetadataMap,
+    mut metadata: MetadataMap,
     raw: RawInferRequest,
 ) -> Result<Response<Bytes>, Status> {
     let sequence = sequence_of(&raw.message);
     // A request of a sequence is never cached: its answer depends on the sequence's state.
     let cached = match sequence {
-        None => cached(state, &raw.message, &metadata)?,
+        None => cached(state, started, &raw.message, &mut metadata).await?,
         Some(_) => None,
     };
-    if let Some(Cached::Hit(answer, stats)) = cached {
-        stats.answered(tonic::Code::Ok, started.elapsed());
-        let mut response = Response::new(answer);
-        mark(&mut response, "hit");
-        return Ok(response);
-    }
+    let leader = match cached {
+        Some(Cached::Hit { answer, stats, how }) => {
+            stats.answered(tonic::Code::Ok, started.elapsed());
+            let mut response = Response::new(answer);
+            mark(&mut response, how);
+            return Ok(response);
+        }
+        Some(Cached::Lead(leader, ttl)) => Some((leader, ttl)),
+        None => None,
+    };
     let model = raw.message.model_name;
     let max_size = state.max_message_size;
     let mut answer = fallback::unary(
@@ -267,12 +272,18 @@ async fn serve(
         |node, r| to_node(node, r, max_size),
     )
     .await;
-    if let (Some(Cached::Miss(key, ttl)), Ok(response)) = (cached, &mut answer)
-        // An answer from the fallback model is not this model's.
-        && !response.metadata().contains_key(fallback::FALLBACK_HEADER)
-        && state.cache.insert(key, response.get_ref().clone(), ttl)
-    {
-        mark(response, "miss");
+    if let Some((leader, ttl)) = leader {
+        match &mut answer {
+            // An answer from the fallback model is not this model's.
+            Ok(response) if !response.metadata().contains_key(fallback::FALLBACK_HEADER) => {
+                if leader.answered(response.get_ref().clone(), ttl) {
+                    mark(response, "miss");
+                }
+            }
+            // This call's own deadline, which an identical call waiting may not share.
+            Err(status) if status.code() == tonic::Code::DeadlineExceeded => leader.abandoned(),
+            _ => leader.not_shared(),
+        }
     }
     answer
 }
@@ -292,36 +303,100 @@ fn to_node(
     }
 }
 
-/// What the response cache says of a call.
-enum Cached {
-    /// The answer, as this call gets it, and the model's counters.
-    Hit(Bytes, Arc<ModelStats>),
-    /// Not held: the key to keep the answer under, and for how long.
-    Miss(u128, Duration),
+/// What the response cache does for a call of a model that caches answers.
+enum Cached<'a> {
+    /// Answered without a node: from the cache (`how` is `hit`), or with the answer of an
+    /// identical call it waited for (`coalesced`); and the model's counters.
+    Hit {
+        answer: Bytes,
+        stats: Arc<ModelStats>,
+        how: &'static str,
+    },
+    /// Not held: this call goes to a node, for identical calls too, and its answer is kept for
+    /// the model's TTL.
+    Lead(Leader<'a>, Duration),
 }
 
-/// Looks the call up in the response cache, when its model caches answers. A hit is still a
-/// call: a priority that is not one is refused as it would be otherwise.
-fn cached(
-    state: &RouterState,
+/// Looks the call up in the response cache, when its model caches answers: a hit, the lead
+/// (this call goes to a node for identical calls too), or, after waiting for an identical call
+/// whose outcome was not one to share, `None` (the call goes to a node alone). A hit is still a
+/// call: a priority that is not one is refused as it would be otherwise. A call that waited
+/// passes on what is left of its deadline (`metadata`'s `grpc-timeout`).
+async fn cached<'a>(
+    state: &'a RouterState,
+    started: Instant,
     message: &ModelInferRequest,
-    metadata: &MetadataMap,
-) -> Result<Option<Cached>, Status> {
-    let table = state.table.load();
-    let Some(route) = table.models.get(&message.model_name) else {
-        return Ok(None);
+    metadata: &mut MetadataMap,
+) -> Result<Option<Cached<'a>>, Status> {
+    let (spec, stats, budget) = {
+        let table = state.table.load();
+        let Some(route) = table.models.get(&message.model_name) else {
+            return Ok(None);
+        };
+        let Some(spec) = &route.settings.cache else {
+            return Ok(None);
+        };
+        Priority::of(metadata.as_ref(), route.settings.priority)?;
+        let budget = deadline::budget(metadata, route.settings.timeout);
+        (spec.clone(), route.state.stats.clone(), budget)
     };
-    let Some(spec) = &route.settings.cache else {
-        return Ok(None);
-    };
-    Priority::of(metadata.as_ref(), route.settings.priority)?;
-    let key = state.cache.key(spec, message, metadata.as_ref());
-    let hit = state.cache.get(key, &message.id);
-    route.state.stats.cache_lookup(hit.is_some());
-    Ok(Some(match hit {
-        Some(answer) => Cached::Hit(answer, route.state.stats.clone()),
-        None => Cached::Miss(key, spec.ttl),
-    }))
+    let key = state.cache.key(&spec, message, metadata.as_ref());
+    let mut waited = false;
+    loop {
+        let lookup = state.cache.lookup(key, &message.id);
+        if !waited {
+            stats.cache_lookup(matches!(lookup, Lookup::Hit(_)));
+        }
+        let follower = match lookup {
+            Lookup::Hit(answer) => {
+                // After a wait, the answer kept is the identical call's.
+                let how = if waited {
+                    stats.cache_coalesced();
+                    "coalesced"
+                } else {
+                    "hit"
+                };
+                return Ok(Some(Cached::Hit { answer, stats, how }));
+            }
+            Lookup::Lead(leader) => {
+                if waited {
+                    pass_on_remaining(metadata, started, budget);
+                }
+                return Ok(Some(Cached::Lead(leader, spec.ttl)));
+            }
+            Lookup::Follow(follower) => follower,
+        };
+        waited = true;
+        let Ok(followed) =
+            tokio::time::timeout_at(started + budget, follower.wait(&message.id)).await
+        else {
+            stats.answered(tonic::Code::DeadlineExceeded, started.elapsed());
+            return Err(RouteError::DeadlineWaitingForIdentical { budget }.into());
+        };
+        match followed {
+            Followed::Answer(answer) => {
+                stats.cache_coalesced();
+                return Ok(Some(Cached::Hit {
+                    answer,
+                    stats,
+                    how: "coalesced",
+                }));
+            }
+            Followed::CallAlone => {
+                pass_on_remaining(metadata, started, budget);
+                return Ok(None);
+            }
+            Followed::LookAgain => {}
+        }
+    }
+}
+
+/// Sets `metadata`'s deadline to what is left of `budget`, so that a call that waited for an
+/// identical one does not start its own with the whole of it.
+fn pass_on_remaining(metadata: &mut MetadataMap, started: Instant, budget: Duration) {
+    let left = budget.saturating_sub(started.elapsed());
+    // `deadline::budget` takes the margin off again.
+    forward::set_grpc_timeout(metadata, left + deadline::DEADLINE_MARGIN);
 }
 
 /// Says in the response headers where the answer came from ([`crate::cache::CACHE_HEADER`]).
