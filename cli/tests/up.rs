@@ -256,6 +256,8 @@ fn up_serves_both_regions_and_fails_over_on_drain() {
         "x-tenant",
     ]);
     assert!(out.contains("cache=\"30000ms per x-tenant\""), "{out}");
+    let out = policy(&["flush-cache", "echo"]);
+    assert!(out.contains("echo: cached answers flushed"), "{out}");
     let out = policy(&[
         "set",
         "echo",
@@ -267,6 +269,24 @@ fn up_serves_both_regions_and_fails_over_on_drain() {
         "x-user",
     ]);
     assert!(out.contains("canary=\"echo-next 10% by x-user\""), "{out}");
+    // That policy caches nothing: there is nothing to flush.
+    let refused = Command::new(BIN)
+        .args([
+            "ctl",
+            "--control",
+            &control,
+            "policy",
+            "flush-cache",
+            "echo",
+        ])
+        .output()
+        .expect("run fulcrum");
+    assert!(
+        !refused.status.success(),
+        "flushed a model that caches nothing"
+    );
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("caches no answers"), "{stderr}");
     policy(&["clear", "echo"]);
 
     for id in ["a-1", "a-2", "a-3"] {

@@ -217,9 +217,19 @@ impl Admin for AdminService {
         &self,
         request: Request<ModelPolicy>,
     ) -> Result<Response<ModelPolicy>, Status> {
-        let policy = request.into_inner();
-        policies::set(self.store.as_ref(), &policy).await?;
+        let policy = policies::set(self.store.as_ref(), &request.into_inner()).await?;
         tracing::info!(model = %policy.model, ?policy, "model policy set");
+        self.changed.notify_one();
+        Ok(Response::new(policy))
+    }
+
+    async fn flush_model_cache(
+        &self,
+        request: Request<GetModelPolicyRequest>,
+    ) -> Result<Response<ModelPolicy>, Status> {
+        let model = request.into_inner().model;
+        let policy = policies::flush_cache(self.store.as_ref(), &model).await?;
+        tracing::info!(model = %model, epoch = policy.cache_epoch, "model's cached answers flushed");
         self.changed.notify_one();
         Ok(Response::new(policy))
     }

@@ -55,6 +55,9 @@ pub enum Error {
     /// No policy is set for this model.
     #[error("no policy is set for model {0:?}")]
     PolicyNotFound(String),
+    /// The model's policy caches no answers, so there are none to flush.
+    #[error("model {0:?}'s policy caches no answers (cache_ttl_ms is 0): nothing to flush")]
+    NotCaching(String),
     /// A concurrent writer changed the same key; the caller may retry.
     #[error("concurrent update of {0}; retry")]
     Conflict(String),
@@ -86,6 +89,7 @@ impl From<Error> for Status {
             | Error::RegionNotFound(_)
             | Error::RouterNotFound(_) => Status::not_found(msg),
             Error::Conflict(_) => Status::aborted(msg),
+            Error::NotCaching(_) => Status::failed_precondition(msg),
             // A lease that expired under a registration: the store was out of reach too long.
             Error::Store(StoreError::Unavailable(_) | StoreError::LeaseNotFound(_)) => {
                 Status::unavailable(msg)

@@ -176,12 +176,93 @@ fn http_header_name_invalid(name: &str) -> bool {
         || name.starts_with(':')
 }
 
-/// Stores a policy (replacing the previous one).
-pub async fn set(store: &dyn Store, p: &ModelPolicy) -> Result<i64, Error> {
+/// Times a read-modify-write of a policy is tried when concurrent writers keep changing it:
+/// operators' commands, so a conflict is rare and two or three tries settle it; past this many
+/// the caller is told to retry (ABORTED) rather than kept waiting.
+const WRITE_TRIES: usize = 8;
+
+/// Stores a policy (replacing the previous one) and returns it as stored: with the cache epoch
+/// the control plane keeps ([`ModelPolicy::cache_epoch`]; a value sent is ignored). A policy
+/// that caches keeps the stored policy's epoch when that one cached too, else gets a new one,
+/// so answers cached under an earlier policy (one deleted since, say) are never served again.
+pub async fn set(store: &dyn Store, p: &ModelPolicy) -> Result<ModelPolicy, Error> {
     validate(p)?;
-    Ok(store
-        .put(&keys::policy(&p.model), p.encode_to_vec())
-        .await?)
+    update(store, &p.model, |old| {
+        let cache_epoch = match old {
+            _ if p.cache_ttl_ms == 0 => 0,
+            Some(o) if o.cache_ttl_ms > 0 => o.cache_epoch,
+            Some(o) => new_epoch(o.cache_epoch),
+            None => new_epoch(0),
+        };
+        Ok(ModelPolicy {
+            cache_epoch,
+            ..p.clone()
+        })
+    })
+    .await
+}
+
+/// Gives a caching model's policy a new cache epoch: every router's cached answers of it go
+/// stale. NOT_FOUND without a policy, FAILED_PRECONDITION when it caches nothing; returns the
+/// policy as stored.
+pub async fn flush_cache(store: &dyn Store, model: &str) -> Result<ModelPolicy, Error> {
+    if model.is_empty() {
+        return Err(Error::InvalidArgument(
+            "name the model whose cached answers to flush".into(),
+        ));
+    }
+    update(store, model, |old| match old {
+        None => Err(Error::PolicyNotFound(model.to_owned())),
+        Some(o) if o.cache_ttl_ms == 0 => Err(Error::NotCaching(model.to_owned())),
+        Some(o) => Ok(ModelPolicy {
+            cache_epoch: new_epoch(o.cache_epoch),
+            ..o.clone()
+        }),
+    })
+    .await
+}
+
+/// A cache epoch newer than `old`: the control plane's clock in Unix milliseconds, so that a
+/// policy deleted and set again does not start over at an epoch it had before; one more than
+/// `old` if the clock is behind it.
+fn new_epoch(old: u64) -> u64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    now.max(old.saturating_add(1))
+}
+
+/// Writes `model`'s policy as `change` makes it from the stored one, if the stored one is
+/// still what `change` saw (compare-and-put), trying again when a concurrent writer won.
+async fn update<F>(store: &dyn Store, model: &str, change: F) -> Result<ModelPolicy, Error>
+where
+    F: Fn(Option<&ModelPolicy>) -> Result<ModelPolicy, Error>,
+{
+    let key = keys::policy(model);
+    for _ in 0..WRITE_TRIES {
+        let current = store.get(&key).await?;
+        let (expected, old) = match &current {
+            Some(kv) => (
+                kv.mod_revision,
+                Some(
+                    ModelPolicy::decode(kv.value.as_slice()).map_err(|source| Error::Decode {
+                        key: key.clone(),
+                        source,
+                    })?,
+                ),
+            ),
+            None => (0, None),
+        };
+        let new = change(old.as_ref())?;
+        if store
+            .compare_and_put(&key, expected, new.encode_to_vec())
+            .await?
+            .is_some()
+        {
+            return Ok(new);
+        }
+    }
+    Err(Error::Conflict(format!("model {model:?}'s policy")))
 }
 
 /// One model's policy; NOT_FOUND when none is set.
@@ -224,6 +305,18 @@ mod tests {
             model: model.into(),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_new_cache_epoch_is_newer_than_the_old_one_whatever_the_clock() {
+        let now = new_epoch(0);
+        assert!(
+            now > 1_700_000_000_000,
+            "{now}: the clock in Unix milliseconds"
+        );
+        // An epoch ahead of the clock (a clock set back) is still passed.
+        assert_eq!(new_epoch(now + 10_000), now + 10_001);
+        assert_eq!(new_epoch(u64::MAX), u64::MAX);
     }
 
     #[test]

@@ -67,15 +67,27 @@ pub struct CacheSpec {
     pub ttl: Duration,
     /// The request header whose value is part of the key (lowercase), if any.
     pub key_header: Option<String>,
+    /// The policy's cache epoch, part of the key: a flush ([`ModelPolicy`]'s `cache_epoch`,
+    /// changed by the control plane) makes every answer kept under the old one unreachable at
+    /// once; moka lets them age out.
+    ///
+    /// [`ModelPolicy`]: fulcrum_proto::fulcrum::v1::ModelPolicy
+    pub epoch: u64,
 }
 
 impl CacheSpec {
     /// The caching a policy sets, if any: `None` for a TTL of 0, or for a model with side
     /// effects (the control plane refuses that policy; a router does not trust it).
-    pub fn from_policy(ttl_ms: u32, key_header: &str, idempotent: bool) -> Option<Self> {
+    pub fn from_policy(
+        ttl_ms: u32,
+        key_header: &str,
+        idempotent: bool,
+        epoch: u64,
+    ) -> Option<Self> {
         (ttl_ms > 0 && idempotent).then(|| Self {
             ttl: Duration::from_millis(u64::from(ttl_ms)),
             key_header: (!key_header.is_empty()).then(|| key_header.to_ascii_lowercase()),
+            epoch,
         })
     }
 }
@@ -253,6 +265,7 @@ impl ResponseCache {
         };
         piece(request.model_name.as_bytes());
         piece(request.model_version.as_bytes());
+        piece(&spec.epoch.to_le_bytes());
         match spec.key_header.as_deref().map(|name| headers.get_all(name)) {
             Some(values) => {
                 for v in values {
@@ -386,6 +399,7 @@ mod tests {
         CacheSpec {
             ttl: Duration::from_secs(60),
             key_header: key_header.map(str::to_owned),
+            epoch: 1,
         }
     }
 
@@ -419,6 +433,12 @@ mod tests {
         let mut split = a.clone();
         split.raw_input_contents = vec![Bytes::from_static(&[1]), Bytes::from_static(&[2, 3])];
         assert_ne!(key(&a), key(&split));
+        // A flushed policy (a new epoch): other digests.
+        let flushed = CacheSpec {
+            epoch: 2,
+            ..spec(None)
+        };
+        assert_ne!(key(&a), cache.key(&flushed, &a, &none));
         // Another router (another random key): other digests.
         assert_ne!(
             key(&a),
@@ -593,9 +613,10 @@ mod tests {
 
     #[test]
     fn caching_is_off_for_a_ttl_of_zero_and_for_models_with_side_effects() {
-        assert_eq!(CacheSpec::from_policy(0, "", true), None);
-        assert_eq!(CacheSpec::from_policy(1000, "", false), None);
-        let s = CacheSpec::from_policy(1000, "X-Tenant", true).unwrap();
+        assert_eq!(CacheSpec::from_policy(0, "", true, 1), None);
+        assert_eq!(CacheSpec::from_policy(1000, "", false, 1), None);
+        let s = CacheSpec::from_policy(1000, "X-Tenant", true, 7).unwrap();
+        assert_eq!(s.epoch, 7);
         assert_eq!(s.ttl, Duration::from_secs(1));
         assert_eq!(s.key_header.as_deref(), Some("x-tenant"));
     }

@@ -117,7 +117,12 @@ impl ModelSettings {
             ),
             fallback: (!p.fallback_model.is_empty() && p.fallback_model != p.model)
                 .then(|| p.fallback_model.clone()),
-            cache: CacheSpec::from_policy(p.cache_ttl_ms, &p.cache_key_header, !p.not_idempotent),
+            cache: CacheSpec::from_policy(
+                p.cache_ttl_ms,
+                &p.cache_key_header,
+                !p.not_idempotent,
+                p.cache_epoch,
+            ),
             canary: Canary::from_policy(
                 &p.model,
                 &p.canary_model,

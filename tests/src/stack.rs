@@ -297,8 +297,21 @@ pub async fn wait_ready(addr: SocketAddr) {
 /// `policies` as it is (a policy just set, say) and every router has applied that table.
 ///
 /// It looks for the policies themselves, not just for a newer version: a node's health or load
-/// can bump the version before the store's watch brings the policy to the control loop.
+/// can bump the version before the store's watch brings the policy to the control loop. A
+/// policy's `cache_epoch` is the control plane's to set: one of 0 matches any (a policy as the
+/// caller sent it), another only itself (a policy as `SetModelPolicy` or `FlushModelCache`
+/// returned it).
 pub async fn wait_policies_applied(admin: &AdminClient<Channel>, policies: &[ModelPolicy]) {
+    let carries = |table: &[ModelPolicy], p: &ModelPolicy| {
+        table.iter().any(|t| {
+            t == p
+                || (p.cache_epoch == 0
+                    && ModelPolicy {
+                        cache_epoch: 0,
+                        ..t.clone()
+                    } == *p)
+        })
+    };
     crate::eventually(
         "the routers applied a table with the policies",
         Duration::from_secs(20),
@@ -306,7 +319,7 @@ pub async fn wait_policies_applied(admin: &AdminClient<Channel>, policies: &[Mod
             let mut a = admin.clone();
             async move {
                 let table = a.get_routing(GetRoutingRequest {}).await.ok()?.into_inner();
-                if !policies.iter().all(|p| table.policies.contains(p)) {
+                if !policies.iter().all(|p| carries(&table.policies, p)) {
                     return None;
                 }
                 let s = a.get_status(GetStatusRequest {}).await.ok()?.into_inner();

@@ -335,6 +335,132 @@ async fn a_key_header_keeps_callers_apart_and_entries_expire() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flushing_a_models_cache_makes_its_answers_stale() {
+    let stack::OneNode {
+        node,
+        mut admin,
+        cp,
+        etcd: _etcd,
+    } = stack::one_node(NodeSimConfig::default(), 4).await;
+    let policy = ModelPolicy {
+        model: "echo".into(),
+        cache_ttl_ms: 60_000,
+        // Not the caller's to set: ignored.
+        cache_epoch: 3,
+        ..Default::default()
+    };
+    let stored = admin
+        .set_model_policy(policy.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(stored.cache_epoch > 3, "{stored:?}");
+    let router = stack::router("a", cp.addr, None).await;
+    wait_ready(router.addr).await;
+    stack::wait_policies_applied(&admin, std::slice::from_ref(&stored)).await;
+    let c = oip(router.addr).await;
+    let call = |value: f32| {
+        let mut c = c.clone();
+        async move {
+            let resp = c.model_infer(echo_request("echo", &[value])).await.unwrap();
+            cache_header(resp.metadata()).unwrap_or_default()
+        }
+    };
+    assert_eq!(call(1.0).await, "miss");
+    assert_eq!(call(1.0).await, "hit");
+
+    // Setting the policy again (another TTL) keeps its epoch, and the answers kept.
+    let again = admin
+        .set_model_policy(ModelPolicy {
+            cache_ttl_ms: 120_000,
+            ..policy.clone()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.cache_epoch, stored.cache_epoch);
+    stack::wait_policies_applied(&admin, std::slice::from_ref(&again)).await;
+    assert_eq!(call(1.0).await, "hit");
+    assert_eq!(node.controls().calls(), 1);
+
+    // A flush: a newer epoch, nothing else changed; the next call reaches the node.
+    let flushed = admin
+        .flush_model_cache(GetModelPolicyRequest {
+            model: "echo".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(flushed.cache_epoch > again.cache_epoch, "{flushed:?}");
+    assert_eq!(
+        ModelPolicy {
+            cache_epoch: again.cache_epoch,
+            ..flushed.clone()
+        },
+        again
+    );
+    stack::wait_policies_applied(&admin, std::slice::from_ref(&flushed)).await;
+    assert_eq!(call(1.0).await, "miss");
+    assert_eq!(call(1.0).await, "hit");
+    assert_eq!(node.controls().calls(), 2);
+
+    // Deleted and set again: an epoch newer still, never one it had before.
+    admin
+        .delete_model_policy(GetModelPolicyRequest {
+            model: "echo".into(),
+        })
+        .await
+        .unwrap();
+    let recreated = admin
+        .set_model_policy(policy.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(recreated.cache_epoch > flushed.cache_epoch, "{recreated:?}");
+    stack::wait_policies_applied(&admin, std::slice::from_ref(&recreated)).await;
+    assert_eq!(call(1.0).await, "miss");
+
+    // Bad flushes are refused, saying why, and change nothing.
+    let plain = admin
+        .set_model_policy(ModelPolicy {
+            model: "plain".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(plain.cache_epoch, 0);
+    for (model, code, says) in [
+        ("plain", Code::FailedPrecondition, "caches no answers"),
+        (
+            "ghost",
+            Code::NotFound,
+            "no policy is set for model \"ghost\"",
+        ),
+        ("", Code::InvalidArgument, "name the model"),
+    ] {
+        let err = admin
+            .flush_model_cache(GetModelPolicyRequest {
+                model: model.into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), code, "{err:?}");
+        assert!(err.message().contains(says), "{}", err.message());
+    }
+    for (model, want) in [("plain", &plain), ("echo", &recreated)] {
+        let kept = admin
+            .get_model_policy(GetModelPolicyRequest {
+                model: model.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(&kept, want);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_caching_policies_are_refused_and_change_nothing() {
     let stack::OneNode {
         mut admin,
@@ -347,7 +473,7 @@ async fn bad_caching_policies_are_refused_and_change_nothing() {
         cache_ttl_ms: 1_000,
         ..Default::default()
     };
-    admin.set_model_policy(good.clone()).await.unwrap();
+    let good = admin.set_model_policy(good).await.unwrap().into_inner();
     for (bad, says) in [
         (
             ModelPolicy {

@@ -258,6 +258,12 @@ enum PolicyCommand {
         /// Model name.
         model: String,
     },
+    /// Make every router's cached answers of a model stale, as after updating the model in
+    /// place: its next calls reach nodes.
+    FlushCache {
+        /// Model name.
+        model: String,
+    },
 }
 
 fn millis(d: Option<std::time::Duration>) -> anyhow::Result<u32> {
@@ -429,6 +435,8 @@ async fn policy(admin: &mut Admin, command: PolicyCommand) -> anyhow::Result<()>
                 canary_model,
                 canary_percent,
                 canary_key_header: canary_key,
+                // The control plane's to set.
+                cache_epoch: 0,
             };
             let p = admin
                 .set_model_policy(p)
@@ -445,6 +453,18 @@ async fn policy(admin: &mut Admin, command: PolicyCommand) -> anyhow::Result<()>
                 .await
                 .map_err(status_error)?;
             outln!("{model}: policy removed, defaults apply");
+        }
+        PolicyCommand::FlushCache { model } => {
+            let p = admin
+                .flush_model_cache(GetModelPolicyRequest { model })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            outln!(
+                "{}: cached answers flushed (cache epoch {}); the next calls reach nodes",
+                p.model,
+                p.cache_epoch
+            );
         }
     }
     Ok(())
