@@ -34,7 +34,9 @@
 //!   waits at most its own deadline. When the first call's outcome is not one to share (an
 //!   error, a fallback's answer), each waiting call goes to a node itself, as it would have; when
 //!   the first call gave up for reasons of its own (its caller left, its deadline ran out), one
-//!   of the waiting calls goes to a node for the others.
+//!   of the waiting calls goes to a node for the others. A call never waits for one of lower
+//!   priority (it would wait behind it in the router's queue, and be shed with it): it goes to
+//!   a node itself.
 
 use std::collections::HashMap;
 use std::hash::Hasher;
@@ -47,6 +49,8 @@ use http::HeaderMap;
 use prost::Message;
 use siphasher::sip128::{Hasher128, SipHasher13};
 use tokio::sync::watch;
+
+use crate::priority::Priority;
 
 /// Default size of a router's response cache, in bytes: 256 MiB, a small share of an inference
 /// host's memory that still holds tens of thousands of typical answers (kilobytes each).
@@ -118,7 +122,7 @@ pub struct ResponseCache {
     /// Why not moka's `get_with` (which also merges concurrent loads): its loader's outcome is
     /// the entry, while here the waiting calls must also learn of outcomes that are not kept
     /// (errors, fallback answers, answers too large) and of a first call that gave up.
-    flights: Mutex<HashMap<u128, watch::Receiver<Flight>>>,
+    flights: Mutex<HashMap<u128, (watch::Receiver<Flight>, Priority)>>,
 }
 
 /// Where a miss that identical calls wait on stands.
@@ -146,6 +150,10 @@ pub enum Lookup<'a> {
     Lead(Leader<'a>),
     /// An identical call is on its way to a node: wait for its outcome ([`Follower::wait`]).
     Follow(Follower),
+    /// An identical call is on its way to a node, but of a lower priority than this call,
+    /// which would wait behind it in the router's queue (and be shed with it): go to a node
+    /// alone.
+    Overtake,
 }
 
 /// The call that goes to a node for identical calls too. Dropped without an outcome (its
@@ -304,14 +312,17 @@ impl ResponseCache {
     }
 
     /// The answer kept for `key` (as the caller whose request has `id` gets it), else the
-    /// identical call on its way to a node to wait for, else the lead: this call goes to a node
-    /// for identical calls too.
-    pub fn lookup(&self, key: u128, id: &str) -> Lookup<'_> {
+    /// identical call on its way to a node to wait for (unless it is of a lower priority than
+    /// this call's), else the lead: this call goes to a node for identical calls too.
+    pub fn lookup(&self, key: u128, id: &str, priority: Priority) -> Lookup<'_> {
         if let Some(hit) = self.get(key, id) {
             return Lookup::Hit(hit);
         }
         let mut flights = self.flights();
-        if let Some(rx) = flights.get(&key) {
+        if let Some((rx, leader)) = flights.get(&key) {
+            if *leader < priority {
+                return Lookup::Overtake;
+            }
             return Lookup::Follow(Follower { rx: rx.clone() });
         }
         // A leader keeps its answer before it ends its flight: one that ended since the look-up
@@ -320,7 +331,7 @@ impl ResponseCache {
             return Lookup::Hit(hit);
         }
         let (tx, rx) = watch::channel(Flight::Pending);
-        flights.insert(key, rx);
+        flights.insert(key, (rx, priority));
         Lookup::Lead(Leader {
             cache: self,
             key,
@@ -333,7 +344,7 @@ impl ResponseCache {
         self.flights().len()
     }
 
-    fn flights(&self) -> MutexGuard<'_, HashMap<u128, watch::Receiver<Flight>>> {
+    fn flights(&self) -> MutexGuard<'_, HashMap<u128, (watch::Receiver<Flight>, Priority)>> {
         // The map is consistent whenever a holder panics: each change is one insert or remove.
         self.flights.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -524,14 +535,14 @@ mod tests {
     }
 
     fn lead<'a>(cache: &'a ResponseCache, key: u128, id: &str) -> Leader<'a> {
-        match cache.lookup(key, id) {
+        match cache.lookup(key, id, Priority::Normal) {
             Lookup::Lead(l) => l,
             other => panic!("expected the lead, got {other:?}"),
         }
     }
 
     fn follow(cache: &ResponseCache, key: u128, id: &str) -> Follower {
-        match cache.lookup(key, id) {
+        match cache.lookup(key, id, Priority::Normal) {
             Lookup::Follow(f) => f,
             other => panic!("expected to follow, got {other:?}"),
         }
@@ -564,10 +575,30 @@ mod tests {
         }
         assert_eq!(cache.in_flight(), 0);
         // And it was kept: the next identical call is a hit.
-        match cache.lookup(5, "fourth") {
+        match cache.lookup(5, "fourth", Priority::Normal) {
             Lookup::Hit(a) => assert_eq!(id_of(&a), "fourth"),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[tokio::test]
+    async fn a_call_does_not_wait_behind_an_identical_call_of_lower_priority() {
+        let cache = ResponseCache::default();
+        let leader = match cache.lookup(4, "a", Priority::Normal) {
+            Lookup::Lead(l) => l,
+            other => panic!("{other:?}"),
+        };
+        assert!(matches!(
+            cache.lookup(4, "b", Priority::Critical),
+            Lookup::Overtake
+        ));
+        for p in [Priority::Normal, Priority::Sheddable] {
+            assert!(
+                matches!(cache.lookup(4, "c", p), Lookup::Follow(_)),
+                "{p:?}"
+            );
+        }
+        drop(leader);
     }
 
     #[tokio::test]

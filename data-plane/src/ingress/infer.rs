@@ -328,7 +328,7 @@ async fn cached<'a>(
     message: &ModelInferRequest,
     metadata: &mut MetadataMap,
 ) -> Result<Option<Cached<'a>>, Status> {
-    let (spec, stats, budget) = {
+    let (spec, stats, budget, priority) = {
         let table = state.table.load();
         let Some(route) = table.models.get(&message.model_name) else {
             return Ok(None);
@@ -336,14 +336,14 @@ async fn cached<'a>(
         let Some(spec) = &route.settings.cache else {
             return Ok(None);
         };
-        Priority::of(metadata.as_ref(), route.settings.priority)?;
+        let priority = Priority::of(metadata.as_ref(), route.settings.priority)?;
         let budget = deadline::budget(metadata, route.settings.timeout);
-        (spec.clone(), route.state.stats.clone(), budget)
+        (spec.clone(), route.state.stats.clone(), budget, priority)
     };
     let key = state.cache.key(&spec, message, metadata.as_ref());
     let mut waited = false;
     loop {
-        let lookup = state.cache.lookup(key, &message.id);
+        let lookup = state.cache.lookup(key, &message.id, priority);
         if !waited {
             stats.cache_lookup(matches!(lookup, Lookup::Hit(_)));
         }
@@ -365,6 +365,12 @@ async fn cached<'a>(
                 return Ok(Some(Cached::Lead(leader, spec.ttl)));
             }
             Lookup::Follow(follower) => follower,
+            Lookup::Overtake => {
+                if waited {
+                    pass_on_remaining(metadata, started, budget);
+                }
+                return Ok(None);
+            }
         };
         waited = true;
         let Ok(followed) =
