@@ -22,6 +22,13 @@ need_etcd() {
   command -v etcd >/dev/null || [ -x /usr/bin/etcd ] || apt_install etcd-server
 }
 
+# Redis, for the response cache's shared level (tests/tests/shared_cache.rs starts its own on a
+# free port; Debian's package may also start one on 6379 where a service manager runs, which
+# the tests do not use).
+need_redis() {
+  command -v redis-server >/dev/null || apt_install redis-server
+}
+
 # The project-local venv (.venv) with the Python test peers: tritonclient (a stock OIP client)
 # and MLServer (a real OIP server, for tests/tests/mlserver.rs). Quick when they are there: the
 # check imports tritonclient but only looks MLServer up (importing it takes seconds).

@@ -4,7 +4,8 @@
 # MLServer, and PyJWT (to sign caller tokens as the seed article does). behind them).
 #
 # Installs what is missing first: protoc (protobuf-compiler) for the build, etcd (etcd-server)
-# for the end-to-end tests, and a project-local Python venv (.venv) with tritonclient,
+# and Redis (redis-server, the response cache's shared level) for the end-to-end tests, and a
+# project-local Python venv (.venv) with tritonclient,
 # MLServer, and PyJWT (to sign caller tokens as the seed article does).
 # Ends with one summary line over every test binary: "total: N passed, N failed".
 set -euo pipefail
@@ -12,6 +13,7 @@ cd "$(dirname "$0")/.."
 source scripts/lib.sh
 need_protoc
 need_etcd
+need_redis
 need_venv
 export FULCRUM_PYTHON="$PWD/.venv/bin/python"
 log=$(mktemp)

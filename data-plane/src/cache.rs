@@ -166,6 +166,20 @@ pub struct Leader<'a> {
 }
 
 impl Leader<'_> {
+    /// The key of the request this call fetches.
+    pub fn key(&self) -> u128 {
+        self.key
+    }
+
+    /// The answer was found in the shared level ([`crate::shared_cache`]), to live `ttl` more:
+    /// kept here that long (if it fits) and handed to the waiting calls; returns it as this
+    /// call (whose request has `id`) gets it.
+    pub fn found_shared(self, answer: Bytes, ttl: Duration, id: &str) -> Bytes {
+        let mine = with_id(&answer, id);
+        self.answered(answer, ttl);
+        mine
+    }
+
     /// The call was answered: keeps `answer` for `ttl` (if it fits) and hands it to the waiting
     /// calls; says whether it was kept.
     pub fn answered(mut self, answer: Bytes, ttl: Duration) -> bool {
@@ -248,10 +262,18 @@ impl Default for ResponseCache {
 }
 
 impl ResponseCache {
-    /// A cache of at most `bytes` of answers (0: nothing is ever kept).
+    /// A cache of at most `bytes` of answers (0: nothing is ever kept), hashing requests with
+    /// keys of its own, drawn at random.
     pub fn new(bytes: u64) -> Self {
+        Self::with_keys(bytes, (rand::random(), rand::random()))
+    }
+
+    /// A cache of at most `bytes` of answers hashing requests with `keys`: those of the shared
+    /// level ([`crate::shared_cache::keys_from_secret`]), so that routers sharing it agree on
+    /// every key.
+    pub fn with_keys(bytes: u64, keys: (u64, u64)) -> Self {
         Self {
-            keys: (rand::random(), rand::random()),
+            keys,
             entries: moka::sync::Cache::builder()
                 .max_capacity(bytes)
                 .weigher(|_, e: &Entry| u32::try_from(e.answer.len()).unwrap_or(u32::MAX))

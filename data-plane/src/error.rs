@@ -354,3 +354,26 @@ impl From<PeerError> for Status {
         }
     }
 }
+
+/// The response cache's shared level could not be set up ([`crate::shared_cache`]).
+#[derive(Debug, thiserror::Error)]
+pub enum SharedCacheError {
+    /// The Redis URL is not one.
+    #[error("cannot use Redis URL {url}: {reason}")]
+    Url {
+        /// The URL, without its password.
+        url: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The secret is too short to derive keys from.
+    #[error(
+        "the cache secret is {len} bytes; it must be at least {min} (32 random bytes, say: head -c 32 /dev/urandom | base64)"
+    )]
+    ShortSecret {
+        /// Its length.
+        len: usize,
+        /// The shortest accepted.
+        min: usize,
+    },
+}

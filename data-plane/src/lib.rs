@@ -22,6 +22,7 @@
 //!   priority).
 //! - [`rate_limit`]: per-model token buckets, per caller key, on each router.
 //! - [`cache`]: the router's response cache, for the models whose policy asks for one.
+//! - [`shared_cache`]: the response cache's shared level, in Redis (`--cache-redis`).
 //! - [`tasks`]: calls made in the background (submit, then fetch or wait for the answer),
 //!   held by the router that accepted them.
 //! - [`peers`]: other routers (the control plane's directory), asked for the tasks they hold.
@@ -58,6 +59,7 @@ pub mod rate_limit;
 pub mod router;
 pub mod server;
 pub mod shard;
+pub mod shared_cache;
 pub mod subscriber;
 pub mod table;
 pub mod tasks;

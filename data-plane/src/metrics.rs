@@ -16,6 +16,8 @@
 //! | `fulcrum_router_cache_coalesced_total` | model | misses answered with an identical call's answer, waited for while it was in flight |
 //! | `fulcrum_router_cache_entries`, `fulcrum_router_cache_bytes` | | what the response cache holds |
 //! | `fulcrum_router_cache_in_flight` | | misses on their way to a node that identical calls can wait for |
+//! | `fulcrum_router_cache_shared_hits_total` | model | misses answered from the cache's shared level (Redis) |
+//! | `fulcrum_router_cache_shared_lookups_total`, `fulcrum_router_cache_shared_writes_total` | result | the shared level's lookups (`hit`, `miss`, `error`, `skipped`) and writes (`ok`, `error`, `dropped`) |
 //! | `fulcrum_router_canary_total` | model, canary | calls of the model its canary took |
 //! | `fulcrum_router_fallbacks_total` | model, fallback, reason, result | calls the model could not serve, sent to its fallback (`served` there or `failed`) |
 //! | `fulcrum_router_auth_refused_total` | reason | calls refused by the token check (`missing`, `expired`, `bad_signature`, ...) |
@@ -78,6 +80,8 @@ pub struct ModelStats {
     cache_misses: AtomicU64,
     /// Misses answered with the answer of an identical call they waited for.
     cache_coalesced: AtomicU64,
+    /// Misses answered from the cache's shared level.
+    cache_shared_hits: AtomicU64,
     /// Calls the model's canary took.
     canary: AtomicU64,
     /// Calls sent to the model's fallback, by [`Reason::index`], then served (0) or not (1).
@@ -98,6 +102,7 @@ impl Default for ModelStats {
             cache_hits: AtomicU64::new(0),
             cache_misses: AtomicU64::new(0),
             cache_coalesced: AtomicU64::new(0),
+            cache_shared_hits: AtomicU64::new(0),
             canary: AtomicU64::new(0),
             fallbacks: std::array::from_fn(|_| std::array::from_fn(|_| AtomicU64::new(0))),
             buckets: std::array::from_fn(|_| AtomicU64::new(0)),
@@ -146,6 +151,11 @@ impl ModelStats {
     /// A miss was answered with the answer of an identical call it waited for.
     pub fn cache_coalesced(&self) {
         self.cache_coalesced.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A miss was answered from the cache's shared level.
+    pub fn cache_shared_hit(&self) {
+        self.cache_shared_hits.fetch_add(1, Ordering::Relaxed);
     }
 
     /// The model's canary took a call.
@@ -244,6 +254,35 @@ impl Collector for RouterCollector {
             MetricType::Gauge,
             [(vec![], gauge(state.cache.in_flight() as f64))],
         )?;
+        if let Some(shared) = &state.shared_cache {
+            let s = shared.stats();
+            let n = |c: &AtomicU64| counter(c.load(Ordering::Relaxed));
+            family(
+                e,
+                "fulcrum_router_cache_shared_lookups",
+                "Lookups in the cache's shared level (Redis): hit, miss, error (or timeout), skipped (paused after an error)",
+                MetricType::Counter,
+                [
+                    ("hit", &s.hits),
+                    ("miss", &s.misses),
+                    ("error", &s.lookup_errors),
+                    ("skipped", &s.skipped),
+                ]
+                .map(|(result, c)| (vec![("result", result.to_owned())], n(c))),
+            )?;
+            family(
+                e,
+                "fulcrum_router_cache_shared_writes",
+                "Answers written to the cache's shared level: ok, error (or timeout), dropped (too many in flight, or paused)",
+                MetricType::Counter,
+                [
+                    ("ok", &s.writes),
+                    ("error", &s.write_errors),
+                    ("dropped", &s.writes_dropped),
+                ]
+                .map(|(result, c)| (vec![("result", result.to_owned())], n(c))),
+            )?;
+        }
         if let Some(auth) = &state.auth {
             family(
                 e,
@@ -386,6 +425,11 @@ impl Collector for RouterCollector {
                 "fulcrum_router_cache_coalesced",
                 "Misses answered with the answer of an identical call in flight, waited for",
                 |s: &ModelStats| s.cache_coalesced.load(Ordering::Relaxed),
+            ),
+            (
+                "fulcrum_router_cache_shared_hits",
+                "Misses of the router's cache answered from its shared level (Redis)",
+                |s: &ModelStats| s.cache_shared_hits.load(Ordering::Relaxed),
             ),
         ] {
             family(

@@ -67,6 +67,8 @@ pub struct RouterState {
     sequences: moka::sync::Cache<u64, Arc<str>>,
     /// Answers kept for the models whose policy caches them.
     pub cache: crate::cache::ResponseCache,
+    /// The cache's shared level, when the router has one ([`crate::shared_cache`]).
+    pub shared_cache: Option<Arc<crate::shared_cache::SharedCache>>,
     /// Caller authentication, when the router checks tokens ([`crate::auth`]).
     pub auth: Option<Arc<crate::auth::CallerAuth>>,
     /// Calls made in the background for `fulcrum.v1.Tasks` ([`crate::tasks`]).
@@ -90,6 +92,7 @@ impl RouterState {
                 .time_to_idle(SEQUENCE_IDLE)
                 .build(),
             cache: crate::cache::ResponseCache::default(),
+            shared_cache: None,
             auth: None,
             tasks: Arc::new(crate::tasks::TaskStore::new(
                 "router",

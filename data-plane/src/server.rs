@@ -52,6 +52,9 @@ pub struct RouterConfig {
     pub stream_token: Option<String>,
     /// Size of the response cache, in bytes ([`crate::cache`]).
     pub cache_bytes: u64,
+    /// The response cache's shared level, in Redis ([`crate::shared_cache`]); none: each
+    /// router's cache is its own.
+    pub shared_cache: Option<crate::shared_cache::SharedCacheSetup>,
     /// Caller authentication ([`crate::auth`]); none: every call is admitted.
     pub auth: Option<Arc<crate::auth::CallerAuth>>,
     /// Bounds on the calls made in the background ([`crate::tasks`]).
@@ -85,6 +88,7 @@ impl RouterConfig {
             load_view: LoadView::Global,
             stream_token: None,
             cache_bytes: crate::cache::DEFAULT_CACHE_BYTES,
+            shared_cache: None,
             auth: None,
             task_limits: crate::tasks::TaskLimits::default(),
             advertise: None,
@@ -119,7 +123,12 @@ pub async fn serve_with_metrics(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
     let mut state = RouterState::new(config.region.clone(), config.max_message_size);
-    state.cache = crate::cache::ResponseCache::new(config.cache_bytes);
+    state.cache = match &config.shared_cache {
+        // Every router sharing the level hashes requests alike.
+        Some(shared) => crate::cache::ResponseCache::with_keys(config.cache_bytes, shared.keys),
+        None => crate::cache::ResponseCache::new(config.cache_bytes),
+    };
+    state.shared_cache = config.shared_cache.as_ref().map(|s| s.cache.clone());
     state.auth = config.auth.clone();
     state.tasks = Arc::new(crate::tasks::TaskStore::new(
         config.router_id.clone(),

@@ -4,6 +4,7 @@
 //!
 //! Layout:
 //! - [`etcd`]: start, stop and restart an etcd server.
+//! - [`redis`]: start, stop and restart a Redis server (the response cache's shared level).
 //! - [`stack`]: control plane, routers and node-sims wired together.
 //! - [`eventually`]: poll a condition until it holds or a deadline passes.
 //! - [`infer`]: building and checking Open Inference Protocol requests.
@@ -15,6 +16,7 @@
 pub mod etcd;
 pub mod infer;
 pub mod mlserver;
+pub mod redis;
 pub mod scrape;
 pub mod stack;
 

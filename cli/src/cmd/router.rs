@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use fulcrum_data_plane::RouterConfig;
 use fulcrum_data_plane::auth::{AuthConfig, CallerAuth};
+use fulcrum_data_plane::shared_cache::SharedCacheSetup;
 use fulcrum_data_plane::table::LoadView;
 
 /// Flags of `fulcrum router`.
@@ -49,6 +50,17 @@ pub(crate) struct RouterArgs {
     /// (`ctl policy set M --cache-ttl 30s`); 0 keeps nothing.
     #[arg(long, default_value_t = fulcrum_data_plane::cache::DEFAULT_CACHE_BYTES >> 20)]
     cache_mib: u64,
+    /// A second, shared level for the response cache: a Redis every router of the fleet names
+    /// (`redis://[:password@]host:port[/db]`, `rediss://` for TLS). A router that does not hold
+    /// an answer asks it before a node, and keeps there what nodes answer. Needs
+    /// --cache-secret-file.
+    #[arg(long, value_name = "URL", requires = "cache_secret_file")]
+    cache_redis: Option<String>,
+    /// The secret every router sharing --cache-redis holds (a file; at least 16 bytes, 32
+    /// random ones say), from which the cache's keys are derived, so that they agree on every
+    /// key and no caller can work one out.
+    #[arg(long, value_name = "FILE", requires = "cache_redis")]
+    cache_secret_file: Option<std::path::PathBuf>,
     /// Token presented to the control plane on the routing stream (the control plane's
     /// --stream-token); not needed when the control plane trusts this machine (loopback). Of a
     /// comma-separated list (a rotation's `new,old`), the first is presented.
@@ -112,6 +124,20 @@ impl RouterArgs {
         Ok(Some(Arc::new(CallerAuth::load(config)?)))
     }
 
+    /// The cache's shared level the flags ask for, if any (an error says what is wrong: the
+    /// secret file, or the URL). Must run on the runtime that then serves.
+    fn shared_cache(&self) -> anyhow::Result<Option<SharedCacheSetup>> {
+        let (Some(url), Some(file)) = (&self.cache_redis, &self.cache_secret_file) else {
+            return Ok(None);
+        };
+        let secret = std::fs::read(file)
+            .with_context(|| format!("reading the cache secret {}", file.display()))?;
+        let setup = SharedCacheSetup::new(url, &secret).with_context(|| {
+            format!("--cache-redis with --cache-secret-file {}", file.display())
+        })?;
+        Ok(Some(setup))
+    }
+
     pub(crate) fn config(&self) -> RouterConfig {
         let mut c = RouterConfig::new(self.region.clone(), self.control.clone());
         c.max_message_size = self.max_message_size;
@@ -136,12 +162,14 @@ impl RouterArgs {
 pub(crate) async fn run(args: RouterArgs) -> anyhow::Result<()> {
     // Keys first: a router that cannot check tokens must not start serving without them.
     let auth = args.auth()?;
+    let shared_cache = args.shared_cache()?;
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
     let metrics = crate::cmd::bind_metrics(args.metrics_listen.as_deref()).await?;
     let mut config = args.config();
     config.auth = auth;
+    config.shared_cache = shared_cache;
     tracing::info!(listen = %args.listen, region = %args.region, control = ?args.control,
         load_view = %args.load_view, metrics = ?args.metrics_listen,
         token_keys = config.auth.as_ref().map_or(0, |a| a.key_count()), "router serving");

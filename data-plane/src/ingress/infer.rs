@@ -250,14 +250,25 @@ async fn serve(
         None => cached(state, started, &raw.message, &mut metadata).await?,
         Some(_) => None,
     };
+    let hit = |answer: Bytes, stats: Arc<ModelStats>, how: &'static str| {
+        stats.answered(tonic::Code::Ok, started.elapsed());
+        let mut response = Response::new(answer);
+        mark(&mut response, how);
+        Ok(response)
+    };
     let leader = match cached {
-        Some(Cached::Hit { answer, stats, how }) => {
-            stats.answered(tonic::Code::Ok, started.elapsed());
-            let mut response = Response::new(answer);
-            mark(&mut response, how);
-            return Ok(response);
+        Some(Cached::Hit { answer, stats, how }) => return hit(answer, stats, how),
+        Some(Cached::Lead(leader, ttl, stats)) => {
+            // The shared level, before a node ([`crate::shared_cache`]).
+            if let Some(shared) = &state.shared_cache
+                && let Some((answer, left)) = shared.get(leader.key()).await
+            {
+                stats.cache_shared_hit();
+                let answer = leader.found_shared(answer, left.min(ttl), &raw.message.id);
+                return hit(answer, stats, "hit-shared");
+            }
+            Some((leader, ttl))
         }
-        Some(Cached::Lead(leader, ttl)) => Some((leader, ttl)),
         None => None,
     };
     let model = raw.message.model_name;
@@ -276,8 +287,12 @@ async fn serve(
         match &mut answer {
             // An answer from the fallback model is not this model's.
             Ok(response) if !response.metadata().contains_key(fallback::FALLBACK_HEADER) => {
+                let key = leader.key();
                 if leader.answered(response.get_ref().clone(), ttl) {
                     mark(response, "miss");
+                    if let Some(shared) = &state.shared_cache {
+                        shared.put(key, response.get_ref().clone(), ttl);
+                    }
                 }
             }
             // This call's own deadline, which an identical call waiting may not share.
@@ -312,9 +327,9 @@ enum Cached<'a> {
         stats: Arc<ModelStats>,
         how: &'static str,
     },
-    /// Not held: this call goes to a node, for identical calls too, and its answer is kept for
-    /// the model's TTL.
-    Lead(Leader<'a>, Duration),
+    /// Not held: this call goes to a node (after the shared level), for identical calls too,
+    /// and its answer is kept for the model's TTL; and the model's counters.
+    Lead(Leader<'a>, Duration, Arc<ModelStats>),
 }
 
 /// Looks the call up in the response cache, when its model caches answers: a hit, the lead
@@ -362,7 +377,7 @@ async fn cached<'a>(
                 if waited {
                     pass_on_remaining(metadata, started, budget);
                 }
-                return Ok(Some(Cached::Lead(leader, spec.ttl)));
+                return Ok(Some(Cached::Lead(leader, spec.ttl, stats)));
             }
             Lookup::Follow(follower) => follower,
             Lookup::Overtake => {
