@@ -160,6 +160,15 @@ async fn a_scrape_shows_calls_per_model_and_per_node() {
     let check = stack::token_check("a secret for the metrics test, long enough");
     let mut with_tokens = fulcrum_data_plane::router::RouterState::new("a".into(), 1 << 20);
     with_tokens.auth = Some(check.auth.clone());
+    // And those of a router with a shared cache level, which only such a router exports.
+    with_tokens.shared_cache = Some(
+        fulcrum_data_plane::shared_cache::SharedCacheSetup::new(
+            "redis://127.0.0.1:1",
+            b"a secret for the metrics test, long enough",
+        )
+        .unwrap()
+        .cache,
+    );
     let auth_body = fulcrum_data_plane::metrics::render(&std::sync::Arc::new(with_tokens));
     let exported = &(&families(&body) | &families(&cp_body)) | &families(&auth_body);
     for file in [
