@@ -261,6 +261,15 @@ fn up_serves_both_regions_and_fails_over_on_drain() {
     let out = policy(&[
         "set",
         "echo",
+        "--batch-max-size",
+        "8",
+        "--batch-window",
+        "1ms",
+    ]);
+    assert!(out.contains("batch=\"8 within 1000us\""), "{out}");
+    let out = policy(&[
+        "set",
+        "echo",
         "--canary-model",
         "echo-next",
         "--canary-percent",

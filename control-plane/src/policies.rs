@@ -33,6 +33,14 @@ const MAX_RATE_LIMIT_BURST: u32 = 10_000_000;
 /// anything longer belongs to an application cache that knows when to invalidate.
 const MAX_CACHE_TTL_MS: u32 = 3_600_000;
 
+/// Most calls one batch may merge: past a thousand, a batch's answer is one huge message and
+/// its slowest member's wait dominates everyone's latency.
+const MAX_BATCH_SIZE: u32 = 1024;
+
+/// Longest a call may wait for others to join its batch: 100 ms, far past the few
+/// milliseconds batching wants, so a policy can still be wrong only within reason.
+const MAX_BATCH_WINDOW_US: u32 = 100_000;
+
 /// Checks a policy; the error names the first bad field.
 pub fn validate(p: &ModelPolicy) -> Result<(), Error> {
     let bad = |m: String| {
@@ -88,6 +96,15 @@ pub fn validate(p: &ModelPolicy) -> Result<(), Error> {
     }
     if let Some(e) = header_invalid("canary_key_header", &p.canary_key_header) {
         return bad(e);
+    }
+    if let Some(e) = above("batch_max_size", p.batch_max_size, MAX_BATCH_SIZE) {
+        return bad(e);
+    }
+    if let Some(e) = above("batch_window_us", p.batch_window_us, MAX_BATCH_WINDOW_US) {
+        return bad(e);
+    }
+    if p.batch_max_size <= 1 && p.batch_window_us != 0 {
+        return bad("batch_window_us needs batch_max_size of 2 or more".into());
     }
     if let Some(e) = above("cache_ttl_ms", p.cache_ttl_ms, MAX_CACHE_TTL_MS) {
         return bad(e);

@@ -21,6 +21,7 @@
 //! - [`auth`]: caller authentication by JSON Web Token (the caller's identity and highest
 //!   priority).
 //! - [`rate_limit`]: per-model token buckets, per caller key, on each router.
+//! - [`batch`]: request batching (calls merged along their first dimension, answers split).
 //! - [`cache`]: the router's response cache, for the models whose policy asks for one.
 //! - [`shared_cache`]: the response cache's shared level, in Redis (`--cache-redis`).
 //! - [`tasks`]: calls made in the background (submit, then fetch or wait for the answer),
@@ -43,6 +44,7 @@
 
 pub mod auth;
 pub mod balance;
+pub mod batch;
 pub mod cache;
 pub mod canary;
 pub mod endpoint;

@@ -16,6 +16,7 @@
 //! | `fulcrum_router_cache_coalesced_total` | model | misses answered with an identical call's answer, waited for while it was in flight |
 //! | `fulcrum_router_cache_entries`, `fulcrum_router_cache_bytes` | | what the response cache holds |
 //! | `fulcrum_router_cache_in_flight` | | misses on their way to a node that identical calls can wait for |
+//! | `fulcrum_router_batches_total`, `fulcrum_router_batched_calls_total` | model | node calls that carried a batch, and the calls in them (their ratio: the mean batch) |
 //! | `fulcrum_router_cache_shared_hits_total` | model | misses answered from the cache's shared level (Redis) |
 //! | `fulcrum_router_cache_shared_lookups_total`, `fulcrum_router_cache_shared_writes_total` | result | the shared level's lookups (`hit`, `miss`, `error`, `skipped`) and writes (`ok`, `error`, `dropped`) |
 //! | `fulcrum_router_canary_total` | model, canary | calls of the model its canary took |
@@ -82,6 +83,9 @@ pub struct ModelStats {
     cache_coalesced: AtomicU64,
     /// Misses answered from the cache's shared level.
     cache_shared_hits: AtomicU64,
+    /// Node calls made for batches of two calls or more, and the calls they carried.
+    batches: AtomicU64,
+    batched_calls: AtomicU64,
     /// Calls the model's canary took.
     canary: AtomicU64,
     /// Calls sent to the model's fallback, by [`Reason::index`], then served (0) or not (1).
@@ -103,6 +107,8 @@ impl Default for ModelStats {
             cache_misses: AtomicU64::new(0),
             cache_coalesced: AtomicU64::new(0),
             cache_shared_hits: AtomicU64::new(0),
+            batches: AtomicU64::new(0),
+            batched_calls: AtomicU64::new(0),
             canary: AtomicU64::new(0),
             fallbacks: std::array::from_fn(|_| std::array::from_fn(|_| AtomicU64::new(0))),
             buckets: std::array::from_fn(|_| AtomicU64::new(0)),
@@ -156,6 +162,13 @@ impl ModelStats {
     /// A miss was answered from the cache's shared level.
     pub fn cache_shared_hit(&self) {
         self.cache_shared_hits.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A batch of `calls` calls went to a node as one call.
+    pub fn batched(&self, calls: usize) {
+        self.batches.fetch_add(1, Ordering::Relaxed);
+        self.batched_calls
+            .fetch_add(calls as u64, Ordering::Relaxed);
     }
 
     /// The model's canary took a call.
@@ -430,6 +443,16 @@ impl Collector for RouterCollector {
                 "fulcrum_router_cache_shared_hits",
                 "Misses of the router's cache answered from its shared level (Redis)",
                 |s: &ModelStats| s.cache_shared_hits.load(Ordering::Relaxed),
+            ),
+            (
+                "fulcrum_router_batches",
+                "Node calls that carried a batch of two calls or more",
+                |s: &ModelStats| s.batches.load(Ordering::Relaxed),
+            ),
+            (
+                "fulcrum_router_batched_calls",
+                "Calls sent to a node in a batch with others",
+                |s: &ModelStats| s.batched_calls.load(Ordering::Relaxed),
             ),
         ] {
             family(

@@ -8,6 +8,7 @@ use fulcrum_proto::fulcrum::v1::{Balancer, ModelPolicy};
 
 use crate::balance::Policy;
 use crate::balance::locality::DEFAULT_OVERPROVISIONING;
+use crate::batch::BatchSpec;
 use crate::cache::CacheSpec;
 use crate::canary::Canary;
 use crate::priority::Priority;
@@ -68,6 +69,8 @@ pub struct ModelSettings {
     pub cache: Option<CacheSpec>,
     /// The model's canary, if any ([`crate::canary`]).
     pub canary: Option<Canary>,
+    /// The model's request batching, if any ([`crate::batch`]).
+    pub batch: Option<BatchSpec>,
 }
 
 impl Default for ModelSettings {
@@ -129,12 +132,17 @@ impl ModelSettings {
                 p.canary_percent,
                 &p.canary_key_header,
             ),
+            batch: BatchSpec::from_policy(p.batch_max_size, p.batch_window_us),
         }
     }
 
-    /// Whether calls of the model go straight to a node: no canary, no cache, no fallback.
+    /// Whether calls of the model go straight to a node: no canary, no cache, no fallback, no
+    /// batching.
     pub fn is_plain(&self) -> bool {
-        self.canary.is_none() && self.cache.is_none() && self.fallback.is_none()
+        self.canary.is_none()
+            && self.cache.is_none()
+            && self.fallback.is_none()
+            && self.batch.is_none()
     }
 
     /// Attempts allowed for this call (1 when the model is not idempotent).

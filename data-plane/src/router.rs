@@ -69,6 +69,8 @@ pub struct RouterState {
     pub cache: crate::cache::ResponseCache,
     /// The cache's shared level, when the router has one ([`crate::shared_cache`]).
     pub shared_cache: Option<Arc<crate::shared_cache::SharedCache>>,
+    /// The batches taking calls ([`crate::batch`]).
+    pub batcher: crate::batch::Batcher,
     /// Caller authentication, when the router checks tokens ([`crate::auth`]).
     pub auth: Option<Arc<crate::auth::CallerAuth>>,
     /// Calls made in the background for `fulcrum.v1.Tasks` ([`crate::tasks`]).
@@ -93,6 +95,7 @@ impl RouterState {
                 .build(),
             cache: crate::cache::ResponseCache::default(),
             shared_cache: None,
+            batcher: crate::batch::Batcher::default(),
             auth: None,
             tasks: Arc::new(crate::tasks::TaskStore::new(
                 "router",

@@ -252,6 +252,14 @@ enum PolicyCommand {
         /// session), so a caller keeps seeing one model (default: calls drawn at random).
         #[arg(long, default_value = "")]
         canary_key: String,
+        /// Merge ModelInfer calls that arrive together (same shapes but the first dimension,
+        /// same parameters and priority) into one node call of at most this many, along the
+        /// first dimension, and split the answer (0: off).
+        #[arg(long, default_value_t = 0)]
+        batch_max_size: u32,
+        /// The longest a call waits for others to join its batch (default 2ms; at most 100ms).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        batch_window: Option<std::time::Duration>,
     },
     /// Remove a model's policy (back to the defaults).
     Clear {
@@ -316,13 +324,18 @@ fn print_policy(p: &ModelPolicy) -> anyhow::Result<()> {
         (m, "") => format!("{m} {}%", p.canary_percent),
         (m, key) => format!("{m} {}% by {key}", p.canary_percent),
     };
+    let batch = match (p.batch_max_size, p.batch_window_us) {
+        (0 | 1, _) => "none".to_owned(),
+        (n, 0) => format!("{n} within 2000us"),
+        (n, us) => format!("{n} within {us}us"),
+    };
     let cache = match (p.cache_ttl_ms, p.cache_key_header.as_str()) {
         (0, _) => "none".to_owned(),
         (ms, "") => format!("{ms}ms"),
         (ms, key) => format!("{ms}ms per {key}"),
     };
     outln!(
-        "{}: balancer={balancer}{} timeout={} max_attempts={} per_try_timeout={} idempotent={} hedge={hedge} panic_mode={} overprovisioning={} default_priority={priority} rate_limit={rate_limit:?} fallback={} cache={cache:?} canary={canary:?}",
+        "{}: balancer={balancer}{} timeout={} max_attempts={} per_try_timeout={} idempotent={} hedge={hedge} panic_mode={} overprovisioning={} default_priority={priority} rate_limit={rate_limit:?} fallback={} cache={cache:?} canary={canary:?} batch={batch:?}",
         p.model,
         if p.hash_header.is_empty() {
             String::new()
@@ -392,6 +405,8 @@ async fn policy(admin: &mut Admin, command: PolicyCommand) -> anyhow::Result<()>
             canary_model,
             canary_percent,
             canary_key,
+            batch_max_size,
+            batch_window,
         } => {
             let balancer = match balancer.as_str() {
                 "p2c-ewma" | "p2c" => Balancer::P2cEwma,
@@ -437,6 +452,12 @@ async fn policy(admin: &mut Admin, command: PolicyCommand) -> anyhow::Result<()>
                 canary_key_header: canary_key,
                 // The control plane's to set.
                 cache_epoch: 0,
+                batch_max_size,
+                batch_window_us: match batch_window {
+                    None => 0,
+                    Some(d) => u32::try_from(d.as_micros())
+                        .map_err(|_| anyhow::anyhow!("--batch-window {d:?} is too long"))?,
+                },
             };
             let p = admin
                 .set_model_policy(p)

@@ -165,6 +165,30 @@ where
     F: Fn(crate::table::RoutedNode, tonic::Request<Req>) -> Fut,
     Fut: Future<Output = Result<Response<T>, Status>>,
 {
+    unary_admitted(
+        state, model, metadata, sequence, message, rename, call, true,
+    )
+    .await
+}
+
+/// [`unary`], checking the model's rate limit only when `limited` (a batch's call is not: its
+/// calls were, one by one; should it go to the fallback, it counts there as one call).
+#[allow(clippy::too_many_arguments)]
+pub async fn unary_admitted<Req, T, F, Fut>(
+    state: &RouterState,
+    model: &str,
+    metadata: &MetadataMap,
+    sequence: Option<Sequence>,
+    message: Req,
+    rename: impl FnOnce(Req, &str) -> Req,
+    call: F,
+    limited: bool,
+) -> Result<Response<T>, Status>
+where
+    Req: Clone,
+    F: Fn(crate::table::RoutedNode, tonic::Request<Req>) -> Fut,
+    Fut: Future<Output = Result<Response<T>, Status>>,
+{
     let started = Instant::now();
     // Most models have no fallback: a short look at the table (no reference to it kept across
     // the call), and the call goes its usual way.
@@ -178,10 +202,22 @@ where
         ))
     });
     let Some((fallback, idempotent, timeout, stats)) = found else {
-        return forward::unary(state, model, metadata, sequence, message, call).await;
+        return forward::unary_or_failed_admitted(
+            state, model, metadata, sequence, message, call, limited,
+        )
+        .await
+        .map_err(|f| f.status);
     };
-    let first =
-        forward::unary_or_failed(state, model, metadata, sequence, message.clone(), &call).await;
+    let first = forward::unary_or_failed_admitted(
+        state,
+        model,
+        metadata,
+        sequence,
+        message.clone(),
+        &call,
+        limited,
+    )
+    .await;
     let failed = match first {
         Ok(answer) => return Ok(answer),
         Err(failed) => failed,

@@ -294,6 +294,25 @@ where
     F: Fn(RoutedNode, Request<Req>) -> Fut,
     Fut: Future<Output = Result<Response<T>, Status>>,
 {
+    unary_or_failed_admitted(state, model, metadata, sequence, message, call, true).await
+}
+
+/// [`unary_or_failed`], checking the model's rate limit only when `limited`: a batch's call
+/// ([`crate::batch`]) is not, as each of its calls was before it joined.
+pub async fn unary_or_failed_admitted<Req, T, F, Fut>(
+    state: &RouterState,
+    model: &str,
+    metadata: &MetadataMap,
+    sequence: Option<Sequence>,
+    message: Req,
+    call: F,
+    limited: bool,
+) -> Result<Response<T>, Failed>
+where
+    Req: Clone,
+    F: Fn(RoutedNode, Request<Req>) -> Fut,
+    Fut: Future<Output = Result<Response<T>, Status>>,
+{
     let table = state.table.load_full();
     let route = table
         .models
@@ -301,7 +320,8 @@ where
         .ok_or_else(|| Failed::r#final(RouteError::UnknownModel(model.to_owned())))?;
     let settings = route.settings.clone();
     let priority = Priority::of(metadata.as_ref(), settings.priority).map_err(Failed::r#final)?;
-    if let Some(limit) = &settings.rate_limit
+    if limited
+        && let Some(limit) = &settings.rate_limit
         && let Err(e) = route.state.limiter.check(model, limit, metadata.as_ref())
     {
         route.state.stats.rate_limited();
