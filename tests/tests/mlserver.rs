@@ -5,6 +5,8 @@
 //! - tritonclient (and MLServer's own stubs) call every RPC MLServer serves through a router
 //!   that also fronts node-sims, and get the model's real answers;
 //! - a model no node serves falls back to MLServer's model, which reads the renamed request;
+//! - calls batched by the router reach MLServer as one request and each gets its own rows of
+//!   MLServer's answer;
 //! - a killed MLServer makes the router answer UNAVAILABLE, promptly;
 //! - with two MLServers in the region, killing one fails over to the other without a failed
 //!   call, and calls return to it when it is back.
@@ -205,6 +207,57 @@ async fn tritonclient_through_a_router_to_mlserver_and_node_sims_then_mlserver_d
     let out = resp.get_ref();
     assert_eq!(out.model_name, "doubler", "{out:?}");
     assert_eq!(f32s(&out.raw_output_contents[0]), [3.0, -8.0], "doubled");
+
+    // Batching in front of MLServer: four calls arriving together reach it as one request of
+    // all their rows, and MLServer's answer (shape and raw data of the whole batch) is split
+    // back: each caller gets its own rows doubled.
+    let batching = ModelPolicy {
+        model: "doubler".into(),
+        batch_max_size: 4,
+        batch_window_us: 100_000,
+        ..Default::default()
+    };
+    admin
+        .set_model_policy(batching.clone())
+        .await
+        .expect("set the batching policy");
+    stack::wait_policies_applied(&admin, &[batching]).await;
+    let calls: Vec<_> = (0..4)
+        .map(|i| {
+            let values: Vec<f32> = (0..2 * (1 + i % 2)).map(|v| (10 * i + v) as f32).collect();
+            let mut req = echo_request("doubler", &values);
+            req.id = format!("batched-{i}");
+            req.inputs[0].shape = vec![1 + i64::from(i % 2), 2];
+            let mut c = client.clone();
+            tokio::spawn(async move {
+                let resp = infer(&mut c, &req).await;
+                (req, resp)
+            })
+        })
+        .collect();
+    for call in calls {
+        let (req, resp) = call.await.unwrap();
+        let resp = resp.expect("a batched call to MLServer");
+        assert_eq!(resp.metadata().get("x-fulcrum-batch").unwrap(), "4");
+        let out = resp.get_ref();
+        assert_eq!(out.id, req.id);
+        assert_eq!(out.outputs[0].shape, req.inputs[0].shape);
+        let want: Vec<f32> = f32s(&req.raw_input_contents[0])
+            .iter()
+            .map(|v| v * 2.0)
+            .collect();
+        assert_eq!(
+            f32s(&out.raw_output_contents[0]),
+            want,
+            "its own rows, doubled"
+        );
+    }
+    admin
+        .delete_model_policy(fulcrum_proto::fulcrum::v1::GetModelPolicyRequest {
+            model: "doubler".into(),
+        })
+        .await
+        .expect("remove the batching policy");
 
     // MLServer dies: calls for its model are refused with UNAVAILABLE, never left hanging,
     // while the node-sims' model is still served.
