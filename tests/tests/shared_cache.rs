@@ -29,16 +29,19 @@ async fn call(c: &GrpcInferenceServiceClient<Channel>, values: &[f32]) -> String
         .to_owned()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn routers_sharing_a_redis_answer_from_it() {
-    let mut redis = Redis::start().await;
-    let stack::OneNode {
-        node,
-        mut admin,
-        cp,
-        etcd: _etcd,
-    } = stack::one_node(NodeSimConfig::default(), 4).await;
-    let policy = admin
+/// One node, a control plane with model `echo` caching answers for a minute, and two routers
+/// with a shared level at `redis`: router a with [`SECRET`], router b with `b_secret`.
+struct Fleet {
+    stack: stack::OneNode,
+    _routers: [stack::Running; 2],
+    ca: GrpcInferenceServiceClient<Channel>,
+    cb: GrpcInferenceServiceClient<Channel>,
+}
+
+async fn fleet(redis: &Redis, b_secret: &[u8]) -> Fleet {
+    let mut stack = stack::one_node(NodeSimConfig::default(), 4).await;
+    let policy = stack
+        .admin
         .set_model_policy(ModelPolicy {
             model: "echo".into(),
             cache_ttl_ms: 60_000,
@@ -47,14 +50,38 @@ async fn routers_sharing_a_redis_answer_from_it() {
         .await
         .unwrap()
         .into_inner();
-    let shared = || SharedCacheSetup::new(&redis.url(), SECRET).unwrap();
-    let (sa, sb) = (shared(), shared());
-    let a = stack::router_configured("a", &[cp.addr], move |c| c.shared_cache = Some(sa)).await;
-    let b = stack::router_configured("a", &[cp.addr], move |c| c.shared_cache = Some(sb)).await;
+    let sa = SharedCacheSetup::new(&redis.url(), SECRET).unwrap();
+    let sb = SharedCacheSetup::new(&redis.url(), b_secret).unwrap();
+    let control = [stack.cp.addr];
+    let a = stack::router_configured("a", &control, move |c| c.shared_cache = Some(sa)).await;
+    let b = stack::router_configured("a", &control, move |c| c.shared_cache = Some(sb)).await;
     wait_ready(a.addr).await;
     wait_ready(b.addr).await;
-    stack::wait_policies_applied(&admin, std::slice::from_ref(&policy)).await;
+    stack::wait_policies_applied(&stack.admin, std::slice::from_ref(&policy)).await;
     let (ca, cb) = (oip(a.addr).await, oip(b.addr).await);
+    Fleet {
+        stack,
+        _routers: [a, b],
+        ca,
+        cb,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routers_sharing_a_redis_answer_from_it() {
+    let mut redis = Redis::start().await;
+    let Fleet {
+        stack:
+            stack::OneNode {
+                node,
+                mut admin,
+                etcd: _etcd,
+                cp: _cp,
+            },
+        _routers,
+        ca,
+        cb,
+    } = fleet(&redis, SECRET).await;
     let calls = || node.controls().calls();
 
     // Router a's node answer is kept in Redis too (written in the background)...
@@ -115,29 +142,13 @@ async fn routers_sharing_a_redis_answer_from_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn routers_with_other_secrets_share_nothing() {
     let redis = Redis::start().await;
-    let stack::OneNode {
-        node,
-        mut admin,
-        cp,
-        etcd: _etcd,
-    } = stack::one_node(NodeSimConfig::default(), 4).await;
-    let policy = admin
-        .set_model_policy(ModelPolicy {
-            model: "echo".into(),
-            cache_ttl_ms: 60_000,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let sa = SharedCacheSetup::new(&redis.url(), SECRET).unwrap();
-    let sb = SharedCacheSetup::new(&redis.url(), b"another secret, another fleet").unwrap();
-    let a = stack::router_configured("a", &[cp.addr], move |c| c.shared_cache = Some(sa)).await;
-    let b = stack::router_configured("a", &[cp.addr], move |c| c.shared_cache = Some(sb)).await;
-    wait_ready(a.addr).await;
-    wait_ready(b.addr).await;
-    stack::wait_policies_applied(&admin, std::slice::from_ref(&policy)).await;
-    let (ca, cb) = (oip(a.addr).await, oip(b.addr).await);
+    let Fleet {
+        stack,
+        _routers,
+        ca,
+        cb,
+    } = fleet(&redis, b"another secret, another fleet").await;
+    let node = &stack.node;
     assert_eq!(call(&ca, &[1.0]).await, "miss");
     eventually("the answer reaches redis", Duration::from_secs(10), || {
         let keys = redis.keys();
