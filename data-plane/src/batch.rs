@@ -11,15 +11,17 @@
 //! What may share a batch ([`group_key`]): requests of the same model and version, priority
 //! and caller (`authorization`, `x-fulcrum-caller`), the same parameters and requested
 //! outputs, and inputs alike in name, datatype, parameters and every dimension but the first;
-//! every input in `raw_input_contents` and of a fixed-size datatype (BYTES elements have no
-//! fixed size to split by). A request of a Triton sequence is never batched (its state is the
-//! sequence's), nor one with typed `contents`: those go to a node alone.
+//! the data all in `raw_input_contents` (of fixed-size datatypes: raw BYTES elements have no
+//! fixed size to cut rows by) or all in typed `contents` (BYTES too: one entry an element).
+//! A request of a Triton sequence is never batched (its state is the sequence's): it goes to a
+//! node alone.
 //!
 //! The merged request ([`merge`]) is the first request with each input's first dimension the
-//! sum of the members' and its raw data theirs one after another; its answer is split
-//! ([`split`]) by the same rows: each output must have the batch's rows as its first dimension
-//! and its data in `raw_output_contents`, else nothing can be split and every member is sent
-//! to a node alone (as it would have been without batching). Each member gets its own `id`.
+//! sum of the members' and its data theirs one after another; its answer is split ([`split`])
+//! by the same rows: each output must have the batch's rows as its first dimension and its
+//! data (raw or typed) divide evenly into them, else nothing can be split and every member is
+//! sent to a node alone (as it would have been without batching). Each member gets its own
+//! `id`.
 //!
 //! The batcher itself ([`Batcher`]) is by hand, like the cache's flights: the first call of a
 //! batch leads it (waits the window or until it is full, sends, splits); the others wait for
@@ -32,7 +34,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use fulcrum_proto::inference::model_infer_response::InferOutputTensor;
-use fulcrum_proto::inference::{ModelInferRequest, ModelInferResponse};
+use fulcrum_proto::inference::{InferTensorContents, ModelInferRequest, ModelInferResponse};
 use http::HeaderMap;
 use prost::Message;
 use siphasher::sip128::{Hasher128, SipHasher13};
@@ -77,7 +79,12 @@ pub fn group_key(
     priority: Priority,
     headers: &HeaderMap,
 ) -> Option<(u128, i64)> {
-    if request.inputs.is_empty() || request.raw_input_contents.len() != request.inputs.len() {
+    // All inputs raw, or all typed (`contents`): one form for the whole batch.
+    let raw = !request.raw_input_contents.is_empty();
+    if request.inputs.is_empty()
+        || (raw && request.raw_input_contents.len() != request.inputs.len())
+        || (!raw && request.inputs.iter().any(|i| i.contents.is_none()))
+    {
         return None;
     }
     // A Triton sequence's requests carry its state: never merged.
@@ -96,7 +103,7 @@ pub fn group_key(
     };
     piece(request.model_name.as_bytes());
     piece(request.model_version.as_bytes());
-    piece(&[priority as u8]);
+    piece(&[priority as u8, u8::from(raw)]);
     for name in CALLER_HEADERS {
         for v in headers.get_all(name) {
             piece(name.as_bytes());
@@ -111,8 +118,8 @@ pub fn group_key(
         piece(&value.encode_to_vec());
     }
     for input in &request.inputs {
-        if input.datatype == "BYTES"
-            || input.contents.is_some()
+        // Raw BYTES elements have no fixed size to cut rows by; typed ones are one entry each.
+        if (raw && (input.datatype == "BYTES" || input.contents.is_some()))
             || input.shape.first() != Some(&rows)
         {
             return None;
@@ -139,35 +146,99 @@ pub fn group_key(
 }
 
 /// One request of the members' (all of one group, in order): the first's, with each input's
-/// first dimension the sum of theirs and its raw data theirs one after another, and no id.
+/// first dimension the sum of theirs and its data (raw or typed) theirs one after another, and
+/// no id.
 pub fn merge(members: &[&ModelInferRequest]) -> ModelInferRequest {
     let first = members[0];
     let rows: i64 = members.iter().map(|m| m.inputs[0].shape[0]).sum();
     let mut merged = first.clone();
     merged.id.clear();
+    let raw = !first.raw_input_contents.is_empty();
     for (i, input) in merged.inputs.iter_mut().enumerate() {
         input.shape[0] = rows;
-        let len = members.iter().map(|m| m.raw_input_contents[i].len()).sum();
-        let mut data = BytesMut::with_capacity(len);
-        for m in members {
-            data.extend_from_slice(&m.raw_input_contents[i]);
+        if raw {
+            let len = members.iter().map(|m| m.raw_input_contents[i].len()).sum();
+            let mut data = BytesMut::with_capacity(len);
+            for m in members {
+                data.extend_from_slice(&m.raw_input_contents[i]);
+            }
+            merged.raw_input_contents[i] = data.freeze();
+        } else {
+            let mut contents = InferTensorContents::default();
+            for m in members {
+                if let Some(c) = &m.inputs[i].contents {
+                    append(&mut contents, c);
+                }
+            }
+            input.contents = Some(contents);
         }
-        merged.raw_input_contents[i] = data.freeze();
     }
     merged
 }
 
+/// Calls `$f!(field)` for every repeated field of `InferTensorContents`.
+macro_rules! each_field {
+    ($f:ident) => {
+        $f!(bool_contents);
+        $f!(int_contents);
+        $f!(int64_contents);
+        $f!(uint_contents);
+        $f!(uint64_contents);
+        $f!(fp32_contents);
+        $f!(fp64_contents);
+        $f!(bytes_contents);
+    };
+}
+
+/// `from`'s elements after `to`'s, field by field.
+fn append(to: &mut InferTensorContents, from: &InferTensorContents) {
+    macro_rules! extend {
+        ($field:ident) => {
+            to.$field.extend_from_slice(&from.$field)
+        };
+    }
+    each_field!(extend);
+}
+
+/// Elements in `c`, all fields together (a tensor uses one).
+fn elements(c: &InferTensorContents) -> usize {
+    let mut n = 0;
+    macro_rules! count {
+        ($field:ident) => {
+            n += c.$field.len()
+        };
+    }
+    each_field!(count);
+    n
+}
+
+/// Elements `from..to` of every field of `c`.
+fn slice(c: &InferTensorContents, from: usize, to: usize) -> InferTensorContents {
+    let mut out = InferTensorContents::default();
+    macro_rules! cut {
+        ($field:ident) => {
+            if !c.$field.is_empty() {
+                out.$field = c.$field[from..to].to_vec();
+            }
+        };
+    }
+    each_field!(cut);
+    out
+}
+
 /// The answer to a merged request, split by the members' `rows` (in the order they were
-/// merged): each member's outputs have its rows, and its slice of the data. Fails, saying why,
-/// when an output does not have the batch's rows as its first dimension or its data is not
-/// raw and evenly divided by them.
+/// merged): each member's outputs have its rows, and its slice of the data (raw bytes or typed
+/// elements). Fails, saying why, when an output does not have the batch's rows as its first
+/// dimension, or has no data, or its data does not divide evenly into them.
 pub fn split(answer: &ModelInferResponse, rows: &[i64]) -> Result<Vec<ModelInferResponse>, String> {
     let total: i64 = rows.iter().sum();
-    if answer.raw_output_contents.len() != answer.outputs.len() {
-        return Err("the answer's outputs are not all in raw_output_contents".into());
+    let raw = !answer.raw_output_contents.is_empty();
+    if raw && answer.raw_output_contents.len() != answer.outputs.len() {
+        return Err("raw_output_contents has not one entry per output".into());
     }
+    // Per output: bytes (raw) or elements (typed) per row.
     let mut cuts = Vec::with_capacity(answer.outputs.len());
-    for (output, data) in answer.outputs.iter().zip(&answer.raw_output_contents) {
+    for (i, output) in answer.outputs.iter().enumerate() {
         if output.shape.first() != Some(&total) {
             return Err(format!(
                 "output {:?} has shape {:?}, not the batch's {total} rows first",
@@ -175,14 +246,21 @@ pub fn split(answer: &ModelInferResponse, rows: &[i64]) -> Result<Vec<ModelInfer
             ));
         }
         let total = usize::try_from(total).map_err(|_| "too many rows".to_owned())?;
-        if data.len() % total != 0 {
+        let len = match (raw, &output.contents) {
+            (true, _) => answer.raw_output_contents[i].len(),
+            (false, Some(c)) => elements(c),
+            (false, None) => {
+                return Err(format!("output {:?} has no data", output.name));
+            }
+        };
+        if len % total != 0 {
             return Err(format!(
-                "output {:?}'s {} bytes do not divide into {total} rows",
+                "output {:?}'s {len} {} do not divide into {total} rows",
                 output.name,
-                data.len()
+                if raw { "bytes" } else { "elements" }
             ));
         }
-        cuts.push(data.len() / total);
+        cuts.push(len / total);
     }
     let mut offset = 0usize;
     let mut answers = Vec::with_capacity(rows.len());
@@ -191,14 +269,20 @@ pub fn split(answer: &ModelInferResponse, rows: &[i64]) -> Result<Vec<ModelInfer
         let outputs = answer
             .outputs
             .iter()
-            .map(|o| InferOutputTensor {
+            .zip(&cuts)
+            .map(|(o, per_row)| InferOutputTensor {
                 shape: std::iter::once(r as i64)
                     .chain(o.shape[1..].iter().copied())
                     .collect(),
+                contents: o
+                    .contents
+                    .as_ref()
+                    .filter(|_| !raw)
+                    .map(|c| slice(c, offset * per_row, (offset + r) * per_row)),
                 ..o.clone()
             })
             .collect();
-        let raw = answer
+        let raw_output_contents = answer
             .raw_output_contents
             .iter()
             .zip(&cuts)
@@ -206,7 +290,7 @@ pub fn split(answer: &ModelInferResponse, rows: &[i64]) -> Result<Vec<ModelInfer
             .collect();
         answers.push(ModelInferResponse {
             outputs,
-            raw_output_contents: raw,
+            raw_output_contents,
             ..answer.clone()
         });
         offset += r;
@@ -503,6 +587,72 @@ mod tests {
         assert_eq!(key(&ragged), None);
     }
 
+    /// `request` with its data in typed `contents` (FP32 and INT8 as int_contents; BYTES too).
+    fn typed(r: &ModelInferRequest) -> ModelInferRequest {
+        let mut t = r.clone();
+        t.raw_input_contents.clear();
+        let x: Vec<f32> = r.raw_input_contents[0]
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        let y: Vec<Vec<u8>> = r.raw_input_contents[1]
+            .iter()
+            .map(|b| vec![*b; 3])
+            .collect();
+        t.inputs[0].contents = Some(InferTensorContents {
+            fp32_contents: x,
+            ..Default::default()
+        });
+        t.inputs[1].datatype = "BYTES".into();
+        t.inputs[1].contents = Some(InferTensorContents {
+            bytes_contents: y,
+            ..Default::default()
+        });
+        t
+    }
+
+    /// An echo model's answer to a typed request: each input's contents back.
+    fn echo_typed(r: &ModelInferRequest) -> ModelInferResponse {
+        ModelInferResponse {
+            model_name: r.model_name.clone(),
+            outputs: r
+                .inputs
+                .iter()
+                .map(|i| InferOutputTensor {
+                    name: i.name.clone(),
+                    datatype: i.datatype.clone(),
+                    shape: i.shape.clone(),
+                    contents: i.contents.clone(),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn typed_requests_batch_too_bytes_included() {
+        let members: Vec<_> = [1, 3, 2]
+            .iter()
+            .enumerate()
+            .map(|(i, &rows)| typed(&request(&format!("t{i}"), rows, 2, i as u8 * 9)))
+            .collect();
+        let keys: Vec<_> = members.iter().map(key).collect();
+        assert!(keys[0].is_some() && keys.iter().all(|k| *k == keys[0]));
+        // Typed and raw requests do not share a batch.
+        assert_ne!(keys[0], key(&request("r", 1, 2, 0)));
+        let merged = merge(&members.iter().collect::<Vec<_>>());
+        assert_eq!(merged.inputs[0].shape, [6, 2]);
+        let answers = split(&echo_typed(&merged), &[1, 3, 2]).unwrap();
+        for (m, a) in members.iter().zip(&answers) {
+            assert_eq!(a.outputs, echo_typed(m).outputs);
+        }
+        // An input with neither raw nor typed data cannot be batched.
+        let mut empty = members[0].clone();
+        empty.inputs[1].contents = None;
+        assert_eq!(key(&empty), None);
+    }
+
     #[test]
     fn an_answer_that_cannot_be_split_says_why() {
         let members = [request("a", 1, 2, 0), request("b", 2, 2, 0)];
@@ -511,9 +661,10 @@ mod tests {
         answer.outputs[0].shape = vec![1, 2];
         let e = split(&answer, &[1, 2]).unwrap_err();
         assert!(e.contains("not the batch's 3 rows"), "{e}");
-        let mut typed = echo(&merged);
-        typed.raw_output_contents.clear();
-        assert!(split(&typed, &[1, 2]).is_err());
+        let mut no_data = echo(&merged);
+        no_data.raw_output_contents.clear();
+        let e = split(&no_data, &[1, 2]).unwrap_err();
+        assert!(e.contains("has no data"), "{e}");
     }
 
     fn join(b: &Batcher, key: u128, spec: BatchSpec) -> Joined<'_> {

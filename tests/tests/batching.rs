@@ -1,7 +1,7 @@
 //! Request batching end to end (real etcd, real gRPC, a node-sim): calls of a batching model
 //! that arrive together reach the node as one call, merged along their first dimension, and
-//! each gets exactly its own rows back with its own id; calls that cannot share a batch go
-//! alone; bad batching policies are refused and change nothing.
+//! each gets exactly its own rows back with its own id (raw data or typed contents); a call
+//! alone in its window goes alone; bad batching policies are refused and change nothing.
 
 use fulcrum_proto::fulcrum::v1::{GetModelPolicyRequest, ModelPolicy};
 use fulcrum_proto::inference::model_infer_request::InferInputTensor;
@@ -98,21 +98,43 @@ async fn calls_arriving_together_reach_the_node_as_one() {
         Some(8.0)
     );
 
-    // A call alone in its window is sent alone, as is one that cannot share a batch (typed
-    // contents): both answered.
+    // A call alone in its window is sent alone.
     let one = rows("single", 1, 2, 7.0);
     let resp = c.clone().model_infer(one.clone()).await.unwrap();
     assert_echoed(&one, resp.get_ref());
     assert_eq!(resp.metadata().get("x-fulcrum-batch"), None);
-    let mut typed = rows("typed", 1, 2, 0.0);
-    typed.raw_input_contents.clear();
-    typed.inputs[0].contents = Some(InferTensorContents {
-        fp32_contents: vec![1.0, 2.0],
-        ..Default::default()
-    });
-    let resp = c.clone().model_infer(typed).await.unwrap();
-    assert_eq!(resp.metadata().get("x-fulcrum-batch"), None);
-    assert_eq!(resp.get_ref().id, "typed");
+    assert_eq!(node.controls().calls() - before, 3);
+
+    // Typed contents batch too (never with raw ones): each call gets its own elements.
+    let typed = |id: &str, values: Vec<f32>| {
+        let mut r = rows(id, values.len() as i64 / 2, 2, 0.0);
+        r.raw_input_contents.clear();
+        r.inputs[0].contents = Some(InferTensorContents {
+            fp32_contents: values,
+            ..Default::default()
+        });
+        r
+    };
+    let requests = [
+        typed("typed-0", vec![1.0, 2.0]),
+        typed("typed-1", vec![3.0, 4.0, 5.0, 6.0]),
+    ];
+    let calls: Vec<_> = requests
+        .iter()
+        .cloned()
+        .map(|r| {
+            let mut c = c.clone();
+            tokio::spawn(async move { c.model_infer(r).await })
+        })
+        .collect();
+    for (req, call) in requests.iter().zip(calls) {
+        let resp = call.await.unwrap().unwrap();
+        assert_eq!(resp.metadata().get("x-fulcrum-batch").unwrap(), "2");
+        let out = resp.get_ref();
+        assert_eq!(out.id, req.id);
+        assert_eq!(out.outputs[0].shape, req.inputs[0].shape);
+        assert_eq!(out.outputs[0].contents, req.inputs[0].contents);
+    }
     assert_eq!(node.controls().calls() - before, 4);
 }
 
