@@ -397,3 +397,30 @@ pub fn token_check(secret: &str) -> TokenCheck {
         _dir: dir,
     }
 }
+
+/// Sets each of the `refused` policies (with what its refusal must say) and checks that the
+/// control plane refuses it INVALID_ARGUMENT saying so, and that the model's policy stored
+/// before, `kept`, is still the one stored: bad input changes nothing.
+pub async fn assert_policies_refused(
+    admin: &AdminClient<Channel>,
+    kept: &ModelPolicy,
+    refused: Vec<(ModelPolicy, &str)>,
+) {
+    let mut admin = admin.clone();
+    for (bad, says) in refused {
+        let err = admin
+            .set_model_policy(bad.clone())
+            .await
+            .expect_err(&format!("accepted {bad:?}"));
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+        assert!(err.message().contains(says), "{}", err.message());
+    }
+    let stored = admin
+        .get_model_policy(fulcrum_proto::fulcrum::v1::GetModelPolicyRequest {
+            model: kept.model.clone(),
+        })
+        .await
+        .expect("the model's policy")
+        .into_inner();
+    assert_eq!(&stored, kept);
+}

@@ -3,14 +3,13 @@
 //! each gets exactly its own rows back with its own id (raw data or typed contents); a call
 //! alone in its window goes alone; bad batching policies are refused and change nothing.
 
-use fulcrum_proto::fulcrum::v1::{GetModelPolicyRequest, ModelPolicy};
+use fulcrum_proto::fulcrum::v1::ModelPolicy;
 use fulcrum_proto::inference::model_infer_request::InferInputTensor;
 use fulcrum_proto::inference::{InferTensorContents, ModelInferRequest};
 use fulcrum_sim::node::NodeSimConfig;
 use fulcrum_tests::infer::{assert_echoed, raw_f32};
 use fulcrum_tests::scrape::metric;
 use fulcrum_tests::stack::{self, oip, wait_ready};
-use tonic::Code;
 
 /// A request of `rows` rows of `cols` FP32 values each, all from `seed`.
 fn rows(id: &str, rows: i64, cols: i64, seed: f32) -> ModelInferRequest {
@@ -153,39 +152,32 @@ async fn bad_batching_policies_are_refused_and_change_nothing() {
         ..Default::default()
     };
     let good = admin.set_model_policy(good).await.unwrap().into_inner();
-    for (bad, says) in [
-        (
-            ModelPolicy {
-                batch_max_size: 2_000,
-                ..good.clone()
-            },
-            "batch_max_size 2000 is above 1024",
-        ),
-        (
-            ModelPolicy {
-                batch_window_us: 200_000,
-                ..good.clone()
-            },
-            "batch_window_us 200000 is above 100000",
-        ),
-        (
-            ModelPolicy {
-                batch_max_size: 1,
-                ..good.clone()
-            },
-            "batch_window_us needs batch_max_size",
-        ),
-    ] {
-        let err = admin.set_model_policy(bad).await.unwrap_err();
-        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
-        assert!(err.message().contains(says), "{}", err.message());
-    }
-    let kept = admin
-        .get_model_policy(GetModelPolicyRequest {
-            model: "echo".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(kept, good);
+    stack::assert_policies_refused(
+        &admin,
+        &good,
+        vec![
+            (
+                ModelPolicy {
+                    batch_max_size: 2_000,
+                    ..good.clone()
+                },
+                "batch_max_size 2000 is above 1024",
+            ),
+            (
+                ModelPolicy {
+                    batch_window_us: 200_000,
+                    ..good.clone()
+                },
+                "batch_window_us 200000 is above 100000",
+            ),
+            (
+                ModelPolicy {
+                    batch_max_size: 1,
+                    ..good.clone()
+                },
+                "batch_window_us needs batch_max_size",
+            ),
+        ],
+    )
+    .await;
 }

@@ -474,39 +474,32 @@ async fn bad_caching_policies_are_refused_and_change_nothing() {
         ..Default::default()
     };
     let good = admin.set_model_policy(good).await.unwrap().into_inner();
-    for (bad, says) in [
-        (
-            ModelPolicy {
-                cache_ttl_ms: 7_200_000,
-                ..good.clone()
-            },
-            "cache_ttl_ms 7200000",
-        ),
-        (
-            ModelPolicy {
-                not_idempotent: true,
-                ..good.clone()
-            },
-            "cannot be cached",
-        ),
-        (
-            ModelPolicy {
-                cache_key_header: "no spaces".into(),
-                ..good.clone()
-            },
-            "cache_key_header",
-        ),
-    ] {
-        let err = admin.set_model_policy(bad).await.unwrap_err();
-        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
-        assert!(err.message().contains(says), "{}", err.message());
-    }
-    let kept = admin
-        .get_model_policy(GetModelPolicyRequest {
-            model: "echo".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(kept, good);
+    stack::assert_policies_refused(
+        &admin,
+        &good,
+        vec![
+            (
+                ModelPolicy {
+                    cache_ttl_ms: 7_200_000,
+                    ..good.clone()
+                },
+                "cache_ttl_ms 7200000",
+            ),
+            (
+                ModelPolicy {
+                    not_idempotent: true,
+                    ..good.clone()
+                },
+                "cannot be cached",
+            ),
+            (
+                ModelPolicy {
+                    cache_key_header: "no spaces".into(),
+                    ..good.clone()
+                },
+                "cache_key_header",
+            ),
+        ],
+    )
+    .await;
 }

@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use std::net::SocketAddr;
 
 use fulcrum_proto::fulcrum::v1::admin_client::AdminClient;
-use fulcrum_proto::fulcrum::v1::{GetModelPolicyRequest, HealthState, ModelPolicy};
+use fulcrum_proto::fulcrum::v1::{HealthState, ModelPolicy};
 use fulcrum_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use fulcrum_proto::inference::infer_parameter::ParameterChoice;
 use fulcrum_proto::inference::{InferParameter, ModelInferRequest};
@@ -16,7 +16,6 @@ use fulcrum_tests::etcd::Etcd;
 use fulcrum_tests::infer::{assert_echoed, echo_request};
 use fulcrum_tests::scrape::metric;
 use fulcrum_tests::stack::{self, Running, admin, oip, register, spec, wait_ready};
-use tonic::Code;
 use tonic::transport::Channel;
 
 /// Model `llm` on node `a-1`, its next version `llm-next` on `a-2`, and a router.
@@ -224,47 +223,39 @@ async fn bad_canary_policies_are_refused_and_change_nothing() {
     let mut s = start().await;
     let good = canary(10.0, "x-user");
     set(&mut s.admin, good.clone()).await;
-    for (bad, says) in [
-        (
-            ModelPolicy {
-                canary_model: "llm".into(),
-                ..good.clone()
-            },
-            "names the model itself",
-        ),
-        (
-            ModelPolicy {
-                canary_percent: 101.0,
-                ..good.clone()
-            },
-            "canary_percent 101",
-        ),
-        (
-            ModelPolicy {
-                canary_model: String::new(),
-                ..good.clone()
-            },
-            "need canary_model",
-        ),
-        (
-            ModelPolicy {
-                canary_key_header: "x user".into(),
-                ..good.clone()
-            },
-            "canary_key_header",
-        ),
-    ] {
-        let err = s.admin.set_model_policy(bad).await.unwrap_err();
-        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
-        assert!(err.message().contains(says), "{}", err.message());
-    }
-    let kept = s
-        .admin
-        .get_model_policy(GetModelPolicyRequest {
-            model: "llm".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(kept, good);
+    stack::assert_policies_refused(
+        &s.admin,
+        &good,
+        vec![
+            (
+                ModelPolicy {
+                    canary_model: "llm".into(),
+                    ..good.clone()
+                },
+                "names the model itself",
+            ),
+            (
+                ModelPolicy {
+                    canary_percent: 101.0,
+                    ..good.clone()
+                },
+                "canary_percent 101",
+            ),
+            (
+                ModelPolicy {
+                    canary_model: String::new(),
+                    ..good.clone()
+                },
+                "need canary_model",
+            ),
+            (
+                ModelPolicy {
+                    canary_key_header: "x user".into(),
+                    ..good.clone()
+                },
+                "canary_key_header",
+            ),
+        ],
+    )
+    .await;
 }
