@@ -40,6 +40,7 @@ use prost::Message;
 use siphasher::sip128::{Hasher128, SipHasher13};
 use tokio::sync::{Notify, oneshot};
 
+use crate::cache::hash_parameters;
 use crate::priority::Priority;
 
 /// Default of `batch_window_us`: 2 ms, Triton's order of magnitude for a dynamic batcher's
@@ -110,13 +111,7 @@ pub fn group_key(
             piece(v.as_bytes());
         }
     }
-    let mut parameters: Vec<_> = request.parameters.iter().collect();
-    parameters.sort_unstable_by(|a, b| a.0.cmp(b.0));
-    piece(&(parameters.len() as u64).to_le_bytes());
-    for (name, value) in parameters {
-        piece(name.as_bytes());
-        piece(&value.encode_to_vec());
-    }
+    hash_parameters(&mut piece, &request.parameters);
     for input in &request.inputs {
         // Raw BYTES elements have no fixed size to cut rows by; typed ones are one entry each.
         if (raw && (input.datatype == "BYTES" || input.contents.is_some()))
@@ -131,12 +126,7 @@ pub fn group_key(
             .flat_map(|d| d.to_le_bytes())
             .collect();
         piece(&dims);
-        let mut params: Vec<_> = input.parameters.iter().collect();
-        params.sort_unstable_by(|a, b| a.0.cmp(b.0));
-        for (name, value) in params {
-            piece(name.as_bytes());
-            piece(&value.encode_to_vec());
-        }
+        hash_parameters(&mut piece, &input.parameters);
     }
     piece(&(request.outputs.len() as u64).to_le_bytes());
     for output in &request.outputs {

@@ -44,7 +44,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
-use fulcrum_proto::inference::ModelInferRequest;
+use fulcrum_proto::inference::{InferParameter, ModelInferRequest};
 use http::HeaderMap;
 use prost::Message;
 use siphasher::sip128::{Hasher128, SipHasher13};
@@ -305,13 +305,7 @@ impl ResponseCache {
             }
             None => piece(b"-"),
         }
-        let mut parameters: Vec<_> = request.parameters.iter().collect();
-        parameters.sort_unstable_by(|a, b| a.0.cmp(b.0));
-        piece(&(parameters.len() as u64).to_le_bytes());
-        for (name, value) in parameters {
-            piece(name.as_bytes());
-            piece(&value.encode_to_vec());
-        }
+        hash_parameters(&mut piece, &request.parameters);
         piece(&(request.inputs.len() as u64).to_le_bytes());
         for t in &request.inputs {
             piece(&t.encode_to_vec());
@@ -384,6 +378,22 @@ impl ResponseCache {
     pub fn size(&self) -> (u64, u64) {
         self.entries.run_pending_tasks();
         (self.entries.entry_count(), self.entries.weighted_size())
+    }
+}
+
+/// Feeds `parameters` to `piece` in an order that does not depend on the map's: their count,
+/// then each name and encoded value, sorted by name (what the cache key and a batch's group
+/// take of a request's parameters).
+pub(crate) fn hash_parameters(
+    piece: &mut impl FnMut(&[u8]),
+    parameters: &std::collections::HashMap<String, InferParameter>,
+) {
+    let mut sorted: Vec<_> = parameters.iter().collect();
+    sorted.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    piece(&(sorted.len() as u64).to_le_bytes());
+    for (name, value) in sorted {
+        piece(name.as_bytes());
+        piece(&value.encode_to_vec());
     }
 }
 
